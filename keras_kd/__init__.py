@@ -1,0 +1,35 @@
+"""keras_kd: drop-in knowledge distillation for Keras 3 and tf_keras.
+
+The user keeps their own ``compile`` and ``fit``; distillation enters through
+the dataset (teacher targets next to the labels) and the loss.
+"""
+
+from keras_kd.data import with_teacher
+from keras_kd.losses import DIVERGENCES
+from keras_kd.losses import DistillationLoss
+from keras_kd.losses import forward_kl
+from keras_kd.losses import jensen_shannon
+from keras_kd.losses import logit_huber
+from keras_kd.losses import logit_mse
+from keras_kd.losses import reverse_kl
+from keras_kd.losses import soft_cross_entropy
+from keras_kd.metrics import loss_components
+from keras_kd.metrics import teacher_agreement
+from keras_kd.targets import TeacherTargets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DIVERGENCES",
+    "DistillationLoss",
+    "TeacherTargets",
+    "forward_kl",
+    "jensen_shannon",
+    "logit_huber",
+    "logit_mse",
+    "loss_components",
+    "reverse_kl",
+    "soft_cross_entropy",
+    "teacher_agreement",
+    "with_teacher",
+]

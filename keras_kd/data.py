@@ -1,0 +1,152 @@
+"""tf.data transforms that attach teacher targets to a dataset.
+
+`with_teacher` is the online teacher: each batch the student sees gets the
+teacher's logits for exactly that batch. The teacher-logit cache (run the
+teacher once, read for many epochs) plugs into the same contract.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import tensorflow as tf
+
+from keras_kd import targets as targets_lib
+
+_PLACEMENTS = ("pipeline", "step")
+_keys = itertools.count()
+
+
+def _split_element(element_spec):
+    if not isinstance(element_spec, tuple) or len(element_spec) not in (2, 3):
+        raise ValueError(
+            "Expected a dataset of `(x, y)` or `(x, y, sample_weight)` elements, as "
+            f"`model.fit` takes. Received element_spec={element_spec}."
+        )
+
+
+def _teacher_fn(teacher, output_index):
+    def run(inputs):
+        outputs = teacher(inputs, training=False)
+        if isinstance(outputs, (list, tuple)):
+            outputs = outputs[output_index]
+        elif isinstance(outputs, dict):
+            outputs = outputs[output_index] if output_index in outputs else list(outputs.values())[0]
+        return tf.cast(outputs, tf.float32)
+
+    return run
+
+
+def _check_batched(teacher, x_spec):
+    """The teacher's inputs are batched; so must be the dataset elements."""
+    inputs = getattr(teacher, "inputs", None)
+    if not inputs:
+        return
+    try:
+        rank = len(inputs[0].shape)
+    except (TypeError, AttributeError):
+        return
+    specs = tf.nest.flatten(x_spec)
+    if specs and specs[0].shape.rank is not None and specs[0].shape.rank == rank - 1:
+        raise ValueError(
+            f"`with_teacher` received unbatched elements (x of shape {specs[0].shape}, "
+            f"the teacher expects {tuple(inputs[0].shape)}). It runs the teacher on the "
+            "batch the student sees: apply it after `.batch(...)`."
+        )
+
+
+def with_teacher(
+    dataset: tf.data.Dataset,
+    teacher,
+    *,
+    placement: str = "pipeline",
+    output_index=0,
+    num_parallel_calls: Optional[int] = None,
+) -> tf.data.Dataset:
+    """Attaches the online teacher's logits to every batch of a dataset.
+
+    Each ``(x, y[, sample_weight])`` batch becomes
+    ``(x, TeacherTargets(labels=y, logits=teacher(x, training=False))[, sample_weight])``:
+    the teacher runs in inference mode on exactly the batch the student sees,
+    so shuffling and augmentation before this transform stay consistent.
+    ``x`` and ``sample_weight`` are passed through unchanged, and the user's
+    metrics still see ``y``.
+
+    Where the teacher runs:
+
+    * ``placement="pipeline"`` (default): the teacher runs inside the tf.data
+      pipeline. tf.data executes on the CPU, so on a GPU/TPU machine the
+      teacher runs on the **host CPU**, overlapped with the student's step
+      (good on CPU-only machines, where it uses the otherwise idle cores).
+    * ``placement="step"``: the batch carries ``x`` and the teacher runs inside
+      the training step, on the same device as the student (the accelerator),
+      under ``tf.stop_gradient``. The dataset then only works in this
+      process. Use this for a large teacher on an accelerator.
+    * For many epochs, cache the logits instead: the teacher runs once
+      (with ``predict``, on the accelerator) and every epoch costs what the
+      student alone costs.
+
+    Args:
+        dataset: a **batched** ``tf.data.Dataset`` of ``(x, y)`` or
+            ``(x, y, sample_weight)``.
+        teacher: a Keras 3 or tf_keras model that outputs logits (or any
+            callable ``teacher(x, training=False)``).
+        placement: ``"pipeline"`` or ``"step"``, see above.
+        output_index: which output holds the logits when the teacher has
+            several. Defaults to 0.
+        num_parallel_calls: parallelism of the teacher map in the pipeline;
+            ``None`` runs batches one at a time (the teacher's own ops are
+            multi-threaded). Defaults to None.
+
+    Returns:
+        A dataset for ``student.fit`` with `keras_kd.DistillationLoss`.
+
+    Raises:
+        ValueError: for elements that are not ``(x, y[, sample_weight])``, an
+            unbatched dataset, or an unknown placement.
+
+    Example:
+
+    ```python
+    student.compile("adam", loss=keras_kd.DistillationLoss(), metrics=["accuracy"])
+    student.fit(keras_kd.with_teacher(train_ds.batch(64), teacher), epochs=10)
+    ```
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(
+            f"Expected `dataset` to be a tf.data.Dataset. Received: {type(dataset).__name__}. "
+            "Wrap arrays with tf.data.Dataset.from_tensor_slices((x, y)).batch(n)."
+        )
+    if placement not in _PLACEMENTS:
+        raise ValueError(f"Expected `placement` in {_PLACEMENTS}. Received: placement={placement!r}")
+    if not callable(teacher):
+        raise TypeError(f"Expected `teacher` to be a Keras model or callable. Received: {teacher!r}")
+    _split_element(dataset.element_spec)
+    if targets_lib.is_targets(dataset.element_spec[1]) or isinstance(
+        dataset.element_spec[1], targets_lib.TeacherTargets.Spec
+    ):
+        raise ValueError("The dataset already carries teacher targets; apply `with_teacher` once.")
+    _check_batched(teacher, dataset.element_spec[0])
+    run = _teacher_fn(teacher, output_index)
+
+    if placement == "pipeline":
+
+        def attach(x, y, *sample_weight):
+            return (x, targets_lib.TeacherTargets(labels=y, logits=run(x)), *sample_weight)
+
+    else:
+        key = f"teacher-{next(_keys)}-{id(teacher)}"
+        targets_lib.register_teacher(run, key)
+
+        def attach(x, y, *sample_weight):
+            return (
+                x,
+                targets_lib.TeacherTargets(labels=y, inputs=x, teacher_key=key),
+                *sample_weight,
+            )
+
+    if num_parallel_calls is None:
+        return dataset.map(attach)
+    return dataset.map(attach, num_parallel_calls=num_parallel_calls, deterministic=True)
+

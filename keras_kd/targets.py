@@ -1,0 +1,224 @@
+"""The targets contract: how teacher outputs travel next to the labels.
+
+Every element a distillation dataset yields is ``(x, TeacherTargets, [sample_weight])``.
+`TeacherTargets` is a batchable `tf.experimental.ExtensionType` that holds the
+user's labels together with what the teacher said about the same example.
+
+Why an extension type rather than a dict or a packed tensor: for a
+single-output model both Keras flavours refuse a dict ``y`` ("y_true and y_pred
+have different structures"), and a packed tensor breaks the user's metrics.
+`TeacherTargets` converts to its ``labels`` wherever Keras asks for a tensor
+(``__tf_tensor__``) and reports the labels' ``shape`` and ``dtype``, so
+``metrics=["accuracy"]`` and every other metric keep measuring the hard labels,
+while `keras_kd.DistillationLoss` reads the teacher fields. The few tensor ops
+that Keras applies to ``y_true`` before the loss (``tf.cast``,
+``tf.expand_dims``, ``tf.squeeze``) are dispatched to the labels and keep the
+teacher fields.
+
+Producers: `keras_kd.with_teacher` (online teacher) and the teacher-logit
+cache. Consumers: `DistillationLoss`, keras_kd metrics and callbacks.
+Nothing here knows about disk or models.
+"""
+
+
+import typing
+
+import tensorflow as tf
+
+Nested = typing.Union[tf.Tensor, typing.Tuple[tf.Tensor, ...], typing.Mapping[str, tf.Tensor]]
+
+
+class TeacherTargets(tf.experimental.BatchableExtensionType):
+    """Labels plus teacher targets for one example or one batch.
+
+    Exactly one of three teacher forms is set:
+
+    * ``logits``: dense teacher logits, shape ``labels-batch + (..., classes)``.
+    * ``topk_indices`` and ``topk_values``: the teacher's ``k`` largest logits and
+      their class indices, optionally with ``topk_logsumexp``, the log-sum-exp of
+      all the teacher's logits (see `dense_teacher_logits` for the policy that
+      fills the classes outside the top k).
+    * ``inputs`` with ``teacher_key``: the teacher has not run yet; the loss runs
+      the registered teacher on ``inputs`` inside the training step (this keeps
+      the teacher on the accelerator, see `keras_kd.with_teacher`).
+
+    Attributes:
+        labels: the user's labels, unchanged (sparse class ids or one-hot).
+        logits: dense teacher logits or ``None``.
+        topk_indices: ``int32`` class indices of the top-k logits or ``None``.
+        topk_values: the top-k logits or ``None``.
+        topk_logsumexp: log-sum-exp of all teacher logits (shape of the batch
+            and time axes) or ``None``.
+        inputs: the model inputs, for in-step teacher placement, or ``None``.
+        teacher_key: name of the registered teacher for ``inputs``; ``""`` if none.
+        example_id: ``int64`` example ids or ``None`` (used by reweighting).
+    """
+
+    labels: tf.Tensor
+    logits: typing.Optional[tf.Tensor] = None
+    topk_indices: typing.Optional[tf.Tensor] = None
+    topk_values: typing.Optional[tf.Tensor] = None
+    topk_logsumexp: typing.Optional[tf.Tensor] = None
+    inputs: typing.Optional[Nested] = None
+    teacher_key: str = ""
+    example_id: typing.Optional[tf.Tensor] = None
+
+    # Keras looks at y_true.shape / y_true.dtype to pick metrics and reshape
+    # labels: both describe the labels.
+    @property
+    def shape(self):
+        return self.labels.shape
+
+    @property
+    def dtype(self):
+        return self.labels.dtype
+
+    def __tf_tensor__(self, dtype=None, name=None):
+        # Metrics and any other consumer that asks for a tensor get the labels.
+        labels = self.labels
+        if dtype is not None and labels.dtype != dtype:
+            labels = tf.cast(labels, dtype)
+        return labels
+
+    def with_labels(self, labels) :
+        """A copy whose labels are replaced by ``labels``."""
+        return TeacherTargets(
+            labels=labels,
+            logits=self.logits,
+            topk_indices=self.topk_indices,
+            topk_values=self.topk_values,
+            topk_logsumexp=self.topk_logsumexp,
+            inputs=self.inputs,
+            teacher_key=self.teacher_key,
+            example_id=self.example_id,
+        )
+
+    @property
+    def kind(self) -> str:
+        """``"dense"``, ``"topk"`` or ``"inputs"``: which teacher form is set."""
+        if self.logits is not None:
+            return "dense"
+        if self.topk_values is not None:
+            return "topk"
+        if self.inputs is not None:
+            return "inputs"
+        return "none"
+
+
+def is_targets(y) -> bool:
+    """Whether ``y`` is a `TeacherTargets`."""
+    return isinstance(y, TeacherTargets)
+
+
+# Ops that Keras applies to y_true before calling the loss or a metric: they act
+# on the labels and keep the teacher fields.
+@tf.experimental.dispatch_for_api(tf.cast)
+def _cast(x: TeacherTargets, dtype, name=None):
+    return x.with_labels(tf.cast(x.labels, dtype, name=name))
+
+
+@tf.experimental.dispatch_for_api(tf.expand_dims)
+def _expand_dims(input: TeacherTargets, axis, name=None):  # noqa: A002 - tf's name
+    return input.with_labels(tf.expand_dims(input.labels, axis, name=name))
+
+
+@tf.experimental.dispatch_for_api(tf.squeeze)
+def _squeeze(input: TeacherTargets, axis=None, name=None):  # noqa: A002
+    return input.with_labels(tf.squeeze(input.labels, axis, name=name))
+
+
+def dense_teacher_logits(targets: TeacherTargets, num_classes: int, topk_fill: str = "uniform"):
+    """Dense teacher logits from a `TeacherTargets` with dense or top-k logits.
+
+    Missing-mass policy for top-k targets (classes outside the top k):
+
+    * ``"uniform"`` (default): every missing class gets one common logit ``m``
+      chosen so that, at temperature 1, the missing classes together hold
+      exactly the teacher's missing probability mass,
+      ``(C - k) * exp(m) = exp(lse) - sum(exp(top-k))``, where ``lse`` is
+      ``topk_logsumexp``. At temperature 1 the top-k probabilities are then
+      exact, and at any temperature the tail is spread evenly. Requires
+      ``topk_logsumexp``.
+    * ``"renormalize"``: the missing classes get no mass (logit ``-inf``); the
+      teacher distribution is renormalised over its top k.
+
+    Args:
+        targets: a `TeacherTargets`.
+        num_classes: the class count ``C`` (the student's last dimension).
+        topk_fill: ``"uniform"`` or ``"renormalize"``.
+
+    Returns:
+        A float32 tensor of shape ``batch_dims + (num_classes,)``.
+    """
+    if targets.logits is not None:
+        return tf.cast(targets.logits, tf.float32)
+    if targets.topk_values is None:
+        raise ValueError(
+            "The targets carry no teacher logits (neither dense `logits` nor "
+            "`topk_values`). Build the dataset with `keras_kd.with_teacher` or "
+            "`keras_kd.cache_teacher_logits`."
+        )
+    values = tf.cast(targets.topk_values, tf.float32)
+    indices = tf.cast(targets.topk_indices, tf.int32)
+    k = values.shape[-1]
+    if k is not None and k > num_classes:
+        raise ValueError(
+            f"The teacher's top-k targets have k={k} but the student has "
+            f"{num_classes} classes."
+        )
+    if topk_fill == "uniform":
+        if targets.topk_logsumexp is None:
+            raise ValueError(
+                "Top-k teacher targets without `topk_logsumexp` cannot use "
+                "topk_fill='uniform'. Store the log-sum-exp with the top-k "
+                "logits, or use topk_fill='renormalize'."
+            )
+        lse = tf.cast(targets.topk_logsumexp, tf.float32)
+        lse_k = tf.reduce_logsumexp(values, axis=-1)
+        missing = num_classes - tf.shape(values)[-1]
+        # log(exp(lse) - exp(lse_k)) = lse + log(1 - exp(lse_k - lse)), stably.
+        gap = tf.minimum(lse_k - lse, -1e-7)
+        tail = lse + tf.math.log(-tf.math.expm1(gap))
+        fill = tail - tf.math.log(tf.cast(tf.maximum(missing, 1), tf.float32))
+        fill = tf.where(missing > 0, fill, tf.fill(tf.shape(fill), -float("inf")))
+    elif topk_fill == "renormalize":
+        fill = tf.fill(tf.shape(values)[:-1], -float("inf"))
+    else:
+        raise ValueError(
+            "Expected `topk_fill` to be 'uniform' or 'renormalize'. "
+            f"Received: topk_fill={topk_fill!r}"
+        )
+    one_hot = tf.one_hot(indices, num_classes, dtype=tf.float32)  # (..., k, C)
+    placed = tf.reduce_sum(one_hot * values[..., None], axis=-2)
+    chosen = tf.reduce_sum(one_hot, axis=-2) > 0
+    return tf.where(chosen, placed, fill[..., None])
+
+
+# In-step teacher placement: the dataset carries the inputs and the name of a
+# registered teacher function; the loss asks `materialize` for the logits, so
+# the teacher runs inside the (accelerator-placed, possibly compiled) step.
+_TEACHERS: "dict[str, typing.Callable]" = {}
+
+
+def register_teacher(fn: typing.Callable, key: str) -> str:
+    """Registers ``fn(inputs) -> logits`` under ``key`` for in-step placement."""
+    _TEACHERS[key] = fn
+    return key
+
+
+def materialize(targets: TeacherTargets) -> TeacherTargets:
+    """Runs the registered teacher for targets that carry only inputs.
+
+    Targets that already hold dense or top-k logits are returned unchanged.
+    """
+    if targets.kind != "inputs":
+        return targets
+    fn = _TEACHERS.get(targets.teacher_key)
+    if fn is None:
+        raise ValueError(
+            f"No teacher is registered under {targets.teacher_key!r} in this "
+            "process. Targets with in-step placement must come from "
+            "`keras_kd.with_teacher(..., placement='step')` in the same process."
+        )
+    logits = tf.stop_gradient(fn(targets.inputs))
+    return TeacherTargets(labels=targets.labels, logits=logits, example_id=targets.example_id)
