@@ -86,6 +86,44 @@ def callback_base():
     return tf_keras().callbacks.Callback
 
 
+def loss_base():
+    """A base class for losses that both flavours' ``compile`` take as their own.
+
+    tf_keras wraps any loss that is not a tf_keras ``Loss`` in a function
+    wrapper that calls it without ``sample_weight`` and then weights the
+    already-reduced value, so a plain Keras 3 ``Loss`` silently loses per-example
+    weights (and is scaled twice under a distribution strategy). A subclass of
+    this base is a Keras 3 ``Loss`` and a tf_keras ``Loss`` at once; its own
+    ``__call__`` does the weighting and reduction for both.
+    """
+    global _LOSS_BASE
+    if _LOSS_BASE is None:
+        tfk_loss = tf_keras().losses.Loss
+
+        class DualFlavourLoss(keras.losses.Loss, tfk_loss):
+            def __init__(self, name=None, reduction="sum_over_batch_size", dtype=None):
+                keras.losses.Loss.__init__(self, name=name, reduction=reduction, dtype=dtype)
+                # What tf_keras's Loss.__init__ would set. tf_keras's compile
+                # sets `_allow_sum_over_batch_size = True` on the losses it
+                # manages (see `caller_scales_for_replicas`).
+                self._allow_sum_over_batch_size = False
+                self._name_scope = self.name
+
+            def caller_scales_for_replicas(self) -> bool:
+                """Whether the training loop divides this loss by the replica count.
+
+                tf_keras's loss container divides "sum_over_batch_size" losses by
+                the number of replicas itself; Keras 3 leaves it to the loss.
+                """
+                return self._allow_sum_over_batch_size and self.reduction == "sum_over_batch_size"
+
+        _LOSS_BASE = DualFlavourLoss
+    return _LOSS_BASE
+
+
+_LOSS_BASE = None
+
+
 def register_serializable(package: str = "keras_kd"):
     """Registers a class (or function) with both flavours' serialization."""
 
@@ -130,3 +168,75 @@ def get_keras_mask(tensor):
 def num_replicas_in_sync() -> int:
     """Replicas of the current `tf.distribute` strategy."""
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def graph_of(model: Any):
+    """The object that holds a model's layer graph, or ``None``.
+
+    Functional models hold their own graph; a built Keras 3 ``Sequential``
+    keeps it in an inner functional model; a tf_keras ``Sequential`` with a
+    known input shape is itself a graph network. Subclassed models and
+    Sequential models that were never built have no readable graph.
+    """
+    flavour = flavour_of(model)
+    if flavour == KERAS3:
+        if isinstance(model, keras.Sequential):
+            return getattr(model, "_functional", None)
+        return model if hasattr(model, "_nodes_by_depth") else None
+    if flavour == TF_KERAS and getattr(model, "_is_graph_network", False):
+        return model
+    return None
+
+
+def graph_calls(model: Any):
+    """The layer calls of a Functional or built Sequential model, inputs first.
+
+    Yields ``(layer, args, kwargs, outputs)`` for each call event in the
+    model's own graph (input layers excluded), in an order where every call
+    comes after the calls that produce its inputs. ``args`` and ``kwargs``
+    hold the model's symbolic tensors as the layer received them; ``outputs``
+    is the flat list of the symbolic tensors it returned.
+
+    Raises:
+        ValueError: if ``model`` has no readable layer graph (see `graph_of`).
+    """
+    graph = graph_of(model)
+    if graph is None:
+        raise ValueError(
+            f"Model {getattr(model, 'name', model)!r} has no layer graph to read "
+            "(a subclassed model, or a Sequential model that was never built)."
+        )
+    keras3 = flavour_of(model) == KERAS3
+    nodes_by_depth = graph._nodes_by_depth
+    for depth in sorted(nodes_by_depth, reverse=True):
+        for node in nodes_by_depth[depth]:
+            if node.is_input:
+                continue
+            if keras3:
+                if node.operation is None:
+                    continue
+                yield node.operation, node.arguments.args, node.arguments.kwargs, list(node.outputs)
+            else:
+                yield node.layer, node.call_args, node.call_kwargs, tf.nest.flatten(node.outputs)
+
+
+def layer_mean_metric(layer: Any, name: str):
+    """A mean metric owned by ``layer`` that ``fit``/``evaluate`` log as ``name``.
+
+    Call this in the layer's ``__init__``; it returns ``update(value)`` to call
+    inside ``layer.call``. Keras 3 logs metrics tracked by sublayers; tf_keras
+    logs values given to ``Layer.add_metric``.
+    """
+    if flavour_of(layer) == KERAS3:
+        metric = keras.metrics.Mean(name=name)
+        layer._kd_mean_metric = metric  # tracked by the layer, hence logged
+
+        def update(value):
+            metric.update_state(value)
+
+        return update
+
+    def update(value):  # tf_keras
+        layer.add_metric(value, name=name, aggregation="mean")
+
+    return update

@@ -152,6 +152,7 @@ def default_hard_loss(labels, student_logits):
     in ``[0, classes)``.
     """
     student_logits = tf.cast(student_logits, tf.float32)
+    labels = tf.convert_to_tensor(labels)
     num_classes = student_logits.shape[-1]
     if labels.shape.rank == student_logits.shape.rank and labels.shape[-1] == num_classes and num_classes != 1:
         return tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), student_logits)
@@ -212,7 +213,7 @@ def _check_range(value, argument, low, high, low_open):
 
 
 @_compat.register_serializable()
-class DistillationLoss(keras.losses.Loss):
+class DistillationLoss(_compat.loss_base()):
     """Hinton-style distillation loss for a plain ``compile``/``fit``.
 
     Use it as the ``loss`` of the student's own ``compile`` and feed ``fit`` a
@@ -412,7 +413,13 @@ class DistillationLoss(keras.losses.Loss):
         mask = _compat.get_keras_mask(y_pred)
         with tf.name_scope(self.name):
             values = self.call(y_true, y_pred)
-            return reduce_values(values, sample_weight, mask, self.reduction)
+            return reduce_values(
+                values,
+                sample_weight,
+                mask,
+                self.reduction,
+                scale_for_replicas=not self.caller_scales_for_replicas(),
+            )
 
     def get_config(self):
         return {
@@ -434,32 +441,40 @@ class DistillationLoss(keras.losses.Loss):
         return cls(**config)
 
 
-def reduce_values(values, sample_weight=None, mask=None, reduction="sum_over_batch_size"):
+def _broadcast_like(weights, values):
+    """Casts ``weights`` to float32 and broadcasts it to the shape of ``values``.
+
+    Weights of shape ``(batch,)`` spread over trailing (time) axes; a trailing
+    axis of size 1 is dropped.
+    """
+    weights = tf.cast(weights, tf.float32)
+    rank = values.shape.rank
+    if weights.shape.rank is not None and rank is not None:
+        if weights.shape.rank == rank + 1 and weights.shape[-1] == 1:
+            weights = tf.squeeze(weights, -1)
+        while weights.shape.rank < rank:
+            weights = weights[..., None]
+    return tf.broadcast_to(weights, tf.shape(values))
+
+
+def reduce_values(values, sample_weight=None, mask=None, reduction="sum_over_batch_size", scale_for_replicas=True):
     """Weights, masks and reduces per-position loss values like a Keras loss.
 
-    ``sample_weight`` broadcasts against ``values`` (shape ``(batch,)`` or
-    ``(batch, time)``; a trailing axis of size 1 is dropped). Masked positions
-    get weight 0 and, for the mean reductions, are left out of the count.
-    Under a `tf.distribute` strategy the means are divided by the number of
-    replicas, as Keras does, so summed replica gradients equal one device's.
+    ``sample_weight`` has shape ``(batch,)`` or the shape of ``values``
+    (e.g. ``(batch, time)``). Masked positions get weight 0 and, for the mean
+    reductions, are left out of the count. Under a `tf.distribute` strategy
+    the means are divided by the number of replicas (unless
+    ``scale_for_replicas=False``, for training loops that do it themselves),
+    as Keras does, so the replicas' summed gradients equal one device's.
     """
     values = tf.cast(values, tf.float32)
-    weights = None
-    if sample_weight is not None:
-        weights = tf.cast(sample_weight, tf.float32)
-        if weights.shape.rank is not None and weights.shape.rank == values.shape.rank + 1 and weights.shape[-1] == 1:
-            weights = tf.squeeze(weights, -1)
-        weights = tf.broadcast_to(weights, tf.shape(values)) if weights.shape.rank == values.shape.rank else weights
+    weights = None if sample_weight is None else _broadcast_like(sample_weight, values)
     count = tf.cast(tf.size(values), tf.float32)
     if mask is not None:
-        mask = tf.cast(mask, tf.float32)
-        if mask.shape.rank is not None and mask.shape.rank > values.shape.rank:
-            mask = tf.squeeze(mask, -1)
+        mask = _broadcast_like(mask, values)
         weights = mask if weights is None else weights * mask
         count = tf.reduce_sum(mask)
     if weights is not None:
-        if weights.shape.rank is not None and values.shape.rank is not None and weights.shape.rank < values.shape.rank:
-            weights = tf.reshape(weights, tf.concat([tf.shape(weights), tf.ones(values.shape.rank - weights.shape.rank, tf.int32)], 0))
         values = values * weights
     if reduction in (None, "none"):
         return values
@@ -467,9 +482,9 @@ def reduce_values(values, sample_weight=None, mask=None, reduction="sum_over_bat
     if reduction == "sum":
         return total
     if reduction == "mean_with_sample_weight" and weights is not None:
-        count = tf.reduce_sum(tf.broadcast_to(weights, tf.shape(values)))
+        count = tf.reduce_sum(weights)
     loss = tf.math.divide_no_nan(total, count)
     replicas = _compat.num_replicas_in_sync()
-    if replicas > 1:
+    if scale_for_replicas and replicas > 1:
         loss = loss / replicas
     return loss

@@ -63,6 +63,36 @@ class TeacherTargets(tf.experimental.BatchableExtensionType):
     teacher_key: str = ""
     example_id: typing.Optional[tf.Tensor] = None
 
+    class Spec:
+        # tf.data and tf.distribute ask a spec for its shape: the labels'.
+        @property
+        def shape(self):
+            return self.labels.shape
+
+        @property
+        def dtype(self):
+            return self.labels.dtype
+
+        def _create_empty_value(self):
+            # tf.distribute feeds replicas without data an empty batch.
+            def empty(spec):
+                dims = [0 if d is None else d for d in spec.shape.as_list()]
+                return tf.zeros([0] + dims[1:] if dims else [], spec.dtype)
+
+            def empty_or_none(spec):
+                return None if spec is None else tf.nest.map_structure(empty, spec)
+
+            return TeacherTargets(
+                labels=empty(self.labels),
+                logits=empty_or_none(self.logits),
+                topk_indices=empty_or_none(self.topk_indices),
+                topk_values=empty_or_none(self.topk_values),
+                topk_logsumexp=empty_or_none(self.topk_logsumexp),
+                inputs=empty_or_none(self.inputs),
+                teacher_key=self.teacher_key,
+                example_id=empty_or_none(self.example_id),
+            )
+
     # Keras looks at y_true.shape / y_true.dtype to pick metrics and reshape
     # labels: both describe the labels.
     @property
@@ -72,6 +102,10 @@ class TeacherTargets(tf.experimental.BatchableExtensionType):
     @property
     def dtype(self):
         return self.labels.dtype
+
+    @property
+    def device(self):
+        return self.labels.device
 
     def __tf_tensor__(self, dtype=None, name=None):
         # Metrics and any other consumer that asks for a tensor get the labels.

@@ -1,0 +1,302 @@
+"""DistillationLoss and divergences against independent references."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_kd
+from keras_kd import TeacherTargets
+from keras_kd.targets import dense_teacher_logits
+from tests import reference as ref
+
+DIVS = ["kl", "reverse_kl", "js", "soft_cross_entropy", "mse", "huber"]
+
+
+def _logits(seed, shape, scale=3.0):
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype("float32")
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0, 10.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_matches_numpy_reference(divergence, T, alpha):
+    s, t = _logits(1, (6, 5)), _logits(2, (6, 5))
+    y = np.array([0, 1, 2, 3, 4, 0])
+    loss = keras_kd.DistillationLoss(temperature=T, alpha=alpha, divergence=divergence)
+    got = float(loss(TeacherTargets(labels=y, logits=t), s))
+    want = ref.distillation_loss(y, s, t, T, alpha, divergence)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_sample_weight_and_mask_match_reference(divergence):
+    # Sequences (batch=3, time=4, classes=5) with a padding mask and weights.
+    s, t = _logits(3, (3, 4, 5)), _logits(4, (3, 4, 5))
+    y = np.random.default_rng(5).integers(0, 5, size=(3, 4))
+    w = np.array([1.0, 0.5, 2.0], np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], bool)
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3, divergence=divergence)
+    s_t = tf.constant(s)
+    s_t._keras_mask = tf.constant(mask)
+    got = float(loss(TeacherTargets(labels=y, logits=t), s_t, sample_weight=w))
+    want = ref.distillation_loss(y, s, t, 2.0, 0.3, divergence, weights=w[:, None], mask=mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # Masked equals sliced: the padded steps contribute nothing.
+    flat_s = s[mask]
+    flat_t = t[mask]
+    flat_y = y[mask]
+    flat_w = np.broadcast_to(w[:, None], mask.shape)[mask]
+    sliced = keras_kd.DistillationLoss(
+        temperature=2.0, alpha=0.3, divergence=divergence, reduction="sum"
+    )(TeacherTargets(labels=flat_y, logits=flat_t), flat_s, sample_weight=flat_w)
+    np.testing.assert_allclose(got, float(sliced) / mask.sum(), rtol=1e-5)
+
+
+def test_sample_weight_per_example():
+    s, t = _logits(6, (4, 3)), _logits(7, (4, 3))
+    y = np.array([0, 1, 2, 1])
+    w = np.array([0.0, 1.0, 3.0, 0.5], np.float32)
+    loss = keras_kd.DistillationLoss(temperature=3.0, alpha=0.5)
+    got = float(loss(TeacherTargets(labels=y, logits=t), s, sample_weight=w))
+    np.testing.assert_allclose(got, ref.distillation_loss(y, s, t, 3.0, 0.5, weights=w), rtol=1e-5)
+
+
+def test_hand_computed_value():
+    # Two classes, T=1, alpha=0: the loss is KL(p_t || p_s).
+    # p_t = softmax([0, 0]) = [.5, .5]; p_s = softmax([0, ln 3]) = [.25, .75]
+    # KL = .5 ln(.5/.25) + .5 ln(.5/.75) = .5 ln 2 + .5 ln(2/3) = .5 ln(4/3)
+    loss = keras_kd.DistillationLoss(temperature=1.0, alpha=0.0)
+    got = float(loss(TeacherTargets(labels=[0], logits=[[0.0, 0.0]]), np.array([[0.0, math.log(3.0)]], "float32")))
+    assert got == pytest.approx(0.5 * math.log(4.0 / 3.0), rel=1e-6)
+
+
+def test_temperature_squared_switch():
+    s, t = _logits(8, (5, 4)), _logits(9, (5, 4))
+    y = np.zeros(5, int)
+    on = keras_kd.DistillationLoss(temperature=4.0, alpha=0.0)
+    off = keras_kd.DistillationLoss(temperature=4.0, alpha=0.0, scale_by_temperature_squared=False)
+    targets = TeacherTargets(labels=y, logits=t)
+    np.testing.assert_allclose(float(on(targets, s)), 16.0 * float(off(targets, s)), rtol=1e-6)
+
+
+def test_equals_keras_logits_distillation_as_distiller_combines_it():
+    """Keras's own LogitsDistillation, correctly configured (KLDivergence), combined as
+    `Distiller.compute_loss` does: w * mean(student CE) + (1 - w) * distillation."""
+    s, t = _logits(10, (16, 7)), _logits(11, (16, 7))
+    y = np.random.default_rng(12).integers(0, 7, size=16)
+    for T, w in [(1.0, 0.5), (4.0, 0.1), (10.0, 0.0)]:
+        keras_term = keras.distillation.LogitsDistillation(temperature=T, loss=keras.losses.KLDivergence())
+        student_ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, s)
+        want = w * float(student_ce) + (1 - w) * float(keras_term.compute_loss(t, s))
+        got = float(keras_kd.DistillationLoss(temperature=T, alpha=w)(TeacherTargets(labels=y, logits=t), s))
+        # Keras's KLDivergence clips probabilities at 1e-7: agreement to 1e-5.
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_hot_labels_equal_sparse():
+    s, t = _logits(13, (5, 4)), _logits(14, (5, 4))
+    y = np.array([0, 3, 1, 2, 3])
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.4)
+    sparse = float(loss(TeacherTargets(labels=y, logits=t), s))
+    onehot = float(loss(TeacherTargets(labels=np.eye(4, dtype="float32")[y], logits=t), s))
+    np.testing.assert_allclose(sparse, onehot, rtol=1e-6)
+
+
+def test_custom_hard_loss_and_divergence():
+    s, t = _logits(15, (5, 4)), _logits(16, (5, 4))
+    y = np.array([0, 3, 1, 2, 3])
+
+    def l1(teacher_logits, student_logits):
+        return tf.reduce_sum(tf.abs(teacher_logits - student_logits), -1)
+
+    loss = keras_kd.DistillationLoss(
+        temperature=2.0,
+        alpha=0.5,
+        divergence=l1,
+        hard_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    want = 0.5 * ref.sparse_ce(y, s) + 0.5 * 4.0 * np.abs(t / 2.0 - s / 2.0).sum(-1)
+    np.testing.assert_allclose(float(loss(TeacherTargets(labels=y, logits=t), s)), want.mean(), rtol=1e-5)
+
+
+def test_plain_labels_give_hard_loss():
+    s = _logits(17, (5, 4))
+    y = np.array([0, 3, 1, 2, 3])
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.2)
+    np.testing.assert_allclose(float(loss(y, s)), ref.sparse_ce(y, s).mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_extreme_logits_finite(divergence):
+    s = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0]], "float32")
+    t = np.array([[-1e4, 1e4, 0.0], [-1e4, 1e4, -1e4]], "float32")
+    loss = keras_kd.DistillationLoss(temperature=1.0, alpha=0.5, divergence=divergence)
+    s_var = tf.Variable(s)
+    with tf.GradientTape() as tape:
+        value = loss(TeacherTargets(labels=[0, 1], logits=t), s_var)
+    grad = tape.gradient(value, s_var)
+    assert np.isfinite(float(value))
+    assert np.all(np.isfinite(grad.numpy()))
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "js", "soft_cross_entropy"])
+def test_kl_family_zero_when_equal_and_nonnegative(divergence):
+    z = _logits(18, (8, 6))
+    loss = keras_kd.DistillationLoss(temperature=3.0, alpha=0.0, divergence=divergence)
+    value = float(loss(TeacherTargets(labels=np.zeros(8, int), logits=z), z))
+    if divergence == "soft_cross_entropy":  # equals the teacher's entropy * T^2
+        lp = ref.log_softmax(z / 3.0)
+        assert value == pytest.approx(9.0 * -(np.exp(lp) * lp).sum(-1).mean(), rel=1e-5)
+    else:
+        assert abs(value) < 1e-6
+    other = _logits(19, (8, 6))
+    assert float(loss(TeacherTargets(labels=np.zeros(8, int), logits=other), z)) >= 0.0
+
+
+def test_float16_logits_computed_in_float32():
+    s, t = _logits(20, (4, 5)), _logits(21, (4, 5))
+    y = np.array([0, 1, 2, 3])
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3)
+    got = loss(TeacherTargets(labels=y, logits=t.astype("float16")), tf.constant(s.astype("float16")))
+    assert got.dtype == tf.float32
+    want = ref.distillation_loss(y, s.astype("float16"), t.astype("float16"), 2.0, 0.3)
+    np.testing.assert_allclose(float(got), want, rtol=1e-4)
+
+
+# --- top-k targets ------------------------------------------------------------
+
+
+def _topk(t, k):
+    idx = np.argsort(-t, -1)[:, :k].astype("int32")
+    vals = np.take_along_axis(t, idx, -1)
+    lse = np.log(np.exp(t.astype(np.float64)).sum(-1)).astype("float32")
+    return idx, vals, lse
+
+
+def test_topk_uniform_exact_at_temperature_one():
+    t = _logits(22, (5, 10))
+    idx, vals, lse = _topk(t, 3)
+    dense = dense_teacher_logits(
+        TeacherTargets(labels=np.zeros(5), topk_indices=idx, topk_values=vals, topk_logsumexp=lse), 10
+    ).numpy()
+    p_dense, p_true = np.exp(ref.log_softmax(dense)), np.exp(ref.log_softmax(t))
+    # Top-k probabilities exact, the tail mass spread evenly over the 7 others.
+    np.testing.assert_allclose(np.take_along_axis(p_dense, idx, -1), np.take_along_axis(p_true, idx, -1), rtol=1e-5)
+    tail = 1.0 - np.take_along_axis(p_true, idx, -1).sum(-1)
+    others = p_dense.copy()
+    np.put_along_axis(others, idx, np.nan, -1)
+    np.testing.assert_allclose(np.nanmean(others, -1), tail / 7, rtol=1e-4)
+
+
+def test_topk_full_k_equals_dense_loss():
+    s, t = _logits(23, (6, 5)), _logits(24, (6, 5))
+    y = np.arange(6) % 5
+    idx, vals, lse = _topk(t, 5)
+    loss = keras_kd.DistillationLoss(temperature=4.0, alpha=0.2)
+    dense = float(loss(TeacherTargets(labels=y, logits=t), s))
+    topk = float(loss(TeacherTargets(labels=y, topk_indices=idx, topk_values=vals, topk_logsumexp=lse), s))
+    np.testing.assert_allclose(topk, dense, rtol=1e-5)
+
+
+def test_topk_renormalize_matches_reference():
+    s, t = _logits(25, (4, 6)), _logits(26, (4, 6))
+    idx, vals, _ = _topk(t, 2)
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.0, topk_fill="renormalize")
+    got = float(loss(TeacherTargets(labels=np.zeros(4, int), topk_indices=idx, topk_values=vals), s))
+    # Reference: teacher distribution renormalised over its top 2.
+    t_masked = np.full_like(t, -np.inf, dtype=np.float64)
+    np.put_along_axis(t_masked, idx, vals, -1)
+    want = 4.0 * ref.kl(ref.log_softmax(t_masked / 2.0), ref.log_softmax(s / 2.0)).mean()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_topk_uniform_without_logsumexp_is_an_error():
+    idx, vals, _ = _topk(_logits(27, (2, 6)), 2)
+    loss = keras_kd.DistillationLoss()
+    with pytest.raises(ValueError, match="topk_logsumexp"):
+        loss(TeacherTargets(labels=[0, 1], topk_indices=idx, topk_values=vals), _logits(28, (2, 6)))
+
+
+# --- configuration ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"alpha": -0.1}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"divergence": "kld"}, "divergence"),
+        ({"topk_fill": "zero"}, "topk_fill"),
+        ({"topk_fill": "renormalize", "divergence": "reverse_kl"}, "renormalize"),
+        ({"reduction": "avg"}, "reduction"),
+        ({"hard_loss": 3}, "hard_loss"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keras_kd.DistillationLoss(**kwargs)
+
+
+def test_setters_validate():
+    loss = keras_kd.DistillationLoss()
+    with pytest.raises(ValueError, match="temperature"):
+        loss.temperature = 0
+    with pytest.raises(ValueError, match="alpha"):
+        loss.alpha = 2
+
+
+def test_string_crossentropy_hard_loss_warns():
+    with pytest.warns(UserWarning, match="logits"):
+        keras_kd.DistillationLoss(hard_loss="sparse_categorical_crossentropy")
+
+
+def test_config_round_trip():
+    loss = keras_kd.DistillationLoss(
+        temperature=3.0,
+        alpha=0.25,
+        divergence="js",
+        hard_loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
+        scale_by_temperature_squared=False,
+        topk_fill="renormalize",
+        reduction="sum",
+        name="kd",
+    )
+    config = loss.get_config()
+    clone = keras_kd.DistillationLoss.from_config(config)
+    assert clone.get_config() == config
+    assert isinstance(clone.hard_loss, keras.losses.CategoricalCrossentropy)
+    assert clone.hard_loss.get_config()["label_smoothing"] == 0.1
+    # Through Keras's own serialization registry too.
+    restored = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert isinstance(restored, keras_kd.DistillationLoss)
+    assert restored.get_config() == config
+
+
+def test_temperature_changes_without_recompiling():
+    s, t = _logits(29, (4, 5)), _logits(30, (4, 5))
+    y = np.array([0, 1, 2, 3])
+    loss = keras_kd.DistillationLoss(temperature=1.0, alpha=0.0)
+    fn = tf.function(lambda: loss(TeacherTargets(labels=y, logits=t), s))
+    first = float(fn())
+    loss.temperature = 5.0
+    loss.alpha = 0.5
+    np.testing.assert_allclose(float(fn()), ref.distillation_loss(y, s, t, 5.0, 0.5), rtol=1e-5)
+    assert first != float(fn())
+
+
+def test_user_variable_as_temperature():
+    var = tf.Variable(2.0)
+    loss = keras_kd.DistillationLoss(temperature=var, alpha=0.0)
+    s, t = _logits(31, (3, 4)), _logits(32, (3, 4))
+    targets = TeacherTargets(labels=[0, 1, 2], logits=t)
+    var.assign(6.0)
+    np.testing.assert_allclose(float(loss(targets, s)), ref.distillation_loss([0, 1, 2], s, t, 6.0, 0.0), rtol=1e-5)
