@@ -60,7 +60,7 @@ def with_teacher(
     dataset: tf.data.Dataset,
     teacher,
     *,
-    placement: str = "pipeline",
+    placement: str = "step",
     output_index=0,
     num_parallel_calls: Optional[int] = None,
 ) -> tf.data.Dataset:
@@ -73,26 +73,32 @@ def with_teacher(
     ``x`` and ``sample_weight`` are passed through unchanged, and the user's
     metrics still see ``y``.
 
-    Where the teacher runs:
+    Where the teacher runs (``placement``):
 
-    * ``placement="pipeline"`` (default): the teacher runs inside the tf.data
-      pipeline. tf.data executes on the CPU, so on a GPU/TPU machine the
-      teacher runs on the **host CPU**, overlapped with the student's step
-      (good on CPU-only machines, where it uses the otherwise idle cores).
-    * ``placement="step"``: the batch carries ``x`` and the teacher runs inside
-      the training step, on the same device as the student (the accelerator),
-      under ``tf.stop_gradient``. The dataset then only works in this
-      process. Use this for a large teacher on an accelerator.
-    * For many epochs, cache the logits instead: the teacher runs once
-      (with ``predict``, on the accelerator) and every epoch costs what the
-      student alone costs.
+    * ``"step"`` (default): the batch carries ``x`` and the teacher runs inside
+      the student's training step, on the same device as the student (the
+      GPU/TPU when there is one), under ``tf.stop_gradient``, once per batch
+      however many losses and metrics read it. Such a dataset works only in
+      the process that built it (the teacher is looked up by a key).
+    * ``"pipeline"``: the teacher runs inside the tf.data pipeline and the
+      batch carries its logits. tf.data executes its functions on the host
+      CPU, so on a GPU/TPU machine the teacher then runs on the **CPU**, even
+      though the student trains on the accelerator. Use it to inspect the
+      logits, or to move teacher work off a busy accelerator.
+    * For many epochs, cache the logits instead (`cache_teacher_logits`): the
+      teacher runs once, batched with ``predict`` on the accelerator, and every
+      epoch costs what training the student alone costs.
+
+    Measured on a 2-core CPU machine (``benchmarks/bench_online.py``, teacher
+    of 8.8x the student's FLOPs), epoch time relative to
+    ``keras.distillation.Distiller``: see the README's benchmark table.
 
     Args:
         dataset: a **batched** ``tf.data.Dataset`` of ``(x, y)`` or
             ``(x, y, sample_weight)``.
         teacher: a Keras 3 or tf_keras model that outputs logits (or any
             callable ``teacher(x, training=False)``).
-        placement: ``"pipeline"`` or ``"step"``, see above.
+        placement: ``"step"`` or ``"pipeline"``, see above. Defaults to "step".
         output_index: which output holds the logits when the teacher has
             several. Defaults to 0.
         num_parallel_calls: parallelism of the teacher map in the pipeline;

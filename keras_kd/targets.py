@@ -21,6 +21,7 @@ Nothing here knows about disk or models.
 """
 
 
+import collections
 import typing
 
 import tensorflow as tf
@@ -244,6 +245,9 @@ def materialize(targets: TeacherTargets) -> TeacherTargets:
     """Runs the registered teacher for targets that carry only inputs.
 
     Targets that already hold dense or top-k logits are returned unchanged.
+    Within one traced step the teacher runs once per batch however many
+    consumers (the loss, metrics) ask: results are memoised on the inputs
+    tensor.
     """
     if targets.kind != "inputs":
         return targets
@@ -254,5 +258,16 @@ def materialize(targets: TeacherTargets) -> TeacherTargets:
             "process. Targets with in-step placement must come from "
             "`keras_kd.with_teacher(..., placement='step')` in the same process."
         )
-    logits = tf.stop_gradient(fn(targets.inputs))
+    anchor = tf.nest.flatten(targets.inputs)[0].ref()
+    logits = _MEMO.get(anchor)
+    if logits is None:
+        logits = tf.stop_gradient(fn(targets.inputs))
+        _MEMO[anchor] = logits
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
     return TeacherTargets(labels=targets.labels, logits=logits, example_id=targets.example_id)
+
+
+# A few recent (inputs -> logits) pairs: enough for one traced step's consumers.
+_MEMO: "collections.OrderedDict" = collections.OrderedDict()
+_MEMO_SIZE = 8

@@ -90,9 +90,30 @@ def test_step_placement_equals_pipeline_loss(K, toy_data):
     x, y, make = toy_data
     teacher, student = mlp(K, hidden=32), mlp(K)
     student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.5))
-    a = student.evaluate(keras_kd.with_teacher(make(), teacher), verbose=0)
+    a = student.evaluate(keras_kd.with_teacher(make(), teacher, placement="pipeline"), verbose=0)
     b = student.evaluate(keras_kd.with_teacher(make(), teacher, placement="step"), verbose=0)
     assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_step_placement_runs_teacher_once_per_traced_step(K, toy_data):
+    """The loss and every metric read the same teacher logits: one teacher call per trace."""
+    x, y, make = toy_data
+    net, calls = mlp(K), []
+
+    def teacher(inputs, training=False):
+        calls.append(training)
+        return net(inputs, training=training)
+
+    student = mlp(K)
+    kd = keras_kd.DistillationLoss()
+    student.compile("sgd", loss=kd, metrics=[keras_kd.teacher_agreement, *keras_kd.loss_components(kd)])
+    ds = keras_kd.with_teacher(make(), teacher, placement="step")
+    student.fit(ds, epochs=2, verbose=0)
+    traces = len(calls)
+    student.fit(ds, epochs=1, verbose=0)
+    assert len(calls) == traces  # no retracing, and not called per batch in Python
+    assert 1 <= traces <= 2  # one call per trace (Keras may trace the step twice)
+    assert calls == [False] * traces  # inference mode
 
 
 def test_validation_without_teacher_reports_hard_loss(K, toy_data):

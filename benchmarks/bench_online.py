@@ -1,0 +1,137 @@
+"""Epoch time of online distillation: keras_kd.with_teacher vs keras.distillation.Distiller.
+
+Prints, for one teacher/student/data set measured in one run (configurations
+interleaved round by round, median epoch time over rounds, first epoch of each
+fit dropped as tracing):
+
+* plain student (cross-entropy, no teacher),
+* keras_kd.with_teacher, teacher in the tf.data pipeline (placement="pipeline"),
+* keras_kd.with_teacher, teacher in the training step (placement="step"),
+* keras.distillation.Distiller, correctly configured
+  (LogitsDistillation(loss=keras.losses.KLDivergence())),
+
+and the ratios. Target: with_teacher / Distiller <= 1.0.
+
+Run: .venv/bin/python benchmarks/bench_online.py [--rows 20000] [--rounds 3]
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import keras_kd  # noqa: E402
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def mlp(widths, classes, features, seed):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((features,))
+    h = inp
+    for w in widths:
+        h = keras.layers.Dense(w, activation="relu")(h)
+    return keras.Model(inp, keras.layers.Dense(classes)(h))
+
+
+def macs(widths, classes, features):
+    dims = [features, *widths, classes]
+    return sum(a * b for a, b in zip(dims, dims[1:]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per fit (first one dropped)")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.rows, args.features)).astype("float32")
+    y = rng.integers(0, args.classes, size=args.rows)
+    student_w, teacher_w = [256], [512, 256]
+    s_macs = macs(student_w, args.classes, args.features)
+    t_macs = macs(teacher_w, args.classes, args.features)
+    teacher = mlp(teacher_w, args.classes, args.features, seed=1)
+
+    def dataset():
+        return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(args.rows, seed=0).batch(args.batch)
+
+    def run_plain():
+        student = mlp(student_w, args.classes, args.features, seed=2)
+        student.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return student, dataset().prefetch(tf.data.AUTOTUNE)
+
+    def run_with_teacher(placement):
+        def make():
+            student = mlp(student_w, args.classes, args.features, seed=2)
+            student.compile("adam", keras_kd.DistillationLoss(temperature=4.0, alpha=0.1))
+            ds = keras_kd.with_teacher(dataset(), teacher, placement=placement)
+            return student, ds.prefetch(tf.data.AUTOTUNE)
+
+        return make
+
+    def run_distiller():
+        student = mlp(student_w, args.classes, args.features, seed=2)
+        distiller = keras.distillation.Distiller(
+            teacher=teacher,
+            student=student,
+            distillation_losses=keras.distillation.LogitsDistillation(
+                temperature=4.0, loss=keras.losses.KLDivergence()
+            ),
+            student_loss_weight=0.1,
+        )
+        distiller.compile("adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return distiller, dataset().prefetch(tf.data.AUTOTUNE)
+
+    configs = {
+        "plain student": run_plain,
+        "with_teacher (pipeline)": run_with_teacher("pipeline"),
+        "with_teacher (step)": run_with_teacher("step"),
+        "keras Distiller": run_distiller,
+    }
+    times = {name: [] for name in configs}
+    for _ in range(args.rounds):
+        for name, make in configs.items():
+            model, ds = make()
+            timer = EpochTimer()
+            model.fit(ds, epochs=args.epochs, verbose=0, callbacks=[timer])
+            times[name].extend(timer.times[1:])
+    median = {name: statistics.median(t) for name, t in times.items()}
+
+    print(f"# bench_online: {platform.node()} {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}")
+    print(f"# {args.rows} rows x {args.features} features, batch {args.batch}, {args.classes} classes;"
+          f" teacher {t_macs} MACs/example = {t_macs / s_macs:.1f}x the student's {s_macs}")
+    print(f"{'configuration':<26} {'epoch s (median)':>17} {'/ plain':>8} {'/ Distiller':>12}")
+    for name, value in median.items():
+        print(f"{name:<26} {value:>17.3f} {value / median['plain student']:>8.2f} {value / median['keras Distiller']:>12.2f}")
+    best = min(median["with_teacher (pipeline)"], median["with_teacher (step)"])
+    print(f"with_teacher (pipeline) / Distiller = {median['with_teacher (pipeline)'] / median['keras Distiller']:.2f}"
+          f" (target <= 1.0)")
+    print(f"with_teacher (step) / Distiller = {median['with_teacher (step)'] / median['keras Distiller']:.2f}")
+    print(f"best with_teacher / Distiller = {best / median['keras Distiller']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
