@@ -4,6 +4,13 @@ The user keeps their own ``compile`` and ``fit``; distillation enters through
 the dataset (teacher targets next to the labels) and the loss.
 """
 
+from keras_kd.callbacks import DistillationScheduler
+from keras_kd.callbacks import HardSampleReweighting
+from keras_kd.callbacks import constant
+from keras_kd.callbacks import cosine
+from keras_kd.callbacks import linear
+from keras_kd.callbacks import step
+from keras_kd.data import add_example_ids
 from keras_kd.data import with_teacher
 from keras_kd.losses import DIVERGENCES
 from keras_kd.losses import DistillationLoss
@@ -22,6 +29,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DIVERGENCES",
     "DistillationLoss",
+    "DistillationScheduler",
+    "HardSampleReweighting",
+    "add_example_ids",
+    "constant",
+    "cosine",
+    "linear",
+    "step",
     "TeacherTargets",
     "forward_kl",
     "jensen_shannon",

@@ -129,30 +129,69 @@ def with_teacher(
     if not callable(teacher):
         raise TypeError(f"Expected `teacher` to be a Keras model or callable. Received: {teacher!r}")
     _split_element(dataset.element_spec)
-    if targets_lib.is_targets(dataset.element_spec[1]) or isinstance(
-        dataset.element_spec[1], targets_lib.TeacherTargets.Spec
-    ):
+    y_spec = dataset.element_spec[1]
+    has_targets = isinstance(y_spec, targets_lib.TeacherTargets.Spec)
+    if has_targets and (y_spec.logits is not None or y_spec.topk_values is not None or y_spec.inputs is not None):
         raise ValueError("The dataset already carries teacher targets; apply `with_teacher` once.")
     _check_batched(teacher, dataset.element_spec[0])
     run = _teacher_fn(teacher, output_index)
 
+    def as_targets(y):
+        # Keep what an earlier transform attached (example ids, has_labels).
+        return y if has_targets else targets_lib.TeacherTargets(labels=y)
+
     if placement == "pipeline":
 
         def attach(x, y, *sample_weight):
-            return (x, targets_lib.TeacherTargets(labels=y, logits=run(x)), *sample_weight)
+            return (x, as_targets(y).replace(logits=run(x)), *sample_weight)
 
     else:
         key = f"teacher-{next(_keys)}-{id(teacher)}"
         targets_lib.register_teacher(run, key)
 
         def attach(x, y, *sample_weight):
-            return (
-                x,
-                targets_lib.TeacherTargets(labels=y, inputs=x, teacher_key=key),
-                *sample_weight,
-            )
+            return (x, as_targets(y).replace(inputs=x, teacher_key=key), *sample_weight)
 
     if num_parallel_calls is None:
         return dataset.map(attach)
     return dataset.map(attach, num_parallel_calls=num_parallel_calls, deterministic=True)
 
+
+
+def add_example_ids(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Numbers the examples of an **unbatched** dataset by position.
+
+    ``(x, y[, sample_weight])`` becomes
+    ``(x, TeacherTargets(labels=y, example_id=i)[, sample_weight])`` with
+    ``i = 0, 1, ...`` in dataset order; a dataset of ``x`` alone (unlabelled
+    data) becomes ``(x, TeacherTargets(labels=0, has_labels=False, example_id=i))``.
+    Apply it before shuffling; `with_teacher` keeps the ids, and
+    `keras_kd.HardSampleReweighting` reads them. (The teacher-logit cache adds
+    ids itself.)
+
+    Example:
+
+    ```python
+    ds = keras_kd.add_example_ids(raw_ds)       # unbatched (x, y)
+    ds = rew.attach(ds).shuffle(10_000).batch(64)
+    student.fit(keras_kd.with_teacher(ds, teacher), callbacks=[rew])
+    ```
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(f"Expected `dataset` to be a tf.data.Dataset. Received: {type(dataset).__name__}.")
+    spec = dataset.element_spec
+    if isinstance(spec, tuple) and len(spec) in (2, 3):
+        if isinstance(spec[1], targets_lib.TeacherTargets.Spec):
+            raise ValueError("The dataset already carries TeacherTargets; add example ids before other transforms.")
+
+        def number(i, element):
+            x, y, *sample_weight = element
+            return (x, targets_lib.TeacherTargets(labels=y, example_id=i), *sample_weight)
+
+    else:
+
+        def number(i, x):
+            placeholder = tf.zeros([], tf.int64)
+            return x, targets_lib.TeacherTargets(labels=placeholder, example_id=i, has_labels=False)
+
+    return dataset.enumerate().map(number)

@@ -310,6 +310,7 @@ class DistillationLoss(_compat.loss_base()):
         self.hard_loss = hard_loss
         self._hard_loss_fn = _resolve_hard_loss(hard_loss)
         self.scale_by_temperature_squared = bool(scale_by_temperature_squared)
+        self._observers = []
 
     # -- hyperparameters, changeable between epochs --------------------------
 
@@ -341,10 +342,31 @@ class DistillationLoss(_compat.loss_base()):
         """The variable that holds alpha (for schedules)."""
         return self._alpha
 
+    # -- observers -----------------------------------------------------------
+
+    def add_observer(self, observer):
+        """Calls ``observer(targets, student_logits, hard, soft)`` on every batch.
+
+        ``hard`` and ``soft`` are the per-example terms this loss computes
+        anyway (``soft`` is ``T^2 * D``, before alpha); ``targets`` is the
+        batch's `TeacherTargets` with the teacher's logits materialised. This
+        is how callbacks such as `keras_kd.HardSampleReweighting` read
+        per-example values from the training step without an extra pass. The
+        observer runs inside the traced step: it may create TF ops (e.g.
+        variable updates), and is only seen by steps traced after it is
+        added.
+        """
+        if observer not in self._observers:
+            self._observers.append(observer)
+
+    def remove_observer(self, observer):
+        """Removes an observer added with `add_observer` (no-op if absent)."""
+        if observer in self._observers:
+            self._observers.remove(observer)
+
     # -- per-example terms -------------------------------------------------
 
     def _teacher_logits(self, targets, student_logits):
-        targets = targets_lib.materialize(targets)
         num_classes = student_logits.shape[-1]
         raw = targets.logits if targets.logits is not None else targets.topk_values
         if raw is None:
@@ -392,11 +414,18 @@ class DistillationLoss(_compat.loss_base()):
         y_pred = tf.cast(y_pred, tf.float32)
         if not targets_lib.is_targets(y_true):
             return self.hard_term(y_true, y_pred), None
+        y_true = targets_lib.materialize(y_true)
         teacher = self._teacher_logits(y_true, y_pred)
-        hard = self.hard_term(y_true.labels, y_pred)
+        if y_true.has_labels:
+            hard = self.hard_term(y_true.labels, y_pred)
+        else:  # unlabelled data: no hard-label term
+            hard = tf.zeros(tf.shape(y_pred)[:-1], tf.float32)
         if teacher is None:
             return hard, None
-        return hard, self.distillation_term(teacher, y_pred)
+        soft = self.distillation_term(teacher, y_pred)
+        for observer in self._observers:
+            observer(y_true, y_pred, hard, soft)
+        return hard, soft
 
     def call(self, y_true, y_pred):
         """Per-example loss values (before weights, masks and reduction)."""

@@ -53,6 +53,8 @@ class TeacherTargets(tf.experimental.BatchableExtensionType):
         inputs: the model inputs, for in-step teacher placement, or ``None``.
         teacher_key: name of the registered teacher for ``inputs``; ``""`` if none.
         example_id: ``int64`` example ids or ``None`` (used by reweighting).
+        has_labels: ``False`` for unlabelled data (``labels`` is then a
+            placeholder and the loss has no hard-label term).
     """
 
     labels: tf.Tensor
@@ -63,6 +65,7 @@ class TeacherTargets(tf.experimental.BatchableExtensionType):
     inputs: typing.Optional[Nested] = None
     teacher_key: str = ""
     example_id: typing.Optional[tf.Tensor] = None
+    has_labels: bool = True
 
     class Spec:
         # tf.data and tf.distribute ask a spec for its shape: the labels'.
@@ -92,6 +95,7 @@ class TeacherTargets(tf.experimental.BatchableExtensionType):
                 inputs=empty_or_none(self.inputs),
                 teacher_key=self.teacher_key,
                 example_id=empty_or_none(self.example_id),
+                has_labels=self.has_labels,
             )
 
     # Keras looks at y_true.shape / y_true.dtype to pick metrics and reshape
@@ -115,18 +119,20 @@ class TeacherTargets(tf.experimental.BatchableExtensionType):
             labels = tf.cast(labels, dtype)
         return labels
 
-    def with_labels(self, labels) :
+    def replace(self, **fields):
+        """A copy with some fields replaced, e.g. ``targets.replace(logits=z)``."""
+        values = {name: getattr(self, name) for name in _FIELDS}
+        values.update(fields)
+        return TeacherTargets(**values)
+
+    def with_labels(self, labels):
         """A copy whose labels are replaced by ``labels``."""
-        return TeacherTargets(
-            labels=labels,
-            logits=self.logits,
-            topk_indices=self.topk_indices,
-            topk_values=self.topk_values,
-            topk_logsumexp=self.topk_logsumexp,
-            inputs=self.inputs,
-            teacher_key=self.teacher_key,
-            example_id=self.example_id,
-        )
+        return self.replace(labels=labels)
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether a teacher form (dense, top-k or in-step inputs) is set."""
+        return self.kind != "none"
 
     @property
     def kind(self) -> str:
@@ -138,6 +144,19 @@ class TeacherTargets(tf.experimental.BatchableExtensionType):
         if self.inputs is not None:
             return "inputs"
         return "none"
+
+
+_FIELDS = (
+    "labels",
+    "logits",
+    "topk_indices",
+    "topk_values",
+    "topk_logsumexp",
+    "inputs",
+    "teacher_key",
+    "example_id",
+    "has_labels",
+)
 
 
 def is_targets(y) -> bool:
@@ -265,7 +284,7 @@ def materialize(targets: TeacherTargets) -> TeacherTargets:
         _MEMO[anchor] = logits
         while len(_MEMO) > _MEMO_SIZE:
             _MEMO.popitem(last=False)
-    return TeacherTargets(labels=targets.labels, logits=logits, example_id=targets.example_id)
+    return targets.replace(logits=logits, inputs=None, teacher_key="")
 
 
 # A few recent (inputs -> logits) pairs: enough for one traced step's consumers.

@@ -1,0 +1,616 @@
+"""Callbacks for distillation inside the user's own ``fit``.
+
+* `HardSampleReweighting`: per-example sample weights from a difficulty
+  signal, read from values the training step already computes.
+* `DistillationScheduler`: changes `DistillationLoss`'s temperature and alpha
+  over epochs without recompiling; `constant`, `linear`, `cosine` and `step`
+  schedules.
+
+Both are tf_keras callbacks, which run in Keras 3 ``fit`` and tf_keras ``fit``
+alike (a ``keras.callbacks.Callback`` crashes tf_keras ``fit``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import os
+import warnings
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+
+from keras_kd import _compat
+from keras_kd import targets as targets_lib
+
+# ---------------------------------------------------------------------------
+# Difficulty signals: per-example values from labels and logits (pure TF).
+# Arguments: labels (class ids or one-hot), teacher logits, student logits,
+# and `soft`, the loss's per-example distillation term. Each returns one
+# value per example (time steps are averaged).
+# ---------------------------------------------------------------------------
+
+
+def _per_example(values):
+    values = tf.cast(values, tf.float32)
+    if values.shape.rank is not None and values.shape.rank > 1:
+        values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+    return values
+
+
+def _cross_entropy(labels, logits):
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.convert_to_tensor(labels)
+    if labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1]:
+        return tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), logits)
+    if labels.shape.rank == logits.shape.rank:
+        labels = tf.squeeze(labels, -1)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(labels, tf.int64), logits)
+
+
+def _class_ids(labels, logits):
+    labels, logits = tf.convert_to_tensor(labels), tf.convert_to_tensor(logits)
+    if labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1]:
+        return tf.argmax(labels, -1)
+    if labels.shape.rank == logits.shape.rank:
+        labels = tf.squeeze(labels, -1)
+    return tf.cast(labels, tf.int64)
+
+
+def signal_kl(labels, teacher_logits, student_logits, soft):
+    """The loss's own teacher-student divergence term (``T^2 * D``): where the
+    student is furthest from the teacher. Emphasised (online hard example
+    mining, Shrivastava et al. 2016, applied to the distillation term)."""
+    return _per_example(soft)
+
+
+def signal_student_ce(labels, teacher_logits, student_logits, soft):
+    """Student cross-entropy on the label: the examples the student gets
+    wrong. Emphasised (OHEM, Shrivastava et al. 2016; focal loss, Lin et al.
+    2017)."""
+    return _per_example(_cross_entropy(labels, student_logits))
+
+
+def signal_teacher_ce(labels, teacher_logits, student_logits, soft):
+    """Teacher cross-entropy on the label: examples hard even for the teacher.
+    Emphasised with ``strength > 0``, de-emphasised with ``strength < 0``
+    (teacher-confidence weighting, e.g. Zhou et al. 2021)."""
+    return _per_example(_cross_entropy(labels, teacher_logits))
+
+
+def signal_wsld(labels, teacher_logits, student_logits, soft):
+    """WSLD weight ``1 - exp(-CE_student / CE_teacher)`` (Zhou et al., "Rethinking
+    Soft Labels for Knowledge Distillation: A Bias-Variance Tradeoff
+    Perspective", ICLR 2021): large where the teacher explains the label
+    better than the student, small where the teacher is worse than the
+    student (e.g. a wrong teacher or a wrong label)."""
+    ce_s = _cross_entropy(labels, student_logits)
+    ce_t = _cross_entropy(labels, teacher_logits)
+    return _per_example(1.0 - tf.exp(-ce_s / (ce_t + 1e-7)))
+
+
+def signal_teacher_wrong(labels, teacher_logits, student_logits, soft):
+    """1 where the teacher's argmax differs from the label, else 0.
+    De-emphasised: the teacher is an unreliable guide there, or the label is
+    wrong (label-noise cleaning by a trained model, e.g. Northcutt et al.,
+    "Confident Learning", 2021)."""
+    teacher_logits = tf.convert_to_tensor(teacher_logits)
+    wrong = tf.not_equal(tf.argmax(teacher_logits, -1), _class_ids(labels, teacher_logits))
+    return _per_example(tf.cast(wrong, tf.float32))
+
+
+def signal_teacher_entropy(labels, teacher_logits, student_logits, soft):
+    """Entropy of the teacher's softmax: ambiguous examples. Emphasised
+    (uncertainty sampling, Settles 2009); no labels needed."""
+    log_p = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32), -1)
+    return _per_example(-tf.reduce_sum(tf.exp(log_p) * log_p, -1))
+
+
+SIGNALS = {
+    "kl": signal_kl,
+    "student_ce": signal_student_ce,
+    "teacher_ce": signal_teacher_ce,
+    "wsld": signal_wsld,
+    "teacher_wrong": signal_teacher_wrong,
+    "teacher_entropy": signal_teacher_entropy,
+}
+_NEEDS_LABELS = {"student_ce", "teacher_ce", "wsld", "teacher_wrong"}
+
+
+def raw_weights(signal: str, difficulty: np.ndarray, strength: float) -> np.ndarray:
+    """Maps smoothed difficulties to un-normalised weights.
+
+    * ``wsld``: the WSLD weight itself, ``w ** strength``.
+    * ``teacher_wrong``: ``exp(-strength * d)`` (d is the smoothed share of
+      epochs in which the teacher was wrong on the example).
+    * the others: ``(d / mean(d)) ** strength``.
+    """
+    d = np.maximum(np.asarray(difficulty, np.float64), 0.0)
+    if signal == "wsld":
+        return np.power(d + 1e-6, strength)
+    if signal == "teacher_wrong":
+        return np.exp(-strength * d)
+    mean = d.mean() if d.size else 1.0
+    return np.power(d / (mean + 1e-12) + 1e-6, strength)
+
+
+def normalise(weights: np.ndarray, clip: Tuple[float, float]) -> np.ndarray:
+    """Scales to mean 1, then clips to ``clip``."""
+    weights = np.asarray(weights, np.float64)
+    mean = weights.mean() if weights.size else 1.0
+    weights = weights / mean if mean > 0 else np.ones_like(weights)
+    return np.clip(weights, clip[0], clip[1])
+
+
+class _Table:
+    """Per-example state shared by the callback and its dataset hook."""
+
+    def __init__(self, num_examples: int):
+        self.num_examples = num_examples
+        with tf.init_scope():
+            self.weights = tf.Variable(tf.ones([num_examples]), trainable=False, name="kd_example_weights")
+            self.difficulty = tf.Variable(tf.zeros([num_examples]), trainable=False, name="kd_difficulty")
+            self.teacher_wrong = tf.Variable(tf.zeros([num_examples]), trainable=False, name="kd_teacher_wrong")
+            self.seen = tf.Variable(tf.zeros([num_examples], tf.bool), trainable=False, name="kd_seen")
+            self.recording = tf.Variable(False, trainable=False, name="kd_recording")
+
+
+@_compat.register_serializable()
+class HardSampleReweighting(_compat.callback_base()):
+    """Difficult-sample mining for distillation, in any ``model.fit``.
+
+    Keeps a per-example weight table indexed by example id. During training
+    the `DistillationLoss` of the model reports each batch's per-example
+    values (no extra pass over the data); the callback turns them into a
+    difficulty signal, smooths it per example with an exponential moving
+    average, and at the end of each epoch (after ``warmup_epochs``) sets the
+    weights to a function of the difficulty, normalised to mean 1 and
+    clipped. `attach` multiplies each example's weight into its
+    ``sample_weight`` (times any weight the user already had).
+
+    Signals (see the ``signal_*`` functions for formulas and sources):
+    ``"kl"``, ``"student_ce"``, ``"teacher_ce"``, ``"wsld"``,
+    ``"teacher_wrong"`` (down-weights), ``"teacher_entropy"``, or a callable
+    ``fn(labels, teacher_logits, student_logits, soft) -> per-example values``.
+
+    Logs per epoch (into ``logs``, so History and TensorBoard placed after
+    this callback see them): ``kd_weight_mean``, ``kd_weight_max``,
+    ``kd_weight_share_above_2``, ``kd_teacher_wrong_share``.
+
+    Args:
+        signal: difficulty signal, see above. Defaults to "kl".
+        strength: exponent of the difficulty-to-weight map; 0 gives uniform
+            weights, negative values de-emphasise hard examples.
+            Defaults to 1.0.
+        warmup_epochs: epochs with uniform weights before reweighting starts
+            (the signal is still recorded). Defaults to 2.
+        clip: ``(low, high)`` bounds of the weights after normalisation.
+            Defaults to (0.2, 5.0).
+        momentum: EMA factor of the per-example difficulty, in [0, 1).
+            Defaults to 0.9.
+        num_examples: size of the table; defaults to the cardinality of the
+            dataset given to `attach`.
+        scoring_data: optional dataset (batched, with teacher targets and
+            example ids) scored with the student after every epoch instead of
+            recording values from the training step.
+        backup_dir: optional directory where the table is saved after every
+            epoch and restored at the start of training (use with
+            ``BackupAndRestore`` so a restarted run resumes with the same
+            weights).
+        histogram_dir: optional directory for a PNG histogram of the weights
+            per epoch (needs matplotlib).
+        verbose: print a line per epoch. Defaults to 0.
+
+    Example:
+
+    ```python
+    rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=2)
+    train = rew.attach(keras_kd.add_example_ids(raw_ds)).shuffle(10_000).batch(64)
+    student.compile("adam", loss=keras_kd.DistillationLoss(), metrics=["accuracy"])
+    student.fit(keras_kd.with_teacher(train, teacher), epochs=30, callbacks=[rew])
+    ```
+    """
+
+    def __init__(
+        self,
+        signal: Union[str, Callable] = "kl",
+        strength: float = 1.0,
+        warmup_epochs: int = 2,
+        clip: Tuple[float, float] = (0.2, 5.0),
+        momentum: float = 0.9,
+        num_examples: Optional[int] = None,
+        scoring_data: Optional[tf.data.Dataset] = None,
+        backup_dir: Optional[str] = None,
+        histogram_dir: Optional[str] = None,
+        verbose: int = 0,
+    ):
+        super().__init__()
+        if not callable(signal) and signal not in SIGNALS:
+            raise ValueError(
+                f"Unknown signal {signal!r}. Expected one of {sorted(SIGNALS)} or a callable "
+                "`fn(labels, teacher_logits, student_logits, soft) -> per-example values`."
+            )
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
+            raise ValueError(f"Expected `strength` to be a finite number. Received: strength={strength!r}")
+        if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"Expected `warmup_epochs` >= 0. Received: warmup_epochs={warmup_epochs!r}")
+        if (
+            not isinstance(clip, (tuple, list))
+            or len(clip) != 2
+            or not 0 <= clip[0] <= 1 <= clip[1]
+            or not math.isfinite(clip[1])
+        ):
+            raise ValueError(f"Expected `clip` = (low, high) with 0 <= low <= 1 <= high. Received: clip={clip!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Expected `momentum` in [0, 1). Received: momentum={momentum!r}")
+        if num_examples is not None and (not isinstance(num_examples, int) or num_examples < 1):
+            raise ValueError(f"Expected `num_examples` to be a positive int. Received: num_examples={num_examples!r}")
+        self.signal = signal
+        self.strength = float(strength)
+        self.warmup_epochs = warmup_epochs
+        self.clip = (float(clip[0]), float(clip[1]))
+        self.momentum = float(momentum)
+        self.num_examples = num_examples
+        self.scoring_data = scoring_data
+        self.backup_dir = backup_dir
+        self.histogram_dir = histogram_dir
+        self.verbose = verbose
+        self._signal_fn = signal if callable(signal) else SIGNALS[signal]
+        self._table: Optional[_Table] = None
+        self._loss = None
+
+    def get_config(self):
+        return {
+            "signal": self.signal if isinstance(self.signal, str) else _compat.serialize(self.signal),
+            "strength": self.strength,
+            "warmup_epochs": self.warmup_epochs,
+            "clip": list(self.clip),
+            "momentum": self.momentum,
+            "num_examples": self.num_examples,
+            "backup_dir": self.backup_dir,
+            "histogram_dir": self.histogram_dir,
+            "verbose": self.verbose,
+        }
+
+    def __deepcopy__(self, memo):
+        # keras-tuner deep-copies callbacks for every trial: the copy must keep
+        # updating the table that the attached dataset reads.
+        clone = copy.copy(self)
+        clone.model = None
+        memo[id(self)] = clone
+        return clone
+
+    # -- the dataset hook ---------------------------------------------------
+
+    @property
+    def table(self) -> _Table:
+        if self._table is None:
+            raise ValueError(
+                "HardSampleReweighting has no weight table yet: call `rew.attach(dataset)` "
+                "on the training dataset before `fit`."
+            )
+        return self._table
+
+    def attach(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        """Adds each example's current weight as its ``sample_weight``.
+
+        Args:
+            dataset: elements ``(x, TeacherTargets[, sample_weight])`` with
+                example ids (from `keras_kd.cache_teacher_logits` or
+                `keras_kd.add_example_ids`), batched or not.
+
+        Returns:
+            The dataset with ``sample_weight = table[id] * user_weight``.
+
+        Raises:
+            ValueError: for elements without example ids, a table size that
+                does not match the dataset's example count, or a signal that
+                needs labels on unlabelled data.
+        """
+        if not isinstance(dataset, tf.data.Dataset):
+            raise TypeError(f"Expected `dataset` to be a tf.data.Dataset. Received: {type(dataset).__name__}.")
+        spec = dataset.element_spec
+        targets_spec = spec[1] if isinstance(spec, tuple) and len(spec) in (2, 3) else None
+        if not isinstance(targets_spec, targets_lib.TeacherTargets.Spec) or targets_spec.example_id is None:
+            raise ValueError(
+                "HardSampleReweighting.attach needs example ids in the dataset's targets. "
+                "Number the unbatched examples first with `keras_kd.add_example_ids(ds)`, "
+                "or use `keras_kd.cache_teacher_logits`, which adds them. "
+                f"Received element_spec={spec}."
+            )
+        if not targets_spec.has_labels and self.signal in _NEEDS_LABELS:
+            raise ValueError(
+                f"signal={self.signal!r} needs labels, but the dataset is unlabelled. "
+                "Use signal='kl' or 'teacher_entropy', or label the data."
+            )
+        cardinality = int(dataset.cardinality())
+        batched = targets_spec.example_id.shape.rank == 1
+        size = self.num_examples
+        if cardinality == tf.data.INFINITE_CARDINALITY:
+            raise ValueError("HardSampleReweighting.attach received an infinite dataset; attach before `.repeat()`.")
+        if cardinality >= 0 and not batched:
+            if size is not None and size != cardinality:
+                raise ValueError(
+                    f"The weight table has num_examples={size} but the dataset has {cardinality} examples."
+                )
+            size = cardinality
+        if size is None:
+            raise ValueError(
+                "Cannot tell how many examples the dataset has (unknown cardinality or batched). "
+                "Pass `num_examples=` to HardSampleReweighting."
+            )
+        if self._table is None or self._table.num_examples != size:
+            self._table = _Table(size)
+        self.num_examples = size
+        weights = self._table.weights
+
+        def hook(x, targets, *sample_weight):
+            ids = tf.cast(targets.example_id, tf.int64)
+            check = tf.debugging.assert_less(
+                ids,
+                tf.constant(size, tf.int64),
+                message=f"keras_kd: example ids outside the weight table of {size} examples",
+            )
+            with tf.control_dependencies([check]):
+                w = tf.gather(weights, ids)
+            if sample_weight:
+                w = w * tf.cast(sample_weight[0], tf.float32)
+            return x, targets, w
+
+        return dataset.map(hook)
+
+    # -- recording from the training step ------------------------------------
+
+    def _record(self, targets, student_logits, hard, soft):
+        if targets.example_id is None:
+            return
+        table = self._table
+        teacher_logits = tf.cast(targets.logits, tf.float32)
+        student_logits = tf.cast(student_logits, tf.float32)
+
+        def update():
+            ids = tf.reshape(tf.cast(targets.example_id, tf.int64), [-1])
+            d = tf.reshape(self._signal_fn(targets.labels, teacher_logits, student_logits, soft), [-1])
+            old = tf.gather(table.difficulty, ids)
+            seen = tf.gather(table.seen, ids)
+            new = tf.where(seen, self.momentum * old + (1.0 - self.momentum) * d, d)
+            idx = ids[:, None]
+            ops = [table.difficulty.scatter_nd_update(idx, new), table.seen.scatter_nd_update(idx, tf.ones_like(seen))]
+            if targets.has_labels:
+                wrong = tf.reshape(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft), [-1])
+                old_wrong = tf.gather(table.teacher_wrong, ids)
+                ops.append(table.teacher_wrong.scatter_nd_update(idx, tf.where(seen, 0.5 * old_wrong + 0.5 * wrong, wrong)))
+            with tf.control_dependencies(ops):
+                return tf.constant(True)
+
+        tf.cond(table.recording, update, lambda: tf.constant(False))
+
+    def score(self, dataset: tf.data.Dataset):
+        """Scores every example of ``dataset`` with the current student and
+        updates the smoothed difficulties (the optional scoring pass)."""
+        loss = self._distillation_loss()
+        for x, targets, *_ in dataset:
+            targets = targets_lib.materialize(targets)
+            student = self.model(x, training=False)
+            hard, soft = loss.components(targets, student)
+            self._table.recording.assign(True)
+            self._record(targets, student, hard, soft)
+        self._table.recording.assign(False)
+
+    def _distillation_loss(self):
+        loss = getattr(self.model, "loss", None)
+        if not hasattr(loss, "add_observer"):
+            raise ValueError(
+                "HardSampleReweighting needs the model compiled with keras_kd.DistillationLoss "
+                f"(model.loss is {loss!r})."
+            )
+        return loss
+
+    # -- callback hooks -------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        table = self.table
+        self._loss = self._distillation_loss()
+        if self.backup_dir and os.path.exists(self._backup_path()):
+            self.set_state(dict(np.load(self._backup_path())))
+        if self.scoring_data is None:
+            self._loss.add_observer(self._record)
+            # Steps traced before the observer was added would not record.
+            self.model.make_train_function(force=True)
+            table.recording.assign(True)
+
+    def on_train_end(self, logs=None):
+        if self._loss is not None:
+            self._loss.remove_observer(self._record)
+            self.model.make_train_function(force=True)
+        self.table.recording.assign(False)
+
+    def on_test_begin(self, logs=None):
+        self.table.recording.assign(False)
+
+    def on_test_end(self, logs=None):
+        self.table.recording.assign(self.scoring_data is None and self._loss is not None)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        table = self.table
+        if self.scoring_data is not None:
+            self.score(self.scoring_data)
+        seen = table.seen.numpy()
+        if epoch + 1 >= self.warmup_epochs and seen.any():
+            difficulty = table.difficulty.numpy()
+            weights = np.ones(table.num_examples)
+            weights[seen] = normalise(raw_weights(self.signal, difficulty[seen], self.strength), self.clip)
+            table.weights.assign(weights.astype(np.float32))
+        weights = table.weights.numpy()
+        logs["kd_weight_mean"] = float(weights.mean())
+        logs["kd_weight_max"] = float(weights.max())
+        logs["kd_weight_share_above_2"] = float((weights > 2.0).mean())
+        logs["kd_teacher_wrong_share"] = float((table.teacher_wrong.numpy()[seen] >= 0.5).mean()) if seen.any() else 0.0
+        if self.verbose:
+            print(
+                f"HardSampleReweighting epoch {epoch + 1}: mean {logs['kd_weight_mean']:.3f} "
+                f"max {logs['kd_weight_max']:.3f} >2 {logs['kd_weight_share_above_2']:.3f}"
+            )
+        if self.histogram_dir:
+            self._save_histogram(epoch, weights)
+        if self.backup_dir:
+            self._save_state(epoch)
+
+    # -- state ------------------------------------------------------------------
+
+    def get_state(self) -> dict:
+        """The table as NumPy arrays (weights, difficulty, teacher_wrong, seen)."""
+        t = self.table
+        return {
+            "weights": t.weights.numpy(),
+            "difficulty": t.difficulty.numpy(),
+            "teacher_wrong": t.teacher_wrong.numpy(),
+            "seen": t.seen.numpy(),
+        }
+
+    def set_state(self, state: dict):
+        """Restores a table saved with `get_state`."""
+        t = self.table
+        if state["weights"].shape != (t.num_examples,):
+            raise ValueError(
+                f"The saved table has {state['weights'].shape[0]} examples, this one {t.num_examples}."
+            )
+        for name in ("weights", "difficulty", "teacher_wrong", "seen"):
+            getattr(t, name).assign(state[name])
+
+    def _backup_path(self):
+        return os.path.join(self.backup_dir, "hard_sample_reweighting.npz")
+
+    def _save_state(self, epoch):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        tmp = self._backup_path() + ".tmp.npz"
+        np.savez(tmp, epoch=epoch, **self.get_state())
+        os.replace(tmp, self._backup_path())
+
+    def _save_histogram(self, epoch, weights):
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError("`histogram_dir` needs matplotlib: `pip install matplotlib`.") from e
+        os.makedirs(self.histogram_dir, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.hist(weights, bins=40, range=self.clip)
+        ax.set_xlabel("example weight")
+        ax.set_ylabel("examples")
+        ax.set_title(f"{self.signal if isinstance(self.signal, str) else 'custom'} weights, epoch {epoch + 1}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.histogram_dir, f"weights_epoch_{epoch + 1:03d}.png"))
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# Schedules for temperature and alpha
+# ---------------------------------------------------------------------------
+
+Schedule = Callable[[int], float]
+
+
+def constant(value: float) -> Schedule:
+    """``epoch -> value``."""
+    return lambda epoch: float(value)
+
+
+def linear(start: float, end: float, epochs: int) -> Schedule:
+    """Linear from ``start`` (epoch 0) to ``end`` (epoch ``epochs - 1`` and later)."""
+    _check_epochs(epochs)
+    return lambda epoch: float(start + (end - start) * min(epoch, epochs - 1) / max(epochs - 1, 1))
+
+
+def cosine(start: float, end: float, epochs: int) -> Schedule:
+    """Half-cosine from ``start`` to ``end`` over ``epochs`` epochs."""
+    _check_epochs(epochs)
+
+    def schedule(epoch):
+        t = min(epoch, epochs - 1) / max(epochs - 1, 1)
+        return float(end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+    return schedule
+
+
+def step(boundaries: Sequence[int], values: Sequence[float]) -> Schedule:
+    """``values[i]`` from epoch ``boundaries[i - 1]`` on (``values[0]`` before
+    the first boundary); ``len(values) == len(boundaries) + 1``."""
+    if len(values) != len(boundaries) + 1 or list(boundaries) != sorted(boundaries):
+        raise ValueError(
+            "Expected sorted `boundaries` and len(values) == len(boundaries) + 1. "
+            f"Received: boundaries={list(boundaries)}, values={list(values)}"
+        )
+    return lambda epoch: float(values[sum(epoch >= b for b in boundaries)])
+
+
+def _check_epochs(epochs):
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"Expected `epochs` to be a positive int. Received: epochs={epochs!r}")
+
+
+class DistillationScheduler(_compat.callback_base()):
+    """Sets a `DistillationLoss`'s temperature and alpha at the start of each epoch.
+
+    The loss keeps them in variables, so no recompiling is needed. The values
+    used in the epoch are written to ``logs["kd_temperature"]`` and
+    ``logs["kd_alpha"]``.
+
+    Args:
+        temperature: ``None`` (leave as is), a number, or a schedule
+            ``epoch -> value`` (`constant`, `linear`, `cosine`, `step`, or any
+            callable).
+        alpha: same, for alpha.
+        loss: the `DistillationLoss`; defaults to the model's compiled loss.
+
+    Example:
+
+    ```python
+    sched = keras_kd.DistillationScheduler(temperature=keras_kd.linear(8.0, 2.0, epochs=20),
+                                           alpha=keras_kd.step([10], [0.0, 0.3]))
+    student.fit(train, epochs=20, callbacks=[sched])
+    ```
+    """
+
+    def __init__(self, temperature=None, alpha=None, loss=None):
+        super().__init__()
+        self.temperature = self._as_schedule(temperature, "temperature")
+        self.alpha = self._as_schedule(alpha, "alpha")
+        if self.temperature is None and self.alpha is None:
+            raise ValueError("DistillationScheduler needs a `temperature` or an `alpha` schedule.")
+        self.loss = loss
+
+    @staticmethod
+    def _as_schedule(value, argument):
+        if value is None or callable(value):
+            return value
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return constant(value)
+        raise ValueError(f"Expected `{argument}` to be None, a number or a callable schedule. Received: {value!r}")
+
+    def _target(self):
+        loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)
+        if not hasattr(loss, "temperature_variable"):
+            raise ValueError(
+                "DistillationScheduler needs a keras_kd.DistillationLoss: compile the model with one "
+                f"or pass `loss=`. Found {loss!r}."
+            )
+        return loss
+
+    def on_epoch_begin(self, epoch, logs=None):
+        loss = self._target()
+        if self.temperature is not None:
+            loss.temperature = self.temperature(epoch)  # validated by the setter
+        if self.alpha is not None:
+            loss.alpha = self.alpha(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            loss = self._target()
+            logs["kd_temperature"] = loss.temperature
+            logs["kd_alpha"] = loss.alpha

@@ -1,0 +1,316 @@
+"""HardSampleReweighting, DistillationScheduler and schedules, both flavours."""
+
+import copy
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_kd
+from keras_kd import TeacherTargets
+from keras_kd import callbacks as cb
+from tests import reference as ref
+from tests.conftest import mlp
+
+
+def _logits(seed, shape):
+    return (np.random.default_rng(seed).normal(size=shape) * 2).astype("float32")
+
+
+# --- signals against NumPy ------------------------------------------------------
+
+
+def test_signals_match_numpy():
+    t, s = _logits(1, (7, 5)), _logits(2, (7, 5))
+    y = np.array([0, 1, 2, 3, 4, 0, 1])
+    soft = np.arange(7, dtype="float32")
+    ce_s, ce_t = ref.sparse_ce(y, s), ref.sparse_ce(y, t)
+    p_t = np.exp(ref.log_softmax(t))
+    want = {
+        "kl": soft,
+        "student_ce": ce_s,
+        "teacher_ce": ce_t,
+        "wsld": 1 - np.exp(-ce_s / ce_t),
+        "teacher_wrong": (t.argmax(-1) != y).astype(float),
+        "teacher_entropy": -(p_t * np.log(p_t)).sum(-1),
+    }
+    assert set(want) == set(cb.SIGNALS)
+    for name, fn in cb.SIGNALS.items():
+        np.testing.assert_allclose(fn(y, t, s, soft).numpy(), want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        # One-hot labels give the same values.
+        np.testing.assert_allclose(
+            fn(np.eye(5, dtype="float32")[y], t, s, soft).numpy(), want[name], rtol=1e-5, atol=1e-6, err_msg=name
+        )
+
+
+def test_sequence_signals_average_time_steps():
+    t, s = _logits(3, (2, 3, 4)), _logits(4, (2, 3, 4))
+    y = np.array([[0, 1, 2], [3, 0, 1]])
+    got = cb.signal_student_ce(y, t, s, None).numpy()
+    np.testing.assert_allclose(got, ref.sparse_ce(y, s).mean(-1), rtol=1e-5)
+
+
+def test_raw_weights_and_normalise():
+    d = np.array([1.0, 2.0, 3.0, 6.0])
+    # (d / mean d) ** strength with mean 3: [1/3, 2/3, 1, 2]
+    np.testing.assert_allclose(cb.raw_weights("kl", d, 1.0), [1 / 3, 2 / 3, 1, 2], rtol=1e-4)
+    np.testing.assert_allclose(cb.raw_weights("kl", d, 0.0), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(cb.raw_weights("teacher_wrong", np.array([0.0, 1.0]), 2.0), [1.0, math.exp(-2)])
+    w = cb.normalise(np.array([1.0, 1.0, 1.0, 9.0]), clip=(0.2, 2.0))
+    # mean 3 -> [1/3, 1/3, 1/3, 3] -> clipped high at 2
+    np.testing.assert_allclose(w, [1 / 3, 1 / 3, 1 / 3, 2.0])
+
+
+# --- the dataset hook -------------------------------------------------------------
+
+
+def _ids_dataset(n=40, weights=None):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    y = rng.integers(0, 4, size=n)
+    parts = (x, y) if weights is None else (x, y, weights)
+    return x, y, keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices(parts))
+
+
+def test_add_example_ids_and_attach_multiply_user_weights():
+    user = np.linspace(0.5, 2.0, 40).astype("float32")
+    x, y, ds = _ids_dataset(weights=user)
+    rew = keras_kd.HardSampleReweighting()
+    attached = rew.attach(ds)
+    table = np.linspace(0.1, 4.0, 40).astype("float32")
+    rew.table.weights.assign(table)
+    for i, (xb, targets, w) in enumerate(attached.batch(40)):
+        np.testing.assert_array_equal(targets.example_id.numpy(), np.arange(40))
+        np.testing.assert_array_equal(targets.labels.numpy(), y)
+        np.testing.assert_allclose(w.numpy(), table * user, rtol=1e-6)
+
+
+def test_attach_bad_inputs():
+    x, y, ds = _ids_dataset()
+    plain = tf.data.Dataset.from_tensor_slices((x, y))
+    with pytest.raises(ValueError, match="add_example_ids"):
+        keras_kd.HardSampleReweighting().attach(plain)
+    with pytest.raises(ValueError, match="num_examples=30 but the dataset has 40"):
+        keras_kd.HardSampleReweighting(num_examples=30).attach(ds)
+    with pytest.raises(ValueError, match="infinite"):
+        keras_kd.HardSampleReweighting().attach(ds.repeat())
+    unlabelled = keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices(x))
+    with pytest.raises(ValueError, match="needs labels"):
+        keras_kd.HardSampleReweighting(signal="teacher_wrong").attach(unlabelled)
+    keras_kd.HardSampleReweighting(signal="teacher_entropy").attach(unlabelled)  # fine without labels
+    with pytest.raises(ValueError, match="num_examples"):
+        keras_kd.HardSampleReweighting().attach(ds.filter(lambda *e: True))
+    with pytest.raises(ValueError, match="attach"):
+        keras_kd.HardSampleReweighting().table  # noqa: B018
+
+
+def test_ids_outside_the_table_fail():
+    x, y, ds = _ids_dataset()
+    rew = keras_kd.HardSampleReweighting(num_examples=10)
+    shifted = ds.batch(40).map(lambda xb, t: (xb, t.replace(example_id=t.example_id + 5)))
+    attached = rew.attach(shifted)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside the weight table"):
+        list(attached)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"signal": "loss"}, "signal"),
+        ({"strength": float("nan")}, "strength"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"clip": (2.0, 5.0)}, "clip"),
+        ({"clip": (0.1,)}, "clip"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"num_examples": 0}, "num_examples"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keras_kd.HardSampleReweighting(**kwargs)
+
+
+# --- in fit -----------------------------------------------------------------------
+
+
+def _fit_with_reweighting(K, rew, epochs=3, **fit_kwargs):
+    x, y, ds = _ids_dataset(n=48)
+    teacher, student = mlp(K), mlp(K)
+    student.compile(K.optimizers.SGD(0.0), loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.5))
+    train = keras_kd.with_teacher(rew.attach(ds).batch(16), teacher)
+    history = student.fit(train, epochs=epochs, verbose=0, callbacks=[rew], **fit_kwargs)
+    return x, y, teacher, student, history
+
+
+def test_records_ema_of_training_step_values(K):
+    """With a frozen student (lr=0) every epoch sees the same signal d: the EMA
+    stays d, and the weights are normalise(raw(d)) from the warm-up on."""
+    rew = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=2, momentum=0.5, clip=(0.1, 10.0))
+    x, y, teacher, student, history = _fit_with_reweighting(K, rew, epochs=3)
+    d = ref.sparse_ce(y, student.predict(x, verbose=0))
+    np.testing.assert_allclose(rew.table.difficulty.numpy(), d, rtol=1e-5)
+    want = cb.normalise(cb.raw_weights("student_ce", d, 1.0), (0.1, 10.0))
+    np.testing.assert_allclose(rew.table.weights.numpy(), want, rtol=1e-5)
+    # Logged per epoch; weights uniform during the warm-up epoch.
+    assert history.history["kd_weight_max"][0] == pytest.approx(1.0)
+    assert history.history["kd_weight_max"][-1] == pytest.approx(want.max(), rel=1e-5)
+    assert history.history["kd_weight_share_above_2"][-1] == pytest.approx((want > 2).mean())
+    t = teacher.predict(x, verbose=0)
+    assert history.history["kd_teacher_wrong_share"][-1] == pytest.approx((t.argmax(-1) != y).mean())
+
+
+def test_validation_does_not_touch_the_table(K):
+    rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=0)
+    x, y, ds = _ids_dataset(n=48)
+    teacher, student = mlp(K), mlp(K)
+    student.compile("sgd", loss=keras_kd.DistillationLoss())
+    # Validation examples carry ids too (0..11) but with shifted inputs.
+    val = keras_kd.with_teacher(keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices((x[:12] + 50, y[:12]))).batch(6), teacher)
+    train = keras_kd.with_teacher(rew.attach(ds).batch(16), teacher)
+    student.fit(train, epochs=1, verbose=0, callbacks=[rew], validation_data=val)
+    before = rew.table.difficulty.numpy().copy()
+    student.evaluate(val, verbose=0)
+    np.testing.assert_array_equal(rew.table.difficulty.numpy(), before)
+    # Recomputing the training examples' signal from the final student matches.
+    assert rew.table.seen.numpy().all()
+
+
+def test_backup_restores_the_same_weights(K, tmp_path):
+    rew = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=0, backup_dir=str(tmp_path))
+    _fit_with_reweighting(K, rew, epochs=2)
+    saved = rew.get_state()
+    fresh = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=0, backup_dir=str(tmp_path))
+    _, _, ds = _ids_dataset(n=48)
+    fresh.attach(ds)
+    fresh.set_model(mlp(K))
+    fresh.model.compile("sgd", loss=keras_kd.DistillationLoss())
+    fresh.on_train_begin()
+    for key, value in saved.items():
+        np.testing.assert_array_equal(fresh.get_state()[key], value)
+    fresh.on_train_end()
+
+
+def test_with_backup_and_restore_resumes(K, tmp_path):
+    """A run interrupted by an exception resumes (BackupAndRestore) with the saved table."""
+    x, y, ds = _ids_dataset(n=48)
+    teacher = mlp(K)
+
+    class Crash(K.callbacks.Callback if K is not keras else keras_kd.callbacks._compat.callback_base()):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("crash")
+
+    def run(callbacks):
+        rew = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=0, backup_dir=str(tmp_path / "rew"))
+        student = mlp(K)
+        student.compile("sgd", loss=keras_kd.DistillationLoss())
+        train = keras_kd.with_teacher(rew.attach(ds).batch(16), teacher)
+        backup = K.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+        return rew, student.fit(train, epochs=4, verbose=0, callbacks=[rew, backup, *callbacks])
+
+    with pytest.raises(RuntimeError, match="crash"):
+        run([Crash()])
+    crashed = np.load(tmp_path / "rew" / "hard_sample_reweighting.npz")
+    rew, history = run([])
+    assert len(history.epoch) < 4  # resumed, not restarted
+    assert int(crashed["epoch"]) == 1
+    assert rew.table.seen.numpy().all()
+
+
+def test_deepcopy_shares_the_table():
+    _, _, ds = _ids_dataset()
+    rew = keras_kd.HardSampleReweighting()
+    rew.attach(ds)
+    clone = copy.deepcopy(rew)
+    assert clone.table is rew.table
+
+
+def test_requires_distillation_loss(K):
+    rew = keras_kd.HardSampleReweighting()
+    x, y, ds = _ids_dataset(n=48)
+    student = mlp(K)
+    student.compile("sgd", loss=K.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="DistillationLoss"):
+        student.fit(rew.attach(ds).batch(16), epochs=1, verbose=0, callbacks=[rew])
+
+
+def test_scoring_pass(K):
+    x, y, ds = _ids_dataset(n=48)
+    teacher, student = mlp(K), mlp(K)
+    scoring = keras_kd.with_teacher(ds.batch(16), teacher)
+    rew = keras_kd.HardSampleReweighting(signal="teacher_entropy", warmup_epochs=0, scoring_data=scoring)
+    student.compile(K.optimizers.SGD(0.0), loss=keras_kd.DistillationLoss())
+    student.fit(keras_kd.with_teacher(rew.attach(ds).batch(16), teacher), epochs=1, verbose=0, callbacks=[rew])
+    p = np.exp(ref.log_softmax(teacher.predict(x, verbose=0)))
+    np.testing.assert_allclose(rew.table.difficulty.numpy(), -(p * np.log(p)).sum(-1), rtol=1e-5)
+
+
+def test_histogram_png(K, tmp_path):
+    rew = keras_kd.HardSampleReweighting(warmup_epochs=0, histogram_dir=str(tmp_path))
+    _fit_with_reweighting(K, rew, epochs=2)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["weights_epoch_001.png", "weights_epoch_002.png"]
+    assert (tmp_path / files[0]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mirrored_strategy(K):
+    x, y, ds = _ids_dataset(n=48)
+    teacher = mlp(K)
+    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+        student = mlp(K)
+        student.compile(K.optimizers.SGD(0.0), loss=keras_kd.DistillationLoss())
+    rew = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=0, momentum=0.0)
+    student.fit(keras_kd.with_teacher(rew.attach(ds).batch(16), teacher), epochs=1, verbose=0, callbacks=[rew])
+    # Both replicas wrote their halves of every batch into the one table.
+    np.testing.assert_allclose(rew.table.difficulty.numpy(), ref.sparse_ce(y, student.predict(x, verbose=0)), rtol=1e-5)
+
+
+# --- schedules ----------------------------------------------------------------------
+
+
+def test_schedules():
+    assert [keras_kd.constant(2.0)(e) for e in range(2)] == [2.0, 2.0]
+    assert [keras_kd.linear(8.0, 2.0, 4)(e) for e in range(5)] == [8.0, 6.0, 4.0, 2.0, 2.0]
+    cos = keras_kd.cosine(4.0, 0.0, 3)
+    assert [cos(e) for e in range(3)] == pytest.approx([4.0, 2.0, 0.0])
+    assert [keras_kd.step([2, 4], [0.0, 0.3, 0.5])(e) for e in range(6)] == [0.0, 0.0, 0.3, 0.3, 0.5, 0.5]
+    with pytest.raises(ValueError, match="boundaries"):
+        keras_kd.step([2], [1.0])
+    with pytest.raises(ValueError, match="epochs"):
+        keras_kd.linear(1.0, 2.0, 0)
+
+
+def test_scheduler_changes_loss_without_recompiling(K, toy_data):
+    x, y, make = toy_data
+    teacher, student = mlp(K), mlp(K)
+    kd = keras_kd.DistillationLoss(temperature=1.0, alpha=0.0)
+    student.compile(K.optimizers.SGD(0.0), loss=kd)
+    seen = []
+
+    class Probe(keras_kd.callbacks._compat.callback_base()):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(logs["loss"])
+
+    sched = keras_kd.DistillationScheduler(temperature=keras_kd.step([1], [1.0, 3.0]), alpha=lambda e: 0.0)
+    history = student.fit(keras_kd.with_teacher(make(batch=96), teacher), epochs=2, verbose=0, callbacks=[sched, Probe()])
+    assert history.history["kd_temperature"] == [1.0, 3.0]
+    s, t = student.predict(x, verbose=0), teacher.predict(x, verbose=0)
+    assert seen[1] == pytest.approx(ref.distillation_loss(y, s, t, 3.0, 0.0), rel=1e-5)
+
+
+def test_scheduler_bad_inputs(K):
+    with pytest.raises(ValueError, match="temperature"):
+        keras_kd.DistillationScheduler(temperature="hot")
+    with pytest.raises(ValueError, match="needs"):
+        keras_kd.DistillationScheduler()
+    student = mlp(K)
+    student.compile("sgd", loss=K.losses.MeanSquaredError())
+    sched = keras_kd.DistillationScheduler(temperature=2.0)
+    sched.set_model(student)
+    with pytest.raises(ValueError, match="DistillationLoss"):
+        sched.on_epoch_begin(0)
+    kd = keras_kd.DistillationLoss()
+    with pytest.raises(ValueError, match="temperature"):
+        keras_kd.DistillationScheduler(temperature=lambda e: -1.0, loss=kd).on_epoch_begin(0)
