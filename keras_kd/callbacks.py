@@ -145,16 +145,32 @@ def normalise(weights: np.ndarray, clip: Tuple[float, float]) -> np.ndarray:
 
 
 class _Table:
-    """Per-example state shared by the callback and its dataset hook."""
+    """Per-example state shared by the callback and its dataset hook.
+
+    ``weights`` (read by the dataset hook) and ``stats``: one row per example
+    of (smoothed difficulty, smoothed teacher-wrong share), NaN until the
+    example is first seen, so a step reads and writes it with one gather and
+    one scatter.
+    """
 
     def __init__(self, num_examples: int):
         self.num_examples = num_examples
         with tf.init_scope():
             self.weights = tf.Variable(tf.ones([num_examples]), trainable=False, name="kd_example_weights")
-            self.difficulty = tf.Variable(tf.zeros([num_examples]), trainable=False, name="kd_difficulty")
-            self.teacher_wrong = tf.Variable(tf.zeros([num_examples]), trainable=False, name="kd_teacher_wrong")
-            self.seen = tf.Variable(tf.zeros([num_examples], tf.bool), trainable=False, name="kd_seen")
+            self.stats = tf.Variable(tf.fill([num_examples, 2], np.nan), trainable=False, name="kd_example_stats")
             self.recording = tf.Variable(False, trainable=False, name="kd_recording")
+
+    @property
+    def seen(self) -> np.ndarray:
+        return ~np.isnan(self.stats.numpy()[:, 0])
+
+    @property
+    def difficulty(self) -> np.ndarray:
+        return np.nan_to_num(self.stats.numpy()[:, 0])
+
+    @property
+    def teacher_wrong(self) -> np.ndarray:
+        return np.nan_to_num(self.stats.numpy()[:, 1])
 
 
 @_compat.register_serializable()
@@ -371,18 +387,17 @@ class HardSampleReweighting(_compat.callback_base()):
         student_logits = tf.cast(student_logits, tf.float32)
 
         def update():
-            ids = tf.reshape(tf.cast(targets.example_id, tf.int64), [-1])
+            ids = tf.reshape(tf.cast(targets.example_id, tf.int64), [-1, 1])
             d = tf.reshape(self._signal_fn(targets.labels, teacher_logits, student_logits, soft), [-1])
-            old = tf.gather(table.difficulty, ids)
-            seen = tf.gather(table.seen, ids)
-            new = tf.where(seen, self.momentum * old + (1.0 - self.momentum) * d, d)
-            idx = ids[:, None]
-            ops = [table.difficulty.scatter_nd_update(idx, new), table.seen.scatter_nd_update(idx, tf.ones_like(seen))]
             if targets.has_labels:
                 wrong = tf.reshape(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft), [-1])
-                old_wrong = tf.gather(table.teacher_wrong, ids)
-                ops.append(table.teacher_wrong.scatter_nd_update(idx, tf.where(seen, 0.5 * old_wrong + 0.5 * wrong, wrong)))
-            with tf.control_dependencies(ops):
+            else:
+                wrong = tf.zeros_like(d)
+            fresh = tf.stack([d, wrong], axis=1)
+            old = tf.gather_nd(table.stats, ids)
+            momenta = tf.constant([[self.momentum, 0.5]])
+            new = tf.where(tf.math.is_nan(old), fresh, momenta * old + (1.0 - momenta) * fresh)
+            with tf.control_dependencies([table.stats.scatter_nd_update(ids, new)]):
                 return tf.constant(True)
 
         tf.cond(table.recording, update, lambda: tf.constant(False))
@@ -438,9 +453,9 @@ class HardSampleReweighting(_compat.callback_base()):
         table = self.table
         if self.scoring_data is not None:
             self.score(self.scoring_data)
-        seen = table.seen.numpy()
+        seen = table.seen
         if epoch + 1 >= self.warmup_epochs and seen.any():
-            difficulty = table.difficulty.numpy()
+            difficulty = table.difficulty
             weights = np.ones(table.num_examples)
             weights[seen] = normalise(raw_weights(self.signal, difficulty[seen], self.strength), self.clip)
             table.weights.assign(weights.astype(np.float32))
@@ -448,7 +463,7 @@ class HardSampleReweighting(_compat.callback_base()):
         logs["kd_weight_mean"] = float(weights.mean())
         logs["kd_weight_max"] = float(weights.max())
         logs["kd_weight_share_above_2"] = float((weights > 2.0).mean())
-        logs["kd_teacher_wrong_share"] = float((table.teacher_wrong.numpy()[seen] >= 0.5).mean()) if seen.any() else 0.0
+        logs["kd_teacher_wrong_share"] = float((table.teacher_wrong[seen] >= 0.5).mean()) if seen.any() else 0.0
         if self.verbose:
             print(
                 f"HardSampleReweighting epoch {epoch + 1}: mean {logs['kd_weight_mean']:.3f} "
@@ -462,14 +477,9 @@ class HardSampleReweighting(_compat.callback_base()):
     # -- state ------------------------------------------------------------------
 
     def get_state(self) -> dict:
-        """The table as NumPy arrays (weights, difficulty, teacher_wrong, seen)."""
-        t = self.table
-        return {
-            "weights": t.weights.numpy(),
-            "difficulty": t.difficulty.numpy(),
-            "teacher_wrong": t.teacher_wrong.numpy(),
-            "seen": t.seen.numpy(),
-        }
+        """The table as NumPy arrays: ``weights`` and ``stats`` (per example:
+        smoothed difficulty and teacher-wrong share, NaN if never seen)."""
+        return {"weights": self.table.weights.numpy(), "stats": self.table.stats.numpy()}
 
     def set_state(self, state: dict):
         """Restores a table saved with `get_state`."""
@@ -478,8 +488,8 @@ class HardSampleReweighting(_compat.callback_base()):
             raise ValueError(
                 f"The saved table has {state['weights'].shape[0]} examples, this one {t.num_examples}."
             )
-        for name in ("weights", "difficulty", "teacher_wrong", "seen"):
-            getattr(t, name).assign(state[name])
+        t.weights.assign(state["weights"])
+        t.stats.assign(state["stats"])
 
     def _backup_path(self):
         return os.path.join(self.backup_dir, "hard_sample_reweighting.npz")

@@ -150,7 +150,7 @@ def test_records_ema_of_training_step_values(K):
     rew = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=2, momentum=0.5, clip=(0.1, 10.0))
     x, y, teacher, student, history = _fit_with_reweighting(K, rew, epochs=3)
     d = ref.sparse_ce(y, student.predict(x, verbose=0))
-    np.testing.assert_allclose(rew.table.difficulty.numpy(), d, rtol=1e-5)
+    np.testing.assert_allclose(rew.table.difficulty, d, rtol=1e-5)
     want = cb.normalise(cb.raw_weights("student_ce", d, 1.0), (0.1, 10.0))
     np.testing.assert_allclose(rew.table.weights.numpy(), want, rtol=1e-5)
     # Logged per epoch; weights uniform during the warm-up epoch.
@@ -170,11 +170,11 @@ def test_validation_does_not_touch_the_table(K):
     val = keras_kd.with_teacher(keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices((x[:12] + 50, y[:12]))).batch(6), teacher)
     train = keras_kd.with_teacher(rew.attach(ds).batch(16), teacher)
     student.fit(train, epochs=1, verbose=0, callbacks=[rew], validation_data=val)
-    before = rew.table.difficulty.numpy().copy()
+    before = rew.table.difficulty.copy()
     student.evaluate(val, verbose=0)
-    np.testing.assert_array_equal(rew.table.difficulty.numpy(), before)
+    np.testing.assert_array_equal(rew.table.difficulty, before)
     # Recomputing the training examples' signal from the final student matches.
-    assert rew.table.seen.numpy().all()
+    assert rew.table.seen.all()
 
 
 def test_backup_restores_the_same_weights(K, tmp_path):
@@ -216,7 +216,7 @@ def test_with_backup_and_restore_resumes(K, tmp_path):
     rew, history = run([])
     assert len(history.epoch) < 4  # resumed, not restarted
     assert int(crashed["epoch"]) == 1
-    assert rew.table.seen.numpy().all()
+    assert rew.table.seen.all()
 
 
 def test_deepcopy_shares_the_table():
@@ -244,7 +244,7 @@ def test_scoring_pass(K):
     student.compile(K.optimizers.SGD(0.0), loss=keras_kd.DistillationLoss())
     student.fit(keras_kd.with_teacher(rew.attach(ds).batch(16), teacher), epochs=1, verbose=0, callbacks=[rew])
     p = np.exp(ref.log_softmax(teacher.predict(x, verbose=0)))
-    np.testing.assert_allclose(rew.table.difficulty.numpy(), -(p * np.log(p)).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(rew.table.difficulty, -(p * np.log(p)).sum(-1), rtol=1e-5)
 
 
 def test_histogram_png(K, tmp_path):
@@ -264,7 +264,7 @@ def test_mirrored_strategy(K):
     rew = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=0, momentum=0.0)
     student.fit(keras_kd.with_teacher(rew.attach(ds).batch(16), teacher), epochs=1, verbose=0, callbacks=[rew])
     # Both replicas wrote their halves of every batch into the one table.
-    np.testing.assert_allclose(rew.table.difficulty.numpy(), ref.sparse_ce(y, student.predict(x, verbose=0)), rtol=1e-5)
+    np.testing.assert_allclose(rew.table.difficulty, ref.sparse_ce(y, student.predict(x, verbose=0)), rtol=1e-5)
 
 
 # --- schedules ----------------------------------------------------------------------

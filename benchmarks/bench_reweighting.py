@@ -1,0 +1,103 @@
+"""Epoch time with HardSampleReweighting / without it, same distillation pipeline.
+
+Teacher logits are precomputed (as the cache provides them), so the epoch is
+the student's step plus the pipeline: the worst case for any per-example
+overhead. Configurations are interleaved round by round; medians of epoch
+times (first epoch of each fit dropped). Target: <= 1.05.
+
+Run: .venv/bin/python benchmarks/bench_reweighting.py [--rows 20000] [--rounds 3]
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import keras_kd  # noqa: E402
+from keras_kd import TeacherTargets  # noqa: E402
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.rows, args.features)).astype("float32")
+    y = rng.integers(0, args.classes, size=args.rows)
+    logits = rng.normal(size=(args.rows, args.classes)).astype("float32")
+    ids = np.arange(args.rows)
+
+    def base():
+        return tf.data.Dataset.from_tensor_slices((x, TeacherTargets(labels=y, logits=logits, example_id=ids)))
+
+    def student():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((args.features,)), keras.layers.Dense(256, activation="relu"),
+                                  keras.layers.Dense(args.classes)])
+        model.compile("adam", keras_kd.DistillationLoss())
+        return model
+
+    def without():
+        return student(), base().shuffle(args.rows, seed=0).batch(args.batch).prefetch(tf.data.AUTOTUNE), []
+
+    def with_elementwise():
+        rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=0)
+        ds = rew.attach(base()).shuffle(args.rows, seed=0).batch(args.batch).prefetch(tf.data.AUTOTUNE)
+        return student(), ds, [rew]
+
+    def with_batched():
+        rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=0, num_examples=args.rows)
+        ds = rew.attach(base().shuffle(args.rows, seed=0).batch(args.batch)).prefetch(tf.data.AUTOTUNE)
+        return student(), ds, [rew]
+
+    configs = {
+        "distillation, no reweighting": without,
+        "reweighting, attach before batch": with_elementwise,
+        "reweighting, attach after batch": with_batched,
+    }
+    times = {name: [] for name in configs}
+    for _ in range(args.rounds):
+        for name, make in configs.items():
+            model, ds, callbacks = make()
+            timer = EpochTimer()
+            model.fit(ds, epochs=args.epochs, verbose=0, callbacks=[timer, *callbacks])
+            times[name].extend(timer.times[1:])
+    median = {name: statistics.median(t) for name, t in times.items()}
+    base_time = median["distillation, no reweighting"]
+    print(f"# bench_reweighting: {platform.node()} {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}")
+    print(f"# {args.rows} rows x {args.features} features, batch {args.batch}, student Dense(256), signal 'kl'")
+    print(f"{'configuration':<34} {'epoch s (median)':>17} {'ratio':>7}")
+    for name, value in median.items():
+        print(f"{name:<34} {value:>17.3f} {value / base_time:>7.2f}")
+    print(f"with callback / without = {median['reweighting, attach after batch'] / base_time:.2f} (attach after batch),"
+          f" {median['reweighting, attach before batch'] / base_time:.2f} (before batch); target <= 1.05")
+
+
+if __name__ == "__main__":
+    main()
