@@ -23,15 +23,20 @@ from keras_kd.losses import soft_cross_entropy
 from keras_kd.metrics import loss_components
 from keras_kd.metrics import teacher_agreement
 from keras_kd.targets import TeacherTargets
+from keras_kd import tuning
+from keras_kd.tuning import DistillationHyperModel
+from keras_kd.tuning import distillation_hyperparameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DIVERGENCES",
     "DistillationLoss",
+    "DistillationHyperModel",
     "DistillationScheduler",
     "HardSampleReweighting",
     "add_example_ids",
+    "distillation_hyperparameters",
     "constant",
     "cosine",
     "linear",
@@ -45,5 +50,6 @@ __all__ = [
     "reverse_kl",
     "soft_cross_entropy",
     "teacher_agreement",
+    "tuning",
     "with_teacher",
 ]

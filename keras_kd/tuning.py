@@ -1,0 +1,372 @@
+"""keras-tuner searches over distillation, for Keras 3 and tf_keras students.
+
+* `distillation_hyperparameters(hp, ...)` declares temperature, alpha,
+  divergence, reweighting signal and strength, alignment weight and learning
+  rate on a ``HyperParameters`` object and returns ready-to-use keras_kd
+  objects; your own build function calls it.
+* `DistillationHyperModel(build_student, ...)`: a ``keras_tuner.HyperModel``
+  that compiles your student with those choices and, in ``fit``, attaches
+  the reweighting callback.
+* `RandomSearch`, `BayesianOptimization`, `Hyperband`: keras-tuner's own
+  tuners, made to accept tf_keras models too (keras-tuner 1.4 refuses them,
+  so quantization-aware students could not be tuned). They differ from
+  keras-tuner's only where a model is tf_keras: the model check, the tuner's
+  own per-epoch callbacks (re-expressed as tf_keras callbacks) and the trial
+  results (a dict of the best epoch's metrics). Optional post-training
+  objectives: the int8 TFLite accuracy and a size/accuracy trade-off.
+
+Teacher targets should come from the cache (`cache_teacher_logits`) so a
+search of N trials runs the teacher over the data once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Callable, Optional, Sequence, Union
+
+import keras_tuner
+from keras_tuner.src.engine import tuner_utils
+
+from keras_kd import _compat
+from keras_kd.callbacks import SIGNALS
+from keras_kd.callbacks import HardSampleReweighting
+from keras_kd.losses import DIVERGENCES
+from keras_kd.losses import DistillationLoss
+from keras_kd.metrics import teacher_agreement
+
+Range = Union[float, Sequence, None]
+
+
+@dataclasses.dataclass
+class DistillationChoices:
+    """What `distillation_hyperparameters` chose for one trial.
+
+    Attributes:
+        loss: a `DistillationLoss` with the chosen temperature, alpha and
+            divergence.
+        learning_rate: the chosen learning rate.
+        reweighting: a `HardSampleReweighting` or ``None``.
+        alignment_weight: the chosen feature-alignment weight or ``None``.
+    """
+
+    loss: DistillationLoss
+    learning_rate: float
+    reweighting: Optional[HardSampleReweighting] = None
+    alignment_weight: Optional[float] = None
+
+    def optimizer(self, flavour: str = "keras"):
+        """An Adam optimizer with the chosen learning rate, for a model of
+        ``flavour`` (``"keras"`` or ``"tf_keras"``, see ``_compat.flavour_of``)."""
+        return _compat.module(flavour).optimizers.Adam(self.learning_rate)
+
+
+def _declare(hp, name, value, *, low=None, high=None, log=False, argument=None):
+    """A Fixed for a number, a Float for a (low, high) range, a Choice for a list."""
+    argument = argument or name
+
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"Expected numbers in `{argument}`. Received: {argument}={value!r}")
+        if (low is not None and (v <= low if log else v < low)) or (high is not None and v > high):
+            bound = f"> {low}" if log else f"in [{low}, {high if high is not None else 'inf'}]"
+            raise ValueError(f"Expected `{argument}` values {bound}. Received: {argument}={value!r}")
+
+    if isinstance(value, tuple):
+        if len(value) != 2 or value[0] >= value[1]:
+            raise ValueError(f"Expected `{argument}` = (low, high) with low < high. Received: {argument}={value!r}")
+        check(value[0])
+        check(value[1])
+        return hp.Float(name, value[0], value[1], sampling="log" if log else "linear")
+    if isinstance(value, list):
+        if not value:
+            raise ValueError(f"Expected a non-empty list for `{argument}`.")
+        for v in value:
+            check(v)
+        return hp.Choice(name, value)
+    check(value)
+    return hp.Fixed(name, float(value))
+
+
+def _choice(hp, name, value, allowed, argument):
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if v not in allowed:
+            raise ValueError(f"Unknown {argument} {v!r}. Expected one of {sorted(allowed)}.")
+    return hp.Choice(name, values) if len(values) > 1 else hp.Fixed(name, values[0])
+
+
+def distillation_hyperparameters(
+    hp,
+    *,
+    temperature: Range = (1.0, 10.0),
+    alpha: Range = (0.0, 1.0),
+    divergence: Union[str, Sequence[str]] = "kl",
+    learning_rate: Range = (1e-4, 1e-2),
+    reweighting_signal: Union[None, str, Sequence[str]] = None,
+    reweighting_strength: Range = (0.5, 3.0),
+    reweighting_warmup_epochs: int = 1,
+    alignment_weight: Range = None,
+) -> DistillationChoices:
+    """Declares the distillation hyperparameters and returns keras_kd objects.
+
+    Each range is a number (fixed), a ``(low, high)`` tuple (a float range;
+    temperature and learning rate are sampled on a log scale) or a list (a
+    choice). Names: ``kd_temperature``, ``kd_alpha``, ``kd_divergence``,
+    ``learning_rate``, ``kd_reweighting`` (``"none"`` or a signal),
+    ``kd_reweighting_strength``, ``kd_alignment_weight``.
+
+    Args:
+        hp: a ``keras_tuner.HyperParameters``.
+        temperature: range of the temperature, > 0. Defaults to (1.0, 10.0).
+        alpha: range of the hard-label weight, in [0, 1]. Defaults to (0.0, 1.0).
+        divergence: a divergence name or a list to choose from. Defaults to "kl".
+        learning_rate: range of the learning rate, > 0. Defaults to (1e-4, 1e-2).
+        reweighting_signal: ``None`` (no reweighting), a signal name or a list
+            (``"none"`` allowed in the list to let the search switch it off).
+        reweighting_strength: range of the reweighting strength.
+        reweighting_warmup_epochs: warm-up epochs of the reweighting.
+        alignment_weight: ``None`` or the range of the feature-alignment weight
+            (for `keras_kd.align`), >= 0.
+
+    Returns:
+        A `DistillationChoices`.
+
+    Raises:
+        ValueError: for a temperature <= 0, alpha outside [0, 1], a learning
+            rate <= 0, an empty or inverted range, or an unknown name.
+
+    Example:
+
+    ```python
+    def build(hp):
+        kd = keras_kd.tuning.distillation_hyperparameters(hp, temperature=(1.0, 8.0))
+        student = make_student()
+        student.compile(kd.optimizer(), loss=kd.loss, metrics=["accuracy"])
+        return student
+    ```
+    """
+    t = _declare(hp, "kd_temperature", temperature, low=0.0, log=True, argument="temperature")
+    a = _declare(hp, "kd_alpha", alpha, low=0.0, high=1.0, argument="alpha")
+    d = _choice(hp, "kd_divergence", list(divergence) if not isinstance(divergence, str) else divergence,
+                set(DIVERGENCES), "divergence")
+    lr = _declare(hp, "learning_rate", learning_rate, low=0.0, log=True, argument="learning_rate")
+    choices = DistillationChoices(
+        loss=DistillationLoss(temperature=t, alpha=a, divergence=d), learning_rate=float(lr)
+    )
+    if reweighting_signal is not None:
+        signals = reweighting_signal if isinstance(reweighting_signal, (list, tuple)) else [reweighting_signal]
+        signal = _choice(hp, "kd_reweighting", list(signals), set(SIGNALS) | {"none"}, "reweighting_signal")
+        if signal != "none":
+            strength = _declare(hp, "kd_reweighting_strength", reweighting_strength, argument="reweighting_strength")
+            choices.reweighting = HardSampleReweighting(
+                signal=signal, strength=float(strength), warmup_epochs=reweighting_warmup_epochs
+            )
+    if alignment_weight is not None:
+        choices.alignment_weight = float(
+            _declare(hp, "kd_alignment_weight", alignment_weight, low=0.0, argument="alignment_weight")
+        )
+    return choices
+
+
+class DistillationHyperModel(keras_tuner.HyperModel):
+    """Compiles your student with the searched distillation hyperparameters.
+
+    ``build(hp)`` calls ``build_student(hp)`` (which returns an uncompiled
+    Keras 3 or tf_keras student that outputs logits), declares the
+    distillation hyperparameters and compiles the student with Adam and a
+    `DistillationLoss`. ``fit`` attaches the reweighting callback when the
+    search chose one (the training dataset then needs example ids: the
+    teacher-logit cache provides them).
+
+    Args:
+        build_student: ``fn(hp) -> model``.
+        metrics: metrics to compile with. Defaults to
+            ``["accuracy", keras_kd.teacher_agreement]``.
+        **ranges: passed to `distillation_hyperparameters`.
+    """
+
+    def __init__(self, build_student: Callable, metrics=None, **ranges):
+        super().__init__()
+        if not callable(build_student):
+            raise ValueError(f"Expected `build_student` to be a callable. Received: {build_student!r}")
+        self.build_student = build_student
+        self.metrics = metrics
+        self.ranges = ranges
+        distillation_hyperparameters(keras_tuner.HyperParameters(), **ranges)  # validate now
+
+    def build(self, hp):
+        choices = distillation_hyperparameters(hp, **self.ranges)
+        student = self.build_student(hp)
+        _check_model(student)
+        metrics = list(self.metrics) if self.metrics is not None else ["accuracy", teacher_agreement]
+        student.compile(optimizer=choices.optimizer(_compat.flavour_of(student)), loss=choices.loss, metrics=metrics)
+        return student
+
+    def fit(self, hp, model, x=None, *args, callbacks=None, **kwargs):
+        choices = distillation_hyperparameters(hp, **self.ranges)
+        callbacks = list(callbacks or [])
+        if choices.reweighting is not None:
+            x = choices.reweighting.attach(x)
+            callbacks.append(choices.reweighting)
+        return model.fit(x, *args, callbacks=callbacks, **kwargs)
+
+
+def _check_model(model):
+    if not _compat.is_model(model):
+        raise keras_tuner.errors.FatalTypeError(
+            "Expected the model-building function, or HyperModel.build(), to return a Keras 3 "
+            f"or tf_keras Model. Received: {model!r} of type {type(model).__name__}."
+        )
+
+
+# ---------------------------------------------------------------------------
+# Tuners that accept tf_keras models
+# ---------------------------------------------------------------------------
+
+TFLITE_INT8_ACCURACY = "tflite_int8_accuracy"
+TFLITE_SIZE_KIB = "tflite_size_kib"
+SIZE_ACCURACY = "size_accuracy"
+
+
+class _SaveBestEpoch(_compat.callback_base()):
+    """keras-tuner's SaveBestEpoch, as a callback that runs in both flavours."""
+
+    def __init__(self, objective, filepath):
+        super().__init__()
+        self.objective = objective
+        self.filepath = filepath
+        self.best_value = -math.inf if objective.direction == "max" else math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.objective.has_value(logs):
+            self.model.save_weights(self.filepath)
+            return
+        value = self.objective.get_value(logs)
+        if self.objective.better_than(value, self.best_value):
+            self.best_value = value
+            self.model.save_weights(self.filepath)
+
+
+class _TunerCallback(_compat.callback_base()):
+    """keras-tuner's TunerCallback, as a callback that runs in both flavours."""
+
+    def __init__(self, tuner, trial):
+        super().__init__()
+        self.tuner, self.trial = tuner, trial
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.tuner.on_epoch_begin(self.trial, self.model, epoch, logs=logs)
+
+    def on_batch_begin(self, batch, logs=None):
+        self.tuner.on_batch_begin(self.trial, self.model, batch, logs)
+
+    def on_batch_end(self, batch, logs=None):
+        self.tuner.on_batch_end(self.trial, self.model, batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.tuner.on_epoch_end(self.trial, self.model, epoch, logs=logs)
+
+
+def _for_tf_keras(callback):
+    if isinstance(callback, tuner_utils.SaveBestEpoch):
+        return _SaveBestEpoch(callback.objective, callback.filepath)
+    if isinstance(callback, tuner_utils.TunerCallback):
+        return _TunerCallback(callback.tuner, callback.trial)
+    if _compat.flavour_of(callback) == _compat.KERAS3:
+        # A Fatal error: keras-tuner would otherwise count it as a failed trial.
+        raise keras_tuner.errors.FatalValueError(
+            f"{type(callback).__name__} is a Keras 3 callback, which crashes tf_keras `fit`. "
+            "For a tf_keras student pass tf_keras callbacks (e.g. tf_keras.callbacks.EarlyStopping) "
+            "or keras_kd callbacks, which run in both."
+        )
+    return callback
+
+
+def _best_epoch_metrics(history, objective) -> dict:
+    """A tf_keras History as keras-tuner's dict of one epoch's metrics: the
+    best epoch for the objective (the last epoch without one)."""
+    metrics = history.history
+    epochs = len(next(iter(metrics.values()), []))
+    best = epochs - 1
+    if epochs and objective.has_value({k: v[0] for k, v in metrics.items()}):
+        values = [objective.get_value({k: v[i] for k, v in metrics.items()}) for i in range(epochs)]
+        best = max(range(epochs), key=values.__getitem__) if objective.direction == "max" else min(
+            range(epochs), key=values.__getitem__
+        )
+    return {k: float(v[best]) for k, v in metrics.items()}
+
+
+class _AnyKerasTuner:
+    """Mixin for keras-tuner tuners: tf_keras models and post-training objectives.
+
+    Extra tuner arguments:
+        tflite_data: a batched dataset of ``(x, y)`` used, after each trial's
+            training, to convert the student to int8 TFLite (representative
+            data) and measure its accuracy, reported as
+            ``"tflite_int8_accuracy"``, its size as ``"tflite_size_kib"``,
+            and ``"size_accuracy"`` = accuracy - ``size_penalty`` * size in
+            MiB. Use any of them as the objective.
+        size_penalty: accuracy points per MiB for ``"size_accuracy"``.
+    """
+
+    def __init__(self, *args, tflite_data=None, size_penalty: float = 0.01, **kwargs):
+        self.tflite_data = tflite_data
+        self.size_penalty = size_penalty
+        super().__init__(*args, **kwargs)
+        names = [o.name for o in getattr(self.oracle.objective, "objectives", [self.oracle.objective])]
+        if tflite_data is None and set(names) & {TFLITE_INT8_ACCURACY, TFLITE_SIZE_KIB, SIZE_ACCURACY}:
+            raise ValueError(f"The objective {names} is measured on a TFLite model: pass `tflite_data=`.")
+
+    def _try_build(self, hp):
+        model = self._build_hypermodel(hp)
+        _check_model(model)
+        size = model.count_params() if model.built else 0
+        if self.max_model_size and size > self.max_model_size:
+            raise keras_tuner.errors.FailedTrialError(f"Oversized model: {size} parameters. Skip model.")
+        return model
+
+    def _build_and_fit_model(self, trial, *args, **kwargs):
+        hp = trial.hyperparameters
+        model = self._try_build(hp)
+        tf_keras_model = _compat.flavour_of(model) == _compat.TF_KERAS
+        if tf_keras_model:
+            kwargs["callbacks"] = [_for_tf_keras(c) for c in kwargs.get("callbacks", [])]
+        results = self.hypermodel.fit(hp, model, *args, **kwargs)
+        if tf_keras_model and hasattr(results, "history"):
+            results = _best_epoch_metrics(results, self.oracle.objective)
+        if self.tflite_data is not None:
+            results = self._add_tflite_objectives(model, results)
+        if hasattr(model, "get_build_config"):
+            from keras_tuner.src import utils
+
+            utils.save_json(self._get_build_config_fname(trial.trial_id), model.get_build_config())
+        tuner_utils.validate_trial_results(results, self.oracle.objective, "HyperModel.fit()")
+        return results
+
+    def _add_tflite_objectives(self, model, results):
+        from keras_kd import optimize
+
+        if hasattr(results, "history"):
+            results = _best_epoch_metrics(results, self.oracle.objective)
+        results = dict(results or {})
+        tflite = optimize.to_tflite(model, representative_data=self.tflite_data, int8=True)
+        accuracy = optimize.evaluate_tflite(tflite, self.tflite_data)
+        size_kib = len(tflite) / 1024
+        results[TFLITE_INT8_ACCURACY] = float(accuracy)
+        results[TFLITE_SIZE_KIB] = float(size_kib)
+        results[SIZE_ACCURACY] = float(accuracy - self.size_penalty * size_kib / 1024)
+        return results
+
+
+class RandomSearch(_AnyKerasTuner, keras_tuner.RandomSearch):
+    """``keras_tuner.RandomSearch`` that also tunes tf_keras students (see `_AnyKerasTuner`)."""
+
+
+class BayesianOptimization(_AnyKerasTuner, keras_tuner.BayesianOptimization):
+    """``keras_tuner.BayesianOptimization`` that also tunes tf_keras students."""
+
+
+class Hyperband(_AnyKerasTuner, keras_tuner.Hyperband):
+    """``keras_tuner.Hyperband`` that also tunes tf_keras students."""

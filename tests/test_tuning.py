@@ -1,0 +1,139 @@
+"""keras-tuner integration: hyperparameters, the hypermodel, tuners for both flavours."""
+
+import keras
+import keras_tuner
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_kd
+from keras_kd import tuning
+
+
+def test_hyperparameters_declare_and_build_objects():
+    hp = keras_tuner.HyperParameters()
+    choices = tuning.distillation_hyperparameters(
+        hp,
+        temperature=(1.0, 8.0),
+        alpha=[0.1, 0.5],
+        divergence=["kl", "js"],
+        learning_rate=1e-3,
+        reweighting_signal=["none", "kl"],
+        alignment_weight=(0.0, 2.0),
+    )
+    assert set(hp.values) >= {"kd_temperature", "kd_alpha", "kd_divergence", "learning_rate", "kd_reweighting",
+                              "kd_alignment_weight"}
+    assert hp.values["kd_temperature"] == 1.0  # a Float's default is its minimum
+    assert isinstance(choices.loss, keras_kd.DistillationLoss)
+    assert choices.loss.temperature == hp.values["kd_temperature"]
+    assert choices.loss.alpha == pytest.approx(hp.values["kd_alpha"]) == 0.1
+    assert choices.loss.divergence == "kl"
+    assert choices.learning_rate == 1e-3
+    assert choices.reweighting is None  # "none" is the first choice
+    assert choices.alignment_weight == 0.0
+    assert float(choices.optimizer("tf_keras").learning_rate.numpy()) == pytest.approx(1e-3)
+
+
+def test_hyperparameters_follow_hp_values():
+    hp = keras_tuner.HyperParameters()
+    hp.Fixed("kd_temperature", 3.0)
+    hp.Fixed("kd_reweighting", "wsld")
+    choices = tuning.distillation_hyperparameters(hp, reweighting_signal=["none", "wsld"])
+    assert choices.loss.temperature == 3.0
+    assert isinstance(choices.reweighting, keras_kd.HardSampleReweighting)
+    assert choices.reweighting.signal == "wsld"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": (0.0, 4.0)}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": (4.0, 1.0)}, "low < high"),
+        ({"alpha": (0.0, 1.5)}, "alpha"),
+        ({"alpha": [-0.1, 0.5]}, "alpha"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"divergence": "kld"}, "divergence"),
+        ({"reweighting_signal": "loss"}, "reweighting_signal"),
+        ({"alignment_weight": (-1.0, 1.0)}, "alignment_weight"),
+        ({"alpha": []}, "non-empty"),
+    ],
+)
+def test_bad_ranges(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        tuning.DistillationHyperModel(lambda hp: None, **kwargs)
+
+
+def _data(K):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    y = rng.integers(0, 3, size=64)
+    teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    train = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), teacher, placement="pipeline")
+    return train.cache()
+
+
+@pytest.mark.parametrize("tuner_class", [tuning.RandomSearch, tuning.BayesianOptimization, tuning.Hyperband])
+def test_tuners_accept_both_flavours(K, tuner_class, tmp_path):
+    train = _data(K)
+
+    def build_student(hp):
+        return K.Sequential([K.Input((8,)), K.layers.Dense(hp.Int("units", 4, 8, step=4), activation="relu"),
+                             K.layers.Dense(3)])
+
+    hypermodel = tuning.DistillationHyperModel(build_student, temperature=(1.0, 4.0), alpha=(0.0, 0.5))
+    size = {"max_epochs": 4, "factor": 2} if tuner_class is tuning.Hyperband else {"max_trials": 2}
+    tuner = tuner_class(hypermodel, objective="val_accuracy", directory=str(tmp_path), project_name="p", **size)
+    tuner.search(train, validation_data=train, epochs=2, verbose=0)
+    best = tuner.get_best_models(1)[0]
+    assert keras_kd._compat.flavour_of(best) == keras_kd._compat.flavour_of(build_student(keras_tuner.HyperParameters()))
+    trial = tuner.oracle.get_best_trials(1)[0]
+    assert 0.0 <= trial.score <= 1.0
+    if tuner_class is tuning.Hyperband:
+        # Later Hyperband rounds resume from an earlier trial's checkpoint.
+        assert any("tuner/trial_id" in t.hyperparameters.values for t in tuner.oracle.trials.values())
+    # The best model reloaded from its checkpoint reproduces the trial's validation accuracy.
+    acc = best.evaluate(train, verbose=0, return_dict=True)["accuracy"]
+    assert acc == pytest.approx(trial.score, abs=1e-6)
+
+
+def test_early_stopping_on_teacher_agreement(K, tmp_path):
+    train = _data(K)
+    stop = K.callbacks.EarlyStopping(monitor="val_teacher_agreement", mode="max", patience=0, min_delta=10.0)
+    hypermodel = tuning.DistillationHyperModel(lambda hp: K.Sequential([K.Input((8,)), K.layers.Dense(3)]))
+    tuner = tuning.RandomSearch(hypermodel, objective="val_accuracy", max_trials=1, directory=str(tmp_path))
+    epochs = []
+
+    class Count(keras_kd._compat.callback_base()):
+        def on_epoch_end(self, epoch, logs=None):
+            epochs.append(epoch)
+
+    tuner.search(train, validation_data=train, epochs=10, verbose=0, callbacks=[stop, Count()])
+    assert len(epochs) == 2  # stopped after patience, not 10 epochs
+
+
+def test_build_that_returns_no_model_is_a_clear_error(tmp_path):
+    hypermodel = tuning.DistillationHyperModel(lambda hp: "not a model")
+    # keras-tuner builds the hypermodel once when the tuner is created.
+    with pytest.raises(keras_tuner.errors.FatalTypeError, match="Keras 3 or tf_keras Model. Received: 'not a model'"):
+        tuning.RandomSearch(hypermodel, objective="val_accuracy", max_trials=1, directory=str(tmp_path))
+
+
+def test_keras3_callback_with_tf_keras_student_is_a_clear_error(tmp_path):
+    import tf_keras
+
+    train = _data(tf_keras)
+    hypermodel = tuning.DistillationHyperModel(lambda hp: tf_keras.Sequential([tf_keras.Input((8,)), tf_keras.layers.Dense(3)]))
+    tuner = tuning.RandomSearch(hypermodel, objective="val_accuracy", max_trials=1, directory=str(tmp_path))
+    with pytest.raises(keras_tuner.errors.FatalValueError, match="Keras 3 callback"):
+        tuner.search(train, validation_data=train, epochs=1, verbose=0,
+                     callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss")])
+
+
+def test_tflite_objective_requires_data(tmp_path):
+    hypermodel = tuning.DistillationHyperModel(lambda hp: keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]))
+    with pytest.raises(ValueError, match="tflite_data"):
+        tuning.RandomSearch(hypermodel, objective=keras_tuner.Objective("tflite_int8_accuracy", "max"),
+                            max_trials=1, directory=str(tmp_path))
