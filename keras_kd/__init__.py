@@ -4,6 +4,8 @@ The user keeps their own ``compile`` and ``fit``; distillation enters through
 the dataset (teacher targets next to the labels) and the loss.
 """
 
+from keras_kd.alignment import Aligned
+from keras_kd.alignment import align
 from keras_kd.callbacks import DistillationScheduler
 from keras_kd.callbacks import HardSampleReweighting
 from keras_kd.callbacks import constant
@@ -30,12 +32,14 @@ from keras_kd.tuning import distillation_hyperparameters
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aligned",
     "DIVERGENCES",
     "DistillationLoss",
     "DistillationHyperModel",
     "DistillationScheduler",
     "HardSampleReweighting",
     "add_example_ids",
+    "align",
     "distillation_hyperparameters",
     "constant",
     "cosine",
