@@ -430,6 +430,7 @@ class HardSampleReweighting(_compat.callback_base()):
         self._loss = self._distillation_loss()
         if self.backup_dir and os.path.exists(self._backup_path()):
             self.set_state(dict(np.load(self._backup_path())))
+        self._synced = table.stats.numpy()
         if self.scoring_data is None:
             self._loss.add_observer(self._record)
             # Steps traced before the observer was added would not record.
@@ -448,11 +449,36 @@ class HardSampleReweighting(_compat.callback_base()):
     def on_test_end(self, logs=None):
         self.table.recording.assign(self.scoring_data is None and self._loss is not None)
 
+    def _sync_workers(self):
+        """Merges the tables of all workers (MultiWorkerMirroredStrategy).
+
+        Each worker records the examples of its own shard of every batch. At
+        the end of an epoch, the rows a worker changed since the last merge
+        are combined across workers (mean of the changes, for rows more than
+        one worker changed), so every worker continues from the same table.
+        Single-process strategies share one table: nothing to do.
+        """
+        strategy = getattr(self.model, "distribute_strategy", None)
+        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return
+        base = self._synced
+        local = self.table.stats.numpy()
+        changed = ~np.isnan(local) & ~((local == base) | (np.isnan(local) & np.isnan(base)))
+        delta = np.where(changed, np.nan_to_num(local) - np.nan_to_num(base), 0.0).astype(np.float32)
+        changed = changed.astype(np.float32)
+
+        local_values = strategy.run(lambda: (tf.constant(delta), tf.constant(changed)))
+        total, count = (strategy.reduce("sum", v, axis=None).numpy() for v in local_values)
+        merged = np.where(count > 0, np.nan_to_num(base) + total / np.maximum(count, 1.0), base)
+        self.table.stats.assign(merged.astype(np.float32))
+        self._synced = merged.astype(np.float32)
+
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
         table = self.table
         if self.scoring_data is not None:
             self.score(self.scoring_data)
+        self._sync_workers()
         seen = table.seen
         if epoch + 1 >= self.warmup_epochs and seen.any():
             difficulty = table.difficulty
