@@ -9,6 +9,9 @@ this one which flavour a model or object belongs to.
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
+import sys
 from typing import Any
 
 import keras
@@ -240,3 +243,277 @@ def layer_mean_metric(layer: Any, name: str):
         layer.add_metric(value, name=name, aggregation="mean")
 
     return update
+
+
+# ---------------------------------------------------------------------------
+# Model-conversion primitives (used by `keras_kd.optimize.to_tf_keras` and
+# `to_keras3`): what a layer of one flavour is called in the other, and how
+# its config translates. Nothing here builds a whole model.
+# ---------------------------------------------------------------------------
+
+# Layer arguments that cannot change what a built layer computes in inference
+# (seeds, kernel implementation choices, shapes the rebuilt graph supplies);
+# dropped when the other flavour has no such argument.
+_OUTPUT_NEUTRAL_ARGUMENTS = frozenset(
+    {
+        "seed",
+        "implementation",
+        "use_cudnn",
+        "input_shape",
+        "batch_input_shape",
+        "batch_size",
+        "input_length",
+        "autocast",
+        "synchronized",
+        "fused",
+        "query_shape",
+        "key_shape",
+        "value_shape",
+    }
+)
+# Arguments renamed between the flavours: {class name: {Keras 3 name: tf_keras name}}.
+_RENAMED_ARGUMENTS = {"LeakyReLU": {"negative_slope": "alpha"}}
+_BASE_LAYER_ARGUMENTS = frozenset({"name", "trainable", "dtype", "activity_regularizer"})
+
+
+class UnconvertibleError(ValueError):
+    """A layer or config value that has no equivalent in the other flavour."""
+
+
+def builtin_layer_class(flavour: str, class_name: str):
+    """The built-in layer class ``class_name`` of a flavour, or ``None``."""
+    klass = getattr(module(flavour).layers, class_name, None)
+    if isinstance(klass, type) and flavour_of_class(klass) == flavour:
+        return klass
+    return None
+
+
+def flavour_of_class(klass: type) -> str | None:
+    """Which Keras a class belongs to (``"keras"``, ``"tf_keras"`` or ``None``)."""
+    for base in klass.__mro__:
+        root = base.__module__.split(".", 1)[0]
+        if root in (KERAS3, TF_KERAS):
+            return root
+    return None
+
+
+def is_builtin(obj: Any) -> bool:
+    """Whether ``obj``'s class is defined by Keras 3 or tf_keras itself (not user code)."""
+    return type(obj).__module__.split(".", 1)[0] in (KERAS3, TF_KERAS)
+
+
+def _init_arguments(klass: type) -> set:
+    names = set(_BASE_LAYER_ARGUMENTS)
+    flavour = flavour_of_class(klass)
+    for base in klass.__mro__:
+        if flavour_of_class(base) != flavour or "__init__" not in vars(base):
+            continue
+        try:
+            params = inspect.signature(base.__init__).parameters
+        except (TypeError, ValueError):  # pragma: no cover - C-level __init__
+            continue
+        names.update(p for p in params if p != "self")
+    return names
+
+
+def _init_defaults(klass: type) -> dict:
+    """Default values of the ``__init__`` arguments of a layer class (MRO included)."""
+    defaults = {}
+    flavour = flavour_of_class(klass)
+    for base in reversed(klass.__mro__):
+        if flavour_of_class(base) != flavour or "__init__" not in vars(base):
+            continue
+        try:
+            params = inspect.signature(base.__init__).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            continue
+        defaults.update({n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty})
+    return defaults
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - e.g. arrays
+        return False
+
+
+def _dtype_name(value):
+    """A dtype or dtype-policy config reduced to the policy name both flavours take."""
+    if isinstance(value, dict) and "config" in value and isinstance(value["config"], dict):
+        name = value["config"].get("name")
+        if value.get("class_name") not in ("DTypePolicy", "FloatDTypePolicy", "Policy") or name is None:
+            raise UnconvertibleError(f"dtype policy {value.get('class_name')!r} has no equivalent")
+        return name
+    return value
+
+
+def translate_config(value: Any, target: str):
+    """Translates a serialized value (part of a layer config) for ``target``.
+
+    Serialized Keras objects (``{"module": "keras....", "class_name", "config"}``,
+    the form both flavours write) become the legacy ``{"class_name", "config"}``
+    form that both flavours read; nested layer configs are translated with
+    `translate_layer_config`. Objects from other modules (custom
+    initializers, activations, ...) raise `UnconvertibleError`.
+    """
+    if isinstance(value, dict) and "class_name" in value and "config" in value:
+        mod = value.get("module")
+        if mod is not None and not (mod == "keras" or mod.startswith("keras.")):
+            name = value.get("registered_name") or value["class_name"]
+            raise UnconvertibleError(f"custom object {name!r} (module {mod!r}) has no built-in equivalent")
+        if mod is not None and mod.startswith("keras.layers") and isinstance(value["config"], dict):
+            class_name, config = translate_layer_config(value["class_name"], value["config"], target)
+            return {"class_name": class_name, "config": config}
+        if value["class_name"] in ("DTypePolicy", "FloatDTypePolicy", "Policy"):
+            return _dtype_name(value)
+        config = value["config"]
+        submodule = mod.split(".", 1)[1] if mod and "." in mod else None
+        klass = None
+        if submodule:
+            klass = getattr(getattr(module(target), submodule, None), value["class_name"], None)
+        if isinstance(config, dict) and isinstance(klass, type):
+            accepted = _init_arguments(klass)
+            dropped = {k: v for k, v in config.items() if k not in accepted}
+            for k, v in dropped.items():
+                if v is not None and v is not False:
+                    raise UnconvertibleError(
+                        f"{value['class_name']} argument `{k}={v!r}` has no equivalent in "
+                        f"{module(target).__name__}.{submodule}"
+                    )
+            config = {k: v for k, v in config.items() if k in accepted}
+        return {"class_name": value["class_name"], "config": translate_config(config, target)}
+    if isinstance(value, dict):
+        return {k: translate_config(v, target) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(translate_config(v, target) for v in value)
+    if isinstance(value, list) or type(value).__name__ == "ListWrapper":
+        return [translate_config(v, target) for v in value]
+    return value
+
+
+def translate_layer_config(class_name: str, config: dict, target: str, klass: type | None = None):
+    """Translates a layer's config to the built-in layer of the same name in ``target``.
+
+    Returns ``(class_name, config)`` for ``target``'s ``from_config``. Arguments
+    the target class does not take are dropped when they cannot change the
+    layer's outputs (``None``/``False`` values, seeds, implementation
+    choices); any other raises `UnconvertibleError` naming the argument.
+
+    Args:
+        class_name: the layer's class name.
+        config: the layer's ``get_config()``.
+        target: ``"keras"`` or ``"tf_keras"``.
+        klass: the target class (defaults to the built-in class of that name).
+    """
+    klass = klass or builtin_layer_class(target, class_name)
+    if klass is None:
+        raise UnconvertibleError(f"{module(target).__name__}.layers has no {class_name!r} layer")
+    renames = _RENAMED_ARGUMENTS.get(class_name, {})
+    if target == KERAS3:
+        renames = {v: k for k, v in renames.items()}
+    accepted = _init_arguments(klass)
+    source = builtin_layer_class(TF_KERAS if target == KERAS3 else KERAS3, class_name)
+    source_defaults = _init_defaults(source) if source is not None else {}
+    out = {}
+    for key, value in config.items():
+        if key == "dtype":
+            out[key] = _dtype_name(value)
+            continue
+        if key not in accepted and renames.get(key) in accepted:
+            key = renames[key]
+        if key not in accepted:
+            # Initializers only set initial values; converted layers get the weights.
+            neutral = key in _OUTPUT_NEUTRAL_ARGUMENTS or key.endswith("initializer")
+            neutral = neutral or value is None or value is False
+            if neutral or (key in source_defaults and _same(source_defaults[key], value)):
+                continue
+            raise UnconvertibleError(
+                f"argument `{key}={value!r}` has no equivalent in "
+                f"{module(target).__name__}.layers.{class_name}"
+            )
+        if target == KERAS3 and class_name == "BatchNormalization" and key == "axis":
+            # tf_keras stores the (built) axis as a one-element list; Keras 3 takes an int.
+            if isinstance(value, (list, tuple)) or type(value).__name__ == "ListWrapper":
+                value = list(value)[0]
+        try:
+            out[key] = translate_config(value, target)
+        except UnconvertibleError:
+            if key.endswith("initializer"):
+                # Only the initial values depend on it, and converted layers
+                # get the source's weights: the target's default will do.
+                continue
+            raise
+    return class_name, out
+
+
+def layer_from_config(klass: type, config: dict):
+    """``klass.from_config(config)``, for configs made by `translate_layer_config`."""
+    if klass.__name__ == "MultiHeadAttention" and flavour_of_class(klass) == TF_KERAS:
+        # tf_keras's from_config wants the build shapes of a saved layer and
+        # warns without them; the rebuilt layer is built by its first call.
+        return klass(**config)
+    return klass.from_config(config)
+
+
+def make_input(flavour: str, like, name: str | None = None):
+    """A new ``Input`` of a flavour with the shape (batch axis included),
+    dtype and sparseness of the symbolic tensor ``like`` (of either flavour)."""
+    shape = tuple(like.shape)
+    dtype = like.dtype if isinstance(like.dtype, str) else getattr(like.dtype, "name", str(like.dtype))
+    keras_module = module(flavour)
+    sparse = bool(getattr(like, "sparse", False))
+    return keras_module.Input(shape=shape[1:], batch_size=shape[0], dtype=dtype, name=name, sparse=sparse)
+
+
+def input_name(tensor) -> str | None:
+    """The name of the ``InputLayer`` that produced a symbolic input tensor."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    layer = history[0] if isinstance(history, tuple) else getattr(history, "operation", None)
+    return getattr(layer, "name", None)
+
+
+def is_sequential(model: Any) -> bool:
+    """Whether ``model`` is a Keras 3 or tf_keras ``Sequential``."""
+    if isinstance(model, keras.Sequential):
+        return True
+    return flavour_of(model) == TF_KERAS and isinstance(model, tf_keras().Sequential)
+
+
+def is_input_layer(layer: Any) -> bool:
+    """Whether ``layer`` is an ``InputLayer`` (either flavour)."""
+    return type(layer).__name__ == "InputLayer" and is_builtin(layer)
+
+
+def model_io(model: Any):
+    """``(inputs, outputs)`` of a Functional model, in their nested structure."""
+    if flavour_of(model) == KERAS3:
+        return model._inputs_struct, model._outputs_struct
+    return model._nested_inputs, model._nested_outputs
+
+
+def import_tfmot():
+    """Imports ``tensorflow_model_optimization``, which works on tf_keras models.
+
+    Importing tfmot sets ``TF_USE_LEGACY_KERAS=1`` in ``os.environ`` (its
+    ``keras/compat.py``) and then reads ``tf.keras``; were ``tf.keras`` not
+    resolved yet, it would resolve to tf_keras for the rest of the process.
+    Here ``tf.keras`` is resolved first, under the environment the user set,
+    and the variable is put back afterwards: the process keeps the Keras it
+    had, subprocesses inherit the user's environment, and tfmot still uses
+    tf_keras (it picks tf_keras whenever ``tf.keras`` is Keras 3).
+    """
+    if "tensorflow_model_optimization" in sys.modules:
+        return sys.modules["tensorflow_model_optimization"]
+    getattr(tf.keras, "version", None)  # resolve the lazy `tf.keras` now
+    before = os.environ.get("TF_USE_LEGACY_KERAS")
+    try:
+        import tensorflow_model_optimization as tfmot
+    finally:
+        if before is None:
+            os.environ.pop("TF_USE_LEGACY_KERAS", None)
+        else:
+            os.environ["TF_USE_LEGACY_KERAS"] = before
+    return tfmot

@@ -1,0 +1,1461 @@
+"""Distill, then prune and quantize: tfmot chains down to a TFLite int8 model.
+
+Distillation is a loss and a dataset (`keras_kd.DistillationLoss`,
+`keras_kd.with_teacher`, `keras_kd.cache_teacher_logits`), so it composes
+with tensorflow-model-optimization (tfmot) the way any loss does: tfmot wraps
+the student, the user compiles the wrapped model with `DistillationLoss` and
+fits it on the teacher's targets. This module holds the thin glue around that:
+
+* **Bridge.** tfmot 0.8 wraps only tf_keras (Keras 2) models. `to_tf_keras`
+  rebuilds a Keras 3 Functional or Sequential student of built-in layers as a
+  tf_keras model with the same weights (outputs equal to float32 rounding),
+  and says which layers cannot come over; `to_keras3` brings a trained float
+  tf_keras student back.
+* **Pruning.** `prune_for_distillation` wraps a copy of the student with
+  ``prune_low_magnitude`` and a ``PolynomialDecay`` schedule and returns it
+  with the callbacks ``fit`` needs (``UpdatePruningStep``); `strip` removes
+  the wrappers for deployment and `sparsity` reports what was achieved.
+* **Quantization-aware training.** `quantize_for_distillation` gives the QAT
+  model: whole-model ``quantize_model``, partial quantization of chosen
+  layers (``quantize_annotate_layer`` + ``quantize_apply``), or
+  prune-preserving QAT (PQAT, ``Default8BitPrunePreserveQuantizeScheme``).
+* **Deployment.** `to_tflite` converts (int8 weights and activations for QAT
+  models; post-training full-integer quantization with calibration data for
+  float models), `evaluate_tflite` measures accuracy with the LiteRT
+  interpreter, `file_size` measures the artefacts.
+
+What composes with distillation (each row is exercised in
+``tests/test_optimize.py`` or ``integration/test_digits_optimize.py``):
+
+* prune + `DistillationLoss` (online `with_teacher` or cached teacher) with
+  `HardSampleReweighting`: works; ``UpdatePruningStep`` sits beside keras_kd's
+  callbacks in one ``callbacks`` list.
+* QAT (whole model, or chosen layers) + `DistillationLoss`: works; the
+  teacher's logits stay float32, only the student is fake-quantized.
+* prune -> `strip` -> PQAT + `DistillationLoss` -> TFLite int8: works; the
+  zeros survive QAT and conversion.
+* Keras 3 student -> `to_tf_keras` -> any of the above: works for built-in
+  layers; a float result comes back with `to_keras3`.
+* pruned or QAT model -> `to_keras3`: no. tfmot's wrappers exist only in
+  tf_keras: `strip` a pruned model first; deploy a QAT model with
+  `to_tflite`.
+* Alignment (`keras_kd.alignment.align`), either order:
+
+  - align, train, ``aligned.export()``, then prune or quantize the clean
+    student and train it with `DistillationLoss` (logit distillation);
+  - or wrap first and align the wrapped model (tap the wrapped layer names,
+    ``prune_low_magnitude_<name>`` or ``quant_<name>``): ``aligned.model``
+    shares the wrappers, so feature targets train the pruned or
+    quantization-aware student (pass the pruning callbacks to its ``fit``).
+    Deploy the wrapped model itself (`strip` / `to_tflite`):
+    ``aligned.export()`` rebuilds the student from its config and cannot
+    rebuild tfmot wrappers.
+
+Example:
+
+```python
+from keras_kd import optimize
+
+student = optimize.to_tf_keras(keras3_student)       # tfmot needs tf_keras
+pruned, callbacks = optimize.prune_for_distillation(
+    student, target_sparsity=0.75, end_step=steps_per_epoch * 20, teacher=cache)
+pruned.compile("adam", loss=keras_kd.DistillationLoss(), metrics=["accuracy"])
+pruned.fit(train, epochs=25, callbacks=callbacks)
+sparse = optimize.strip(pruned)
+qat = optimize.quantize_for_distillation(sparse, preserve_sparsity=True)
+qat.compile("adam", loss=keras_kd.DistillationLoss(), metrics=["accuracy"])
+qat.fit(train, epochs=5)
+tflite = optimize.to_tflite(qat, path="student_int8.tflite")
+print(optimize.evaluate_tflite(tflite, test_ds), optimize.file_size(tflite))
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import numbers
+import os
+import re
+import tempfile
+import warnings
+from typing import Any, Iterable, NamedTuple, Optional, Union
+
+import numpy as np
+import tensorflow as tf
+
+from keras_kd import _compat
+from keras_kd import targets as targets_lib
+
+__all__ = [
+    "Pruning",
+    "TFLiteConversionError",
+    "check_num_classes",
+    "evaluate_tflite",
+    "file_size",
+    "prune_for_distillation",
+    "quantize_for_distillation",
+    "sparsity",
+    "strip",
+    "to_keras3",
+    "to_tf_keras",
+    "to_tflite",
+]
+
+_TFMOT_PRUNE_WRAPPERS = ("PruneLowMagnitude",)
+_TFMOT_QUANT_WRAPPERS = ("QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer", "QuantizeAnnotate")
+
+
+# ---------------------------------------------------------------------------
+# Keras 3 <-> tf_keras bridge
+# ---------------------------------------------------------------------------
+
+
+def _is_tfmot_layer(layer, names) -> bool:
+    klass = type(layer)
+    return klass.__name__ in names and klass.__module__.startswith("tensorflow_model_optimization")
+
+
+def _walk_layers(model, prefix=""):
+    """``(path, layer)`` for every layer of a model, nested models expanded."""
+    for layer in getattr(model, "layers", []):
+        path = f"{prefix}{layer.name}"
+        yield path, layer
+        if _compat.is_model(layer):
+            yield from _walk_layers(layer, path + "/")
+
+
+def _qualname(obj) -> str:
+    klass = type(obj)
+    return f"{klass.__module__}.{klass.__qualname__}"
+
+
+class _Converter:
+    """Rebuilds a Functional/Sequential model layer by layer in another flavour."""
+
+    def __init__(self, target: str, custom_objects: dict):
+        self.target = target
+        self.keras = _compat.module(target)
+        self.custom_objects = dict(custom_objects or {})
+        self.new_layers: dict = {}  # id(old layer) -> new layer
+        self.pairs: list = []  # (path, old, new) whose weights must be copied
+        self.problems: list = []
+
+    # -- layers ---------------------------------------------------------------
+
+    def layer(self, layer, path):
+        key = id(layer)
+        if key not in self.new_layers:
+            if _compat.is_model(layer):
+                self.new_layers[key] = self.model(layer, path + "/")
+            else:
+                new = self._new_layer(layer, path)
+                if new is not None:
+                    self.pairs.append((path, layer, new))
+                self.new_layers[key] = new
+        return self.new_layers[key]
+
+    def _problem(self, path, obj, reason):
+        self.problems.append(f"{path} ({type(obj).__name__}): {reason}")
+
+    def _new_layer(self, layer, path):
+        name = type(layer).__name__
+        target_name = self.keras.__name__
+        custom = self.custom_objects.get(name, self.custom_objects.get(type(layer)))
+        try:
+            if custom is not None:
+                if isinstance(custom, type):
+                    config = layer.get_config()
+                    _, config = _compat.translate_layer_config(name, config, self.target, klass=custom)
+                    return _compat.layer_from_config(custom, config)
+                return custom(layer)
+            if _is_tfmot_layer(layer, _TFMOT_PRUNE_WRAPPERS):
+                self._problem(
+                    path,
+                    layer,
+                    "a tfmot pruning wrapper; remove the wrappers first with "
+                    "`keras_kd.optimize.strip(model)` (the pruned weights stay)",
+                )
+                return None
+            if _is_tfmot_layer(layer, _TFMOT_QUANT_WRAPPERS):
+                self._problem(
+                    path,
+                    layer,
+                    "a tfmot quantization-aware layer: fake-quantization wrappers exist only in "
+                    "tf_keras. Deploy a QAT model with `keras_kd.optimize.to_tflite(model)`; bring "
+                    "back the float student (before `quantize_for_distillation`) instead",
+                )
+                return None
+            if not _compat.is_builtin(layer):
+                self._problem(
+                    path,
+                    layer,
+                    f"custom layer class `{_qualname(layer)}` is not a built-in Keras layer; pass "
+                    f"`custom_objects={{{name!r}: <{target_name} layer class, or fn(layer) -> layer>}}`",
+                )
+                return None
+            if name == "TFOpLambda" or name == "SlicingOpLambda":
+                self._problem(
+                    path,
+                    layer,
+                    "a TensorFlow op called on symbolic tensors in a tf_keras model; Keras 3 "
+                    "has no such node. Use a layer (e.g. `layers.Add`, `layers.Lambda`) instead",
+                )
+                return None
+            if name == "Lambda":
+                return self._lambda(layer)
+            _, config = _compat.translate_layer_config(name, layer.get_config(), self.target)
+            return _compat.layer_from_config(_compat.builtin_layer_class(self.target, name), config)
+        except _compat.UnconvertibleError as e:
+            self._problem(path, layer, str(e))
+        except Exception as e:  # noqa: BLE001 - reported with the layer's name
+            reason = f"{target_name}.layers.{name}.from_config failed: {type(e).__name__}: {e}"
+            self._problem(path, layer, reason)
+        return None
+
+    def _lambda(self, layer):
+        # The same Python function: it runs on TensorFlow tensors in both flavours.
+        return self.keras.layers.Lambda(
+            layer.function,
+            output_shape=getattr(layer, "_output_shape", None),
+            mask=getattr(layer, "mask", None),
+            arguments=dict(getattr(layer, "arguments", None) or {}),
+            name=layer.name,
+        )
+
+    # -- models -----------------------------------------------------------------
+
+    def model(self, model, prefix=""):
+        graph = _compat.graph_of(model)
+        if graph is None:
+            self.problems.append(
+                f"{prefix.rstrip('/') or model.name} ({type(model).__name__}): a subclassed model or a "
+                "Sequential model that was never built has no layer graph to rebuild; build it "
+                "(call it on an `Input`) or write it as a Functional model"
+            )
+            return None
+        if _compat.is_sequential(model):
+            return self._sequential(model, prefix)
+        return self._functional(model, prefix)
+
+    def _sequential(self, model, prefix):
+        layers = [layer for layer in model.layers if not _compat.is_input_layer(layer)]
+        news = [self.layer(layer, prefix + layer.name) for layer in layers]
+        if self.problems:
+            return None
+        first = model.inputs[0]
+        inp = _compat.make_input(self.target, first, name=_compat.input_name(first))
+        return self.keras.Sequential([inp, *news], name=model.name)
+
+    def _functional(self, model, prefix):
+        calls = list(_compat.graph_calls(model))
+        # Keras 3 records the mask a layer computes (e.g. Embedding(mask_zero=True)
+        # -> not_equal) as an op node feeding the next layer's `mask` argument;
+        # the target propagates masks itself, so such ops are left out.
+        mask_ids = {
+            id(t) for *_, kwargs, _ in calls for t in tf.nest.flatten(kwargs.get("mask")) if t is not None
+        }
+        skipped = set()
+        for op, *_, outs in calls:
+            is_layer = _compat.is_model(op) or isinstance(op, _layer_types())
+            if not is_layer and outs and all(id(t) in mask_ids for t in outs):
+                skipped.add(id(op))
+                continue
+            if not is_layer:
+                op_name = getattr(op, "name", type(op).__name__)
+                self.problems.append(
+                    f"{prefix}{op_name} ({type(op).__name__}): a Keras 3 operation (`keras.ops`) "
+                    "called on symbolic tensors, not a layer; tf_keras has no such node. Use a "
+                    "layer instead (e.g. `keras.layers.Add` for `keras.ops.add`)"
+                )
+                continue
+            self.layer(op, prefix + op.name)
+        if self.problems:
+            return None
+        inputs, outputs = _compat.model_io(model)
+        tensors = {}
+        for t in tf.nest.flatten(inputs):
+            tensors[id(t)] = _compat.make_input(self.target, t, name=_compat.input_name(t))
+
+        def swap(value):
+            return tensors.get(id(value), value)
+
+        for op, args, kwargs, outs in calls:
+            if id(op) in skipped:
+                continue
+            kwargs = dict(kwargs)
+            if "mask" in kwargs and any(
+                id(t) in mask_ids and id(t) not in tensors for t in tf.nest.flatten(kwargs["mask"])
+            ):
+                del kwargs["mask"]  # computed by a skipped mask op: propagated by the target
+            new = self.new_layers[id(op)]
+            result = new(*tf.nest.map_structure(swap, list(args)), **tf.nest.map_structure(swap, kwargs))
+            for old, made in zip(outs, tf.nest.flatten(result)):
+                tensors[id(old)] = made
+        new_inputs = tf.nest.map_structure(lambda t: tensors[id(t)], inputs)
+        new_outputs = tf.nest.map_structure(lambda t: tensors[id(t)], outputs)
+        return self.keras.Model(new_inputs, new_outputs, name=model.name)
+
+    def copy_weights(self):
+        for path, old, new in self.pairs:
+            values = old.get_weights()
+            shapes = [tuple(w.shape) for w in new.weights]
+            if [tuple(v.shape) for v in values] != shapes:
+                self._problem(
+                    path,
+                    old,
+                    f"weights do not line up: {[tuple(v.shape) for v in values]} in the source, "
+                    f"{shapes} in the rebuilt layer",
+                )
+                continue
+            new.set_weights(values)
+
+
+def _layer_types():
+    types = [_compat.module(_compat.KERAS3).layers.Layer]
+    types.append(_compat.tf_keras().layers.Layer)
+    return tuple(types)
+
+
+def _convert(model, target, custom_objects, argument):
+    converter = _Converter(target, custom_objects)
+    new = converter.model(model)
+    if not converter.problems:
+        converter.copy_weights()
+    if converter.problems:
+        direction = "tf_keras" if target == _compat.TF_KERAS else "Keras 3"
+        listing = "\n".join(f"  - {p}" for p in converter.problems)
+        raise ValueError(
+            f"Cannot convert `{argument}` ({model.name!r}) to {direction}: "
+            f"{len(converter.problems)} layer(s) or op(s) cannot be converted:\n{listing}"
+        )
+    return new
+
+
+def to_tf_keras(model, *, custom_objects: Optional[dict] = None):
+    """Rebuilds a Keras 3 model as a tf_keras model with the same weights.
+
+    tensorflow-model-optimization wraps only tf_keras models; this is how a
+    Keras 3 student gets to `prune_for_distillation` and
+    `quantize_for_distillation`. The model is rebuilt layer by layer from its
+    graph (each built-in layer from its config, translated where the two
+    Kerases name an argument differently) and every weight is copied, so the
+    outputs are equal up to float32 rounding (tested to 1e-5). Layer names,
+    input names and the nesting of sub-models are kept. The input model is not
+    changed; the new one is not compiled.
+
+    Convertible: Functional and built Sequential models (nested ones too) made
+    of built-in layers that exist in both Kerases (``Dense``, ``Conv*``,
+    ``DepthwiseConv2D``, ``SeparableConv*``, ``BatchNormalization``,
+    ``LayerNormalization``, ``Dropout``, pooling, ``Flatten``, ``Reshape``,
+    activations, ``Embedding``, ``LSTM``/``GRU``, merge layers, ...), and
+    ``Lambda`` layers (the same Python function is reused). Not convertible,
+    and listed all at once in the error: subclassed models, custom layer
+    classes (unless given in ``custom_objects``), layers Keras 3 has and
+    tf_keras lacks (e.g. ``RMSNormalization``), layer arguments tf_keras
+    lacks with a non-default value, and ``keras.ops`` calls in the graph.
+
+    Args:
+        model: a Keras 3 Functional or built Sequential model.
+        custom_objects: ``{class name or Keras 3 class: replacement}`` for
+            custom layers, where a replacement is a tf_keras layer class
+            (built with ``from_config`` from the layer's translated config)
+            or a function ``fn(keras3_layer) -> tf_keras layer``. Weights are
+            copied in ``get_weights`` order. Defaults to None.
+
+    Returns:
+        A new, uncompiled tf_keras ``Model`` or ``Sequential``.
+
+    Raises:
+        TypeError: if ``model`` is not a Keras 3 model.
+        ValueError: listing every layer that cannot be converted and why.
+
+    Example:
+
+    ```python
+    student_tfk = keras_kd.optimize.to_tf_keras(keras3_student)
+    np.testing.assert_allclose(student_tfk.predict(x), keras3_student.predict(x), atol=1e-5)
+    qat = keras_kd.optimize.quantize_for_distillation(student_tfk)
+    ```
+    """
+    _compat.check_model(model, "model")
+    if _compat.flavour_of(model) != _compat.KERAS3:
+        raise TypeError(
+            f"Expected `model` to be a Keras 3 model. Received a {_compat.flavour_of(model)} "
+            f"model ({model.name!r}), which tfmot takes as it is."
+        )
+    return _convert(model, _compat.TF_KERAS, custom_objects, "model")
+
+
+def to_keras3(model, *, custom_objects: Optional[dict] = None):
+    """Rebuilds a float tf_keras model as a Keras 3 model with the same weights.
+
+    The way back after tfmot: a distilled, pruned and `strip`-ped tf_keras
+    student (or any float tf_keras student) becomes a Keras 3 model, e.g. to
+    save it as ``.keras`` or to serve it with a Keras 3 stack. Same rules as
+    `to_tf_keras`, mirrored.
+
+    What cannot come back: a model that still has tfmot pruning wrappers
+    (`strip` it first; the sparse weights stay) and a quantization-aware (QAT)
+    model: its fake-quantization wrappers exist only in tf_keras, and a QAT
+    model deploys through `to_tflite`. Nor ``TFOpLambda`` nodes (TensorFlow
+    ops called on symbolic tensors) or custom layers without
+    ``custom_objects``.
+
+    Args:
+        model: a tf_keras Functional or Sequential model.
+        custom_objects: ``{class name or tf_keras class: replacement}``, a
+            Keras 3 layer class or ``fn(tf_keras_layer) -> keras layer``.
+            Defaults to None.
+
+    Returns:
+        A new, uncompiled Keras 3 ``Model`` or ``Sequential``.
+
+    Raises:
+        TypeError: if ``model`` is not a tf_keras model.
+        ValueError: listing every layer that cannot be converted and why.
+
+    Example:
+
+    ```python
+    deployable = keras_kd.optimize.to_keras3(keras_kd.optimize.strip(pruned))
+    deployable.save("student_sparse.keras")
+    ```
+    """
+    _compat.check_model(model, "model")
+    if _compat.flavour_of(model) != _compat.TF_KERAS:
+        raise TypeError(
+            f"Expected `model` to be a tf_keras model. Received a Keras 3 model ({model.name!r})."
+        )
+    return _convert(model, _compat.KERAS3, custom_objects, "model")
+
+
+# ---------------------------------------------------------------------------
+# Checks shared by the tfmot helpers
+# ---------------------------------------------------------------------------
+
+
+def _tfmot():
+    return _compat.import_tfmot()
+
+
+def _require_tf_keras_graph(model, argument: str, what: str):
+    _compat.check_model(model, argument)
+    if _compat.flavour_of(model) == _compat.KERAS3:
+        raise TypeError(
+            f"`{what}` needs a tf_keras model: tensorflow-model-optimization wraps only tf_keras "
+            f"(Keras 2) models. Received a Keras 3 model ({model.name!r}). Convert it first with "
+            f"`{argument} = keras_kd.optimize.to_tf_keras({argument})` (and back with "
+            "`keras_kd.optimize.to_keras3` after `strip`)."
+        )
+    if _compat.graph_of(model) is None:
+        raise TypeError(
+            f"`{what}` needs a Functional or Sequential model: tfmot wraps the layers of a layer "
+            f"graph, and `{argument}` ({model.name!r}, {type(model).__name__}) is a subclassed "
+            "model (or a Sequential model that was never built). Write it as a Functional model "
+            "(`keras.Model(inputs, outputs)`) or build the Sequential model on an `Input`."
+        )
+
+
+def _has_wrappers(model, names) -> list:
+    return [path for path, layer in _walk_layers(model) if _is_tfmot_layer(layer, names)]
+
+
+def _custom_objects(model, extra=None) -> dict:
+    """The model's own custom layer classes by name (tfmot rebuilds models from
+    their config, which needs them), plus the user's ``custom_objects``."""
+    found = {
+        type(layer).__name__: type(layer)
+        for _, layer in _walk_layers(model)
+        if not _compat.is_builtin(layer)
+        and not type(layer).__module__.startswith("tensorflow_model_optimization")
+    }
+    found.update(extra or {})
+    return found
+
+
+def _clone(model):
+    """A copy of a tf_keras model with the same weights, sharing nothing."""
+    tfmot = _tfmot()
+    tfk = _compat.tf_keras()
+    scope = tfmot.quantization.keras.quantize_scope(_custom_objects(model))
+    with tfmot.sparsity.keras.prune_scope(), scope:
+        clone = tfk.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _selector(layers, model, argument):
+    """A predicate over layers from names, classes, layer objects or a callable."""
+    if layers is None:
+        return None
+    if callable(layers) and not isinstance(layers, type):
+        return layers
+    if isinstance(layers, (str, type)) or not isinstance(layers, Iterable):
+        layers = [layers]
+    layers = list(layers)
+    classes = tuple(x for x in layers if isinstance(x, type))
+    names = set()
+    for x in layers:
+        if isinstance(x, str):
+            names.add(x)
+        elif not isinstance(x, type):
+            names.add(getattr(x, "name", repr(x)))  # layer objects match by name: tfmot wraps a copy
+    known = {layer.name for layer in model.layers}
+    unknown = sorted(names - known)
+    if unknown:
+        raise ValueError(
+            f"Expected `{argument}` to name layers of the model. Unknown: {unknown}. "
+            f"The model's layers are: {sorted(known)}."
+        )
+    return lambda layer: layer.name in names or isinstance(layer, classes)
+
+
+def _model_classes(model) -> Optional[int]:
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        return None
+    try:
+        last = tuple(outputs[0].shape)[-1]  # TensorShape (tf_keras) or tuple (Keras 3)
+    except (TypeError, ValueError, IndexError):  # unknown rank
+        return None
+    return None if last is None else int(last)
+
+
+def check_num_classes(student, teacher):
+    """Checks that the student outputs as many classes as the teacher.
+
+    Distillation compares the student's logits with the teacher's class by
+    class, so the counts must match. `DistillationLoss` finds a mismatch only
+    when the first batch is traced; this finds it before any training, with
+    both counts in the message.
+
+    Args:
+        student: a Keras 3 or tf_keras model (its first output is the logits).
+        teacher: the teacher model, a teacher-logit cache (the object returned
+            by `keras_kd.cache_teacher_logits`, or its directory; the cache's
+            manifest records the class count), or an int class count.
+
+    Returns:
+        The class count.
+
+    Raises:
+        ValueError: if the counts differ, or a cache directory holds no
+            finished cache.
+
+    Example:
+
+    ```python
+    cache = keras_kd.cache_teacher_logits(teacher, "cache/digits")
+    train = raw.apply(cache)
+    keras_kd.optimize.check_num_classes(student, cache)
+    ```
+    """
+    _compat.check_model(student, "student")
+    student_classes = _model_classes(student)
+    where = None
+    if isinstance(teacher, bool):
+        raise TypeError(
+            f"Expected `teacher` to be a model, a cache or a class count. Received: teacher={teacher!r}"
+        )
+    if isinstance(teacher, numbers.Integral):
+        teacher_classes, where = int(teacher), "the teacher"
+    elif _compat.is_model(teacher):
+        teacher_classes, where = _model_classes(teacher), f"the teacher {teacher.name!r}"
+    elif isinstance(teacher, (str, os.PathLike)) or hasattr(teacher, "directory"):
+        directory = teacher if isinstance(teacher, (str, os.PathLike)) else teacher.directory
+        teacher_classes = getattr(teacher, "num_classes", None)
+        if teacher_classes is None:
+            from keras_kd import cache as cache_lib
+
+            try:
+                teacher_classes = cache_lib.read_manifest(directory)["num_classes"]
+            except FileNotFoundError as e:
+                raise ValueError(
+                    f"Cannot check the student's class count against the teacher-logit cache at "
+                    f"{os.fspath(directory)!r}: it has not been built yet. Apply it to the dataset "
+                    "first (`ds.apply(cache)`)."
+                ) from e
+        where = f"the teacher-logit cache at {os.fspath(directory)!r}"
+    else:
+        raise TypeError(
+            "Expected `teacher` to be a Keras model, a teacher-logit cache (or its directory) or an "
+            f"int class count. Received: teacher={teacher!r} of type {type(teacher).__name__}."
+        )
+    if student_classes is not None and teacher_classes is not None and student_classes != teacher_classes:
+        raise ValueError(
+            f"The student {student.name!r} outputs {student_classes} classes but {where} has "
+            f"{teacher_classes} classes: distillation compares logits class by class. Give the "
+            f"student a {teacher_classes}-unit logit layer (or distill from a teacher with "
+            f"{student_classes} classes)."
+        )
+    return teacher_classes if teacher_classes is not None else student_classes
+
+
+# ---------------------------------------------------------------------------
+# Pruning
+# ---------------------------------------------------------------------------
+
+
+class Pruning(NamedTuple):
+    """What `prune_for_distillation` returns: unpack it as ``model, callbacks``.
+
+    Attributes:
+        model: the tf_keras model with ``prune_low_magnitude`` wrappers, to
+            compile with `keras_kd.DistillationLoss` and fit.
+        callbacks: the callbacks its ``fit`` needs (``UpdatePruningStep``,
+            and ``PruningSummaries`` with ``log_dir``); add keras_kd's own
+            callbacks to this list.
+    """
+
+    model: Any
+    callbacks: list
+
+
+def _pruning_support(layer, tfmot) -> Optional[str]:
+    """Why tfmot cannot prune ``layer``, or None if it can."""
+    from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
+
+    if _is_tfmot_layer(layer, _TFMOT_PRUNE_WRAPPERS) or _compat.is_input_layer(layer):
+        return None
+    if isinstance(layer, tfmot.sparsity.keras.PrunableLayer) or hasattr(layer, "get_prunable_weights"):
+        return None
+    if _compat.is_model(layer):
+        return None  # tfmot recurses into nested models; their layers are checked
+    if prune_registry.PruneRegistry.supports(layer):
+        return None
+    if not _compat.is_builtin(layer):
+        return (
+            f"custom layer class `{_qualname(layer)}`: tfmot prunes the built-in layers of its "
+            "registry and layers that implement `tfmot.sparsity.keras.PrunableLayer` "
+            "(`get_prunable_weights`)"
+        )
+    return (
+        f"tfmot's pruning registry has no entry for the built-in layer `{type(layer).__name__}` "
+        "(for recurrent layers: an unsupported cell)"
+    )
+
+
+def _unsupported(model, select, why) -> list:
+    problems = []
+    for path, layer in _walk_layers(model):
+        if select is not None and not _compat.is_model(layer) and not select(layer):
+            continue
+        reason = why(layer)
+        if reason:
+            problems.append(f"  - {path} ({type(layer).__name__}): {reason}")
+    return problems
+
+
+def _frequency(begin_step, end_step, frequency):
+    span = end_step - begin_step
+    if frequency is None:
+        # The largest divisor of the span that is at most span/16: about 16
+        # mask updates, the last one exactly at end_step.
+        cap = max(1, span // 16)
+        return max(d for d in range(1, cap + 1) if span % d == 0)
+    if isinstance(frequency, bool) or not isinstance(frequency, numbers.Integral) or frequency < 1:
+        raise ValueError(f"Expected `frequency` to be an int >= 1. Received: frequency={frequency!r}")
+    if span % frequency:
+        raise ValueError(
+            "Expected `end_step - begin_step` to be a multiple of `frequency`: tfmot updates the "
+            "masks only every `frequency` steps, so the last update would fall before end_step and "
+            "the model would stop short of target_sparsity. Received: "
+            f"begin_step={begin_step}, end_step={end_step}, frequency={frequency}."
+        )
+    return int(frequency)
+
+
+def prune_for_distillation(
+    student,
+    target_sparsity: float = 0.75,
+    *,
+    end_step: int,
+    begin_step: int = 0,
+    initial_sparsity: float = 0.0,
+    power: int = 3,
+    frequency: Optional[int] = None,
+    layers=None,
+    block_size=(1, 1),
+    block_pooling_type: str = "AVG",
+    teacher=None,
+    log_dir: Optional[str] = None,
+) -> Pruning:
+    """Wraps a copy of the student for magnitude pruning during distillation.
+
+    A thin layer over tfmot: ``prune_low_magnitude`` with a
+    ``PolynomialDecay`` schedule from ``initial_sparsity`` at ``begin_step``
+    to ``target_sparsity`` at ``end_step`` (cubic by default, Zhu & Gupta
+    2017), on the whole model or on the chosen ``layers``. Compile the result
+    with `keras_kd.DistillationLoss` and fit it on teacher targets (online or
+    cached) with the returned callbacks next to your own, e.g.
+    `keras_kd.HardSampleReweighting`. Then `strip` it.
+
+    Unlike tfmot's own ``prune_low_magnitude``, which wraps the model's own
+    layer objects (training the wrapped model then changes, and zeroes, the
+    original), this wraps a copy: ``student`` is left alone. Load its
+    weights before calling this.
+
+    Steps count training batches: with ``n`` batches per epoch, pruning
+    reaches ``target_sparsity`` after ``end_step`` batches; train at least
+    that long (a few more epochs let the remaining weights recover). The
+    masks are updated every ``frequency`` steps; ``end_step - begin_step``
+    must be a multiple of it so that the last update lands on ``end_step``.
+
+    Args:
+        student: a tf_keras Functional or Sequential model (convert a Keras 3
+            model with `to_tf_keras` first).
+        target_sparsity: fraction of weights set to zero in each pruned
+            layer at the end, in ``[0, 1)``. Defaults to 0.75.
+        end_step: the step at which ``target_sparsity`` is reached.
+        begin_step: the step pruning starts. Defaults to 0.
+        initial_sparsity: sparsity at ``begin_step``. Defaults to 0.0.
+        power: exponent of the polynomial decay. Defaults to 3.
+        frequency: steps between mask updates; None picks about 16 updates
+            ending exactly at ``end_step``. Defaults to None.
+        layers: prune only these layers (names, classes, layer objects, or a
+            predicate ``fn(layer) -> bool``); None prunes every layer.
+            Defaults to None.
+        block_size: ``(height, width)`` of the blocks pruned together (for
+            hardware that exploits block sparsity). Defaults to (1, 1).
+        block_pooling_type: ``"AVG"`` or ``"MAX"``, how a block's magnitude
+            is pooled. Defaults to "AVG".
+        teacher: optional teacher model, teacher-logit cache or class count;
+            checked with `check_num_classes` before anything is built.
+            Defaults to None.
+        log_dir: if set, also return tfmot's ``PruningSummaries`` writing
+            per-layer sparsity to TensorBoard there. Defaults to None.
+
+    Returns:
+        A `Pruning` ``(model, callbacks)``.
+
+    Raises:
+        TypeError: for a Keras 3 model (convert it first) or a subclassed
+            model.
+        ValueError: for arguments out of range, unknown layer names, layers
+            tfmot cannot prune (each listed with the reason), or a student
+            whose class count differs from the teacher's.
+
+    Example:
+
+    ```python
+    pruned, callbacks = keras_kd.optimize.prune_for_distillation(
+        student, target_sparsity=0.75, end_step=steps_per_epoch * 20)
+    pruned.compile("adam", loss=keras_kd.DistillationLoss(), metrics=["accuracy"])
+    pruned.fit(keras_kd.with_teacher(train, teacher), epochs=25,
+               callbacks=callbacks + [reweighting])
+    sparse_student = keras_kd.optimize.strip(pruned)
+    ```
+
+    References:
+        Zhu & Gupta, "To prune, or not to prune: exploring the efficacy of
+        pruning for model compression", 2017.
+    """
+    _require_tf_keras_graph(student, "student", "prune_for_distillation")
+    for value, argument, low, high, closed_high in (
+        (target_sparsity, "target_sparsity", 0.0, 1.0, False),
+        (initial_sparsity, "initial_sparsity", 0.0, 1.0, False),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value < high:
+            raise ValueError(f"Expected `{argument}` in [0, 1). Received: {argument}={value!r}")
+    if initial_sparsity > target_sparsity:
+        raise ValueError(
+            "Expected `initial_sparsity` <= `target_sparsity`. Received: "
+            f"initial_sparsity={initial_sparsity}, target_sparsity={target_sparsity}"
+        )
+    for value, argument in ((begin_step, "begin_step"), (end_step, "end_step")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"Expected `{argument}` to be an int >= 0. Received: {argument}={value!r}")
+    if end_step <= begin_step:
+        raise ValueError(
+            f"Expected `end_step` > `begin_step`. Received: begin_step={begin_step}, end_step={end_step}"
+        )
+    if isinstance(power, bool) or not isinstance(power, numbers.Real) or power <= 0:
+        raise ValueError(f"Expected `power` > 0. Received: power={power!r}")
+    if block_pooling_type not in ("AVG", "MAX"):
+        raise ValueError(
+            "Expected `block_pooling_type` to be 'AVG' or 'MAX'. "
+            f"Received: block_pooling_type={block_pooling_type!r}"
+        )
+    frequency = _frequency(begin_step, end_step, frequency)
+    if teacher is not None:
+        check_num_classes(student, teacher)
+    select = _selector(layers, student, "layers")
+    tfmot = _tfmot()
+    problems = _unsupported(student, select, lambda layer: _pruning_support(layer, tfmot))
+    if problems:
+        fix = "Implement `tfmot.sparsity.keras.PrunableLayer` for custom layers"
+        if select is None:
+            fix += ", or prune only the other layers with `layers=[...]`"
+        raise ValueError(
+            f"tfmot cannot prune {len(problems)} layer(s) of `student` ({student.name!r}):\n"
+            + "\n".join(problems)
+            + f"\n{fix}."
+        )
+    sparsity_lib = tfmot.sparsity.keras
+    params = dict(
+        pruning_schedule=sparsity_lib.PolynomialDecay(
+            initial_sparsity=float(initial_sparsity),
+            final_sparsity=float(target_sparsity),
+            begin_step=int(begin_step),
+            end_step=int(end_step),
+            power=power,
+            frequency=frequency,
+        ),
+        block_size=tuple(block_size),
+        block_pooling_type=block_pooling_type,
+    )
+    copy = _clone(student)
+    if select is None:
+        pruned = sparsity_lib.prune_low_magnitude(copy, **params)
+    else:
+        tfk = _compat.tf_keras()
+
+        def wrap(layer):
+            if select(layer) and not _is_tfmot_layer(layer, _TFMOT_PRUNE_WRAPPERS):
+                return sparsity_lib.prune_low_magnitude(layer, **params)
+            return layer
+
+        with sparsity_lib.prune_scope():
+            pruned = tfk.models.clone_model(copy, clone_function=wrap)
+    callbacks = [sparsity_lib.UpdatePruningStep()]
+    if log_dir is not None:
+        callbacks.append(sparsity_lib.PruningSummaries(log_dir=os.fspath(log_dir)))
+    return Pruning(pruned, callbacks)
+
+
+def strip(model):
+    """Removes tfmot's pruning wrappers: the deployable sparse model.
+
+    ``tfmot.sparsity.keras.strip_pruning`` on a copy: the result shares no
+    layers with ``model`` (training ``model`` further does not change it), is
+    not compiled, and keeps the pruned (zeroed) weights. Models without
+    pruning wrappers come back as an equal copy, so stripping twice is safe.
+    Quantization-aware layers are kept (a QAT model is deployed with
+    `to_tflite`).
+
+    Args:
+        model: a tf_keras model, e.g. the model of `prune_for_distillation`.
+
+    Returns:
+        A new tf_keras model without pruning wrappers.
+
+    Raises:
+        TypeError: for a Keras 3 or subclassed model.
+
+    Example:
+
+    ```python
+    sparse_student = keras_kd.optimize.strip(pruned)
+    print(keras_kd.optimize.sparsity(sparse_student))
+    ```
+    """
+    _require_tf_keras_graph(model, "model", "strip")
+    tfmot = _tfmot()
+    with tfmot.quantization.keras.quantize_scope():
+        stripped = tfmot.sparsity.keras.strip_pruning(model)
+    return _clone(stripped)
+
+
+_KERNEL = re.compile(r"(^|_)kernel$|^embeddings$")
+
+
+def sparsity(model) -> dict:
+    """Fraction of zero weights in each layer's kernels.
+
+    Counts the weights pruning acts on (``kernel``, ``pointwise_kernel``,
+    ``depthwise_kernel``, ``recurrent_kernel``, ``embeddings``; not biases
+    or normalization parameters). Works on models with pruning or
+    quantization wrappers (reported under the wrapped layer's name, so the
+    names match before and after `strip`), on stripped models and on Keras 3
+    models. Layers without kernels are left out; nested layers are reported
+    as ``"outer/inner"``.
+
+    Args:
+        model: a Keras 3 or tf_keras model.
+
+    Returns:
+        ``{layer name: fraction of zeros in its kernels}``.
+
+    Example:
+
+    ```python
+    >>> keras_kd.optimize.sparsity(keras_kd.optimize.strip(pruned))
+    {'dense': 0.75, 'dense_1': 0.75}
+    ```
+    """
+    _compat.check_model(model, "model")
+    report = {}
+    for path, layer in _walk_layers(model):
+        if _compat.is_model(layer):
+            continue
+        inner = layer
+        wrappers = _TFMOT_PRUNE_WRAPPERS + _TFMOT_QUANT_WRAPPERS
+        while hasattr(inner, "layer") and _is_tfmot_layer(inner, wrappers):
+            inner = inner.layer
+        zeros = total = 0
+        for weight in layer.weights:  # a quantize wrapper tracks the inner kernel itself
+            name = weight.name.split(":")[0].split("/")[-1]
+            if _KERNEL.search(name):
+                values = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight)
+                zeros += int(np.sum(values == 0))
+                total += values.size
+        if total:
+            key = path.rsplit("/", 1)[0] + "/" + inner.name if "/" in path else inner.name
+            report[key] = zeros / total
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Quantization-aware training
+# ---------------------------------------------------------------------------
+
+
+def _quantize_support(layer, registry) -> Optional[str]:
+    if _compat.is_input_layer(layer):
+        return None
+    if _compat.is_model(layer):
+        return (
+            "a model nested inside the student: tfmot quantizes the layers of one flat "
+            "Functional or Sequential model; rebuild it without nesting"
+        )
+    if _is_tfmot_layer(layer, ("QuantizeAnnotate",)):
+        return None
+    if registry.supports(layer):
+        return None
+    if not _compat.is_builtin(layer):
+        return (
+            f"custom layer class `{_qualname(layer)}`: tfmot's 8-bit scheme quantizes the built-in "
+            "layers it knows; give this layer a `tfmot.quantization.keras.QuantizeConfig` "
+            "(`quantize_annotate_layer(layer, quantize_config=...)` inside `quantize_scope`)"
+        )
+    return (
+        f"tfmot's 8-bit quantization registry does not support the built-in layer "
+        f"`{type(layer).__name__}` (with this configuration)"
+    )
+
+
+def quantize_for_distillation(
+    student,
+    *,
+    layers=None,
+    preserve_sparsity: bool = False,
+    scheme=None,
+    teacher=None,
+    custom_objects: Optional[dict] = None,
+):
+    """A quantization-aware (QAT) copy of the student, to train with distillation.
+
+    Thin over tfmot, three ways:
+
+    * whole model (default): ``tfmot.quantization.keras.quantize_model``;
+    * chosen layers (``layers=``): ``quantize_annotate_layer`` on those
+      layers, then ``quantize_apply``; the rest stays float (and stays float
+      in TFLite), except that tfmot also quantizes the output of a float
+      layer that feeds a quantized one;
+    * prune-preserving QAT (``preserve_sparsity=True``, for a pruned and
+      `strip`-ped student): ``quantize_apply`` with
+      ``Default8BitPrunePreserveQuantizeScheme``, which keeps the zeros of
+      the pruned kernels through QAT (Sparsity-aware quantization, tfmot's
+      collaborative optimization).
+
+    The QAT model simulates int8 weights and activations in training
+    (fake-quant ops) and outputs float logits, so compile it with
+    `keras_kd.DistillationLoss` and fit it on the same teacher targets as the
+    float student, usually for a few epochs starting from the trained float
+    student. Convert it with `to_tflite` for a real int8 model. The float
+    weights are copied, but the activation ranges start empty and are
+    learned in training: an untrained QAT model outputs zeros.
+
+    Args:
+        student: a tf_keras Functional or Sequential model (convert a Keras 3
+            model with `to_tf_keras`) without pruning wrappers (`strip`
+            first). Its weights are copied; it is left alone.
+        layers: quantize only these layers (names, classes, layer objects or
+            a predicate ``fn(layer) -> bool``); None quantizes the whole
+            model. Defaults to None.
+        preserve_sparsity: use the prune-preserving scheme. Defaults to False.
+        scheme: a ``tfmot.quantization.keras.QuantizeScheme`` to use instead
+            of the default 8-bit one (not with ``preserve_sparsity``).
+            Defaults to None.
+        teacher: optional teacher model, teacher-logit cache or class count,
+            checked with `check_num_classes`. Defaults to None.
+        custom_objects: custom objects tfmot needs to rebuild the model from
+            its config (it does so inside ``quantize_apply``), such as custom
+            activations or ``QuantizeConfig`` classes. The model's own custom
+            layer classes are found automatically. Defaults to None.
+
+    Returns:
+        A new tf_keras model with tfmot quantization wrappers, not compiled.
+
+    Raises:
+        TypeError: for a Keras 3 or subclassed model.
+        ValueError: for a model that still has pruning wrappers or is
+            already quantization-aware, unknown layer names, layers tfmot
+            cannot quantize (each listed with the reason), or a student whose
+            class count differs from the teacher's.
+
+    Example:
+
+    ```python
+    qat = keras_kd.optimize.quantize_for_distillation(float_student)
+    qat.compile(tf_keras.optimizers.Adam(1e-4),
+                loss=keras_kd.DistillationLoss(), metrics=["accuracy"])
+    qat.fit(train, epochs=5)
+    tflite_bytes = keras_kd.optimize.to_tflite(qat)
+    ```
+
+    References:
+        Jacob et al., "Quantization and Training of Neural Networks for
+        Efficient Integer-Arithmetic-Only Inference", CVPR 2018.
+    """
+    _require_tf_keras_graph(student, "student", "quantize_for_distillation")
+    pruned = _has_wrappers(student, _TFMOT_PRUNE_WRAPPERS)
+    if pruned:
+        raise ValueError(
+            f"`student` ({student.name!r}) still has tfmot pruning wrappers ({pruned[:3]}...). "
+            "Strip them first: `quantize_for_distillation(keras_kd.optimize.strip(pruned), "
+            "preserve_sparsity=True)`."
+        )
+    quantized = _has_wrappers(student, ("QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer"))
+    if quantized:
+        raise ValueError(
+            f"`student` ({student.name!r}) is already quantization-aware ({quantized[:3]}): "
+            "quantize the float student once."
+        )
+    if not isinstance(preserve_sparsity, bool):
+        raise ValueError(
+            f"Expected `preserve_sparsity` to be a bool. Received: preserve_sparsity={preserve_sparsity!r}"
+        )
+    if teacher is not None:
+        check_num_classes(student, teacher)
+    tfmot = _tfmot()
+    qk = tfmot.quantization.keras
+    if preserve_sparsity:
+        if scheme is not None:
+            raise ValueError("Pass either `scheme` or `preserve_sparsity=True`, not both.")
+        scheme = qk.collab_opts.Default8BitPrunePreserveQuantizeScheme()
+    elif scheme is None:
+        scheme = qk.default_8bit.Default8BitQuantizeScheme()
+    elif not isinstance(scheme, qk.QuantizeScheme):
+        raise ValueError(
+            f"Expected `scheme` to be a tfmot.quantization.keras.QuantizeScheme. Received: scheme={scheme!r}"
+        )
+    select = _selector(layers, student, "layers")
+    registry = scheme.get_quantize_registry()
+    problems = _unsupported(student, select, lambda layer: _quantize_support(layer, registry))
+    if problems:
+        hint = "" if select is not None else " Quantize only the other layers with `layers=[...]`."
+        raise ValueError(
+            f"tfmot cannot quantize {len(problems)} layer(s) of `student` ({student.name!r}):\n"
+            + "\n".join(problems)
+            + ("\n" + hint.strip() if hint else "")
+        )
+    copy = _clone(student)
+    with qk.quantize_scope(_custom_objects(student, custom_objects)):
+        if select is None:
+            annotated = qk.quantize_annotate_model(copy)
+        else:
+            tfk = _compat.tf_keras()
+
+            def annotate(layer):
+                return qk.quantize_annotate_layer(layer) if select(layer) else layer
+
+            annotated = tfk.models.clone_model(copy, clone_function=annotate)
+            annotated.set_weights(copy.get_weights())
+        try:
+            return qk.quantize_apply(annotated, scheme)
+        except (RuntimeError, ValueError) as e:  # pragma: no cover - pre-checked above
+            raise ValueError(f"tfmot could not quantize `student` ({student.name!r}): {e}") from e
+
+
+# ---------------------------------------------------------------------------
+# TFLite
+# ---------------------------------------------------------------------------
+
+
+class TFLiteConversionError(ValueError):
+    """The TFLite converter refused the model; the message says why."""
+
+
+_IO_DTYPES = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}
+
+
+def _is_qat(model) -> bool:
+    return bool(_has_wrappers(model, ("QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer")))
+
+
+def _input_tensors(model):
+    inputs = getattr(model, "inputs", None)
+    return list(inputs) if inputs else []
+
+
+def _numpy_x(element):
+    """``x`` of an element ``x``, ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``."""
+    if isinstance(element, (tuple, list)):
+        return element[0]
+    return element
+
+
+def _representative(data, model, limit):
+    """A TFLite ``representative_dataset`` callable from a dataset, array or callable."""
+    if callable(data) and not isinstance(data, tf.data.Dataset):
+        return data
+    inputs = _input_tensors(model)
+    if len(inputs) != 1:
+        raise ValueError(
+            "`representative_data` as a dataset or array needs a single-input model; for "
+            f"{len(inputs)} inputs pass a callable yielding lists of input arrays, as "
+            "`tf.lite.TFLiteConverter.representative_dataset` takes."
+        )
+    rank = len(inputs[0].shape)
+    dtype = tf.as_dtype(inputs[0].dtype).as_numpy_dtype
+    if isinstance(data, tf.data.Dataset):
+        spec = _numpy_x(data.element_spec)
+        if not isinstance(spec, tf.TensorSpec):
+            raise ValueError(
+                "Expected `representative_data` elements whose x is one tensor. "
+                f"Received element_spec={data.element_spec}."
+            )
+        ds = data.map(lambda *e: _numpy_x(e) if len(e) > 1 else e[0])
+        if spec.shape.rank == rank:
+            ds = ds.unbatch()
+
+        def generate():
+            for x in ds.take(limit).as_numpy_iterator():
+                yield [np.asarray(x, dtype)[None]]
+
+        return generate
+    array = np.asarray(data)
+    if array.ndim == rank - 1:
+        array = array[None]
+
+    def generate_array():
+        for x in array[:limit]:
+            yield [np.asarray(x, dtype)[None]]
+
+    return generate_array
+
+
+def _conversion_reason(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines()]
+    select = [line.split(":", 1)[1].strip() for line in lines if line.startswith("TF Select ops:")]
+    if select:
+        return (
+            f"the model uses TensorFlow ops that have no TFLite builtin kernel: {select[0]}. Replace "
+            "the layers that use them with layers TFLite supports, or convert with "
+            "`tf.lite.TFLiteConverter` and `SELECT_TF_OPS` (a larger runtime, not int8)"
+        )
+    errors = [
+        re.sub(r"^.*?error: ", "", line) for line in lines if "error:" in line and not line.startswith("loc(")
+    ]
+    errors = [e for e in errors if e and not e.startswith("failed while converting")]
+    if errors:
+        return errors[0]
+    return next((line for line in lines if line), "unknown converter error")
+
+
+def to_tflite(
+    model,
+    representative_data=None,
+    *,
+    int8: bool = True,
+    io_dtype: str = "float32",
+    path: Optional[Union[str, os.PathLike]] = None,
+    num_calibration_examples: int = 256,
+) -> bytes:
+    """Converts a student to a TFLite flatbuffer, int8 by default.
+
+    * A quantization-aware model (`quantize_for_distillation`) with
+      ``int8=True``: ``TFLiteConverter`` with ``Optimize.DEFAULT`` turns its
+      fake-quant ops into int8 weights and activations with the ranges
+      learned in QAT. ``representative_data`` is optional (used only to
+      calibrate what QAT did not cover).
+    * A float model (Keras 3 or tf_keras, e.g. a stripped pruned model) with
+      ``int8=True``: post-training full-integer quantization; needs
+      ``representative_data`` to calibrate activation ranges, and every op
+      must have an int8 kernel (``TFLITE_BUILTINS_INT8``).
+    * ``int8=False``: a float32 model (the baseline to compare sizes and
+      accuracy with).
+
+    Args:
+        model: a Keras 3 or tf_keras model (no pruning wrappers: `strip`).
+        representative_data: calibration inputs: a ``tf.data.Dataset`` of
+            ``x`` or ``(x, y[, sample_weight])``, batched or not, an array of
+            inputs, or a callable as ``TFLiteConverter.representative_dataset``
+            takes. The first ``num_calibration_examples`` examples are used.
+            Defaults to None.
+        int8: quantize to int8. Defaults to True.
+        io_dtype: type of the model's input and output tensors: ``"float32"``
+            (quantize/dequantize inside the model, a drop-in replacement) or
+            ``"int8"``/``"uint8"`` (fully integer, for accelerators and
+            microcontrollers; `evaluate_tflite` applies the scales).
+            Defaults to "float32".
+        path: if set, the flatbuffer is also written there. Defaults to None.
+        num_calibration_examples: examples read from ``representative_data``.
+            Defaults to 256.
+
+    Returns:
+        The TFLite flatbuffer as ``bytes``.
+
+    Raises:
+        ValueError: for a model with pruning wrappers, int8 conversion of a
+            float model without ``representative_data``, a bad ``io_dtype``.
+        TFLiteConversionError: when the converter fails, saying why (e.g.
+            which ops TFLite has no kernel for).
+
+    Example:
+
+    ```python
+    int8_bytes = keras_kd.optimize.to_tflite(qat, path="student_int8.tflite")
+    float_bytes = keras_kd.optimize.to_tflite(float_student, int8=False)
+    ```
+    """
+    _compat.check_model(model, "model")
+    if io_dtype not in _IO_DTYPES:
+        raise ValueError(f"Expected `io_dtype` in {sorted(_IO_DTYPES)}. Received: io_dtype={io_dtype!r}")
+    if not int8 and io_dtype != "float32":
+        raise ValueError(
+            f"`io_dtype={io_dtype!r}` needs int8=True: a float model has float inputs and outputs."
+        )
+    count = num_calibration_examples
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(
+            f"Expected `num_calibration_examples` >= 1. Received: num_calibration_examples={count!r}"
+        )
+    flavour = _compat.flavour_of(model)
+    qat = False
+    if flavour == _compat.TF_KERAS:
+        if _has_wrappers(model, _TFMOT_PRUNE_WRAPPERS):
+            raise ValueError(
+                f"`model` ({model.name!r}) still has tfmot pruning wrappers (masks and step counters "
+                "would be exported): convert `keras_kd.optimize.strip(model)` instead."
+            )
+        qat = _is_qat(model)
+    if int8 and not qat and representative_data is None:
+        raise ValueError(
+            f"int8=True on the float model {model.name!r} is post-training quantization, which "
+            "needs `representative_data` (a few hundred training inputs) to calibrate the "
+            "activation ranges. Pass it, or train a quantization-aware model with "
+            "`quantize_for_distillation` (no calibration needed), or use int8=False."
+        )
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if int8:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if representative_data is not None:
+            converter.representative_dataset = _representative(representative_data, model, count)
+        if not qat:
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if io_dtype != "float32":
+            converter.inference_input_type = _IO_DTYPES[io_dtype]
+            converter.inference_output_type = _IO_DTYPES[io_dtype]
+    try:
+        with warnings.catch_warnings():
+            # "Statistics for quantized inputs were expected": QAT models carry
+            # their own input ranges.
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+            with contextlib.redirect_stdout(io.StringIO()):  # "Saved artifact at ..." (Keras 3 export)
+                flatbuffer = converter.convert()
+    except Exception as e:  # ConverterError and friends: say why
+        kind = "int8 " if int8 else ""
+        raise TFLiteConversionError(
+            f"TFLite {kind}conversion of `model` ({model.name!r}) failed: {_conversion_reason(str(e))}."
+        ) from e
+    if path is not None:
+        with open(os.fspath(path), "wb") as f:
+            f.write(flatbuffer)
+    return flatbuffer
+
+
+def _interpreter(tflite, num_threads):
+    from ai_edge_litert.interpreter import Interpreter
+
+    if isinstance(tflite, (bytes, bytearray)):
+        return Interpreter(model_content=bytes(tflite), num_threads=num_threads)
+    if isinstance(tflite, (str, os.PathLike)):
+        if not os.path.exists(os.fspath(tflite)):
+            raise FileNotFoundError(f"No TFLite file at {os.fspath(tflite)!r}.")
+        return Interpreter(model_path=os.fspath(tflite), num_threads=num_threads)
+    raise TypeError(
+        "Expected `tflite` to be the bytes of a TFLite model or a path to a .tflite file. "
+        f"Received: {type(tflite).__name__}."
+    )
+
+
+def _labels(y):
+    if targets_lib.is_targets(y):
+        return y.labels
+    return y
+
+
+def evaluate_tflite(
+    tflite,
+    dataset,
+    *,
+    batch_size: int = 256,
+    return_logits: bool = False,
+    num_threads: Optional[int] = None,
+):
+    """Accuracy of a TFLite model on a dataset, run with the LiteRT interpreter.
+
+    Runs ``ai_edge_litert.interpreter.Interpreter`` (TensorFlow's own
+    ``tf.lite.Interpreter`` is deprecated) batch by batch. Integer inputs
+    and outputs (``to_tflite(..., io_dtype="int8")``) are handled with the
+    model's quantization parameters: inputs are quantized as
+    ``round(x / scale) + zero_point``, outputs dequantized as
+    ``(q - zero_point) * scale``, so the logits compare with the Keras
+    model's.
+
+    Accuracy is the fraction of positions where the argmax of the output
+    equals the label (class ids, or one-hot labels); labels may be
+    `keras_kd.TeacherTargets` (their ``labels`` are used). Sample weights are
+    ignored.
+
+    Args:
+        tflite: the model's bytes (from `to_tflite`) or a ``.tflite`` path.
+        dataset: a ``tf.data.Dataset`` of ``(x, y[, sample_weight])``,
+            batched or not, or an ``(x, y)`` tuple of arrays. With
+            ``return_logits=True``, elements may be ``x`` alone.
+        batch_size: batch size for unbatched data. Defaults to 256.
+        return_logits: also return the model's (dequantized) outputs.
+            Defaults to False.
+        num_threads: interpreter threads; None lets LiteRT choose.
+            Defaults to None.
+
+    Returns:
+        The accuracy, a float; with ``return_logits``, ``(accuracy, logits)``
+        where ``logits`` is a float32 array (``accuracy`` is None for data
+        without labels).
+
+    Raises:
+        ValueError: for a multi-input model, a dataset without labels (and
+            ``return_logits=False``), or inputs of the wrong shape.
+
+    Example:
+
+    ```python
+    acc = keras_kd.optimize.evaluate_tflite("student_int8.tflite", test_ds)
+    ```
+    """
+    interpreter = _interpreter(tflite, num_threads)
+    inputs = interpreter.get_input_details()
+    if len(inputs) != 1:
+        raise ValueError(
+            f"evaluate_tflite supports single-input models. Received a model with {len(inputs)} "
+            f"inputs: {[d['name'] for d in inputs]}."
+        )
+    if isinstance(dataset, tuple) and len(dataset) == 2 and not isinstance(dataset, tf.data.Dataset):
+        dataset = tf.data.Dataset.from_tensor_slices(dataset)
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(
+            "Expected `dataset` to be a tf.data.Dataset or an (x, y) tuple. "
+            f"Received: {type(dataset).__name__}."
+        )
+    rank = len(inputs[0]["shape_signature"])
+    x_spec = _numpy_x(dataset.element_spec)
+    if not isinstance(x_spec, tf.TensorSpec):
+        raise ValueError(
+            f"Expected elements whose x is one tensor. Received element_spec={dataset.element_spec}."
+        )
+    if x_spec.shape.rank == rank - 1:
+        dataset = dataset.batch(batch_size)
+        x_spec = _numpy_x(dataset.element_spec)
+    signature = [int(d) for d in inputs[0]["shape_signature"]]
+    dims = x_spec.shape.as_list()[1:] if x_spec.shape.rank == rank else []
+    mismatch = any(s not in (-1, d) and d is not None for s, d in zip(signature[1:], dims))
+    if x_spec.shape.rank != rank or mismatch:
+        raise ValueError(
+            f"The TFLite model takes inputs of shape {signature} (-1: any size); the dataset's "
+            f"x has shape {x_spec.shape}."
+        )
+    has_labels = isinstance(dataset.element_spec, tuple) and len(dataset.element_spec) >= 2
+    if not has_labels and not return_logits:
+        raise ValueError(
+            "`dataset` has no labels to measure accuracy on; pass return_logits=True for the outputs."
+        )
+    in_detail = inputs[0]
+    out_detail = interpreter.get_output_details()[0]
+    in_scale, in_zero = in_detail["quantization"]
+    current_shape = None
+    correct = count = 0
+    all_logits = []
+    for element in dataset:
+        x = np.asarray(_numpy_x(element))
+        if tuple(x.shape) != current_shape:
+            interpreter.resize_tensor_input(in_detail["index"], list(x.shape))
+            interpreter.allocate_tensors()
+            current_shape = tuple(x.shape)
+            out_detail = interpreter.get_output_details()[0]
+        dtype = in_detail["dtype"]
+        if np.issubdtype(dtype, np.integer) and in_scale:
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x.astype(np.float32) / in_scale) + in_zero, info.min, info.max).astype(dtype)
+        else:
+            x = x.astype(dtype)
+        interpreter.set_tensor(in_detail["index"], x)
+        interpreter.invoke()
+        out = interpreter.get_tensor(out_detail["index"])
+        scale, zero = out_detail["quantization"]
+        if np.issubdtype(out.dtype, np.integer) and scale:
+            logits = (out.astype(np.float32) - zero) * scale
+        else:
+            logits = np.asarray(out, np.float32)
+        if return_logits:
+            all_logits.append(logits)
+        if has_labels:
+            y = np.asarray(_labels(element[1]))
+            pred = logits.argmax(-1)
+            if y.ndim == logits.ndim and y.shape[-1] == logits.shape[-1] and logits.shape[-1] > 1:
+                y = y.argmax(-1)
+            y = y.reshape(pred.shape)
+            correct += int(np.sum(pred == y))
+            count += pred.size
+    accuracy = correct / count if has_labels and count else None
+    if return_logits:
+        return accuracy, (np.concatenate(all_logits) if all_logits else np.zeros((0,), np.float32))
+    return accuracy
+
+
+def file_size(obj, *, compressed: bool = False) -> int:
+    """Size in bytes of a TFLite model, a file, or a Keras model as saved.
+
+    Pruning alone does not shrink a file (zeros take as much room as other
+    numbers); it shows under compression, so ``compressed=True`` reports the
+    gzip size (level 9), as the tfmot guides do.
+
+    Args:
+        obj: TFLite ``bytes``, a path to a file, or a Keras 3 / tf_keras model
+            (saved to a temporary ``.keras`` / ``.h5`` file to measure).
+        compressed: report the gzip-compressed size. Defaults to False.
+
+    Returns:
+        The size in bytes.
+
+    Example:
+
+    ```python
+    print(keras_kd.optimize.file_size(int8_bytes), keras_kd.optimize.file_size(float_bytes))
+    ```
+    """
+    if isinstance(obj, (bytes, bytearray)):
+        data = bytes(obj)
+    elif isinstance(obj, (str, os.PathLike)):
+        with open(os.fspath(obj), "rb") as f:
+            data = f.read()
+    elif _compat.is_model(obj):
+        with tempfile.TemporaryDirectory() as tmp:
+            if _compat.flavour_of(obj) == _compat.KERAS3:
+                target = os.path.join(tmp, "model.keras")
+                obj.save(target)
+            else:
+                target = os.path.join(tmp, "model.keras")
+                with _tfmot().quantization.keras.quantize_scope():
+                    obj.save(target)
+            with open(target, "rb") as f:
+                data = f.read()
+    else:
+        raise TypeError(
+            f"Expected `obj` to be TFLite bytes, a path or a Keras model. Received: {type(obj).__name__}."
+        )
+    return len(gzip.compress(data, compresslevel=9)) if compressed else len(data)
