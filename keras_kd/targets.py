@@ -57,6 +57,10 @@ class TeacherTargets(tf.experimental.BatchableExtensionType):
             placeholder and the loss has no hard-label term).
     """
 
+    # A registered name makes the type serializable (tf.data service,
+    # SavedModel signatures).
+    __name__ = "keras_kd.TeacherTargets"
+
     labels: tf.Tensor
     logits: typing.Optional[tf.Tensor] = None
     topk_indices: typing.Optional[tf.Tensor] = None

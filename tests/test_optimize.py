@@ -580,6 +580,9 @@ def test_alignment_then_tfmot_and_tfmot_then_alignment(teacher):
         aligned.model.compile("adam", loss=aligned.loss(kd))
         aligned.model.fit(aligned.attach(raw), epochs=3, callbacks=callbacks, verbose=0)
     assert min(optimize.sparsity(optimize.strip(pruned)).values()) >= 0.49
+    # export() rebuilds a plain student: for a wrapped one it says what to do instead.
+    with pytest.raises(ValueError, match=r"optimize.strip\(model\)"):
+        aligned.export()
 
 
 def test_importing_tfmot_leaves_the_environment_alone():
