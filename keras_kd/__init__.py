@@ -6,6 +6,10 @@ the dataset (teacher targets next to the labels) and the loss.
 
 from keras_kd.alignment import Aligned
 from keras_kd.alignment import align
+from keras_kd.cache import CacheCorruptedError
+from keras_kd.cache import CacheMismatchError
+from keras_kd.cache import TeacherLogitCache
+from keras_kd.cache import cache_teacher_logits
 from keras_kd.callbacks import DistillationScheduler
 from keras_kd.callbacks import HardSampleReweighting
 from keras_kd.callbacks import constant
@@ -33,6 +37,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aligned",
+    "CacheCorruptedError",
+    "CacheMismatchError",
     "DIVERGENCES",
     "DistillationLoss",
     "DistillationHyperModel",
@@ -40,11 +46,13 @@ __all__ = [
     "HardSampleReweighting",
     "add_example_ids",
     "align",
+    "cache_teacher_logits",
     "distillation_hyperparameters",
     "constant",
     "cosine",
     "linear",
     "step",
+    "TeacherLogitCache",
     "TeacherTargets",
     "forward_kl",
     "jensen_shannon",

@@ -1,11 +1,27 @@
-"""`python -m keras_kd demo`: end-to-end distillation on scikit-learn's digits.
+"""`python -m keras_kd demo`: every piece, side by side, on scikit-learn's digits.
 
-Trains a teacher, then students of one architecture with the same budget and
-seeds, on all labels and in the low-data regime of Hinton et al. 2015
-(section 5: the student sees a small fraction of the labels, the teacher saw
-all), and prints test accuracy (mean +- std over seeds, last epoch), epoch
-time and model size for each row. Data ships inside scikit-learn: nothing is
-downloaded. Library logic lives in the library; this module only wires it.
+Trains a teacher and builds its logit cache, then trains, with one student
+architecture, budget and seeds:
+
+* ``scratch``: the student alone, cross-entropy;
+* ``keras Distiller``: Keras 3's ``keras.distillation.Distiller``, correctly
+  configured (``LogitsDistillation(loss=keras.losses.KLDivergence())``);
+* ``keras_kd (cache)``: `DistillationLoss` in the student's own ``fit``, teacher
+  logits from `cache_teacher_logits`;
+* ``keras_kd + reweighting``: plus `HardSampleReweighting`;
+* ``keras_kd + alignment``: plus hidden-feature alignment (`align`);
+* ``keras_kd QAT int8 TFLite``: the cached-teacher student brought to tf_keras,
+  quantization-aware trained with distillation, converted to int8 TFLite and
+  evaluated with LiteRT;
+
+and the low-data regime of Hinton et al. 2015 (section 5): students see a
+small fraction of the labels, the teacher saw all of them.
+
+Prints one table (test accuracy mean +- std over seeds at the last epoch,
+median epoch time, model size) and writes PNG plots to the output folder:
+learning curves, per-class accuracy, the reweighting histogram and
+teacher-student agreement over epochs. Nothing is downloaded. This module only
+wires the library together.
 """
 
 from __future__ import annotations
@@ -13,11 +29,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import statistics
+import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
+
+TEACHER = "teacher"
+SCRATCH = "scratch"
+DISTILLER = "keras Distiller"
+CACHE = "keras_kd (cache)"
+REWEIGHT = "keras_kd + reweighting"
+ALIGN = "keras_kd + alignment"
+QAT = "keras_kd QAT int8 TFLite"
+LOW = " (low-data)"
+ROWS = (TEACHER, SCRATCH, DISTILLER, CACHE, REWEIGHT, ALIGN, QAT, SCRATCH + LOW, CACHE + LOW)
 
 
 @dataclasses.dataclass
@@ -25,11 +53,14 @@ class Settings:
     seeds: List[int]
     epochs: int
     teacher_epochs: int
-    batch: int
-    rows: List[str]
-    student_width: int
-    label_fraction: float
+    qat_epochs: int
     low_data_epochs: int
+    label_fraction: float
+    batch: int
+    student_width: int
+    temperature: float
+    alpha: float
+    rows: List[str]
     output: str
 
 
@@ -38,11 +69,15 @@ class Row:
     accuracy: List[float] = dataclasses.field(default_factory=list)
     epoch_seconds: List[float] = dataclasses.field(default_factory=list)
     size_bytes: int = 0
+    curve: List[float] = dataclasses.field(default_factory=list)  # test accuracy per epoch, first seed
+    agreement: List[float] = dataclasses.field(default_factory=list)  # teacher agreement per epoch, first seed
+    per_class: Optional[np.ndarray] = None  # first seed
 
     def describe(self):
         acc = np.asarray(self.accuracy) * 100
         std = acc.std(ddof=1) if len(acc) > 1 else 0.0
-        return f"{acc.mean():6.2f} +- {std:4.2f}", statistics.median(self.epoch_seconds), self.size_bytes
+        seconds = statistics.median(self.epoch_seconds) if self.epoch_seconds else float("nan")
+        return f"{acc.mean():6.2f} +- {std:4.2f}", seconds, self.size_bytes
 
 
 def load_digits_split(seed: int = 0):
@@ -55,150 +90,282 @@ def load_digits_split(seed: int = 0):
     return train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
 
 
-def _mlp(keras, widths, name):
-    inp = keras.Input((64,))
+def _mlp(K, widths, prefix):
+    inp = K.Input((64,))
     h = inp
-    for w in widths:
-        h = keras.layers.Dense(w, activation="relu")(h)
-    return keras.Model(inp, keras.layers.Dense(10)(h), name=name)
+    for i, w in enumerate(widths):
+        h = K.layers.Dense(w, activation="relu", name=f"{prefix}_hidden{i + 1}")(h)
+    return K.Model(inp, K.layers.Dense(10, name=f"{prefix}_logits")(h), name=prefix)
 
 
 def _size_bytes(model) -> int:
-    return int(sum(np.prod(w.shape) * 4 for w in model.weights))
+    return int(sum(int(np.prod(w.shape)) * 4 for w in model.weights))
 
 
-class _EpochTimer:
-    """Collects epoch times through a callback that runs in either flavour."""
+def _recorder(student, teacher_test_logits, x_test, y_test):
+    """A callback (runs in both flavours) timing epochs and measuring the student."""
+    from keras_kd import _compat
 
-    def __init__(self):
-        from keras_kd import _compat
+    class Recorder(_compat.callback_base()):
+        def __init__(self):
+            super().__init__()
+            self.times, self.curve, self.agreement = [], [], []
 
-        timer = self
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
 
-        class Callback(_compat.callback_base()):
-            def on_epoch_begin(self, epoch, logs=None):
-                timer._start = time.perf_counter()
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter() - self._start)
+            logits = student.predict(x_test, verbose=0, batch_size=1024)
+            self.curve.append(float((logits.argmax(-1) == y_test).mean()))
+            self.agreement.append(float((logits.argmax(-1) == teacher_test_logits.argmax(-1)).mean()))
 
-            def on_epoch_end(self, epoch, logs=None):
-                timer.times.append(time.perf_counter() - timer._start)
-
-        self.times: List[float] = []
-        self.callback = Callback()
-
-
-# Student rows: name -> (loss, dataset) built from (keras_kd, train dataset, teacher).
-def _scratch(keras, keras_kd, ds, teacher):
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True), ds
+    return Recorder()
 
 
-def _distilled(keras, keras_kd, ds, teacher):
-    return keras_kd.DistillationLoss(temperature=4.0, alpha=0.1), keras_kd.with_teacher(ds, teacher)
+def _record(row: Row, recorder, accuracy, predictions, y_test, size, first_seed):
+    row.accuracy.append(accuracy)
+    row.epoch_seconds.extend(recorder.times[1:] or recorder.times)
+    row.size_bytes = size
+    if first_seed:
+        row.curve, row.agreement = recorder.curve, recorder.agreement
+        row.per_class = np.array([(predictions[y_test == c] == c).mean() for c in range(10)])
 
 
-STUDENTS: Dict[str, Callable] = {"scratch": _scratch, "distilled": _distilled}
-LOW_DATA = " (low-data)"
-ROWS = ("teacher", *STUDENTS, *(name + LOW_DATA for name in STUDENTS))
-
-
-def run(settings: Settings) -> Dict[str, Row]:
+def run(settings: Settings):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import tensorflow as tf
 
     import keras_kd
+    from keras_kd import optimize
 
-    tf.get_logger().setLevel("ERROR")  # predict's retracing notices across models
+    tf.get_logger().setLevel("ERROR")
     x_train, x_test, y_train, y_test = load_digits_split()
-    results: Dict[str, Row] = {name: Row() for name in ROWS if name in settings.rows}
-    # Low-data regime (Hinton et al. 2015, section 5): students see a fixed
-    # fraction of the training labels; the teacher was trained on all of them.
     few = np.random.default_rng(0).permutation(len(x_train))[: max(10, int(len(x_train) * settings.label_fraction))]
-    regimes = {
-        "": (x_train, y_train, settings.batch, settings.epochs),
-        LOW_DATA: (x_train[few], y_train[few], 32, settings.low_data_epochs),
-    }
+    results: Dict[str, Row] = {name: Row() for name in ROWS if name in settings.rows}
+    extras = {}
+    workdir = tempfile.mkdtemp(prefix="keras_kd_demo_")
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-    def evaluate(model):
-        logits = model.predict(x_test, verbose=0, batch_size=512)
-        return float((logits.argmax(-1) == y_test).mean())
+    def kd_loss():
+        return keras_kd.DistillationLoss(temperature=settings.temperature, alpha=settings.alpha)
 
-    def fit(model, ds, row, epochs):
-        timer = _EpochTimer()
-        model.fit(ds, epochs=epochs, verbose=0, callbacks=[timer.callback])
-        row.epoch_seconds.extend(timer.times[1:] or timer.times)
-        row.accuracy.append(evaluate(model))
-        row.size_bytes = _size_bytes(model)
+    def raw(x, y):
+        return tf.data.Dataset.from_tensor_slices((x, y))
 
-    for seed in settings.seeds:
-        keras.utils.set_random_seed(seed)
-        teacher = _mlp(keras, [512, 256], "teacher")
-        teacher.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        teacher_ds = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(len(x_train), seed=seed)
-        fit(teacher, teacher_ds.batch(settings.batch), results.get("teacher", Row()), settings.teacher_epochs)
+    try:
+        for seed in settings.seeds:
+            first = seed == settings.seeds[0]
+            keras.utils.set_random_seed(seed)
+            teacher = _mlp(keras, [512, 256], "teacher")
+            teacher.compile(keras.optimizers.Adam(1e-3), ce)
+            start = time.perf_counter()
+            teacher.fit(raw(x_train, y_train).shuffle(len(x_train), seed=seed).batch(settings.batch),
+                        epochs=settings.teacher_epochs, verbose=0)
+            t_test = teacher.predict(x_test, verbose=0)
+            if TEACHER in results:
+                row = results[TEACHER]
+                row.accuracy.append(float((t_test.argmax(-1) == y_test).mean()))
+                row.epoch_seconds.append((time.perf_counter() - start) / settings.teacher_epochs)
+                row.size_bytes = _size_bytes(teacher)
+                if first:
+                    row.per_class = np.array([(t_test.argmax(-1)[y_test == c] == c).mean() for c in range(10)])
 
-        for suffix, (x, y, batch, epochs) in regimes.items():
-            for name, make in STUDENTS.items():
-                if name + suffix not in results:
-                    continue
+            # The teacher runs once over the training data; every keras_kd row reads the cache.
+            cache = keras_kd.cache_teacher_logits(teacher, os.path.join(workdir, f"cache-{seed}"),
+                                                  verbose=1 if first else 0)
+            cached = raw(x_train, y_train).apply(cache)
+            cache_few = keras_kd.cache_teacher_logits(teacher, os.path.join(workdir, f"cache-few-{seed}"), verbose=0)
+            cached_few = raw(x_train[few], y_train[few]).apply(cache_few)
+
+            def student_fit(name, loss, train, epochs, callbacks=(), model=None, fit_model=None):
+                if name not in results:
+                    return None
                 keras.utils.set_random_seed(seed)
-                student = _mlp(keras, [settings.student_width], name.replace(" ", "_"))
-                ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).batch(batch)
-                loss, ds = make(keras, keras_kd, ds, teacher)
-                student.compile(keras.optimizers.Adam(3e-3), loss=loss, metrics=["accuracy"])
-                fit(student, ds, results[name + suffix], epochs)
-    return results
+                student = model or _mlp(keras, [settings.student_width], "student")
+                trainer = fit_model or student
+                trainer.compile(keras.optimizers.Adam(3e-3), loss=loss, metrics=["accuracy"]) if loss else None
+                recorder = _recorder(student, t_test, x_test, y_test)
+                trainer.fit(train, epochs=epochs, verbose=0, callbacks=[*callbacks, recorder])
+                predictions = student.predict(x_test, verbose=0).argmax(-1)
+                _record(results[name], recorder, float((predictions == y_test).mean()), predictions, y_test,
+                        _size_bytes(student), first)
+                return student
+
+            def batches(ds, n=None):
+                return ds.shuffle(n or len(x_train), seed=seed).batch(settings.batch)
+
+            student_fit(SCRATCH, ce, batches(raw(x_train, y_train)), settings.epochs)
+            student_fit(SCRATCH + LOW, ce, raw(x_train[few], y_train[few]).shuffle(len(few), seed=seed).batch(32),
+                        settings.low_data_epochs)
+            student_fit(CACHE + LOW, kd_loss(), cached_few.shuffle(len(few), seed=seed).batch(32),
+                        settings.low_data_epochs)
+            distilled = student_fit(CACHE, kd_loss(), batches(cached), settings.epochs)
+
+            if DISTILLER in results:
+                keras.utils.set_random_seed(seed)
+                student = _mlp(keras, [settings.student_width], "student")
+                distiller = keras.distillation.Distiller(
+                    teacher=teacher,
+                    student=student,
+                    distillation_losses=keras.distillation.LogitsDistillation(
+                        temperature=settings.temperature, loss=keras.losses.KLDivergence()
+                    ),
+                    student_loss_weight=settings.alpha,
+                )
+                distiller.compile(keras.optimizers.Adam(3e-3), loss=ce)
+                student_fit(DISTILLER, None, batches(raw(x_train, y_train)), settings.epochs,
+                            model=student, fit_model=distiller)
+
+            if REWEIGHT in results:
+                rew = keras_kd.HardSampleReweighting(signal="kl", strength=1.0, warmup_epochs=2,
+                                                     num_examples=len(x_train))
+                student_fit(REWEIGHT, kd_loss(), rew.attach(batches(cached)), settings.epochs, callbacks=[rew])
+                if first:
+                    extras["reweighting_weights"] = rew.table.weights.numpy()
+
+            if ALIGN in results:
+                keras.utils.set_random_seed(seed)
+                student = _mlp(keras, [settings.student_width], "student")
+                aligned = keras_kd.align(student, teacher, pairs=[("student_hidden1", "teacher_hidden2")],
+                                         feature_loss="mse", weight=0.5)
+                train = raw(x_train, y_train).apply(aligned.cache_features(os.path.join(workdir, f"feat-{seed}")))
+                aligned.model.compile(keras.optimizers.Adam(3e-3), loss=aligned.loss(kd_loss()))
+                student_fit(ALIGN, None, batches(train), settings.epochs, model=student, fit_model=aligned.model)
+
+            if QAT in results and distilled is not None:
+                # Keras 3 student -> tf_keras -> quantization-aware, fine-tuned with distillation -> int8.
+                qat = optimize.quantize_for_distillation(optimize.to_tf_keras(distilled))
+                tfk = keras_kd._compat.tf_keras()
+                qat.compile(tfk.optimizers.Adam(1e-3), loss=kd_loss())
+                recorder = _recorder(qat, t_test, x_test, y_test)
+                qat.fit(batches(cached), epochs=settings.qat_epochs, verbose=0, callbacks=[recorder])
+                tflite = optimize.to_tflite(qat, representative_data=raw(x_train, y_train).batch(64), int8=True)
+                accuracy, logits = optimize.evaluate_tflite(tflite, raw(x_test, y_test).batch(256), return_logits=True)
+                _record(results[QAT], recorder, float(accuracy), np.asarray(logits).argmax(-1), y_test, len(tflite),
+                        first)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results, extras
 
 
 def format_table(results: Dict[str, Row], settings: Settings) -> str:
     lines = [
-        f"digits (scikit-learn, 1257 train / 540 test), seeds {settings.seeds}, student Dense({settings.student_width}),"
-        f" {settings.epochs} epochs; low-data: {settings.label_fraction:.0%} of the labels,"
-        f" {settings.low_data_epochs} epochs; accuracy at the last epoch",
-        f"{'row':<22} {'test accuracy %':>17} {'epoch s':>9} {'size KiB':>9}",
+        f"digits (scikit-learn: 1257 train / 540 test), seeds {settings.seeds}, student Dense({settings.student_width}),"
+        f" T={settings.temperature} alpha={settings.alpha}, {settings.epochs} epochs (QAT +{settings.qat_epochs});"
+        f" low-data: {settings.label_fraction:.0%} of the labels, {settings.low_data_epochs} epochs;"
+        " test accuracy at the last epoch",
+        f"{'row':<34} {'test accuracy %':>17} {'epoch s':>9} {'size KiB':>9}",
     ]
     for name, row in results.items():
         acc, seconds, size = row.describe()
-        lines.append(f"{name:<22} {acc:>17} {seconds:>9.3f} {size / 1024:>9.1f}")
+        lines.append(f"{name:<34} {acc:>17} {seconds:>9.3f} {size / 1024:>9.1f}")
     return "\n".join(lines)
+
+
+def plot(results: Dict[str, Row], extras: dict, output: str) -> List[str]:
+    """Writes the PNG plots; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+
+    def save(fig, name):
+        path = os.path.join(output, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+
+    curves = {n: r for n, r in results.items() if r.curve}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, row in curves.items():
+        ax.plot(np.arange(1, len(row.curve) + 1), np.asarray(row.curve) * 100, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title("Learning curves (first seed)")
+    ax.legend(fontsize=7)
+    save(fig, "learning_curves.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, row in curves.items():
+        ax.plot(np.arange(1, len(row.agreement) + 1), np.asarray(row.agreement) * 100, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("agreement with the teacher % (test)")
+    ax.set_title("Teacher-student agreement over epochs")
+    ax.legend(fontsize=7)
+    save(fig, "agreement.png")
+
+    per_class = {n: r.per_class for n, r in results.items() if r.per_class is not None}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(per_class), 1)
+    for i, (name, acc) in enumerate(per_class.items()):
+        ax.bar(np.arange(10) + i * width, acc * 100, width=width, label=name)
+    ax.set_xticks(np.arange(10) + 0.4 - width / 2, [str(c) for c in range(10)])
+    ax.set_xlabel("class")
+    ax.set_ylabel("test accuracy %")
+    ax.set_ylim(50, 101)
+    ax.set_title("Per-class accuracy (first seed)")
+    ax.legend(fontsize=6, ncol=2)
+    save(fig, "per_class_accuracy.png")
+
+    if "reweighting_weights" in extras:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(extras["reweighting_weights"], bins=40)
+        ax.set_xlabel("example weight after the last epoch")
+        ax.set_ylabel("examples")
+        ax.set_title("Hard-sample reweighting (signal 'kl', first seed)")
+        save(fig, "reweighting_histogram.png")
+    return paths
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m keras_kd demo",
-        description="Distillation on scikit-learn's digits: teacher, scratch student, distilled student.",
+        description="Every keras_kd piece side by side with Keras's own Distiller, on scikit-learn's digits.",
     )
     parser.add_argument("--quick", action="store_true", help="one seed, few epochs (under a minute)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random seeds")
     parser.add_argument("--epochs", type=int, default=40, help="student epochs")
-    parser.add_argument("--low-data-epochs", type=int, default=150, help="student epochs in the low-data regime")
     parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--qat-epochs", type=int, default=5, help="quantization-aware fine-tuning epochs")
+    parser.add_argument("--low-data-epochs", type=int, default=150, help="student epochs in the low-data regime")
+    parser.add_argument("--label-fraction", type=float, default=0.1, help="share of labels in the low-data regime")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--student-width", type=int, default=32)
-    parser.add_argument("--label-fraction", type=float, default=0.1, help="share of training labels in the low-data regime")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="rows to run")
-    parser.add_argument("--output", default="results", help="folder for results")
+    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW",
+                        help=f"rows to run, among: {', '.join(repr(r) for r in ROWS)}")
+    parser.add_argument("--output", default="results", help="folder for the table and the plots")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label-fraction must be in (0, 1]. Received: {args.label_fraction}")
-    if min(args.epochs, args.teacher_epochs, args.low_data_epochs) < 1:
-        parser.error("--epochs, --teacher-epochs and --low-data-epochs must be >= 1")
+    if min(args.epochs, args.teacher_epochs, args.low_data_epochs, args.qat_epochs, args.batch,
+           args.student_width) < 1:
+        parser.error("epochs, batch and width must be >= 1")
+    if args.temperature <= 0 or not 0.0 <= args.alpha <= 1.0:
+        parser.error("--temperature must be > 0 and --alpha in [0, 1]")
     if args.quick:
-        args.seeds, args.epochs, args.teacher_epochs, args.low_data_epochs = args.seeds[:1], 4, 8, 15
+        args.seeds = args.seeds[:1]
+        args.epochs, args.teacher_epochs, args.qat_epochs, args.low_data_epochs = 3, 5, 1, 10
     settings = Settings(
-        seeds=args.seeds,
-        epochs=args.epochs,
-        teacher_epochs=args.teacher_epochs,
-        batch=args.batch,
-        rows=args.rows,
-        student_width=args.student_width,
-        label_fraction=args.label_fraction,
-        low_data_epochs=args.low_data_epochs,
-        output=args.output,
+        seeds=args.seeds, epochs=args.epochs, teacher_epochs=args.teacher_epochs, qat_epochs=args.qat_epochs,
+        low_data_epochs=args.low_data_epochs, label_fraction=args.label_fraction, batch=args.batch,
+        student_width=args.student_width, temperature=args.temperature, alpha=args.alpha,
+        rows=[r for r in ROWS if r in args.rows], output=args.output,
     )
-    results = run(settings)
+    results, extras = run(settings)
     table = format_table(results, settings)
     print(table)
     os.makedirs(settings.output, exist_ok=True)
     with open(os.path.join(settings.output, "demo_table.txt"), "w") as f:
         f.write(table + "\n")
+    if not args.no_plots:
+        for path in plot(results, extras, settings.output):
+            print(f"wrote {path}")
     return results
