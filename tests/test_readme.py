@@ -12,7 +12,7 @@ SNIPPETS = dict(re.findall(r"<!-- snippet: (\S+) -->\s*```python\n(.*?)```", REA
 
 
 def test_readme_has_snippets():
-    assert {"quickstart", "metrics", "alignment", "optimize", "reweighting", "scheduler", "tuning"} <= set(SNIPPETS)
+    assert {"quickstart", "metrics", "cache", "alignment", "optimize", "reweighting", "scheduler", "tuning"} <= set(SNIPPETS)
 
 
 @pytest.mark.parametrize("name", sorted(SNIPPETS))

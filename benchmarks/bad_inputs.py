@@ -1,0 +1,71 @@
+"""Prints the README table of bad inputs: each one tried, and what the user sees.
+
+Run: .venv/bin/python benchmarks/bad_inputs.py (not a benchmark: a reproducible record of the error messages).
+"""
+import os, warnings, tempfile
+os.environ["TF_CPP_MIN_LOG_LEVEL"]="3"
+import numpy as np, tensorflow as tf, keras, keras_tuner
+import keras_kd
+from keras_kd import optimize, tuning, TeacherTargets
+rows = []
+def case(name, fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        try:
+            fn(); msg = "(no error)"
+            if w: msg = f"warning: {w[-1].category.__name__}: {str(w[-1].message)}"
+        except Exception as e:
+            lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+            ours = [l for l in lines if "keras_kd:" in l]
+            text = ours[0][ours[0].index("keras_kd:"):] if ours else " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+            msg = f"{type(e).__name__}: {text}"
+    msg = msg.replace("|", "\\|")
+    rows.append((name, msg[:230]))
+x = np.random.rand(64, 8).astype("float32"); y = np.random.randint(0, 4, 64)
+def mlp(c=4): return keras.Sequential([keras.Input((8,)), keras.layers.Dense(c)])
+t4, t5 = mlp(4), mlp(5)
+ds = tf.data.Dataset.from_tensor_slices((x, y))
+case("`DistillationLoss(temperature=0)`", lambda: keras_kd.DistillationLoss(temperature=0))
+case("`DistillationLoss(alpha=1.5)`", lambda: keras_kd.DistillationLoss(alpha=1.5))
+case("`DistillationLoss(divergence='kld')`", lambda: keras_kd.DistillationLoss(divergence="kld"))
+def fit(teacher, data, student=None):
+    s = student or mlp(4); s.compile("sgd", keras_kd.DistillationLoss()); s.fit(data, verbose=0)
+case("teacher with 5 classes, student with 4", lambda: fit(t5, keras_kd.with_teacher(ds.batch(16), t5)))
+case("NaN in teacher logits", lambda: fit(None, ds.batch(16).map(lambda a, b: (a, TeacherTargets(labels=b, logits=tf.fill([tf.shape(a)[0], 4], np.nan))))))
+case("labels out of range (label 7, 4 classes)", lambda: fit(t4, keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y + 7)).batch(16), t4)))
+case("`with_teacher` on an unbatched dataset", lambda: keras_kd.with_teacher(ds, t4))
+case("`with_teacher` applied twice", lambda: keras_kd.with_teacher(keras_kd.with_teacher(ds.batch(8), t4), t4))
+case("top-k targets without log-sum-exp (`topk_fill='uniform'`)", lambda: keras_kd.DistillationLoss()(TeacherTargets(labels=[0], topk_indices=[[0]], topk_values=[[1.0]]), np.zeros((1, 4), "float32")))
+d = tempfile.mkdtemp(prefix='kd-')
+c = keras_kd.cache_teacher_logits(t4, d + "/c", verbose=0); list(ds.apply(c))
+case("cache reused with another teacher", lambda: ds.apply(keras_kd.cache_teacher_logits(mlp(4), d + "/c", verbose=0)))
+case("cache reused with another dataset", lambda: ds.take(63).apply(keras_kd.cache_teacher_logits(t4, d + "/c", verbose=0)))
+f = [p for p in os.listdir(d + "/c") if p.endswith(".bin")][0]
+with open(f"{d}/c/{f}", "r+b") as fh: fh.seek(10); b = fh.read(1); fh.seek(10); fh.write(bytes([b[0] ^ 0xFF]))
+case("cache file with a flipped byte", lambda: ds.apply(keras_kd.cache_teacher_logits(t4, d + "/c", verbose=0)))
+with open(f"{d}/c/{f}", "r+b") as fh: fh.truncate(7)
+case("truncated cache file", lambda: ds.apply(keras_kd.cache_teacher_logits(t4, d + "/c", verbose=0)))
+case("infinite dataset given to the cache", lambda: ds.repeat().apply(keras_kd.cache_teacher_logits(t4, d + "/inf", verbose=0)))
+open(d + "/file", "w").close()
+case("unwritable cache directory", lambda: ds.apply(keras_kd.cache_teacher_logits(t4, d + "/file/c", verbose=0)))
+probs = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="softmax")])
+case("teacher that outputs probabilities", lambda: ds.apply(keras_kd.cache_teacher_logits(probs, d + "/p", verbose=0)))
+case("student class count differs from the cache's", lambda: optimize.check_num_classes(mlp(5), d + "/p"))
+case("`HardSampleReweighting.attach` without example ids", lambda: keras_kd.HardSampleReweighting().attach(ds))
+case("reweighting table size differs from the dataset", lambda: keras_kd.HardSampleReweighting(num_examples=10).attach(keras_kd.add_example_ids(ds)))
+case("label-based signal on unlabelled data", lambda: keras_kd.HardSampleReweighting(signal="wsld").attach(keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices(x))))
+case("`align` with an unknown layer name", lambda: keras_kd.align(mlp(4), t4, pairs=[("dense_9", "dense_1")]))
+class Sub(keras.Model):
+    def call(self, a): return a
+case("`align` with a subclassed student", lambda: keras_kd.align(Sub(), t4, pairs=[("a", "b")]))
+case("Keras 3 model given to `prune_for_distillation`", lambda: optimize.prune_for_distillation(mlp(4), 0.5, end_step=10))
+class Custom(keras.layers.Layer):
+    def call(self, a): return a * 2
+cm = keras.Sequential([keras.Input((8,)), Custom(), keras.layers.Dense(4)])
+case("`to_tf_keras` of a model with a custom layer", lambda: optimize.to_tf_keras(cm))
+case("`to_tflite` of a float model without representative data", lambda: optimize.to_tflite(optimize.to_tf_keras(mlp(4))))
+case("`distillation_hyperparameters(temperature=(0, 4))`", lambda: tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), temperature=(0.0, 4.0)))
+case("`distillation_hyperparameters(alpha=(0, 1.5))`", lambda: tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), alpha=(0.0, 1.5)))
+case("build function that returns no model", lambda: tuning.RandomSearch(tuning.DistillationHyperModel(lambda hp: "nope"), objective="val_accuracy", max_trials=1, directory=tempfile.mkdtemp()))
+print("| bad input | what you see |\n|---|---|")
+for n, m in rows: print(f"| {n} | {m} |")
