@@ -1,7 +1,13 @@
 # Two commands do everything on a fresh machine with python3 and make:
 #   make demo   - create .venv, install, run the end-to-end demo on bundled data
 #   make test   - create .venv if missing, install, run the whole test suite
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
+# TensorFlow's C++ start-up notices (printed by every process that imports it,
+# whatever TF_CPP_MIN_LOG_LEVEL says) are dropped from the output.
+QUIET := sed -u -E '/^(I0000|E0000|W0000|WARNING: All log messages before absl)/d'
+
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -21,10 +27,10 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m keras_kd demo
+	$(PY) -m keras_kd demo 2>&1 | $(QUIET)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile tests integration
+	$(PY) -m pytest -n 2 --dist loadfile tests integration 2>&1 | $(QUIET)
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done

@@ -18,9 +18,7 @@ Run: .venv/bin/python benchmarks/bench_online.py [--rows 20000] [--rounds 3]
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,18 +27,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 import keras_kd  # noqa: E402
-
-
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
+from _timing import interleaved_epoch_medians  # noqa: E402
 
 
 def mlp(widths, classes, features, seed):
@@ -81,14 +70,14 @@ def main():
     def run_plain():
         student = mlp(student_w, args.classes, args.features, seed=2)
         student.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        return student, dataset().prefetch(tf.data.AUTOTUNE)
+        return student, dataset().prefetch(tf.data.AUTOTUNE), []
 
     def run_with_teacher(placement):
         def make():
             student = mlp(student_w, args.classes, args.features, seed=2)
             student.compile("adam", keras_kd.DistillationLoss(temperature=4.0, alpha=0.1))
             ds = keras_kd.with_teacher(dataset(), teacher, placement=placement)
-            return student, ds.prefetch(tf.data.AUTOTUNE)
+            return student, ds.prefetch(tf.data.AUTOTUNE), []
 
         return make
 
@@ -103,7 +92,7 @@ def main():
             student_loss_weight=0.1,
         )
         distiller.compile("adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        return distiller, dataset().prefetch(tf.data.AUTOTUNE)
+        return distiller, dataset().prefetch(tf.data.AUTOTUNE), []
 
     configs = {
         "plain student": run_plain,
@@ -111,14 +100,7 @@ def main():
         "with_teacher (step)": run_with_teacher("step"),
         "keras Distiller": run_distiller,
     }
-    times = {name: [] for name in configs}
-    for _ in range(args.rounds):
-        for name, make in configs.items():
-            model, ds = make()
-            timer = EpochTimer()
-            model.fit(ds, epochs=args.epochs, verbose=0, callbacks=[timer])
-            times[name].extend(timer.times[1:])
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = interleaved_epoch_medians(configs, args.rounds, args.epochs)
 
     print(f"# bench_online: {platform.node()} {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}")
     print(f"# {args.rows} rows x {args.features} features, batch {args.batch}, {args.classes} classes;"

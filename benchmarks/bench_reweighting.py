@@ -11,9 +11,7 @@ Run: .venv/bin/python benchmarks/bench_reweighting.py [--rows 20000] [--rounds 3
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -22,19 +20,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 import keras_kd  # noqa: E402
+from _timing import interleaved_epoch_medians  # noqa: E402
 from keras_kd import TeacherTargets  # noqa: E402
-
-
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def main():
@@ -81,14 +70,7 @@ def main():
         "reweighting, attach before batch": with_elementwise,
         "reweighting, attach after batch": with_batched,
     }
-    times = {name: [] for name in configs}
-    for _ in range(args.rounds):
-        for name, make in configs.items():
-            model, ds, callbacks = make()
-            timer = EpochTimer()
-            model.fit(ds, epochs=args.epochs, verbose=0, callbacks=[timer, *callbacks])
-            times[name].extend(timer.times[1:])
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = interleaved_epoch_medians(configs, args.rounds, args.epochs)
     base_time = median["distillation, no reweighting"]
     print(f"# bench_reweighting: {platform.node()} {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}")
     print(f"# {args.rows} rows x {args.features} features, batch {args.batch}, student Dense(256), signal 'kl'")

@@ -281,23 +281,21 @@ def plot(results: Dict[str, Row], extras: dict, output: str) -> List[str]:
         paths.append(path)
 
     curves = {n: r for n, r in results.items() if r.curve}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, row in curves.items():
-        ax.plot(np.arange(1, len(row.curve) + 1), np.asarray(row.curve) * 100, label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy %")
-    ax.set_title("Learning curves (first seed)")
-    ax.legend(fontsize=7)
-    save(fig, "learning_curves.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, row in curves.items():
-        ax.plot(np.arange(1, len(row.agreement) + 1), np.asarray(row.agreement) * 100, label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("agreement with the teacher % (test)")
-    ax.set_title("Teacher-student agreement over epochs")
-    ax.legend(fontsize=7)
-    save(fig, "agreement.png")
+    def per_epoch(attribute, ylabel, title, name):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for row_name, row in curves.items():
+            values = getattr(row, attribute)
+            ax.plot(np.arange(1, len(values) + 1), np.asarray(values) * 100, label=row_name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        save(fig, name)
+
+    per_epoch("curve", "test accuracy %", "Learning curves (first seed)", "learning_curves.png")
+    per_epoch("agreement", "agreement with the teacher % (test)", "Teacher-student agreement over epochs",
+              "agreement.png")
 
     per_class = {n: r.per_class for n, r in results.items() if r.per_class is not None}
     fig, ax = plt.subplots(figsize=(8, 4))
