@@ -183,8 +183,15 @@ class HardSampleReweighting(_compat.callback_base()):
     difficulty signal, smooths it per example with an exponential moving
     average, and at the end of each epoch (after ``warmup_epochs``) sets the
     weights to a function of the difficulty, normalised to mean 1 and
-    clipped. `attach` multiplies each example's weight into its
-    ``sample_weight`` (times any weight the user already had).
+    clipped. The weights reach the loss one of two ways:
+
+    * `attach` (the dataset hook) multiplies each example's weight into the
+      dataset's ``sample_weight`` (times any weight the user already had), so
+      ``weighted_metrics`` see it too;
+    * without `attach` (pass ``num_examples=``), the loss multiplies them in
+      inside the training step: no extra pipeline work, the fastest path.
+
+    Validation steps are never weighted and never change the table.
 
     Signals (see the ``signal_*`` functions for formulas and sources):
     ``"kl"``, ``"student_ce"``, ``"teacher_ce"``, ``"wsld"``,
@@ -275,6 +282,7 @@ class HardSampleReweighting(_compat.callback_base()):
         self.verbose = verbose
         self._signal_fn = signal if callable(signal) else SIGNALS[signal]
         self._table: Optional[_Table] = None
+        self._attached = False
         self._loss = None
 
     def get_config(self):
@@ -303,10 +311,13 @@ class HardSampleReweighting(_compat.callback_base()):
     @property
     def table(self) -> _Table:
         if self._table is None:
-            raise ValueError(
-                "HardSampleReweighting has no weight table yet: call `rew.attach(dataset)` "
-                "on the training dataset before `fit`."
-            )
+            if self.num_examples is None:
+                raise ValueError(
+                    "HardSampleReweighting has no weight table yet: call `rew.attach(dataset)` "
+                    "on the training dataset before `fit`, or pass `num_examples=` to apply the "
+                    "weights inside the training step."
+                )
+            self._table = _Table(self.num_examples)
         return self._table
 
     def attach(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -360,6 +371,7 @@ class HardSampleReweighting(_compat.callback_base()):
         if self._table is None or self._table.num_examples != size:
             self._table = _Table(size)
         self.num_examples = size
+        self._attached = True
         weights = self._table.weights
 
         def hook(x, targets, *sample_weight):
@@ -386,33 +398,33 @@ class HardSampleReweighting(_compat.callback_base()):
         teacher_logits = tf.cast(targets.logits, tf.float32)
         student_logits = tf.cast(student_logits, tf.float32)
 
-        def update():
-            ids = tf.reshape(tf.cast(targets.example_id, tf.int64), [-1, 1])
-            d = tf.reshape(self._signal_fn(targets.labels, teacher_logits, student_logits, soft), [-1])
-            if targets.has_labels:
-                wrong = tf.reshape(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft), [-1])
-            else:
-                wrong = tf.zeros_like(d)
-            fresh = tf.stack([d, wrong], axis=1)
-            old = tf.gather_nd(table.stats, ids)
-            momenta = tf.constant([[self.momentum, 0.5]])
-            new = tf.where(tf.math.is_nan(old), fresh, momenta * old + (1.0 - momenta) * fresh)
-            with tf.control_dependencies([table.stats.scatter_nd_update(ids, new)]):
-                return tf.constant(True)
-
-        tf.cond(table.recording, update, lambda: tf.constant(False))
+        # No branch in the step: when not recording (validation), the same rows
+        # are written back unchanged; ids are clipped so validation ids beyond
+        # the table cannot fail.
+        ids = tf.clip_by_value(tf.reshape(tf.cast(targets.example_id, tf.int64), [-1, 1]), 0, table.num_examples - 1)
+        d = tf.reshape(self._signal_fn(targets.labels, teacher_logits, student_logits, soft), [-1])
+        if targets.has_labels:
+            wrong = tf.reshape(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft), [-1])
+        else:
+            wrong = tf.zeros_like(d)
+        fresh = tf.stack([d, wrong], axis=1)
+        old = tf.gather_nd(table.stats, ids)
+        momenta = tf.constant([[self.momentum, 0.5]])
+        new = tf.where(tf.math.is_nan(old), fresh, momenta * old + (1.0 - momenta) * fresh)
+        table.stats.scatter_nd_update(ids, tf.where(table.recording, new, old))
 
     def score(self, dataset: tf.data.Dataset):
         """Scores every example of ``dataset`` with the current student and
         updates the smoothed difficulties (the optional scoring pass)."""
         loss = self._distillation_loss()
+        was_recording = bool(self.table.recording.numpy())
+        self.table.recording.assign(True)
         for x, targets, *_ in dataset:
             targets = targets_lib.materialize(targets)
             student = self.model(x, training=False)
             hard, soft = loss.components(targets, student)
-            self._table.recording.assign(True)
             self._record(targets, student, hard, soft)
-        self._table.recording.assign(False)
+        self.table.recording.assign(was_recording)
 
     def _distillation_loss(self):
         loss = getattr(self.model, "loss", None)
@@ -431,15 +443,24 @@ class HardSampleReweighting(_compat.callback_base()):
         if self.backup_dir and os.path.exists(self._backup_path()):
             self.set_state(dict(np.load(self._backup_path())))
         self._synced = table.stats.numpy()
+        table.recording.assign(True)  # "in a training step"
         if self.scoring_data is None:
             self._loss.add_observer(self._record)
-            # Steps traced before the observer was added would not record.
-            self.model.make_train_function(force=True)
-            table.recording.assign(True)
+        if not self._attached:
+            # No dataset hook: the weights are applied inside the training step.
+            self._loss.add_weighting(self._weigh)
+        # Steps traced before the hooks were added would not see them.
+        self.model.make_train_function(force=True)
+
+    def _weigh(self, targets):
+        ids = tf.clip_by_value(tf.cast(targets.example_id, tf.int64), 0, self.table.num_examples - 1)
+        w = tf.gather(self.table.weights, ids)
+        return tf.where(self.table.recording, w, tf.ones_like(w))  # validation steps: unweighted
 
     def on_train_end(self, logs=None):
         if self._loss is not None:
             self._loss.remove_observer(self._record)
+            self._loss.remove_weighting(self._weigh)
             self.model.make_train_function(force=True)
         self.table.recording.assign(False)
 
@@ -447,7 +468,7 @@ class HardSampleReweighting(_compat.callback_base()):
         self.table.recording.assign(False)
 
     def on_test_end(self, logs=None):
-        self.table.recording.assign(self.scoring_data is None and self._loss is not None)
+        self.table.recording.assign(self._loss is not None)
 
     def _sync_workers(self):
         """Merges the tables of all workers (MultiWorkerMirroredStrategy).

@@ -311,6 +311,7 @@ class DistillationLoss(_compat.loss_base()):
         self._hard_loss_fn = _resolve_hard_loss(hard_loss)
         self.scale_by_temperature_squared = bool(scale_by_temperature_squared)
         self._observers = []
+        self._weightings = []
 
     # -- hyperparameters, changeable between epochs --------------------------
 
@@ -363,6 +364,18 @@ class DistillationLoss(_compat.loss_base()):
         """Removes an observer added with `add_observer` (no-op if absent)."""
         if observer in self._observers:
             self._observers.remove(observer)
+
+    def add_weighting(self, weighting):
+        """Multiplies ``weighting(targets)`` (one weight per example) into the
+        sample weights of batches whose targets carry example ids. Like
+        observers, seen only by steps traced after it is added."""
+        if weighting not in self._weightings:
+            self._weightings.append(weighting)
+
+    def remove_weighting(self, weighting):
+        """Removes a weighting added with `add_weighting` (no-op if absent)."""
+        if weighting in self._weightings:
+            self._weightings.remove(weighting)
 
     # -- per-example terms -------------------------------------------------
 
@@ -442,6 +455,10 @@ class DistillationLoss(_compat.loss_base()):
         mask = _compat.get_keras_mask(y_pred)
         with tf.name_scope(self.name):
             values = self.call(y_true, y_pred)
+            if self._weightings and targets_lib.is_targets(y_true) and y_true.example_id is not None:
+                for weighting in self._weightings:
+                    w = weighting(y_true)
+                    sample_weight = w if sample_weight is None else tf.cast(sample_weight, tf.float32) * w
             return reduce_values(
                 values,
                 sample_weight,

@@ -314,3 +314,24 @@ def test_scheduler_bad_inputs(K):
     kd = keras_kd.DistillationLoss()
     with pytest.raises(ValueError, match="temperature"):
         keras_kd.DistillationScheduler(temperature=lambda e: -1.0, loss=kd).on_epoch_begin(0)
+
+
+def test_weights_applied_in_the_step_without_attach(K):
+    """Without `attach`, the loss multiplies the table's weights in: the same loss
+    as the dataset hook, and validation stays unweighted."""
+    x, y, ds = _ids_dataset(n=48)
+    teacher = mlp(K)
+    table = np.linspace(0.2, 3.0, 48).astype("float32")
+    values = {}
+    for mode in ("attach", "step"):
+        student = mlp(K)
+        student.set_weights([np.full_like(w, 0.1) for w in student.get_weights()])
+        student.compile(K.optimizers.SGD(0.0), loss=keras_kd.DistillationLoss())
+        rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=100, num_examples=48)
+        data = rew.attach(ds.batch(48)) if mode == "attach" else ds.batch(48)
+        rew.table.weights.assign(table)
+        history = student.fit(keras_kd.with_teacher(data, teacher), epochs=1, verbose=0, callbacks=[rew],
+                              validation_data=keras_kd.with_teacher(ds.batch(48), teacher))
+        values[mode] = (history.history["loss"][0], history.history["val_loss"][0])
+    assert values["step"][0] == pytest.approx(values["attach"][0], rel=1e-5)
+    assert values["step"][1] == pytest.approx(values["attach"][1], rel=1e-5)
