@@ -16,7 +16,6 @@ import copy
 import math
 import numbers
 import os
-import warnings
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np

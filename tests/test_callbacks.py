@@ -9,7 +9,6 @@ import pytest
 import tensorflow as tf
 
 import keras_kd
-from keras_kd import TeacherTargets
 from keras_kd import callbacks as cb
 from tests import reference as ref
 from tests.conftest import mlp

@@ -1,6 +1,5 @@
 """DistillationLoss and with_teacher inside the user's own compile/fit, both flavours."""
 
-import os
 
 import keras
 import numpy as np
