@@ -33,6 +33,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -141,6 +142,8 @@ def run(settings: Settings):
     from keras_kd import optimize
 
     tf.get_logger().setLevel("ERROR")
+    # Keras 3 notes on every fit of a tf.data set that `shuffle=True` is ignored.
+    warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
     x_train, x_test, y_train, y_test = load_digits_split()
     few = np.random.default_rng(0).permutation(len(x_train))[: max(10, int(len(x_train) * settings.label_fraction))]
     results: Dict[str, Row] = {name: Row() for name in ROWS if name in settings.rows}
