@@ -301,16 +301,17 @@ def plot(results: Dict[str, Row], extras: dict, output: str) -> List[str]:
               "agreement.png")
 
     per_class = {n: r.per_class for n, r in results.items() if r.per_class is not None}
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9, 5))
     width = 0.8 / max(len(per_class), 1)
     for i, (name, acc) in enumerate(per_class.items()):
         ax.bar(np.arange(10) + i * width, acc * 100, width=width, label=name)
     ax.set_xticks(np.arange(10) + 0.4 - width / 2, [str(c) for c in range(10)])
     ax.set_xlabel("class")
     ax.set_ylabel("test accuracy %")
-    ax.set_ylim(50, 101)
+    lowest = min(float(np.min(acc)) for acc in per_class.values()) * 100 if per_class else 50.0
+    ax.set_ylim(max(0.0, min(50.0, lowest - 5.0)), 101)
     ax.set_title("Per-class accuracy (first seed)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     save(fig, "per_class_accuracy.png")
 
     if "reweighting_weights" in extras:
