@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import numbers
@@ -57,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_kd import _compat
+from keras_kd import _fingerprint
 from keras_kd import losses as losses_lib
 from keras_kd import targets as targets_lib
 
@@ -1383,21 +1383,6 @@ _DIGEST_EXAMPLES = 4
 _BLOCK = 1024
 
 
-def _sample_digest(dataset) -> str:
-    digest = hashlib.sha256()
-    for element in dataset.take(_DIGEST_EXAMPLES):
-        for part in tf.nest.flatten(element[0]):
-            digest.update(np.ascontiguousarray(part.numpy()).tobytes())
-    return digest.hexdigest()
-
-
-def _weights_digest(model) -> str:
-    digest = hashlib.sha256()
-    for w in model.get_weights():
-        digest.update(np.ascontiguousarray(w).tobytes())
-    return digest.hexdigest()
-
-
 class _FeatureTable:
     """Teacher logits and features, row ``n`` for the ``n``-th example."""
 
@@ -1424,8 +1409,8 @@ class _FeatureTable:
 
     @classmethod
     def get(cls, aligned, dataset, directory, dtype, batch_size, overwrite):
-        digest = _sample_digest(dataset)
-        if _sample_digest(dataset) != digest:
+        digest = _fingerprint.sample_digest(dataset, _DIGEST_EXAMPLES)
+        if _fingerprint.sample_digest(dataset, _DIGEST_EXAMPLES) != digest:
             raise ValueError(
                 "The dataset given to `cache_features` yields different examples each time it is "
                 "read (shuffling or random augmentation before the transform?). Cache the raw, "
@@ -1436,7 +1421,7 @@ class _FeatureTable:
             "dtype": dtype,
             "pairs": [[p.student_layer, p.teacher_layer, list(p.teacher_shape)] for p in aligned.pairs],
             "logits_shape": list(_shape(aligned.feature_extractor.outputs[0])),
-            "teacher_weights": _weights_digest(aligned.teacher),
+            "teacher_weights": _fingerprint.weights_digest(aligned.teacher),
             "element_spec": repr(dataset.element_spec),
             "sample_digest": digest,
         }

@@ -57,6 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_kd import _compat
+from keras_kd import _fingerprint
 from keras_kd import targets as targets_lib
 
 FORMAT = "keras_kd.teacher_logit_cache"
@@ -379,27 +380,6 @@ class _Layout:
 # ---------------------------------------------------------------------------
 # Fingerprint.
 # ---------------------------------------------------------------------------
-
-
-def _weights_digest(model) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for w in model.weights:
-        a = np.ascontiguousarray(np.asarray(w.numpy() if hasattr(w, "numpy") else w))
-        h.update(f"{a.dtype.str}{a.shape};".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _hash_element(h, element):
-    for t in tf.nest.flatten(element, expand_composites=True):
-        h.update(tf.io.serialize_tensor(t).numpy())
-
-
-def _sample_digest(dataset, n) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for element in dataset.take(n):
-        _hash_element(h, element)
-    return h.hexdigest()
 
 
 def _describe_spec(spec) -> list:
@@ -1049,13 +1029,13 @@ class TeacherLogitCache:
             "teacher": {
                 "flavour": _compat.flavour_of(self.teacher),
                 "output_shape": [None, *teacher_shape],
-                "weights_digest": _weights_digest(self.teacher),
+                "weights_digest": _fingerprint.weights_digest(self.teacher),
             },
             "dataset": {
                 "element_spec": _describe_spec(dataset.element_spec),
                 "count": count,
                 "sample_size": _SAMPLE_SIZE,
-                "sample_digest": _sample_digest(dataset, _SAMPLE_SIZE),
+                "sample_digest": _fingerprint.sample_digest(dataset, _SAMPLE_SIZE),
             },
             "settings": settings,
         }
@@ -1081,7 +1061,7 @@ class TeacherLogitCache:
                             "teacher saw. Use stateless ops (tf.image.stateless_*, tf.random.stateless_*) "
                             "seeded with the `seed` argument."
                         )
-                _hash_element(h, a)
+                _fingerprint.hash_element(h, a)
                 views.append(a)
             if self.views > 1 and i == 0:
                 same = all(
@@ -1136,7 +1116,7 @@ class TeacherLogitCache:
             self._check_writable()
             self._discard(manifest_path)
         # Before building: a second pass over the first elements must give the same ones.
-        if not suspicious and _sample_digest(dataset, _SAMPLE_SIZE) != fp["dataset"]["sample_digest"]:
+        if not suspicious and _fingerprint.sample_digest(dataset, _SAMPLE_SIZE) != fp["dataset"]["sample_digest"]:
             _warn(
                 "The dataset given to `cache_teacher_logits` yields different elements each time it "
                 "is iterated (random augmentation or reshuffling before the transform?). The cache "
