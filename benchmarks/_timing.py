@@ -33,3 +33,17 @@ def interleaved_epoch_medians(configs, rounds, epochs):
             model.fit(ds, epochs=epochs, verbose=0, callbacks=[timer, *callbacks])
             times[name].extend(timer.times[1:])
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def synthetic_parser(description, epochs):
+    """Arguments shared by the synthetic-data benchmarks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=epochs, help="epochs per fit (first one dropped)")
+    return parser

@@ -15,7 +15,6 @@ and the ratios. Target: with_teacher / Distiller <= 1.0.
 Run: .venv/bin/python benchmarks/bench_online.py [--rows 20000] [--rounds 3]
 """
 
-import argparse
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import keras_kd  # noqa: E402
 from _timing import interleaved_epoch_medians  # noqa: E402
+from _timing import synthetic_parser  # noqa: E402
 
 
 def mlp(widths, classes, features, seed):
@@ -47,13 +47,7 @@ def macs(widths, classes, features):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=20000)
-    parser.add_argument("--features", type=int, default=64)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per fit (first one dropped)")
+    parser = synthetic_parser(__doc__.split("\n")[0], epochs=3)
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)

@@ -8,7 +8,6 @@ times (first epoch of each fit dropped). Target: <= 1.05.
 Run: .venv/bin/python benchmarks/bench_reweighting.py [--rows 20000] [--rounds 3]
 """
 
-import argparse
 import os
 import platform
 import sys
@@ -23,17 +22,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import keras_kd  # noqa: E402
 from _timing import interleaved_epoch_medians  # noqa: E402
+from _timing import synthetic_parser  # noqa: E402
 from keras_kd import TeacherTargets  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=20000)
-    parser.add_argument("--features", type=int, default=64)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser = synthetic_parser(__doc__.split("\n")[0], epochs=4)
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
