@@ -280,6 +280,79 @@ class UnconvertibleError(ValueError):
     """A layer or config value that has no equivalent in the other flavour."""
 
 
+# Activation names both flavours know but define differently. Keras 3:
+# ``hard_sigmoid(x) = relu6(x + 3) / 6``; tf_keras: ``clip(0.2 x + 0.5, 0, 1)``.
+# Every other name the two share computes the same function (checked for
+# every shared name in tests/test_bridge.py). A converted layer gets a
+# function with the source's meaning, registered for serialization in both
+# flavours, so it also saves and loads (with keras_kd imported).
+
+
+@register_serializable()
+def keras3_hard_sigmoid(x):
+    """Keras 3's ``hard_sigmoid``, ``relu6(x + 3) / 6``, for tf_keras layers."""
+    x = tf.convert_to_tensor(x)
+    return tf.nn.relu6(x + tf.constant(3.0, x.dtype)) / tf.constant(6.0, x.dtype)
+
+
+@register_serializable()
+def tf_keras_hard_sigmoid(x):
+    """tf_keras's ``hard_sigmoid``, ``clip(0.2 x + 0.5, 0, 1)``, for Keras 3 layers."""
+    x = tf.convert_to_tensor(x)
+    x = tf.add(tf.multiply(x, tf.constant(0.2, x.dtype)), tf.constant(0.5, x.dtype))
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
+# {target flavour: {activation name in the source: what the target must use}}
+_ACTIVATIONS_BY_MEANING = {
+    TF_KERAS: {"hard_sigmoid": keras3_hard_sigmoid, "silu": "swish"},
+    KERAS3: {"hard_sigmoid": tf_keras_hard_sigmoid},
+}
+_ACTIVATION_FUNCTIONS = {
+    "keras3_hard_sigmoid": keras3_hard_sigmoid,
+    "tf_keras_hard_sigmoid": tf_keras_hard_sigmoid,
+}
+
+
+def _activation_name(value):
+    """The activation name of a config value (a string or a serialized function), or None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and value.get("class_name") == "function" and isinstance(value.get("config"), str):
+        return value["config"]
+    return None
+
+
+def translate_activation(value, target: str):
+    """An activation config value of the other flavour, translated by meaning.
+
+    Names with the same meaning in both flavours pass through; ``hard_sigmoid``
+    (a different function in each) becomes a function with the source's
+    meaning, and keras_kd's translation functions become the built-in name
+    again in the flavour whose meaning they carry. Names the target lacks
+    raise `UnconvertibleError`.
+    """
+    name = _activation_name(value)
+    if name is None:
+        return translate_config(value, target)
+    function = _ACTIVATION_FUNCTIONS.get(name.split(">")[-1])
+    if function is not None:
+        native = KERAS3 if function is keras3_hard_sigmoid else TF_KERAS
+        return "hard_sigmoid" if native == target else function
+    if isinstance(value, dict):
+        mod = value.get("module") or ""
+        if mod.split(".")[0] not in (KERAS3, TF_KERAS):
+            return translate_config(value, target)  # a custom function: refused there
+    mapped = _ACTIVATIONS_BY_MEANING[target].get(name, name)
+    if isinstance(mapped, str) and not callable(getattr(module(target).activations, mapped, None)):
+        raise UnconvertibleError(
+            f"activation {name!r} has no equivalent in {module(target).__name__}.activations; "
+            "use an activation both Kerases have (e.g. 'relu', 'gelu', 'swish') or a layer "
+            "given in `custom_objects`"
+        )
+    return mapped
+
+
 def builtin_layer_class(flavour: str, class_name: str):
     """The built-in layer class ``class_name`` of a flavour, or ``None``."""
     klass = getattr(module(flavour).layers, class_name, None)
@@ -415,10 +488,19 @@ def translate_layer_config(class_name: str, config: dict, target: str, klass: ty
     accepted = _init_arguments(klass)
     source = builtin_layer_class(TF_KERAS if target == KERAS3 else KERAS3, class_name)
     source_defaults = _init_defaults(source) if source is not None else {}
+    if class_name == "SpectralNormalization":
+        raise UnconvertibleError(
+            "the bridge does not rebuild SpectralNormalization wrappers (the wrapped layer and "
+            "its power-iteration state `vector_u`). Convert the model without the wrapper and "
+            "wrap the layer again in the converted model"
+        )
     out = {}
     for key, value in config.items():
         if key == "dtype":
             out[key] = _dtype_name(value)
+            continue
+        if key == "activation" or key.endswith("_activation"):
+            out[key] = translate_activation(value, target)
             continue
         if key not in accepted and renames.get(key) in accepted:
             key = renames[key]
@@ -444,6 +526,12 @@ def translate_layer_config(class_name: str, config: dict, target: str, klass: ty
                 # get the source's weights: the target's default will do.
                 continue
             raise
+    if target == TF_KERAS and class_name in ("BatchNormalization", "SyncBatchNormalization"):
+        # tf_keras picks its fused kernel on 4-D inputs, which updates the moving
+        # variance with the Bessel-corrected batch variance (n / (n - 1)); Keras 3
+        # uses the biased one. fused=False trains the same statistics.
+        if "fused" in accepted:
+            out["fused"] = False
     return class_name, out
 
 
