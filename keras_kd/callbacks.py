@@ -400,17 +400,18 @@ class HardSampleReweighting(_compat.callback_base()):
         # No branch in the step: when not recording (validation), the same rows
         # are written back unchanged; ids are clipped so validation ids beyond
         # the table cannot fail.
-        ids = tf.clip_by_value(tf.reshape(tf.cast(targets.example_id, tf.int64), [-1, 1]), 0, table.num_examples - 1)
+        ids = tf.clip_by_value(tf.reshape(tf.cast(targets.example_id, tf.int64), [-1]), 0, table.num_examples - 1)
         d = tf.reshape(self._signal_fn(targets.labels, teacher_logits, student_logits, soft), [-1])
         if targets.has_labels:
             wrong = tf.reshape(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft), [-1])
         else:
             wrong = tf.zeros_like(d)
         fresh = tf.stack([d, wrong], axis=1)
-        old = tf.gather_nd(table.stats, ids)
+        # tf.gather (ResourceGather) compiles under XLA; gather_nd on a variable does not.
+        old = tf.gather(table.stats, ids)
         momenta = tf.constant([[self.momentum, 0.5]])
         new = tf.where(tf.math.is_nan(old), fresh, momenta * old + (1.0 - momenta) * fresh)
-        table.stats.scatter_nd_update(ids, tf.where(table.recording, new, old))
+        table.stats.scatter_update(tf.IndexedSlices(tf.where(table.recording, new, old), ids))
 
     def score(self, dataset: tf.data.Dataset):
         """Scores every example of ``dataset`` with the current student and

@@ -8,14 +8,22 @@ teacher once, read for many epochs) plugs into the same contract.
 from __future__ import annotations
 
 import itertools
+import warnings
+import weakref
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 
 from keras_kd import targets as targets_lib
 
 _PLACEMENTS = ("auto", "pipeline", "step")
 _keys = itertools.count()
+_NON_FINITE = (
+    "keras_kd.with_teacher: the teacher's logits contain NaN or Inf (placement='pipeline'). "
+    "Check the teacher's weights and the inputs it received; DistillationLoss would otherwise "
+    "train on them."
+)
 
 
 def _split_element(element_spec):
@@ -26,14 +34,17 @@ def _split_element(element_spec):
         )
 
 
+def _select_output(outputs, output_index):
+    if isinstance(outputs, (list, tuple)):
+        return outputs[output_index]
+    if isinstance(outputs, dict):
+        return outputs[output_index] if output_index in outputs else list(outputs.values())[0]
+    return outputs
+
+
 def _teacher_fn(teacher, output_index):
     def run(inputs):
-        outputs = teacher(inputs, training=False)
-        if isinstance(outputs, (list, tuple)):
-            outputs = outputs[output_index]
-        elif isinstance(outputs, dict):
-            outputs = outputs[output_index] if output_index in outputs else list(outputs.values())[0]
-        return tf.cast(outputs, tf.float32)
+        return tf.cast(_select_output(teacher(inputs, training=False), output_index), tf.float32)
 
     return run
 
@@ -53,6 +64,78 @@ def _check_batched(teacher, x_spec):
             f"`with_teacher` received unbatched elements (x of shape {specs[0].shape}, "
             f"the teacher expects {tuple(inputs[0].shape)}). It runs the teacher on the "
             "batch the student sees: apply it after `.batch(...)`."
+        )
+
+
+# -- is the teacher's output a softmax? ------------------------------------------
+
+_SOFTMAX_ADVICE = (
+    "DistillationLoss expects logits and applies its own softmax, so it would distil from "
+    "softmax(p / T), which is nearly uniform. Give `with_teacher` the pre-softmax model, e.g. "
+    "`keras.Model(teacher.input, teacher.layers[-1].output)` after setting the last layer's "
+    "activation to None, or select a logits output with `output_index`."
+)
+
+
+def _final_activation(teacher, output_index) -> Optional[str]:
+    """``"softmax"``, ``"other"`` (a known non-softmax activation) or ``None`` (cannot tell).
+
+    Read from the layer that produces the selected output of a Keras model, with
+    no data; ``None`` for callables and for layers whose activation is unknown.
+    """
+    outputs = getattr(teacher, "outputs", None)
+    if not outputs:
+        return None
+    if len(outputs) == 1:
+        tensor = outputs[0]
+    elif isinstance(output_index, int) and -len(outputs) <= output_index < len(outputs):
+        tensor = outputs[output_index]
+    else:
+        return None
+    history = getattr(tensor, "_keras_history", None)
+    layer = history[0] if history else None
+    if layer is None:
+        return None
+    if type(layer).__name__ == "Softmax":
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    name = getattr(activation, "__name__", "")
+    if name == "softmax":
+        return "softmax"
+    return "other" if name else None
+
+
+def _looks_like_probabilities(values: np.ndarray) -> bool:
+    """Rows in [0, 1] that sum to 1 (what a softmax output looks like)."""
+    values = np.asarray(values, np.float64)
+    if values.ndim < 1 or values.size == 0 or values.shape[-1] < 2 or not np.isfinite(values).all():
+        return False
+    return bool(values.min() >= 0.0 and values.max() <= 1.0 and np.all(np.abs(values.sum(-1) - 1.0) < 1e-3))
+
+
+def _warn_if_softmax(teacher, output_index, run, dataset):
+    """Warns once when the teacher outputs probabilities instead of logits.
+
+    A Keras model is judged by the activation of its output layer (free); any
+    other teacher by its output on the first batch of ``dataset`` (one batch,
+    once, when `with_teacher` is called).
+    """
+    kind = _final_activation(teacher, output_index)
+    if kind == "softmax":
+        warnings.warn(f"The teacher's output layer applies a softmax. {_SOFTMAX_ADVICE}", stacklevel=3)
+        return
+    if kind == "other":
+        return
+    first = next(iter(dataset.take(1)), None)
+    if first is None:
+        return
+    if _looks_like_probabilities(run(first[0]).numpy()):
+        warnings.warn(
+            "The teacher's outputs on the first batch look like probabilities (in [0, 1], rows "
+            f"summing to 1). {_SOFTMAX_ADVICE}",
+            stacklevel=3,
         )
 
 
@@ -146,6 +229,7 @@ def with_teacher(
         accelerated = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")
         placement = "step" if accelerated else "pipeline"
     run = _teacher_fn(teacher, output_index)
+    _warn_if_softmax(teacher, output_index, run, dataset)
 
     def as_targets(y):
         # Keep what an earlier transform attached (example ids, has_labels).
@@ -154,19 +238,38 @@ def with_teacher(
     if placement == "pipeline":
 
         def attach(x, y, *sample_weight):
-            return (x, as_targets(y).replace(logits=run(x)), *sample_weight)
+            # tf.data runs outside the (possibly XLA-compiled) step, so this
+            # check always runs; CheckNumerics costs one pass over the logits.
+            logits = tf.debugging.assert_all_finite(run(x), _NON_FINITE)
+            return (x, as_targets(y).replace(logits=logits), *sample_weight)
 
     else:
+        # The targets carry x flattened (any nesting: dicts, tuples), and the
+        # teacher gets it back in the dataset's own structure.
+        structure = dataset.element_spec[0]
+        nested = not isinstance(structure, tf.TensorSpec)
+
+        def run_step(inputs):
+            if nested:
+                inputs = tf.nest.pack_sequence_as(structure, list(inputs))
+            return run(inputs)
+
         key = f"teacher-{next(_keys)}-{id(teacher)}"
-        targets_lib.register_teacher(run, key)
+        targets_lib.register_teacher(run_step, key)
 
         def attach(x, y, *sample_weight):
-            return (x, as_targets(y).replace(inputs=x, teacher_key=key), *sample_weight)
+            inputs = tuple(tf.nest.flatten(x)) if nested else x
+            return (x, as_targets(y).replace(inputs=inputs, teacher_key=key), *sample_weight)
 
     if num_parallel_calls is None:
-        return dataset.map(attach)
-    return dataset.map(attach, num_parallel_calls=num_parallel_calls, deterministic=True)
-
+        result = dataset.map(attach)
+    else:
+        result = dataset.map(attach, num_parallel_calls=num_parallel_calls, deterministic=True)
+    if placement == "step":
+        # The registry holds the teacher only as long as this dataset (or one
+        # derived from it, which references it) is alive.
+        weakref.finalize(result, targets_lib.unregister_teacher, key)
+    return result
 
 
 def add_example_ids(dataset: tf.data.Dataset) -> tf.data.Dataset:
