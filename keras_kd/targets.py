@@ -264,6 +264,11 @@ def register_teacher(fn: typing.Callable, key: str) -> str:
     return key
 
 
+def unregister_teacher(key: str) -> None:
+    """Forgets the teacher registered under ``key`` (no-op if absent)."""
+    _TEACHERS.pop(key, None)
+
+
 def materialize(targets: TeacherTargets) -> TeacherTargets:
     """Runs the registered teacher for targets that carry only inputs.
 
