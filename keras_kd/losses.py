@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import typing
 import warnings
 from typing import Callable, Union
 
@@ -31,11 +32,16 @@ Divergence = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 def _xlogy_ratio(probs, log_probs, other_log_probs):
-    """sum p * (log p - log q) with 0 * log 0 = 0 (p may be exactly 0)."""
-    positive = probs > 0
-    safe_log = tf.where(positive, log_probs, tf.zeros_like(log_probs))
-    safe_other = tf.where(positive, other_log_probs, tf.zeros_like(other_log_probs))
-    return tf.reduce_sum(tf.where(positive, probs * (safe_log - safe_other), 0.0), axis=-1)
+    """sum p * (log p - log q) with 0 * log 0 = 0 (p may be exactly 0).
+
+    Only exact zeros are dropped: NaN probabilities (from NaN or Inf logits)
+    propagate, so a broken teacher never yields a finite loss, with or without
+    the eager checks (XLA drops ``tf.debugging`` assertions).
+    """
+    keep = tf.not_equal(probs, 0.0)
+    safe_log = tf.where(keep, log_probs, tf.zeros_like(log_probs))
+    safe_other = tf.where(keep, other_log_probs, tf.zeros_like(other_log_probs))
+    return tf.reduce_sum(tf.where(keep, probs * (safe_log - safe_other), 0.0), axis=-1)
 
 
 def forward_kl(teacher_logits, student_logits):
@@ -81,7 +87,7 @@ def soft_cross_entropy(teacher_logits, student_logits):
     """
     t_probs = tf.nn.softmax(teacher_logits, axis=-1)
     s_log = tf.nn.log_softmax(student_logits, axis=-1)
-    return -tf.reduce_sum(tf.where(t_probs > 0, t_probs * s_log, 0.0), axis=-1)
+    return -tf.reduce_sum(tf.where(tf.not_equal(t_probs, 0.0), t_probs * s_log, 0.0), axis=-1)
 
 
 def logit_mse(teacher_logits, student_logits):
@@ -130,39 +136,143 @@ def get_divergence(identifier: Union[str, Divergence]) -> Divergence:
 
 
 # ---------------------------------------------------------------------------
-# Hard-label loss
+# Checks that hold in every execution mode
+# ---------------------------------------------------------------------------
+
+_NAN = float("nan")
+
+
+def nan_where_invalid(values, valid, message, data=()):
+    """``values`` where ``valid``, NaN elsewhere; raises in eager and graph mode.
+
+    This is how the loss refuses bad per-example input (non-finite teacher
+    logits, labels out of range) in every setting: without XLA the
+    ``tf.debugging.Assert`` raises ``InvalidArgumentError`` with ``message``;
+    with ``jit_compile=True`` XLA drops the assertion, but the affected
+    examples' loss is NaN, so training visibly fails (loss ``nan``) instead of
+    silently training on wrong values.
+
+    Args:
+        values: per-example values.
+        valid: boolean tensor of the same shape.
+        message: the error message (start it with ``"keras_kd: "``).
+        data: tensors printed with the message when the check fails.
+
+    Returns:
+        ``values`` with NaN where ``valid`` is False.
+    """
+    check = tf.debugging.Assert(tf.reduce_all(valid), [message, *data], summarize=10)
+    with tf.control_dependencies([check] if check is not None else []):
+        return tf.where(valid, values, tf.constant(_NAN, values.dtype))
+
+
+def _rows_finite(values):
+    """Per-row (all but the last axis) whether every value is finite."""
+    return tf.reduce_all(tf.math.is_finite(values), axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Hard-label losses
 # ---------------------------------------------------------------------------
 
 
-def _check_label_range(labels, num_classes):
-    labels = tf.cast(labels, tf.int64)
-    return tf.debugging.assert_less(
-        labels,
-        tf.cast(num_classes, tf.int64),
-        message=f"keras_kd: labels out of range; the student has {num_classes} classes",
-    ), tf.debugging.assert_non_negative(labels, message="keras_kd: negative labels")
+def _class_ids(labels):
+    """Class ids as int64 from any integer or float dtype (uint8 from keras.datasets, too)."""
+    return labels if labels.dtype == tf.int64 else tf.cast(labels, tf.int64)
+
+
+def binary_hard_loss(labels, student_logits):
+    """Binary cross-entropy from a one-logit (Bernoulli) student.
+
+    Formula: ``-(y log sigmoid(s) + (1 - y) log sigmoid(-s))`` per example.
+
+    Args:
+        labels: 0/1 (or soft) labels in ``[0, 1]``, any numeric dtype, shape
+            ``batch`` or ``batch + (1,)``.
+        student_logits: logits of shape ``batch + (1,)``.
+
+    Returns:
+        Per-example values of shape ``batch``. Labels outside ``[0, 1]`` raise
+        (eager and graph mode) or give NaN (under XLA).
+
+    Raises:
+        ValueError: for labels with a last dimension other than 1 at the
+            logits' rank (e.g. one-hot labels for a one-logit student).
+    """
+    logits = tf.cast(student_logits, tf.float32)
+    labels = tf.convert_to_tensor(labels)
+    rank = logits.shape.rank
+    if labels.shape.rank == rank and labels.shape[-1] not in (1, None):
+        raise ValueError(
+            f"The student has one logit (binary classification) but the labels have shape {labels.shape}. "
+            "Pass 0/1 labels of shape (batch,) or (batch, 1), or give the student one logit per class."
+        )
+    labels = tf.cast(labels, tf.float32)
+    if labels.shape.rank == rank - 1:
+        labels = labels[..., None]
+    valid = (labels >= 0.0) & (labels <= 1.0)
+    values = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.where(valid, labels, 0.0), logits=logits)
+    values = nan_where_invalid(
+        values,
+        valid,
+        "keras_kd: binary labels out of range: a one-logit student needs labels in [0, 1]. Received labels:",
+        [labels],
+    )
+    return tf.squeeze(values, axis=-1)
 
 
 def default_hard_loss(labels, student_logits):
-    """Cross-entropy from logits for sparse class ids or one-hot labels.
+    """Cross-entropy from logits: sparse class ids, one-hot labels, or binary.
 
-    Labels whose rank equals the logits' rank and whose last dimension equals
-    the class count are one-hot (or soft) labels; anything else is class ids
-    (a trailing axis of size 1 is squeezed). Sparse labels are checked to be
-    in ``[0, classes)``.
+    * A last dimension of 1 in the logits is one Bernoulli logit: binary
+      cross-entropy from logits against 0/1 labels (`binary_hard_loss`).
+    * Labels whose rank equals the logits' rank and whose last dimension equals
+      the class count are one-hot (or soft) labels.
+    * Anything else is class ids of any integer (or float) dtype; a trailing
+      axis of size 1 is squeezed.
+
+    Labels out of range (class ids outside ``[0, classes)``, binary labels
+    outside ``[0, 1]``) raise ``InvalidArgumentError`` in eager and graph mode
+    and give a NaN loss under XLA (``jit_compile=True``), which drops
+    assertions: they never train silently.
+
+    Args:
+        labels: the labels, see above.
+        student_logits: logits of shape ``batch + (classes,)``.
+
+    Returns:
+        Per-example values of shape ``batch``.
+
+    Raises:
+        ValueError: for labels whose last dimension matches neither the class
+            count nor 1.
     """
     student_logits = tf.cast(student_logits, tf.float32)
     labels = tf.convert_to_tensor(labels)
     num_classes = student_logits.shape[-1]
-    if labels.shape.rank == student_logits.shape.rank and labels.shape[-1] == num_classes and num_classes != 1:
+    if num_classes == 1:
+        return binary_hard_loss(labels, student_logits)
+    same_rank = labels.shape.rank == student_logits.shape.rank
+    if same_rank and labels.shape[-1] == num_classes:
         return tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), student_logits)
-    if labels.shape.rank == student_logits.shape.rank and labels.shape[-1] == 1:
+    if same_rank and labels.shape[-1] == 1:
         labels = tf.squeeze(labels, axis=-1)
-    if labels.dtype.is_floating:
-        labels = tf.cast(labels, tf.int64)
-    with tf.control_dependencies(_check_label_range(labels, num_classes)):
-        labels = tf.identity(labels)
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, student_logits)
+    elif same_rank and labels.shape[-1] is not None:
+        raise ValueError(
+            f"Labels of shape {labels.shape} do not fit the student's logits of shape {student_logits.shape}: "
+            f"pass class ids of shape (batch,) or one-hot labels with {num_classes} columns."
+        )
+    ids = _class_ids(labels)
+    limit = num_classes if num_classes is not None else tf.cast(tf.shape(student_logits)[-1], tf.int64)
+    valid = (ids >= 0) & (ids < limit)
+    values = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(valid, ids, tf.zeros_like(ids)), student_logits)
+    return nan_where_invalid(
+        values,
+        valid,
+        f"keras_kd: labels out of range: the student has {num_classes} classes, so class ids must be in "
+        f"[0, {num_classes}). Fix the labels or the student's number of output units. Received labels:",
+        [ids],
+    )
 
 
 def _resolve_hard_loss(hard_loss):
@@ -190,19 +300,31 @@ def _resolve_hard_loss(hard_loss):
 
 
 # ---------------------------------------------------------------------------
-# DistillationLoss
+# Hyperparameter values: numbers or variables, checked the same way
 # ---------------------------------------------------------------------------
 
 
-def _as_variable(value, argument, low, high, low_open):
-    if isinstance(value, tf.Variable) or isinstance(value, keras.Variable):
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+def _is_variable(value):
+    return isinstance(value, (tf.Variable, keras.Variable))
+
+
+def _scalar_value(value, argument):
+    """The float value of a number, a scalar tensor/array or a variable; a clear error otherwise."""
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise ValueError(f"Expected `{argument}` to be a number or a float tf.Variable. Received: {argument}={value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    dtype = getattr(value, "dtype", None)
+    shape = getattr(value, "shape", None)
+    try:
+        dtype = tf.as_dtype(dtype) if dtype is not None else None
+    except TypeError:
+        dtype = None
+    if dtype is None or not (dtype.is_floating or dtype.is_integer) or shape is None or len(shape) != 0:
         raise ValueError(
-            f"Expected `{argument}` to be a number or a tf.Variable. Received: {argument}={value!r}"
+            f"Expected `{argument}` to be a number or a scalar float tf.Variable. Received: {argument}={value!r}"
         )
-    _check_range(float(value), argument, low, high, low_open)
-    return tf.Variable(float(value), trainable=False, dtype=tf.float32, name=f"kd_{argument}")
+    return float(tf.convert_to_tensor(value).numpy())
 
 
 def _check_range(value, argument, low, high, low_open):
@@ -210,6 +332,105 @@ def _check_range(value, argument, low, high, low_open):
     if bad:
         bound = f"> {low}" if low_open else f"in [{low}, {high}]"
         raise ValueError(f"Expected `{argument}` {bound} and finite. Received: {argument}={value}")
+
+
+def _as_variable(value, argument, low, high, low_open):
+    """A float32 variable holding ``value``, after checking its range.
+
+    A user's variable (tf.Variable or keras.Variable) is kept as is, so that
+    the user may change it, but its current value is checked like a number.
+    """
+    checked = _scalar_value(value, argument)
+    _check_range(checked, argument, low, high, low_open)
+    if _is_variable(value):
+        if not tf.as_dtype(value.dtype).is_floating:
+            raise ValueError(
+                f"Expected `{argument}` to be a float variable (it is assigned fractional values). "
+                f"Received a variable of dtype {tf.as_dtype(value.dtype).name}: {argument}={value!r}"
+            )
+        return value
+    return tf.Variable(checked, trainable=False, dtype=tf.float32, name=f"kd_{argument}")
+
+
+# ---------------------------------------------------------------------------
+# What the step sees: probabilities instead of logits, training without teacher
+# ---------------------------------------------------------------------------
+
+_PROBABILITY_OPS = ("Softmax", "Sigmoid")
+
+
+def _producing_activation(tensor):
+    """``"Softmax"``/``"Sigmoid"`` when ``tensor`` comes out of that activation, else None.
+
+    Uses what Keras itself uses for its own losses' warning: the
+    ``_keras_logits`` attribute Keras activations set, or (in a traced graph)
+    the producing op, looking through casts and identities.
+    """
+    if hasattr(tensor, "_keras_logits"):
+        op = getattr(tensor, "op", None)
+        return getattr(op, "type", None) if getattr(op, "type", None) in _PROBABILITY_OPS else "Softmax or Sigmoid"
+    op = getattr(tensor, "op", None) if not isinstance(tensor, (tf.__internal__.EagerTensor, tf.Variable)) else None
+    for _ in range(4):
+        if op is None:
+            return None
+        if op.type in _PROBABILITY_OPS:
+            return op.type
+        if op.type not in ("Cast", "Identity") or not op.inputs:
+            return None
+        op = op.inputs[0].op
+    return None
+
+
+def _in_training_step():
+    """Whether a gradient tape is recording, i.e. this is a training step (not evaluate/predict)."""
+    try:
+        from tensorflow.python.eager import record  # noqa: PLC0415 - private, guarded
+    except ImportError:  # pragma: no cover - TF moved it
+        return False
+    return bool(record.could_possibly_record())
+
+
+def _graph_key():
+    graph = tf.compat.v1.get_default_graph()
+    return getattr(graph, "name", None) or id(graph)
+
+
+class Observer(typing.Protocol):
+    """The observer hook: ``observer(targets, student_logits, hard, soft) -> None``.
+
+    Called by `DistillationLoss` exactly once per step (training and
+    validation steps alike), inside the traced step, for batches that carry a
+    teacher. ``targets`` is the batch's `TeacherTargets` with the teacher's
+    **dense** float32 logits in ``targets.logits`` (top-k targets are expanded
+    with the loss's ``topk_fill``; in-step teachers have run), ``labels`` and
+    ``example_id`` as in the dataset. ``hard`` and ``soft`` are the
+    per-example terms the loss computed (``soft = T^2 * D``, before alpha).
+    It may create TF ops (e.g. variable updates).
+    """
+
+    def __call__(self, targets, student_logits, hard, soft) -> None: ...
+
+
+class Weighting(typing.Protocol):
+    """The weighting hook: ``weighting(targets) -> per-example weights``.
+
+    Called by `DistillationLoss` exactly once per step for batches whose
+    targets carry ``example_id``; the result is multiplied into the sample
+    weights before reduction.
+    """
+
+    def __call__(self, targets) -> tf.Tensor: ...
+
+
+class _Terms(typing.NamedTuple):
+    targets: typing.Any  # TeacherTargets with dense logits, or None (no teacher)
+    hard: tf.Tensor
+    soft: typing.Optional[tf.Tensor]
+
+
+# ---------------------------------------------------------------------------
+# DistillationLoss
+# ---------------------------------------------------------------------------
 
 
 @_compat.register_serializable()
@@ -310,8 +531,12 @@ class DistillationLoss(_compat.loss_base()):
         self.hard_loss = hard_loss
         self._hard_loss_fn = _resolve_hard_loss(hard_loss)
         self.scale_by_temperature_squared = bool(scale_by_temperature_squared)
+        # Built-in logit divergences see a one-logit (binary) student's logit
+        # as it is; every other divergence sees the two-class logits [0, z].
+        self._binary_raw = self._divergence_fn in (logit_mse, logit_huber)
         self._observers = []
         self._weightings = []
+        self._warned = set()
 
     # -- hyperparameters, changeable between epochs --------------------------
 
@@ -321,8 +546,9 @@ class DistillationLoss(_compat.loss_base()):
 
     @temperature.setter
     def temperature(self, value):
-        _check_range(float(value), "temperature", 0.0, math.inf, True)
-        self._temperature.assign(float(value))
+        value = _scalar_value(value, "temperature")
+        _check_range(value, "temperature", 0.0, math.inf, True)
+        self._temperature.assign(value)
 
     @property
     def alpha(self) -> float:
@@ -330,8 +556,9 @@ class DistillationLoss(_compat.loss_base()):
 
     @alpha.setter
     def alpha(self, value):
-        _check_range(float(value), "alpha", 0.0, 1.0, False)
-        self._alpha.assign(float(value))
+        value = _scalar_value(value, "alpha")
+        _check_range(value, "alpha", 0.0, 1.0, False)
+        self._alpha.assign(value)
 
     @property
     def temperature_variable(self):
@@ -343,43 +570,44 @@ class DistillationLoss(_compat.loss_base()):
         """The variable that holds alpha (for schedules)."""
         return self._alpha
 
-    # -- observers -----------------------------------------------------------
+    # -- per-example hooks (see `Observer` and `Weighting`) ------------------
 
-    def add_observer(self, observer):
-        """Calls ``observer(targets, student_logits, hard, soft)`` on every batch.
+    def add_observer(self, observer: Observer):
+        """Registers an `Observer`: ``observer(targets, student_logits, hard, soft)``.
 
-        ``hard`` and ``soft`` are the per-example terms this loss computes
-        anyway (``soft`` is ``T^2 * D``, before alpha); ``targets`` is the
-        batch's `TeacherTargets` with the teacher's logits materialised. This
-        is how callbacks such as `keras_kd.HardSampleReweighting` read
-        per-example values from the training step without an extra pass. The
-        observer runs inside the traced step: it may create TF ops (e.g.
-        variable updates), and is only seen by steps traced after it is
-        added.
+        The loss calls it exactly once per step (from ``__call__``, never from
+        `components`), for batches that carry a teacher, with the dense
+        teacher logits the loss used in ``targets.logits`` whatever form the
+        targets had (dense, top-k, in-step teacher). This is how callbacks
+        such as `keras_kd.HardSampleReweighting` read per-example values from
+        the training step without an extra pass. Only steps traced after it is
+        added see it (call ``model.make_train_function(force=True)``).
         """
         if observer not in self._observers:
             self._observers.append(observer)
 
-    def remove_observer(self, observer):
+    def remove_observer(self, observer: Observer):
         """Removes an observer added with `add_observer` (no-op if absent)."""
         if observer in self._observers:
             self._observers.remove(observer)
 
-    def add_weighting(self, weighting):
-        """Multiplies ``weighting(targets)`` (one weight per example) into the
-        sample weights of batches whose targets carry example ids. Like
-        observers, seen only by steps traced after it is added."""
+    def add_weighting(self, weighting: Weighting):
+        """Registers a `Weighting`: ``weighting(targets) -> per-example weights``,
+        multiplied into the sample weights of batches whose targets carry
+        example ids, once per step. Like observers, seen only by steps traced
+        after it is added."""
         if weighting not in self._weightings:
             self._weightings.append(weighting)
 
-    def remove_weighting(self, weighting):
+    def remove_weighting(self, weighting: Weighting):
         """Removes a weighting added with `add_weighting` (no-op if absent)."""
         if weighting in self._weightings:
             self._weightings.remove(weighting)
 
-    # -- per-example terms -------------------------------------------------
+    # -- per-example terms (pure) ----------------------------------------------
 
     def _teacher_logits(self, targets, student_logits):
+        """Dense float32 teacher logits (NaN rows where the teacher's values are not finite), or None."""
         num_classes = student_logits.shape[-1]
         raw = targets.logits if targets.logits is not None else targets.topk_values
         if raw is None:
@@ -387,80 +615,131 @@ class DistillationLoss(_compat.loss_base()):
         if targets.logits is not None:
             t_classes = raw.shape[-1]
             if t_classes is not None and num_classes is not None and t_classes != num_classes:
+                hint = (
+                    " A one-logit student is a binary classifier: give the teacher one logit too."
+                    if 1 in (t_classes, num_classes)
+                    else ""
+                )
                 raise ValueError(
                     f"Teacher logits have shape {raw.shape} but the student's "
                     f"logits have shape {student_logits.shape}: the class counts "
-                    f"differ ({t_classes} vs {num_classes})."
+                    f"differ ({t_classes} vs {num_classes}).{hint}"
                 )
-        raw = tf.debugging.assert_all_finite(
-            tf.cast(raw, tf.float32), "keras_kd: teacher logits contain NaN or Inf"
-        )
-        if targets.logits is not None:
-            return raw
-        return targets_lib.dense_teacher_logits(
-            targets_lib.TeacherTargets(
-                labels=targets.labels,
-                topk_indices=targets.topk_indices,
-                topk_values=raw,
-                topk_logsumexp=targets.topk_logsumexp,
-            ),
-            num_classes,
-            self.topk_fill,
-        )
+            dense = tf.cast(raw, tf.float32)
+            finite = _rows_finite(dense)
+        else:
+            dense = targets_lib.dense_teacher_logits(targets, num_classes, self.topk_fill)
+            finite = _rows_finite(tf.cast(raw, tf.float32))
+            if targets.topk_logsumexp is not None and self.topk_fill == "uniform":
+                finite = finite & tf.math.is_finite(tf.cast(targets.topk_logsumexp, tf.float32))
+        return dense, finite
 
     def distillation_term(self, teacher_logits, student_logits):
-        """``T^2 * D(teacher / T || student / T)`` per example (no alpha)."""
+        """``T^2 * D(teacher / T || student / T)`` per example (no alpha).
+
+        A last dimension of 1 is one Bernoulli logit (binary classifier): the
+        softmax divergences then compare ``Bernoulli(sigmoid(t / T))`` with
+        ``Bernoulli(sigmoid(s / T))`` (they receive the two-class logits
+        ``[0, z / T]``, whose softmax is ``[1 - sigmoid, sigmoid]``); ``"mse"``
+        and ``"huber"`` compare the single logits.
+        """
         temperature = tf.cast(tf.convert_to_tensor(self._temperature), tf.float32)
-        student_logits = tf.cast(student_logits, tf.float32)
-        value = self._divergence_fn(teacher_logits / temperature, student_logits / temperature)
+        teacher_logits = tf.cast(teacher_logits, tf.float32) / temperature
+        student_logits = tf.cast(student_logits, tf.float32) / temperature
+        if student_logits.shape[-1] == 1 and not self._binary_raw:
+            teacher_logits = tf.concat([tf.zeros_like(teacher_logits), teacher_logits], axis=-1)
+            student_logits = tf.concat([tf.zeros_like(student_logits), student_logits], axis=-1)
+        value = tf.cast(self._divergence_fn(teacher_logits, student_logits), tf.float32)
         if self.scale_by_temperature_squared:
             value = value * tf.square(temperature)
-        return tf.cast(value, tf.float32)
+        return value
 
     def hard_term(self, labels, student_logits):
         """The hard-label loss per example."""
         return tf.cast(self._hard_loss_fn(labels, tf.cast(student_logits, tf.float32)), tf.float32)
 
-    def components(self, y_true, y_pred):
-        """Per-example ``(hard, distillation)`` terms; ``distillation`` is None
-        when ``y_true`` carries no teacher."""
+    def _terms(self, y_true, y_pred) -> _Terms:
         y_pred = tf.cast(y_pred, tf.float32)
         if not targets_lib.is_targets(y_true):
-            return self.hard_term(y_true, y_pred), None
+            return _Terms(None, self.hard_term(y_true, y_pred), None)
         y_true = targets_lib.materialize(y_true)
-        teacher = self._teacher_logits(y_true, y_pred)
         if y_true.has_labels:
             hard = self.hard_term(y_true.labels, y_pred)
         else:  # unlabelled data: no hard-label term
             hard = tf.zeros(tf.shape(y_pred)[:-1], tf.float32)
+        teacher = self._teacher_logits(y_true, y_pred)
         if teacher is None:
-            return hard, None
-        soft = self.distillation_term(teacher, y_pred)
-        for observer in self._observers:
-            observer(y_true, y_pred, hard, soft)
-        return hard, soft
+            return _Terms(None, hard, None)
+        dense, finite = teacher
+        soft = nan_where_invalid(
+            self.distillation_term(dense, y_pred),
+            finite,
+            "keras_kd: teacher logits contain NaN or Inf. Check the teacher (its weights, inputs and "
+            "final layer) or the cached logits.",
+        )
+        targets = y_true.replace(logits=dense, topk_indices=None, topk_values=None, topk_logsumexp=None)
+        return _Terms(targets, hard, soft)
 
-    def call(self, y_true, y_pred):
-        """Per-example loss values (before weights, masks and reduction)."""
-        hard, soft = self.components(y_true, y_pred)
+    def components(self, y_true, y_pred):
+        """Per-example ``(hard, distillation)`` terms; ``distillation`` is None
+        when ``y_true`` carries no teacher. Pure: runs no observer."""
+        terms = self._terms(y_true, y_pred)
+        return terms.hard, terms.soft
+
+    def _combine(self, hard, soft):
         if soft is None:
             return hard
         alpha = tf.cast(tf.convert_to_tensor(self._alpha), tf.float32)
         return alpha * hard + (1.0 - alpha) * soft
 
+    def call(self, y_true, y_pred):
+        """Per-example loss values (before weights, masks and reduction). Pure."""
+        return self._combine(*self.components(y_true, y_pred))
+
+    # -- the step --------------------------------------------------------------
+
+    def _warn_once(self, key, message):
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
+    def _check_step_inputs(self, y_true, y_pred, terms):
+        activation = _producing_activation(y_pred)
+        if activation is not None:
+            self._warn_once(
+                "probabilities",
+                f"DistillationLoss received `y_pred` produced by a {activation} activation, but it expects "
+                "the student's logits: it applies the temperature-scaled softmax itself, so probabilities "
+                "are squashed twice and the student learns from a nearly uniform target. Remove the "
+                "student's final activation (e.g. `Dense(classes)` without `activation='softmax'`) and "
+                "apply it at inference time.",
+            )
+        if terms.soft is None and _in_training_step():
+            self._warn_once(
+                ("no teacher", _graph_key()),
+                "DistillationLoss is training on batches that carry no teacher (plain `(x, y)` or targets "
+                "without teacher logits): the loss is the hard-label loss alone and nothing is distilled. "
+                "Wrap the training data with `keras_kd.with_teacher(ds, teacher)` or "
+                "`ds.apply(keras_kd.cache_teacher_logits(teacher, directory))`.",
+            )
+
     def __call__(self, y_true, y_pred, sample_weight=None):
         # Keras's base __call__ converts y_true to a tensor, which would keep
         # only the labels of a TeacherTargets; reduce here instead, with the
-        # same semantics.
+        # same semantics. The hooks run here, once per step.
         mask = _compat.get_keras_mask(y_pred)
         with tf.name_scope(self.name):
-            values = self.call(y_true, y_pred)
+            terms = self._terms(y_true, y_pred)
+            self._check_step_inputs(y_true, y_pred, terms)
+            if terms.targets is not None:
+                for observer in self._observers:
+                    observer(terms.targets, tf.cast(y_pred, tf.float32), terms.hard, terms.soft)
             if self._weightings and targets_lib.is_targets(y_true) and y_true.example_id is not None:
                 for weighting in self._weightings:
                     w = weighting(y_true)
                     sample_weight = w if sample_weight is None else tf.cast(sample_weight, tf.float32) * w
             return reduce_values(
-                values,
+                self._combine(terms.hard, terms.soft),
                 sample_weight,
                 mask,
                 self.reduction,

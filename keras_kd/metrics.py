@@ -13,26 +13,65 @@ from keras_kd import _compat
 from keras_kd import targets as targets_lib
 
 
+def _predicted_class(logits):
+    """Class ids from logits: argmax, or ``logit > 0`` for one logit (binary)."""
+    if logits.shape[-1] == 1:
+        return tf.cast(tf.squeeze(logits, -1) > 0, tf.int64)
+    return tf.argmax(logits, axis=-1, output_type=tf.int64)
+
+
+def _label_class(labels, y_pred):
+    """Class ids from sparse ids (any dtype), one-hot/soft labels (argmax) or binary 0/1 labels."""
+    labels = tf.convert_to_tensor(labels)
+    rank, classes = y_pred.shape.rank, y_pred.shape[-1]
+    if classes == 1:
+        labels = tf.cast(labels, tf.float32)
+        if labels.shape.rank == rank:
+            labels = tf.squeeze(labels, -1)
+        return tf.cast(labels > 0.5, tf.int64)
+    if labels.shape.rank == rank and labels.shape[-1] == classes:
+        return tf.argmax(labels, axis=-1, output_type=tf.int64)
+    if labels.shape.rank == rank and labels.shape[-1] == 1:
+        labels = tf.squeeze(labels, -1)
+    return tf.cast(labels, tf.int64)
+
+
 @_compat.register_serializable()
 def teacher_agreement(y_true, y_pred):
-    """1 where the student's argmax class equals the teacher's, else 0.
+    """1 where the student's predicted class equals the teacher's, else 0.
 
-    For top-k targets the teacher's class is its top-1 index. Targets without a
-    teacher (plain labels) give the student's accuracy on the labels' argmax
-    class ids instead, so validation sets without teacher are still measured.
+    The predicted class is the argmax of the logits, or ``logit > 0`` for a
+    one-logit (binary) model. For top-k targets the teacher's class is its
+    top-1 index. Batches without a teacher (plain labels, e.g. a validation
+    set without `keras_kd.with_teacher`) give the student's **accuracy** on
+    the labels instead (class ids, the argmax of one-hot labels, or 0/1
+    binary labels), so validation without a teacher is still measured;
+    ``val_teacher_agreement`` is then the validation accuracy.
+
+    Raises:
+        ValueError: for a batch with neither a teacher nor labels (unlabelled
+            data without teacher), where no agreement can be measured.
     """
     y_pred = tf.convert_to_tensor(y_pred)
-    student = tf.argmax(y_pred, axis=-1, output_type=tf.int64)
+    student = _predicted_class(y_pred)
     if not targets_lib.is_targets(y_true):
-        return tf.zeros_like(student, dtype=tf.float32)
+        return tf.cast(tf.equal(student, _label_class(y_true, y_pred)), tf.float32)
     y_true = targets_lib.materialize(y_true)
     if y_true.logits is not None:
-        teacher = tf.argmax(y_true.logits, axis=-1, output_type=tf.int64)
+        teacher = _predicted_class(tf.cast(y_true.logits, tf.float32))
     elif y_true.topk_values is not None:
         best = tf.argmax(y_true.topk_values, axis=-1, output_type=tf.int32)
         teacher = tf.cast(tf.gather(y_true.topk_indices, best, batch_dims=best.shape.rank), tf.int64)
+        if y_pred.shape[-1] == 1:  # one class: the single top-1 logit decides
+            teacher = _predicted_class(tf.cast(y_true.topk_values, tf.float32))
+    elif y_true.has_labels:
+        teacher = _label_class(y_true.labels, y_pred)
     else:
-        return tf.zeros_like(student, dtype=tf.float32)
+        raise ValueError(
+            "teacher_agreement received a batch with neither teacher targets nor labels (unlabelled data "
+            "without a teacher): there is nothing to agree with. Attach the teacher with "
+            "`keras_kd.with_teacher` or leave the metric out for this data."
+        )
     return tf.cast(tf.equal(student, teacher), tf.float32)
 
 
@@ -44,7 +83,9 @@ def loss_components(loss):
 
     Returns:
         ``[kd_hard, kd_soft]``: per-example hard-label loss and distillation
-        term (``T^2 * D``, before alpha), as metric functions.
+        term (``T^2 * D``, before alpha), as metric functions. They call the
+        loss's pure `DistillationLoss.components`: the loss's observers (e.g.
+        `keras_kd.HardSampleReweighting`) still run once per step.
 
     Example:
 

@@ -1,0 +1,264 @@
+"""Bad input to the loss in every setting: a clear error, or (under XLA) a NaN loss, never silent training.
+
+Every case runs in both Keras flavours (``K``), with ``jit_compile`` off and
+on (XLA drops ``tf.debugging`` assertions, and is Keras 3's default on GPUs),
+and, where a teacher model is involved, with both teacher placements of
+`keras_kd.with_teacher`. Without XLA each bad input raises an error naming the
+problem; with XLA the error is raised where the check runs outside the
+compiled step (the pipeline teacher), and otherwise the loss is NaN, so
+training visibly fails.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_kd
+from keras_kd import TeacherTargets
+from tests import reference as ref
+from tests.conftest import mlp
+
+JIT = pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+PLACEMENT = pytest.mark.parametrize("placement", ["step", "pipeline"])
+
+
+def _data(n=32, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 8)).astype("float32"), rng.integers(0, classes, size=n)
+
+
+def _fit(K, student, ds, jit, loss=None, **fit_kwargs):
+    """``("error", message)`` or ``("losses", history losses)`` of one epoch."""
+    student.compile(K.optimizers.SGD(0.01), loss=loss or keras_kd.DistillationLoss(), jit_compile=jit)
+    fit_kwargs.setdefault("epochs", 1)
+    try:
+        history = student.fit(ds, verbose=0, **fit_kwargs)
+    except tf.errors.InvalidArgumentError as error:
+        return "error", str(error)
+    return "losses", history.history["loss"]
+
+
+def _assert_refused(outcome, jit, match):
+    kind, value = outcome
+    if kind == "error":
+        assert match in value, value
+        return
+    # Only XLA (which drops assertions) may get this far, and then the loss is NaN.
+    assert jit, f"no error without XLA; losses {value}"
+    assert np.all(np.isnan(value)), f"bad input trained silently under XLA: losses {value}"
+
+
+def _nan_teacher(K):
+    teacher = mlp(K, hidden=16)
+    kernel = teacher.layers[-1].kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    return teacher
+
+
+# --- non-finite teacher logits ---------------------------------------------------
+
+
+@JIT
+@PLACEMENT
+def test_nan_teacher_never_gives_a_finite_loss(K, jit, placement):
+    x, y = _data()
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), _nan_teacher(K),
+                               placement=placement)
+    _assert_refused(_fit(K, mlp(K), ds, jit), jit, "NaN or Inf")
+
+
+@JIT
+@pytest.mark.parametrize(
+    "bad, divergence",
+    [(np.nan, "kl"), (np.inf, "kl"), (-np.inf, "kl"), (-np.inf, "reverse_kl"), (-np.inf, "js"),
+     (-np.inf, "soft_cross_entropy"), (np.nan, "mse"), (-np.inf, "huber")],
+)
+def test_non_finite_teacher_logits_in_targets(K, jit, bad, divergence):
+    # One bad value in one class of one example (e.g. a damaged cache or array).
+    x, y = _data()
+    t = np.random.default_rng(1).normal(size=(32, 4)).astype("float32")
+    t[5, 2] = bad
+    ds = tf.data.Dataset.from_tensor_slices((x, TeacherTargets(labels=y, logits=t))).batch(16)
+    _assert_refused(_fit(K, mlp(K), ds, jit, keras_kd.DistillationLoss(divergence=divergence)), jit, "NaN or Inf")
+
+
+@JIT
+def test_non_finite_topk_targets(K, jit):
+    x, y = _data()
+    idx = np.tile(np.array([[0, 1]], "int32"), (32, 1))
+    vals = np.ones((32, 2), "float32")
+    vals[3, 0] = np.nan
+    targets = TeacherTargets(labels=y, topk_indices=idx, topk_values=vals, topk_logsumexp=np.full(32, 3.0, "float32"))
+    ds = tf.data.Dataset.from_tensor_slices((x, targets)).batch(16)
+    _assert_refused(_fit(K, mlp(K), ds, jit), jit, "NaN or Inf")
+
+
+# --- labels out of range ---------------------------------------------------------
+
+
+@JIT
+@PLACEMENT
+@pytest.mark.parametrize("offset", [7, -5], ids=["too-large", "negative"])
+def test_labels_out_of_range(K, jit, placement, offset):
+    x, y = _data()
+    y = y.copy()
+    y[3] += offset
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K), placement=placement)
+    _assert_refused(_fit(K, mlp(K), ds, jit), jit, "labels out of range")
+
+
+@JIT
+def test_labels_out_of_range_without_teacher(K, jit):
+    # Validation-style data without teacher: hard loss only, still refused.
+    x, y = _data()
+    ds = tf.data.Dataset.from_tensor_slices((x, y + 4)).batch(16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the no-teacher warning
+        _assert_refused(_fit(K, mlp(K), ds, jit), jit, "labels out of range")
+
+
+@JIT
+def test_labels_out_of_range_with_alpha_zero(K, jit):
+    # alpha=0 weighs the hard term by 0: the bad label must still not vanish.
+    x, y = _data()
+    t = np.random.default_rng(2).normal(size=(32, 4)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, TeacherTargets(labels=y + 10, logits=t))).batch(16)
+    _assert_refused(_fit(K, mlp(K), ds, jit, keras_kd.DistillationLoss(alpha=0.0)), jit, "labels out of range")
+
+
+@JIT
+@PLACEMENT
+def test_binary_labels_out_of_range(K, jit, placement):
+    x, _ = _data()
+    y = np.random.default_rng(3).integers(0, 2, size=32).astype("float32")
+    y[4] = 2.0
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K, classes=1),
+                               placement=placement)
+    _assert_refused(_fit(K, mlp(K, classes=1), ds, jit), jit, "binary labels out of range")
+
+
+@JIT
+def test_label_shape_that_fits_no_convention(K, jit):
+    x, y = _data()
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, np.eye(5, dtype="float32")[y])).batch(16),
+                               mlp(K), placement="pipeline")
+    with pytest.raises(ValueError, match="do not fit the student's logits"):
+        _fit(K, mlp(K), ds, jit)
+
+
+# --- shapes and configuration (refused while tracing, in every mode) ---------------
+
+
+@JIT
+@PLACEMENT
+def test_class_count_mismatch(K, jit, placement):
+    x, y = _data()
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K, classes=5),
+                               placement=placement)
+    with pytest.raises(ValueError, match=r"class counts\s+differ \(5 vs 4\)"):
+        _fit(K, mlp(K), ds, jit)
+
+
+@JIT
+@PLACEMENT
+def test_binary_student_with_two_class_teacher(K, jit, placement):
+    x, _ = _data()
+    y = np.random.default_rng(4).integers(0, 2, size=32)
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K, classes=2),
+                               placement=placement)
+    with pytest.raises(ValueError, match="binary classifier: give the teacher one logit"):
+        _fit(K, mlp(K, classes=1), ds, jit)
+
+
+@JIT
+def test_topk_without_logsumexp(K, jit):
+    x, y = _data()
+    targets = TeacherTargets(labels=y, topk_indices=np.zeros((32, 1), "int32"), topk_values=np.ones((32, 1), "float32"))
+    with pytest.raises(ValueError, match="topk_logsumexp"):
+        _fit(K, mlp(K), tf.data.Dataset.from_tensor_slices((x, targets)).batch(16), jit)
+
+
+# --- suspicious but legal input: one warning ------------------------------------------
+
+
+def _softmax_student(K, classes=4, activation="softmax"):
+    inp = K.Input((8,))
+    return K.Model(inp, K.layers.Dense(classes, activation=activation)(K.layers.Dense(16, activation="relu")(inp)))
+
+
+@JIT
+@PLACEMENT
+@pytest.mark.parametrize("activation, classes", [("softmax", 4), ("sigmoid", 1)])
+def test_student_ending_in_softmax_warns_once(K, jit, placement, activation, classes):
+    x, y = _data(classes=max(classes, 2))
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K, classes=classes),
+                               placement=placement)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(K, _softmax_student(K, classes, activation), ds, jit, validation_data=ds)
+    ours = [w for w in caught if "expects the student's logits" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert activation.capitalize() in str(ours[0].message) and "Remove the student's final activation" in str(
+        ours[0].message
+    )
+
+
+@JIT
+def test_logits_student_does_not_warn(K, jit):
+    x, y = _data()
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K), placement="pipeline")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(K, mlp(K), ds, jit, validation_data=ds)
+    assert not [w for w in caught if "keras_kd" in str(w.filename) or "DistillationLoss" in str(w.message)]
+
+
+@JIT
+def test_training_without_teacher_warns_once_per_fit(K, jit):
+    x, y = _data()
+    plain = tf.data.Dataset.from_tensor_slices((x, y)).batch(10)  # 4 batches, a partial last one
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kind, losses = _fit(K, mlp(K), plain, jit, loss=keras_kd.DistillationLoss(alpha=0.3), epochs=2)
+    ours = [w for w in caught if "carry no teacher" in str(w.message)]
+    assert kind == "losses" and len(ours) == 1, [str(w.message) for w in caught]
+    assert "keras_kd.with_teacher" in str(ours[0].message)
+
+
+@JIT
+@PLACEMENT
+def test_validation_without_teacher_is_silent_and_hard_label(K, jit, placement):
+    x, y = _data()
+    teacher, student = mlp(K, hidden=16), mlp(K)
+    train = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), teacher, placement=placement)
+    val = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kind, _ = _fit(K, student, train, jit, loss=keras_kd.DistillationLoss(alpha=0.3), validation_data=val)
+    assert kind == "losses"
+    assert not [w for w in caught if "carry no teacher" in str(w.message)]
+    # Validation loss is the hard-label cross-entropy alone (NumPy reference).
+    result = student.evaluate(val, verbose=0, return_dict=True)
+    s = student.predict(x, verbose=0)
+    assert result["loss"] == pytest.approx(ref.sparse_ce(y, s).mean(), rel=1e-4)
+
+
+# --- label dtypes: as plain Keras accepts them ------------------------------------------
+
+
+@JIT
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16", "int32", "int64", "uint32", "float32"])
+def test_any_integer_label_dtype(K, jit, dtype):
+    x, y = _data()
+    t = np.random.default_rng(5).normal(size=(32, 4)).astype("float32")
+    student = mlp(K)
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.4)
+    student.compile("sgd", loss=loss, metrics=["accuracy", keras_kd.teacher_agreement], jit_compile=jit)
+    ds = tf.data.Dataset.from_tensor_slices((x, TeacherTargets(labels=y.astype(dtype), logits=t))).batch(32)
+    result = student.evaluate(ds, verbose=0, return_dict=True)
+    s = student.predict(x, verbose=0)
+    assert result["loss"] == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.4), rel=1e-5)
+    assert result["accuracy"] == pytest.approx(np.mean(s.argmax(-1) == y), abs=1e-6)
+    student.fit(ds, epochs=1, verbose=0)  # and it trains
