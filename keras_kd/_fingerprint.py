@@ -2,9 +2,12 @@
 and the alignment feature cache)."""
 
 import hashlib
+import json
 
 import numpy as np
 import tensorflow as tf
+
+_DIGEST_BATCH = 256  # fixed, so the digest does not depend on the caller's batch size
 
 
 def weights_digest(model) -> str:
@@ -15,6 +18,66 @@ def weights_digest(model) -> str:
         h.update(f"{a.dtype.str}{a.shape};".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _canonical_names(config):
+    """The config with layer names replaced by their order of appearance.
+
+    Auto-generated names (``dense_7``) depend on how many models the process
+    made before; what the model computes does not.
+    """
+    names = {}
+
+    def collect(obj):
+        if isinstance(obj, dict):
+            name = obj.get("name")
+            if isinstance(name, str):
+                names.setdefault(name, f"name_{len(names)}")
+            for v in obj.values():
+                collect(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                collect(v)
+
+    def rename(obj):
+        if isinstance(obj, dict):
+            return {k: rename(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [rename(v) for v in obj]
+        if isinstance(obj, str):
+            return names.get(obj, obj)
+        return obj
+
+    collect(config)
+    return rename(config)
+
+
+def _describe_layers(model) -> list:
+    """For models without a config: class and config of every layer, in order."""
+    out = []
+    for layer in getattr(model, "layers", []) or []:
+        try:
+            config = layer.get_config()
+        except Exception:  # noqa: BLE001 - a layer without a config: its class is what we know
+            config = None
+        out.append([type(layer).__module__ + "." + type(layer).__qualname__, config, _describe_layers(layer)])
+    return out
+
+
+def architecture_digest(model) -> str:
+    """A digest of what a model computes apart from its weights: its config
+    (layers, activations, connections), with layer names canonicalised."""
+    try:
+        config = model.get_config()
+    except Exception:  # noqa: BLE001 - subclassed models may not implement get_config
+        config = None
+    description = {
+        "class": type(model).__module__ + "." + type(model).__qualname__,
+        "config": _canonical_names(config) if config is not None else None,
+        "layers": _canonical_names(_describe_layers(model)),
+    }
+    text = json.dumps(description, sort_keys=True, default=repr)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def hash_element(h, element):
@@ -29,3 +92,31 @@ def sample_digest(dataset: tf.data.Dataset, n: int) -> str:
     for element in dataset.take(n):
         hash_element(h, element)
     return h.hexdigest()
+
+
+def _batchable(spec) -> bool:
+    return all(isinstance(s, tf.TensorSpec) and s.shape.is_fully_defined() for s in tf.nest.flatten(spec))
+
+
+def inputs_digest(dataset: tf.data.Dataset):
+    """``(digest, count)``: a digest of every element's inputs ``x``, in order.
+
+    One pass over the dataset, in batches of 256 when the inputs have fixed
+    shapes (then only raw bytes are hashed), else element by element.
+    Any change to any element's ``x``, or to their order, changes it.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    xs = dataset.map(lambda x, *rest: x)
+    count = 0
+    if _batchable(xs.element_spec):
+        numeric = all(s.dtype.is_numpy_compatible and s.dtype != tf.string for s in tf.nest.flatten(xs.element_spec))
+        for batch in xs.batch(_DIGEST_BATCH).prefetch(2):
+            flat = tf.nest.flatten(batch)
+            for t in flat:
+                h.update(np.ascontiguousarray(t.numpy()).tobytes() if numeric else tf.io.serialize_tensor(t).numpy())
+            count += int(flat[0].shape[0])
+    else:
+        for x in xs.prefetch(2):
+            hash_element(h, x)
+            count += 1
+    return h.hexdigest(), count

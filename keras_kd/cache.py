@@ -8,28 +8,24 @@ its logits to disk, and yields
 for every element, in order. Later epochs and later processes only read the
 files, so a distillation epoch costs what a student-only epoch costs.
 
-On-disk format (version 1), all inside ``directory``:
+Storage (format version 2) is `keras_kd._storage`'s, shared with the
+alignment feature cache: a directory keras_kd owns (marker
+``.keras_kd-teacher_logit_cache``), data files
+``logits-PPPPP-FFFFF-G.bin`` of whole raw little-endian blocks (``G`` names
+the build), one journal per build part, ``manifest.json`` switched
+atomically, and ``fcntl.flock`` lock files. A block holds ``block_rows``
+consecutive examples (the teacher batch); its fields follow one another,
+each a C-order array with the per-example shapes listed in the manifest:
 
-* ``logits-PPPPP-FFFFF.bin``: raw little-endian blocks, no header. A block
-  holds ``block_rows`` consecutive examples (the teacher batch); its fields
-  are stored one after the other (field-major), each as a C-order array:
+- dense: ``values``, ``(views,) + teacher_shape``, float16 or float32;
+- top-k: ``values`` ``(views, ..., k)`` float16/float32, then ``indices``
+  ``(views, ..., k)`` int16 (int32 for more than 32767 classes), then
+  ``logsumexp`` ``(views, ...)`` float32.
 
-  - dense: ``values``, shape ``(block_rows, views) + teacher_shape``, float16
-    or float32;
-  - top-k: ``values`` ``(block_rows, views, ..., k)`` float16/float32, then
-    ``indices`` ``(block_rows, views, ..., k)`` int16 (int32 for more than
-    32767 classes), then ``logsumexp`` ``(block_rows, views, ...)`` float32.
-
-  Files hold whole blocks; only the very last block of the cache is padded
-  with zeros. tf.data reads them with one ``FixedLengthRecordDataset`` record
-  per block, so reading costs one op per block, not per example.
-* ``part-PPPPP-of-NNNNN.json``: the journal of one build part (one per
-  worker), rewritten atomically after each finished file.
-* ``manifest.json``: written last, atomically. It records the format, the
-  fingerprint (teacher, dataset, settings), the layout (``block_rows``,
-  ``fields`` with dtypes, shapes and byte offsets) and every file with its
-  size and CRC32. A cache is valid only when its manifest exists and every
-  file has the recorded size and checksum.
+Only the very last block of the cache is padded with zeros. The manifest
+records the fingerprint (teacher function and weights, every element's
+inputs, settings), the layout and every file with its size and CRC32; it is
+validated against a schema before anything is read.
 
 Nothing is pickled; any NumPy user can read the files with ``np.fromfile``
 and the offsets in the manifest.
@@ -37,38 +33,39 @@ and the offsets in the manifest.
 
 from __future__ import annotations
 
-import dataclasses
-import errno
 import hashlib
 import json
 import math
 import os
-import secrets
-import shutil
-import socket
-import time
+import shutil  # noqa: F401 - tests replace shutil.disk_usage through this module
 import warnings
 import weakref
-import zlib
 from typing import Callable, Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_kd import _build
 from keras_kd import _compat
 from keras_kd import _fingerprint
+from keras_kd import _storage
 from keras_kd import targets as targets_lib
+from keras_kd._storage import CacheCorruptedError
+from keras_kd._storage import CacheMismatchError
 
 FORMAT = "keras_kd.teacher_logit_cache"
-VERSION = 1
-MANIFEST = "manifest.json"
+VERSION = _storage.VERSION
+MANIFEST = _storage.MANIFEST
 
 _DTYPES = {"float16": "<f2", "float32": "<f4"}
-_SAMPLE_SIZE = 64  # elements hashed for the dataset fingerprint
+_SAMPLE_SIZE = 64  # elements read twice to detect a dataset that changes between passes
 _AUGMENT_SAMPLE = 4  # elements whose augmented views are hashed
+_PROBE_ROWS = 64  # examples the teacher re-runs when an existing cache is opened
 _TARGET_FILE_BYTES = 64 << 20  # default size of one data file
 _FLOAT16_MAX = 65504.0
+
+__all__ = ["CacheCorruptedError", "CacheMismatchError", "TeacherLogitCache", "cache_teacher_logits", "read_manifest"]
 
 # Ops that make a tf.data pipeline yield different elements on each pass.
 _RANDOM_OPS = frozenset(
@@ -109,173 +106,6 @@ _RANDOM_OPS = frozenset(
 )
 
 
-# Traced teacher steps, per teacher model (see `TeacherLogitCache._teacher_step`).
-_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-class CacheMismatchError(ValueError):
-    """The cache in a directory was built for another teacher, dataset or settings."""
-
-
-class CacheCorruptedError(ValueError):
-    """A cache file is missing, truncated or fails its checksum."""
-
-
-# ---------------------------------------------------------------------------
-# Low-level, crash-safe file writing. `_open_for_write` is the one place that
-# opens files for writing (tests replace it to inject faults such as a full
-# disk).
-# ---------------------------------------------------------------------------
-
-
-def _open_for_write(path: str):
-    return open(path, "wb")
-
-
-def _fsync_dir(directory: str):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: str) -> str:
-    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _write_error(e: OSError, path: str) -> OSError:
-    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return OSError(
-            e.errno,
-            f"The disk is full: could not write the teacher-logit cache file {path!r} "
-            f"({e.strerror or e}). Nothing partial is accepted as a cache; free some space "
-            "and run again to resume the build, or choose another `directory`.",
-        )
-    return OSError(
-        e.errno,
-        f"Could not write the teacher-logit cache file {path!r}: {e}. Check that "
-        "`directory` is writable.",
-    )
-
-
-class _AtomicFile:
-    """Writes ``path`` through a temporary file, fsyncs it and renames it.
-
-    Tracks size and CRC32 of what was written. On any error the temporary
-    file is removed and nothing appears under ``path``.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self.tmp = _tmp_name(path)
-        self.size = 0
-        self.crc = 0
-        try:
-            self._f = _open_for_write(self.tmp)
-        except OSError as e:
-            raise _write_error(e, path) from e
-
-    def write(self, data: bytes):
-        try:
-            self._f.write(data)
-        except OSError as e:
-            self.abort()
-            raise _write_error(e, self.path) from e
-        self.size += len(data)
-        self.crc = zlib.crc32(data, self.crc)
-
-    def commit(self):
-        try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self.tmp, self.path)
-        except OSError as e:
-            self.abort()
-            raise _write_error(e, self.path) from e
-        _fsync_dir(os.path.dirname(self.path))
-
-    def abort(self):
-        try:
-            self._f.close()
-        except OSError:
-            pass
-        try:
-            os.remove(self.tmp)
-        except OSError:
-            pass
-
-
-def _write_json(path: str, obj):
-    f = _AtomicFile(path)
-    f.write(json.dumps(obj, indent=1, sort_keys=True).encode("utf-8"))
-    f.commit()
-
-
-def _read_json(path: str):
-    with open(path, "rb") as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
-def _file_crc(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(1 << 22)
-            if not chunk:
-                return crc
-            crc = zlib.crc32(chunk, crc)
-
-
-def _check_file(path: str, size: int, crc: Optional[int], verify: str) -> Optional[str]:
-    """Returns why ``path`` is unusable, or None if it is intact."""
-    try:
-        actual = os.path.getsize(path)
-    except OSError:
-        return f"the cache file {path!r} is missing"
-    if actual != size:
-        return f"the cache file {path!r} is truncated or damaged: it has {actual} bytes, the manifest records {size}"
-    if verify == "checksum" and crc is not None:
-        got = _file_crc(path)
-        if got != crc:
-            return f"the cache file {path!r} is corrupted: its CRC32 is {got:#010x}, the manifest records {crc:#010x}"
-    return None
-
-
-def _remove_stale_tmp(directory: str):
-    """Removes temporary files left by dead processes of this host (killed builds)."""
-    host = socket.gethostname()
-    for name in os.listdir(directory):
-        if ".tmp-" not in name:
-            continue
-        parts = name.split(".tmp-", 1)[1].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host:
-            continue
-        try:
-            pid = int(parts[1])
-        except ValueError:
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        try:
-            os.remove(os.path.join(directory, name))
-        except OSError:
-            pass
-
-
 def _warn(message: str):
     """Warns at the first caller outside keras_kd and TensorFlow (the user's line)."""
     import sys
@@ -291,90 +121,71 @@ def _warn(message: str):
     warnings.warn(message, stacklevel=level + 1)
 
 
+
+# Traced teacher steps, per teacher model (see `TeacherLogitCache._teacher_step`).
+_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _store(directory: str) -> _storage.Store:
+    return _storage.Store(directory, "teacher_logit_cache", FORMAT, "logits", "teacher-logit cache")
+
+
 # ---------------------------------------------------------------------------
 # Layout of one block.
 # ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    block_rows: int
-    views: int
-    teacher_shape: tuple  # per-example teacher output, e.g. (classes,)
-    top_k: Optional[int]
-    dtype: str  # "float16" or "float32"
+def _logit_layout(block_rows, views, teacher_shape, top_k, dtype) -> _storage.Layout:
+    """The storage layout of dense or top-k teacher outputs."""
+    teacher_shape = tuple(int(d) for d in teacher_shape)
+    if top_k is None:
+        fields = [("values", _DTYPES[dtype], (views, *teacher_shape))]
+    else:
+        inner = (views, *teacher_shape[:-1])
+        index_dtype = "<i2" if teacher_shape[-1] <= 32767 else "<i4"
+        fields = [
+            ("values", _DTYPES[dtype], (*inner, top_k)),
+            ("indices", index_dtype, (*inner, top_k)),
+            ("logsumexp", "<f4", inner),
+        ]
+    return _storage.Layout(block_rows, fields)
 
-    @property
-    def num_classes(self) -> int:
-        return int(self.teacher_shape[-1])
 
-    def fields(self):
-        lead = (self.block_rows, self.views)
-        if self.top_k is None:
-            specs = [("values", _DTYPES[self.dtype], lead + tuple(self.teacher_shape))]
-        else:
-            inner = lead + tuple(self.teacher_shape[:-1])
-            index_dtype = "<i2" if self.num_classes <= 32767 else "<i4"
-            specs = [
-                ("values", _DTYPES[self.dtype], inner + (self.top_k,)),
-                ("indices", index_dtype, inner + (self.top_k,)),
-                ("logsumexp", "<f4", inner),
-            ]
-        out, offset = [], 0
-        for name, dtype, shape in specs:
-            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            out.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset, "bytes": nbytes})
-            offset += nbytes
-        return out
+def _manifest_extra(layout, teacher_shape, top_k, dtype, views):
+    return {
+        "num_classes": int(teacher_shape[-1]),
+        "teacher_shape": list(teacher_shape),
+        "top_k": top_k,
+        "dtype": dtype,
+        "views": views,
+        "block_rows": layout.block_rows,
+        "fields": layout.fields(),
+    }
 
-    @property
-    def block_bytes(self) -> int:
-        return sum(f["bytes"] for f in self.fields())
 
-    @property
-    def bytes_per_example(self) -> float:
-        return self.block_bytes / self.block_rows
-
-    def to_json(self):
-        return {
-            "block_rows": self.block_rows,
-            "views": self.views,
-            "teacher_shape": list(self.teacher_shape),
-            "top_k": self.top_k,
-            "dtype": self.dtype,
-        }
-
-    @classmethod
-    def from_json(cls, d):
-        return cls(
-            block_rows=int(d["block_rows"]),
-            views=int(d["views"]),
-            teacher_shape=tuple(int(s) for s in d["teacher_shape"]),
-            top_k=None if d["top_k"] is None else int(d["top_k"]),
-            dtype=str(d["dtype"]),
-        )
-
-    def encode(self, arrays: dict, rows: int) -> bytes:
-        """Packs the fields of ``rows`` examples into one (zero-padded) block."""
-        chunks = []
-        for field in self.fields():
-            a = np.asarray(arrays[field["name"]]).astype(field["dtype"], copy=False)
-            if rows < self.block_rows:
-                padded = np.zeros(field["shape"], field["dtype"])
-                padded[:rows] = a
-                a = padded
-            chunks.append(np.ascontiguousarray(a).tobytes())
-        return b"".join(chunks)
-
-    def decode(self, record):
-        """tf: one block record -> dict of field tensors."""
-        fields = self.fields()
-        out = {}
-        for field in fields:
-            raw = record if len(fields) == 1 else tf.strings.substr(record, field["offset"], field["bytes"])
-            dtype = tf.as_dtype(np.dtype(field["dtype"]).newbyteorder("="))
-            out[field["name"]] = tf.reshape(tf.io.decode_raw(raw, dtype, little_endian=True), field["shape"])
-        return out
+def _validate_extra(schema, m):
+    """The logit-specific manifest keys: consistent with the layout and the fingerprint."""
+    shape = schema.get(m, "teacher_shape", list)
+    if not 1 <= len(shape) <= 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 31 for d in shape):
+        schema.fail("teacher_shape", f"must be 1 to 8 positive integers, got {shape!r:.80}")
+    top_k = schema.int(m, "top_k", 1, shape[-1], allow_none=True)
+    dtype = schema.get(m, "dtype", str)
+    if dtype not in _DTYPES:
+        schema.fail("dtype", f"must be 'float16' or 'float32', got {dtype!r:.80}")
+    views = schema.int(m, "views", 1, 1 << 16)
+    rows = m["layout"]["block_rows"]
+    expected = _logit_layout(rows, views, shape, top_k, dtype)
+    if expected.to_json() != m["layout"]:
+        schema.fail("layout", f"does not match teacher_shape={shape}, top_k={top_k}, dtype={dtype!r}, views={views}")
+    if _manifest_extra(expected, shape, top_k, dtype, views) != {k: m.get(k) for k in _manifest_extra(expected, shape, top_k, dtype, views)}:
+        schema.fail("num_classes", "or `block_rows`/`fields` do not follow from the layout")
+    fp = m["fingerprint"]
+    teacher = fp.get("teacher") if isinstance(fp.get("teacher"), dict) else {}
+    settings = fp.get("settings") if isinstance(fp.get("settings"), dict) else {}
+    if teacher.get("output_shape") != [None, *shape]:
+        schema.fail("fingerprint.teacher.output_shape", f"must be {[None, *shape]} (teacher_shape), got {teacher.get('output_shape')!r:.80}")
+    if settings.get("top_k") != top_k or settings.get("dtype") != dtype or settings.get("views", 1) != views:
+        schema.fail("fingerprint.settings", "disagree with the manifest's top_k, dtype or views")
 
 
 # ---------------------------------------------------------------------------
@@ -397,7 +208,8 @@ def _describe_spec(spec) -> list:
 def _fingerprint_diff(old: dict, new: dict, num_examples: Optional[int]) -> list:
     """Human-readable list of what changed between two fingerprints."""
     changes = []
-    ot, nt = old.get("teacher", {}), new.get("teacher", {})
+    ot = old.get("teacher") if isinstance(old.get("teacher"), dict) else {}
+    nt = new.get("teacher", {})
     if ot.get("output_shape") != nt.get("output_shape"):
         changes.append(f"the teacher's output shape changed: {ot.get('output_shape')} -> {nt.get('output_shape')}")
     if ot.get("weights_digest") != nt.get("weights_digest"):
@@ -405,19 +217,26 @@ def _fingerprint_diff(old: dict, new: dict, num_examples: Optional[int]) -> list
             "the teacher's weights changed (digest "
             f"{str(ot.get('weights_digest'))[:12]} -> {str(nt.get('weights_digest'))[:12]})"
         )
-    od, nd = old.get("dataset", {}), new.get("dataset", {})
+    if ot.get("architecture_digest") != nt.get("architecture_digest") or ot.get("flavour") != nt.get("flavour"):
+        changes.append(
+            "the teacher's architecture or configuration changed (its layers, activations or "
+            f"connections; digest {str(ot.get('architecture_digest'))[:12]} -> {str(nt.get('architecture_digest'))[:12]})"
+        )
+    od = old.get("dataset") if isinstance(old.get("dataset"), dict) else {}
+    nd = new.get("dataset", {})
     if od.get("element_spec") != nd.get("element_spec"):
         changes.append(f"the dataset's element_spec changed: {od.get('element_spec')} -> {nd.get('element_spec')}")
     if nd.get("count") is not None and num_examples is not None and nd["count"] != num_examples:
         changes.append(f"the dataset's size changed: {num_examples} -> {nd['count']} examples")
-    if od.get("sample_digest") != nd.get("sample_digest"):
+    if od.get("inputs_digest") != nd.get("inputs_digest"):
         changes.append(
-            f"the dataset's contents changed (digest of its first {nd.get('sample_size')} elements "
-            f"{str(od.get('sample_digest'))[:12]} -> {str(nd.get('sample_digest'))[:12]}); if it "
-            "shuffles or randomly augments before this transform, move that after the "
-            "transform (or pass `augment=` for augmentation the teacher must see)"
+            "the dataset's contents changed: the inputs `x` of its elements, or their order, are not "
+            f"those the cache was built from (digest of all its inputs {str(od.get('inputs_digest'))[:12]} -> "
+            f"{str(nd.get('inputs_digest'))[:12]}); if it shuffles or randomly augments before this "
+            "transform, move that after the transform (or pass `augment=` for augmentation the teacher must see)"
         )
-    os_, ns = old.get("settings", {}), new.get("settings", {})
+    os_ = old.get("settings") if isinstance(old.get("settings"), dict) else {}
+    ns = new.get("settings", {})
     for key in sorted(set(os_) | set(ns)):
         if os_.get(key) != ns.get(key):
             changes.append(f"the setting `{key}` changed: {os_.get(key)!r} -> {ns.get(key)!r}")
@@ -561,6 +380,7 @@ def cache_teacher_logits(
     verify: str = "checksum",
     wait_timeout: Optional[float] = None,
     verbose: int = 1,
+    in_memory: Optional[bool] = None,
 ) -> "TeacherLogitCache":
     """Caches a teacher's logits on disk, as a ``Dataset -> Dataset`` transform.
 
@@ -599,21 +419,38 @@ def cache_teacher_logits(
     ``seed``) and re-creates its inputs with the same seed, so the student
     sees exactly the pixels the teacher saw.
 
-    The cache records a fingerprint: the teacher (digest of its weights, its
-    output shape), the dataset (element spec, count, digest of its first 64
-    elements) and the settings (``top_k``, ``dtype``, ``output_index``, and
-    ``views``, ``seed`` and a digest of ``augment``'s output when augmenting).
-    A cache that does not match is refused with a `CacheMismatchError` saying
-    what changed, or rebuilt with ``on_mismatch="rebuild"``. ``batch_size``,
-    ``shard_size`` and ``num_shards`` only change the layout, not the
-    fingerprint.
+    The cache records a fingerprint: the teacher (digests of its weights and
+    of its architecture/config, i.e. layers, activations and connections;
+    its output shape), the dataset (element spec, count and a digest of
+    **every** element's inputs ``x`` in order, computed in one pass each
+    time the transform is applied, before any epoch) and the settings
+    (``top_k``, ``dtype``, ``output_index``, and ``views``, ``seed`` and a
+    digest of ``augment``'s output when augmenting). When an existing cache is
+    opened, the teacher also re-runs on the first 64 examples and must
+    reproduce the stored logits. A cache that does not match is refused with
+    a `CacheMismatchError` saying what changed, or rebuilt with
+    ``on_mismatch="rebuild"``. ``batch_size``, ``shard_size`` and
+    ``num_shards`` only change the layout, not the fingerprint.
+
+    Storage guarantees (see the README's table): keras_kd only creates,
+    reads and deletes its own names in ``directory`` (a marker file records
+    that keras_kd created it; a ``manifest.json`` it did not write is never
+    touched, whatever ``on_mismatch`` says); it reads only regular files and
+    at most their recorded size; manifests and journals are validated
+    against a schema (a violation is a `CacheCorruptedError` naming the
+    entry, repaired by ``on_mismatch="rebuild"``); one writer per part at a
+    time (``fcntl.flock``); a build writes fresh names and switches the
+    manifest atomically after verifying every file, so a reader never sees a
+    mix of two builds (a streaming reader whose files a rebuild by another
+    job replaced fails at its next epoch with a "not found" error instead
+    of reading another teacher's logits).
 
     Crash safety: every file is written to a temporary name, fsynced and
     renamed; the manifest is written last. A build killed at any point leaves
     no manifest, so nothing is accepted as a cache; the next run checks the
     finished files of the interrupted build (size and CRC32), keeps them and
-    resumes after them. Before use, every file is checked against the
-    manifest.
+    resumes after them; its temporaries are removed by the next holder of the
+    part's lock. Before use, every file is checked against the manifest.
 
     Multi-worker build: with ``num_shards=N`` and ``shard_index=i`` (or a
     ``tf.distribute.InputContext``), worker ``i`` runs the teacher on its own
@@ -623,8 +460,11 @@ def cache_teacher_logits(
     ``wait_timeout``), `TeacherLogitCache.build` does not. The directory must
     be on a filesystem all workers share.
 
-    Memory: the output streams blocks of ``batch_size`` examples from disk;
-    memory does not grow with the number of examples.
+    Memory: a cache of up to 32 MiB is read once (checksums verified in the
+    same read) and held in host memory, which is faster for small data; a
+    larger one streams blocks of ``batch_size`` examples from disk, so
+    memory does not grow with the number of examples. ``in_memory=True`` or
+    ``False`` forces either.
 
     Speed: when all elements have one fixed shape, the output moves in blocks
     (``batch`` -> one function call per block -> ``unbatch``), with no
@@ -673,6 +513,8 @@ def cache_teacher_logits(
             other parts before raising `TimeoutError`; None waits for ever.
             Defaults to None.
         verbose: 0 silent, 1 progress bar, 2 one line per part. Defaults to 1.
+        in_memory: None to hold caches up to 32 MiB in memory and stream
+            larger ones, True/False to force either. Defaults to None.
 
     Returns:
         A `TeacherLogitCache`: use it with ``dataset.apply(...)``.
@@ -685,7 +527,11 @@ def cache_teacher_logits(
         CacheMismatchError: when the cache was built for another teacher,
             dataset or settings and ``on_mismatch="error"``.
         CacheCorruptedError: when a cache file is missing, truncated or
-            corrupted and ``on_mismatch="error"``.
+            corrupted, or a manifest or journal breaks the schema, and
+            ``on_mismatch="error"``.
+        CacheMismatchError: (whatever ``on_mismatch``) when ``directory``
+            holds a ``manifest.json`` keras_kd did not write, or another kind
+            of keras_kd cache.
         OSError: when ``directory`` cannot be written or the disk is full.
 
     Example:
@@ -728,7 +574,16 @@ def cache_teacher_logits(
         verify=verify,
         wait_timeout=wait_timeout,
         verbose=verbose,
+        in_memory=in_memory,
     )
+
+
+def _positive_int(value, argument, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"Expected `{argument}` to be an integer >= 1. Received: {argument}={value!r}")
+    return int(value)
 
 
 def _positive_int(value, argument, allow_none=False):
@@ -744,7 +599,7 @@ def read_manifest(directory) -> dict:
 
     The manifest records ``num_examples``, ``num_classes``, the layout
     (``block_rows``, ``fields``), the fingerprint and the files with their
-    sizes and CRC32s.
+    sizes and CRC32s. It is validated against the schema first.
 
     Args:
         directory: the cache directory.
@@ -754,86 +609,20 @@ def read_manifest(directory) -> dict:
 
     Raises:
         FileNotFoundError: when the directory holds no finished cache.
-        CacheCorruptedError: when the manifest is unreadable.
+        CacheCorruptedError: when the manifest is unreadable or breaks the
+            schema (the message names the entry).
+        CacheMismatchError: when it has another format version, or is not
+            a keras_kd teacher-logit cache.
     """
-    path = os.path.join(os.fspath(directory), MANIFEST)
-    if not os.path.exists(path):
+    store = _store(_storage.resolve_directory(directory, "teacher-logit cache"))
+    if not os.path.lexists(store.manifest_path):
         raise FileNotFoundError(f"No finished teacher-logit cache in {os.fspath(directory)!r} (no {MANIFEST}).")
-    try:
-        manifest = _read_json(path)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CacheCorruptedError(f"The cache manifest {path!r} is corrupted: {e}.") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CacheCorruptedError(f"{path!r} is not a keras_kd teacher-logit cache manifest.")
-    if manifest.get("version") != VERSION:
+    if not store.owned():
         raise CacheMismatchError(
-            f"The cache at {os.fspath(directory)!r} has format version {manifest.get('version')}; "
-            f"this keras_kd reads version {VERSION}. Rebuild it with on_mismatch='rebuild'."
+            f"{store.manifest_path!r} was not written by keras_kd (the directory has no "
+            f"{os.path.basename(store.marker)} marker); it is not a teacher-logit cache."
         )
-    return manifest
-
-
-class _PartWriter:
-    """Packs teacher outputs into blocks and blocks into files of one part.
-
-    Teacher batches need not be blocks: rows are buffered until a block is
-    full (only the part's last block may be partial, and it is padded).
-    """
-
-    def __init__(self, owner, layout, journal, journal_path, blocks_per_file, start_block):
-        self.owner, self.layout, self.journal, self.journal_path = owner, layout, journal, journal_path
-        self.blocks_per_file = blocks_per_file
-        self.block = start_block
-        self.file_index = len(journal["files"])
-        self.pending = []  # dicts of arrays not yet written
-        self.pending_rows = 0
-        self.current = None  # (file, name, first_block, blocks)
-
-    def add(self, arrays):
-        self.pending.append(arrays)
-        self.pending_rows += len(arrays["values"])
-        while self.pending_rows >= self.layout.block_rows:
-            self._write_block(self.layout.block_rows)
-
-    def _write_block(self, rows):
-        if len(self.pending) == 1:
-            merged = self.pending[0]
-        else:
-            merged = {k: np.concatenate([a[k] for a in self.pending]) for k in self.pending[0]}
-        block = {k: v[:rows] for k, v in merged.items()}
-        rest = {k: v[rows:] for k, v in merged.items()}
-        self.pending = [rest] if len(rest["values"]) else []
-        self.pending_rows -= rows
-        part = self.journal["part"]
-        if self.current is None:
-            name = f"logits-{part:05d}-{self.file_index:05d}.bin"
-            self.current = [_AtomicFile(os.path.join(self.owner.directory, name)), name, self.block, 0]
-        self.current[0].write(self.layout.encode(block, rows))
-        self.current[3] += 1
-        self.block += 1
-        if self.current[3] == self.blocks_per_file:
-            self._finish_file()
-
-    def _finish_file(self):
-        f, name, first_block, nblocks = self.current
-        f.commit()
-        self.journal["files"].append(
-            {"name": name, "bytes": f.size, "crc32": f.crc, "first_block": first_block, "blocks": nblocks}
-        )
-        _write_json(self.journal_path, self.journal)
-        self.current = None
-        self.file_index += 1
-
-    def close(self):
-        if self.pending_rows:
-            self._write_block(self.pending_rows)
-        if self.current is not None:
-            self._finish_file()
-
-    def abort(self):
-        if self.current is not None:
-            self.current[0].abort()
-            self.current = None
+    return store.read_manifest(_validate_extra)
 
 
 class TeacherLogitCache:
@@ -878,12 +667,12 @@ class TeacherLogitCache:
         verify="checksum",
         wait_timeout=None,
         verbose=1,
+        in_memory=None,
     ):
         _compat.check_model(teacher, "teacher")
-        if not isinstance(directory, (str, os.PathLike)):
-            raise TypeError(f"Expected `directory` to be a path. Received: directory={directory!r}")
         self.teacher = teacher
-        self.directory = os.path.abspath(os.fspath(directory))
+        # Checked (valid UTF-8, absolute, symlinks resolved) before the teacher runs.
+        self.directory = _storage.resolve_directory(directory, "teacher-logit cache")
         self.top_k = _positive_int(top_k, "top_k", allow_none=True)
         dtype_name = getattr(dtype, "name", None) or str(dtype)
         if dtype_name not in _DTYPES:
@@ -933,6 +722,9 @@ class TeacherLogitCache:
         if verbose not in (0, 1, 2):
             raise ValueError(f"Expected `verbose` in (0, 1, 2). Received: verbose={verbose!r}")
         self.verbose = verbose
+        if in_memory not in (None, True, False):
+            raise ValueError(f"Expected `in_memory` to be None (automatic), True or False. Received: in_memory={in_memory!r}")
+        self.in_memory = in_memory
         self.manifest = None
         self.num_classes = None
 
@@ -953,7 +745,10 @@ class TeacherLogitCache:
             when the other parts do not appear within ``wait_timeout``.
         """
         manifest = self._ensure(dataset, wait=True)
-        return self._reader(dataset, manifest)
+        blocks = self.__dict__.pop("_opened_blocks", None)
+        if blocks is None:
+            blocks = self._blocks(_store(self.directory), manifest)
+        return self._reader(dataset, manifest, blocks)
 
     def build(self, dataset: tf.data.Dataset) -> dict:
         """Writes this worker's part of the cache (all of it without sharding).
@@ -1001,7 +796,7 @@ class TeacherLogitCache:
         if self.verbose:
             print(f"keras_kd cache: {message}", flush=True)
 
-    def _fingerprint(self, dataset, count):
+    def _fingerprint(self, dataset, count_hint):
         static = _model_output_shape(self.teacher, self.output_index)
         if static is not None and len(static) >= 2 and all(d is not None for d in static[1:]):
             # Known from the model: the teacher runs only in the build pass.
@@ -1017,7 +812,11 @@ class TeacherLogitCache:
                 raise ValueError(
                     f"Expected the teacher to output logits of shape (batch, ..., classes). Received: {out.shape}"
                 )
-        settings = {"top_k": self.top_k, "dtype": self.dtype, "output_index": self.output_index}
+        if self.top_k is not None and self.top_k > teacher_shape[-1]:
+            raise ValueError(
+                f"Expected `top_k` <= the teacher's {teacher_shape[-1]} classes. Received: top_k={self.top_k}"
+            )
+        settings = {"top_k": self.top_k, "dtype": self.dtype, "output_index": repr(self.output_index)}
         if self.augment is not None:
             settings.update(
                 views=self.views,
@@ -1025,25 +824,28 @@ class TeacherLogitCache:
                 augment=getattr(self.augment, "__qualname__", type(self.augment).__name__),
                 augment_digest=self._augment_digest(dataset),
             )
+        digest, count = _fingerprint.inputs_digest(dataset)
+        if count_hint is not None and count != count_hint:
+            raise ValueError(
+                f"The dataset reports {count_hint} elements (its cardinality) but yields {count}."
+            )
+        if count == 0:
+            raise ValueError("The dataset given to `cache_teacher_logits` is empty.")
         fp = {
             "teacher": {
                 "flavour": _compat.flavour_of(self.teacher),
                 "output_shape": [None, *teacher_shape],
                 "weights_digest": _fingerprint.weights_digest(self.teacher),
+                "architecture_digest": _fingerprint.architecture_digest(self.teacher),
             },
             "dataset": {
                 "element_spec": _describe_spec(dataset.element_spec),
                 "count": count,
-                "sample_size": _SAMPLE_SIZE,
-                "sample_digest": _fingerprint.sample_digest(dataset, _SAMPLE_SIZE),
+                "inputs_digest": digest,
             },
             "settings": settings,
         }
-        if self.top_k is not None and self.top_k > teacher_shape[-1]:
-            raise ValueError(
-                f"Expected `top_k` <= the teacher's {teacher_shape[-1]} classes. Received: top_k={self.top_k}"
-            )
-        return fp, teacher_shape
+        return fp, teacher_shape, count
 
     def _augment_digest(self, dataset):
         h = hashlib.blake2b(digest_size=16)
@@ -1088,35 +890,29 @@ class TeacherLogitCache:
                 "student logits of other inputs. Apply shuffling and augmentation after the "
                 "transform, or pass `augment=fn(x, seed)` to cache augmentation-consistent views."
             )
-        fp, teacher_shape = self._fingerprint(dataset, known_count)
+        store = _store(self.directory)
+        store.owned()  # refuses a directory of another keras_kd cache kind before any work
+        fp, teacher_shape, count = self._fingerprint(dataset, known_count)
         self.num_classes = teacher_shape[-1]
-        manifest_path = os.path.join(self.directory, MANIFEST)
-        if os.path.exists(manifest_path):
-            problem = None
-            try:
-                manifest = read_manifest(self.directory)
-                changes = _fingerprint_diff(manifest["fingerprint"], fp, manifest["num_examples"])
-                if changes:
-                    problem = CacheMismatchError(
-                        f"The teacher-logit cache at {self.directory!r} was built for something else:\n  - "
-                        + "\n  - ".join(changes)
-                        + "\nPass on_mismatch='rebuild' to rebuild it, or use another `directory`."
-                    )
-                else:
-                    problem = self._verify(manifest)
-            except (CacheCorruptedError, CacheMismatchError) as e:
-                problem = e
-            if problem is None:
-                self.manifest = manifest
-                return manifest
+        layout = _logit_layout(max(1, self.batch_size // self.views), self.views, teacher_shape, self.top_k, self.dtype)
+        build = _build.Build(
+            store, fp, layout, count, self.shard_index, self.num_shards,
+            diff=lambda old, n: _fingerprint_diff(old, fp, n),
+            extra=lambda lay: _manifest_extra(lay, teacher_shape, self.top_k, self.dtype, self.views),
+            validate_extra=_validate_extra,
+            checksum=self.verify == "checksum",
+            say=self._say,
+        )
+        manifest, problem = self._open(build, dataset)
+        if manifest is not None:
+            return manifest
+        fresh = False
+        if problem is not None:
             if self.on_mismatch == "error":
                 raise problem
-            if self.verbose:
-                self._say(f"rebuilding: {problem}")
-            self._check_writable()
-            self._discard(manifest_path)
-        # Before building: a second pass over the first elements must give the same ones.
-        if not suspicious and _fingerprint.sample_digest(dataset, _SAMPLE_SIZE) != fp["dataset"]["sample_digest"]:
+            self._say(f"rebuilding: {problem}")
+            fresh = isinstance(problem, _ProbeMismatch)
+        elif _fingerprint.sample_digest(dataset, _SAMPLE_SIZE) != _fingerprint.sample_digest(dataset, _SAMPLE_SIZE):
             _warn(
                 "The dataset given to `cache_teacher_logits` yields different elements each time it "
                 "is iterated (random augmentation or reshuffling before the transform?). The cache "
@@ -1124,199 +920,139 @@ class TeacherLogitCache:
                 "of other inputs. Make the dataset deterministic before the transform, or pass "
                 "`augment=fn(x, seed)`."
             )
-        self._check_writable()
-        layout, count = self._plan(fp, teacher_shape, dataset, known_count)
-        part = self._build_part(dataset, fp, layout, count)
-        manifest = self._assemble(fp, layout, count, part)
+        store.claim(refuse_foreign_files=False)
+        build = build.with_layout(self._resume_layout(store, build))
+
+        def recheck():
+            # Another job may have finished a cache while this one waited for the lock.
+            if problem is not None:
+                return None  # rebuilding what was found wrong
+            found, why = build.open()
+            if found is not None and found["generation"] == build.gen and build.verify(found) is None:
+                return found
+            if found is None and why is not None and self.on_mismatch == "error":
+                raise why  # e.g. another job's cache for another teacher: never served, never replaced
+            return None
+
+        found, part = build.build_part(
+            lambda start, rows, writer: self._produce(dataset, start, rows, build.layout, writer),
+            self._blocks_per_file(build.layout),
+            fresh=fresh,
+            recheck=recheck,
+        )
+        if found is not None:
+            return self._opened(found)
+        if self.verbose == 2:
+            self._say(f"part {self.shard_index} of {self.num_shards} written")
+        manifest = build.assemble()
         if manifest is None and wait:
-            manifest = self._wait_for_parts(fp, layout, count)
+            manifest = build.wait_for_parts(self.wait_timeout)
         if manifest is None:
             return part
+        return self._opened(manifest)
+
+    def _opened(self, manifest):
         self.manifest = manifest
         return manifest
 
-    def _verify(self, manifest):
-        for entry in manifest["files"]:
-            why = _check_file(os.path.join(self.directory, entry["name"]), entry["bytes"], entry["crc32"], self.verify)
-            if why is not None:
-                return CacheCorruptedError(
-                    f"The teacher-logit cache at {self.directory!r} is damaged: {why}. "
-                    "Pass on_mismatch='rebuild' to rebuild it, or delete the directory."
+    def _open(self, build, dataset):
+        """``(manifest, problem)`` for an existing cache: schema, fingerprint, files, teacher probe."""
+        manifest, problem = build.open()
+        if manifest is None:
+            return None, problem
+        if not self._will_hold_in_memory(manifest):
+            problem = build.verify(manifest)
+            if problem is not None:
+                return None, problem
+        try:
+            blocks = self._blocks(build.store, manifest)
+        except CacheCorruptedError as e:
+            return None, CacheCorruptedError(
+                f"The teacher-logit cache at {self.directory!r} is damaged: {e}. Pass "
+                "on_mismatch='rebuild' to rebuild it, or use another `directory`."
+            )
+        problem = self._probe(dataset, manifest, blocks)
+        if problem is not None:
+            return None, problem
+        self._opened_blocks = blocks
+        return self._opened(manifest), None
+
+    def _will_hold_in_memory(self, manifest):
+        return _build.choose_in_memory(self.in_memory, manifest)
+
+    def _blocks(self, store, manifest):
+        layout = _storage.Layout(manifest["layout"]["block_rows"],
+                                 [(f["name"], f["dtype"], f["shape"]) for f in manifest["layout"]["fields"]])
+        return _storage.dataset_reader(
+            store, manifest, layout, self._will_hold_in_memory(manifest), checksum=self.verify == "checksum"
+        )
+
+    def _probe(self, dataset, manifest, blocks):
+        """Re-runs the teacher on the first examples and compares with the stored logits.
+
+        A cheap guard against a teacher whose function changed in a way the
+        fingerprint cannot see (e.g. a subclassed model without a config).
+        """
+        rows = min(_PROBE_ROWS, manifest["num_examples"], manifest["layout"]["block_rows"])
+        layout = _storage.Layout(manifest["layout"]["block_rows"], [])
+        x = next(iter(self._teacher_inputs(dataset, 0, rows, layout)))
+        fresh, _ = self._teacher_step(layout)(x)
+        stored = next(iter(blocks.take(1)))
+        for name in ("values", "logsumexp"):
+            if name not in fresh:
+                continue
+            a = np.asarray(fresh[name], np.float32)
+            b = np.asarray(stored[name], np.float32)[: len(a)]
+            if a.shape != b.shape:
+                return _ProbeMismatch(f"The teacher's outputs have shape {a.shape[1:]}, the cache at {self.directory!r} holds {b.shape[1:]}.")
+            scale = 1.0 + np.abs(a)
+            worst = float(np.max(np.abs(a - b) / scale)) if a.size else 0.0
+            if not np.isfinite(worst) or worst > 1e-2:
+                return _ProbeMismatch(
+                    f"The teacher-logit cache at {self.directory!r} was built by a teacher that computes "
+                    f"something else: re-run on the first {rows} examples, the teacher's logits differ from "
+                    f"the stored ones (max relative difference {worst:.3g}) although its fingerprint matches. "
+                    "Pass on_mismatch='rebuild' to rebuild it, or use another `directory`."
                 )
         return None
 
-    def _discard(self, manifest_path):
-        """Invalidates a finished cache: the manifest goes first, so no reader accepts it.
+    def _resume_layout(self, store, build):
+        """The layout of an interrupted build of this part with the same fingerprint, to resume it."""
+        old = store.read_journal(self.shard_index, self.num_shards)
+        if old is None or old["fingerprint"] != build.fp:
+            return build.layout
+        rows = old["layout"]["block_rows"]
+        if rows > max(build.count, self.batch_size):  # bounded: never more rows than this build needs
+            return build.layout
+        candidate = _storage.Layout(rows, build.layout.specs)
+        return candidate if candidate.to_json() == old["layout"] else build.layout
 
-        A single builder also removes the old files. With several workers the
-        others may already be writing the new build under the same names, so
-        old files are left to be overwritten.
-        """
-        try:
-            old = _read_json(manifest_path)
-            names = [f["name"] for f in old.get("files", [])]
-        except Exception:
-            names = []
-        os.remove(manifest_path)
-        _fsync_dir(self.directory)
-        if self.num_shards > 1:
-            return
-        names += [n for n in os.listdir(self.directory) if n.startswith("part-") and n.endswith(".json")]
-        for name in names:
-            try:
-                os.remove(os.path.join(self.directory, name))
-            except OSError:
-                pass
-
-    def _check_writable(self):
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-            probe = _AtomicFile(os.path.join(self.directory, ".write-probe"))
-            probe.abort()
-        except OSError as e:
-            raise OSError(
-                e.errno,
-                f"Cannot write the teacher-logit cache to directory={self.directory!r}: "
-                f"{e.strerror or e}. Choose a writable `directory`.",
-            ) from e
-
-    def _plan(self, fp, teacher_shape, dataset, known_count):
-        count = known_count
-        if count is None and self.num_shards > 1:
-            # Splitting the work needs the size up front.
-            count = int(dataset.reduce(np.int64(0), lambda n, _: n + 1))
-            fp["dataset"]["count"] = count
-        block_rows = max(1, self.batch_size // self.views)
-        journal = self._journal_path()
-        if os.path.exists(journal):
-            # Keep the layout of an interrupted build so it can resume.
-            try:
-                old = _read_json(journal)
-                if old.get("fingerprint") == fp:
-                    block_rows = int(old["layout"]["block_rows"])
-            except Exception:
-                pass
-        layout = _Layout(block_rows, self.views, tuple(teacher_shape), self.top_k, self.dtype)
-        if count is not None:
-            needed = math.ceil(count / block_rows) * layout.block_bytes / self.num_shards
-            free = shutil.disk_usage(self.directory).free
-            if needed > free:
-                raise OSError(
-                    errno.ENOSPC,
-                    f"The disk is full: the teacher-logit cache needs about {needed / 2**20:.1f} MiB "
-                    f"in {self.directory!r} but only {free / 2**20:.1f} MiB are free. Free some "
-                    "space, use top_k=... or dtype='float16', or choose another `directory`.",
-                )
-        return layout, count
-
-    def _journal_path(self, part=None, num_parts=None):
-        part = self.shard_index if part is None else part
-        num_parts = self.num_shards if num_parts is None else num_parts
-        return os.path.join(self.directory, f"part-{part:05d}-of-{num_parts:05d}.json")
-
-    def _block_range(self, count, block_rows, part, num_parts):
-        if count is None:
-            return 0, None
-        blocks = math.ceil(count / block_rows)
-        return blocks * part // num_parts, blocks * (part + 1) // num_parts
-
-    def _build_part(self, dataset, fp, layout, count):
-        part, num_parts = self.shard_index, self.num_shards
-        journal_path = self._journal_path()
-        prefix = f"logits-{part:05d}-"
-        _remove_stale_tmp(self.directory)
-        b0, b1 = self._block_range(count, layout.block_rows, part, num_parts)
-        journal = {
-            "format": FORMAT,
-            "version": VERSION,
-            "fingerprint": fp,
-            "layout": layout.to_json(),
-            "part": part,
-            "num_parts": num_parts,
-            "first_block": b0,
-            "end_block": b1,
-            "files": [],
-            "num_examples": count,
-            "complete": False,
-        }
-        if os.path.exists(journal_path):
-            try:
-                old = _read_json(journal_path)
-            except Exception:
-                old = None
-            keys = ("format", "version", "fingerprint", "layout", "first_block")
-            same = old is not None and all(old.get(k) == journal[k] for k in keys)
-            # Without a known size the end of the part is only known once it is built.
-            same = same and (b1 is None or old.get("end_block") == b1)
-            if same:
-                kept = []
-                for entry in old["files"]:
-                    if _check_file(os.path.join(self.directory, entry["name"]), entry["bytes"], entry["crc32"], "checksum"):
-                        break
-                    kept.append(entry)
-                journal["files"] = kept
-                if old.get("complete") and len(kept) == len(old["files"]):
-                    return old
-                if kept:
-                    self._say(f"resuming part {part} after {len(kept)} finished file(s)")
-            elif self.verbose:
-                self._say(f"discarding an unfinished build of part {part} made for other settings")
-        known = {e["name"] for e in journal["files"]}
-        for name in os.listdir(self.directory):
-            if name.startswith(prefix) and name.endswith(".bin") and name not in known:
-                os.remove(os.path.join(self.directory, name))
-
-        done_blocks = sum(e["blocks"] for e in journal["files"])
-        start_block = b0 + done_blocks
-        start_row = start_block * layout.block_rows
-        rows_left = None if b1 is None else max(0, min(count, b1 * layout.block_rows) - start_row)
-        blocks_per_file = self._blocks_per_file(layout)
-
-        inputs = self._teacher_inputs(dataset, start_row, rows_left, layout)
+    def _produce(self, dataset, start_row, rows, layout, writer):
+        inputs = self._teacher_inputs(dataset, start_row, rows, layout)
         step = self._teacher_step(layout)
-        target = None if b1 is None else b1 - b0
-        where = "" if num_parts == 1 else f" (part {part + 1} of {num_parts})"
-        size = "all" if rows_left is None else f"{rows_left}"
-        self._say(f"running the teacher once over {size} examples{where}; writing to {self.directory}")
+        target = math.ceil(rows / layout.block_rows)
+        where = "" if self.num_shards == 1 else f" (part {self.shard_index + 1} of {self.num_shards})"
+        self._say(f"running the teacher once over {rows} examples{where}; writing to {self.directory}")
         bar = keras.utils.Progbar(target, verbose=self.verbose, unit_name="batch") if self.verbose else None
-        if bar is not None and done_blocks:
-            bar.update(done_blocks)
-        writer = _PartWriter(self, layout, journal, journal_path, blocks_per_file, start_block)
-        rows_written = start_row
-        first = True
-        try:
-            for x in inputs:
-                arrays, stats = step(x)
-                self._check_stats(stats, first)
-                first = False
-                arrays = {k: v.numpy() for k, v in arrays.items()}
-                got = tuple(arrays["values"].shape[2:-1] if layout.top_k else arrays["values"].shape[2:])
-                want = tuple(layout.teacher_shape[:-1] if layout.top_k else layout.teacher_shape)
-                if got != want:
-                    raise ValueError(
-                        f"The teacher's output shape varies between examples ({want} then {got} per "
-                        "example); the cache needs one fixed output shape."
-                    )
-                writer.add(arrays)
-                rows_written += len(arrays["values"])
-                if bar is not None:
-                    bar.update(writer.block - b0)
-            writer.close()
+        first_block, first = writer.block, True
+        want = None
+        for x in inputs:
+            arrays, stats = step(x)
+            self._check_stats(stats, first)
+            first = False
+            arrays = {k: v.numpy() for k, v in arrays.items()}
+            got = arrays["values"].shape[1:]
+            want = want or tuple(layout.specs[0][2])
+            if tuple(got) != want:
+                raise ValueError(
+                    f"The teacher's output shape varies between examples ({want} then {tuple(got)} per "
+                    "example); the cache needs one fixed output shape."
+                )
+            yield arrays
             if bar is not None:
-                bar.update(writer.block - b0, finalize=True)
-        except BaseException:
-            writer.abort()
-            raise
-        block = writer.block
-        if count is None:
-            journal["num_examples"] = rows_written
-            journal["end_block"] = block
-            journal["fingerprint"]["dataset"]["count"] = None
-        journal["complete"] = True
-        _write_json(journal_path, journal)
-        if self.verbose == 2:
-            self._say(f"part {part} of {num_parts} written ({block - b0} blocks)")
-        return journal
+                bar.update(writer.block - first_block)
+        if bar is not None:
+            bar.update(target, finalize=True)
 
     def _blocks_per_file(self, layout):
         if self.shard_size is not None:
@@ -1411,105 +1147,25 @@ class TeacherLogitCache:
                 "`output_index`)."
             )
 
-    def _assemble(self, fp, layout, count, own_part):
-        """Writes the manifest if all parts of the build exist and match; else None."""
-        num_parts = self.num_shards
-        parts = []
-        for p in range(num_parts):
-            if p == self.shard_index:
-                journal = own_part
-            else:
-                try:
-                    journal = _read_json(self._journal_path(p, num_parts))
-                except (OSError, ValueError):
-                    return None
-            if not journal.get("complete") or journal.get("fingerprint") != fp or journal.get("layout") != layout.to_json():
-                return None
-            parts.append(journal)
-        files = [entry for journal in parts for entry in journal["files"]]
-        for entry in files:
-            path = os.path.join(self.directory, entry["name"])
-            if not os.path.exists(path) or os.path.getsize(path) != entry["bytes"]:
-                return None
-        num_examples = parts[-1]["num_examples"] if count is None else count
-        fingerprint = json.loads(json.dumps(fp))
-        fingerprint["dataset"]["count"] = num_examples
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "fingerprint": fingerprint,
-            "num_examples": num_examples,
-            "num_classes": layout.num_classes,
-            "teacher_shape": list(layout.teacher_shape),
-            "top_k": layout.top_k,
-            "dtype": layout.dtype,
-            "views": layout.views,
-            "layout": layout.to_json(),
-            "block_rows": layout.block_rows,
-            "block_bytes": layout.block_bytes,
-            "num_blocks": math.ceil(num_examples / layout.block_rows),
-            "fields": layout.fields(),
-            "num_parts": num_parts,
-            "files": files,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        # Another worker may have written it already: identical content either way.
-        _write_json(os.path.join(self.directory, MANIFEST), manifest)
-        return manifest
-
-    def _wait_for_parts(self, fp, layout, count):
-        start = time.monotonic()
-        told = False
-        while True:
-            if os.path.exists(os.path.join(self.directory, MANIFEST)):
-                try:
-                    manifest = read_manifest(self.directory)
-                except (CacheCorruptedError, CacheMismatchError, OSError):
-                    manifest = None
-                if manifest is not None and not _fingerprint_diff(manifest["fingerprint"], fp, manifest["num_examples"]):
-                    return manifest
-            manifest = self._assemble(fp, layout, count, _read_json(self._journal_path()))
-            if manifest is not None:
-                return manifest
-            missing = [p for p in range(self.num_shards) if not self._part_complete(p, fp)]
-            if self.wait_timeout is not None and time.monotonic() - start >= self.wait_timeout:
-                raise TimeoutError(
-                    f"Part {self.shard_index} of the teacher-logit cache at {self.directory!r} is "
-                    f"written, but part(s) {missing} of {self.num_shards} did not finish within "
-                    f"wait_timeout={self.wait_timeout}s. Run the other workers; this part is kept."
-                )
-            if not told:
-                self._say(f"waiting for part(s) {missing} of {self.num_shards}")
-                told = True
-            time.sleep(0.5)
-
-    def _part_complete(self, part, fp):
-        try:
-            journal = _read_json(self._journal_path(part, self.num_shards))
-        except (OSError, ValueError):
-            return False
-        return bool(journal.get("complete")) and journal.get("fingerprint") == fp
-
     # -- reading ----------------------------------------------------------
 
-    def _reader(self, dataset, manifest):
+    def _reader(self, dataset, manifest, blocks):
         """The output pipeline.
 
-        Blocks are read with one ``FixedLengthRecordDataset`` record per block
-        and decoded per block. When the elements have fixed shapes, the
-        dataset is batched into the same blocks, zipped with them, turned into
-        `TeacherTargets` by one function call per block and split again with
-        ``unbatch``: there is no per-example function call, which measured
-        several times slower (a tf.data map function that does more than pass
-        its inputs through costs tens of microseconds per element). Elements
-        of varying shape are paired one by one instead.
+        ``blocks`` yields the stored blocks as ``{field: (block_rows, ...)}``
+        (from host memory for a small cache, else one
+        ``FixedLengthRecordDataset`` record per block). When the elements
+        have fixed shapes, the dataset is batched into the same blocks,
+        zipped with them, turned into `TeacherTargets` by one function call
+        per block and split again with ``unbatch``: there is no per-example
+        function call. Elements of varying shape are paired one by one.
         """
-        layout = _Layout.from_json(manifest["layout"])
-        self.num_classes = layout.num_classes
+        fields = manifest["layout"]["fields"]
+        top_k = manifest["top_k"]
+        self.num_classes = int(manifest["num_classes"])
         n = int(manifest["num_examples"])
-        rows, views, seed, augment = layout.block_rows, layout.views, self.seed, self.augment
-        files = [os.path.join(self.directory, e["name"]) for e in manifest["files"]]
-        blocks = tf.data.FixedLengthRecordDataset(files, layout.block_bytes, buffer_size=max(1 << 18, layout.block_bytes))
+        rows, views, seed, augment = int(manifest["layout"]["block_rows"]), int(manifest["views"]), self.seed, self.augment
+        del fields
         blocks = tf.data.Dataset.zip((tf.data.Dataset.range(int(manifest["num_blocks"])), blocks))
         if augment is not None:
             # One key per block and pass: a new choice of views on every pass
@@ -1524,26 +1180,26 @@ class TeacherLogitCache:
 
         def targets_of(block, key, labels, count):
             """TeacherTargets for the first `count` examples of a block, and view seeds."""
-            block_id, record = block
-            fields = {k: v[:count] for k, v in layout.decode(record).items()}
+            block_id, stored = block
+            stored = {k: v[:count] for k, v in stored.items()}
             example_id = block_id * rows + tf.range(tf.cast(count, tf.int64))
             view_seed = None
             if augment is not None:
                 view = tf.random.stateless_uniform(
                     tf.reshape(count, [1]), seed=tf.stack([key, block_id]), minval=0, maxval=views, dtype=tf.int64
                 )
-                fields = {k: tf.gather(v, view, batch_dims=1) for k, v in fields.items()}
+                stored = {k: tf.gather(v, view, batch_dims=1) for k, v in stored.items()}
                 view_seed = _seed_of(seed, example_id, view, views)
             else:
-                fields = {k: v[:, 0] for k, v in fields.items()}
-            if layout.top_k is None:
-                targets = targets_lib.TeacherTargets(labels=labels, logits=fields["values"], example_id=example_id)
+                stored = {k: v[:, 0] for k, v in stored.items()}
+            if top_k is None:
+                targets = targets_lib.TeacherTargets(labels=labels, logits=stored["values"], example_id=example_id)
             else:
                 targets = targets_lib.TeacherTargets(
                     labels=labels,
-                    topk_indices=tf.cast(fields["indices"], tf.int32),
-                    topk_values=fields["values"],
-                    topk_logsumexp=fields["logsumexp"],
+                    topk_indices=tf.cast(stored["indices"], tf.int32),
+                    topk_values=stored["values"],
+                    topk_logsumexp=stored["logsumexp"],
                     example_id=example_id,
                 )
             return targets, view_seed
@@ -1583,6 +1239,10 @@ class TeacherLogitCache:
                 attach, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
             )
         return out.apply(tf.data.experimental.assert_cardinality(n))
+
+
+class _ProbeMismatch(CacheMismatchError):
+    """The teacher, re-run on the first examples, disagrees with the stored logits."""
 
 
 def _batchable(spec) -> bool:

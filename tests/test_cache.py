@@ -20,6 +20,7 @@ import tensorflow as tf
 from sklearn.datasets import load_digits
 
 from keras_kd import _compat
+from keras_kd import _storage
 from keras_kd import cache as cache_lib
 from keras_kd.cache import CacheCorruptedError
 from keras_kd.cache import CacheMismatchError
@@ -103,10 +104,6 @@ def test_pairing_survives_shuffle_batch_repeat(flavour, digits, tmp_path):
 
 def test_second_use_only_reads(digits, tmp_path):
     x, y = digits[0][:200], digits[1][:200]
-    teacher = make_model("keras", (16,), 10, seed=1)
-    raw_dataset(x, y).apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
-    stamps = {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path)}
-
     calls = []
 
     class Counting(keras.layers.Layer):
@@ -114,13 +111,19 @@ def test_second_use_only_reads(digits, tmp_path):
             calls.append(1)
             return inputs
 
-    # Same weights and outputs; a wrapper that counts teacher calls in Python.
+    # A teacher whose (identity) first layer counts its calls in Python. The
+    # fingerprint covers the architecture, so the counting layer is there from
+    # the start.
+    teacher = make_model("keras", (16,), 10, seed=1)
     wrapped = keras.Sequential([keras.Input((64,)), Counting(), *teacher.layers])
+    raw_dataset(x, y).apply(cache_teacher_logits(wrapped, tmp_path, verbose=0))
+    stamps = {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path)}
+    wrapped = keras.Sequential([keras.Input((64,)), Counting(), *teacher.layers])  # a new, equal model
     calls.clear()
     ds = raw_dataset(x, y).apply(cache_teacher_logits(wrapped, tmp_path, verbose=0))
     for _ in ds.batch(64):
         pass
-    assert len(calls) <= 1  # one probe call for the output shape, never a pass over the data
+    assert len(calls) <= 1  # one traced probe batch when opening, never a pass over the data
     assert {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path)} == stamps
 
 
@@ -132,12 +135,14 @@ def test_unknown_cardinality_dataset(digits, tmp_path):
     got = collect(raw.apply(cache_teacher_logits(teacher, tmp_path, batch_size=32, verbose=0)).batch(50))
     np.testing.assert_array_equal(got["id"], np.arange(150))
     np.testing.assert_allclose(got["logits"].astype("float32"), teacher_logits(teacher, x), rtol=2e-3, atol=2e-3)
-    # A later dataset of another (unknown) size is refused while iterating.
+    # A later dataset of another (unknown) size is refused when applied, before
+    # any element is read (every element's inputs are digested).
     shorter = raw_dataset(x, y).take(149).filter(lambda a, b: True)
-    ds = shorter.apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
-    with pytest.raises(tf.errors.FailedPreconditionError, match="150"):
-        for _ in ds:
-            pass
+    with pytest.raises(CacheMismatchError, match="size changed: 150 -> 149"):
+        shorter.apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
+    longer = raw_dataset(np.concatenate([x, x[:1]]), np.concatenate([y, y[:1]])).filter(lambda a, b: True)
+    with pytest.raises(CacheMismatchError, match="size changed: 150 -> 151"):
+        longer.apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
 
 
 # ---------------------------------------------------------------------------
@@ -244,7 +249,7 @@ CHILD = textwrap.dedent(
     import numpy as np, tensorflow as tf
     from sklearn.datasets import load_digits
     from keras_kd import _compat
-    from keras_kd import cache as cache_lib
+    from keras_kd import _storage, cache as cache_lib
 
     flavour, directory, weights = sys.argv[1], sys.argv[2], sys.argv[3]
     k = _compat.module(flavour)
@@ -253,7 +258,7 @@ CHILD = textwrap.dedent(
     x, y = load_digits(return_X_y=True)
     x, y = (x[:640] / 16.0).astype("float32"), y[:640].astype("int32")
 
-    real_open = cache_lib._open_for_write
+    real_open = _storage._open_for_write
 
     class Slow:  # a slow disk, so the parent can kill the build mid-way
         def __init__(self, f):
@@ -264,7 +269,7 @@ CHILD = textwrap.dedent(
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    cache_lib._open_for_write = lambda path: Slow(real_open(path))
+    _storage._open_for_write = lambda path: Slow(real_open(path))
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     ds.apply(cache_lib.cache_teacher_logits(teacher, directory, batch_size=32, shard_size=32, verbose=0))
     print("FINISHED", flush=True)
@@ -272,7 +277,7 @@ CHILD = textwrap.dedent(
 )
 
 
-def _finished_files(directory, journal="part-00000-of-00001.json"):
+def _finished_files(directory, journal="keras_kd-part-00000-of-00001.json"):
     try:
         with open(os.path.join(directory, journal)) as f:
             return json.load(f)["files"]
@@ -545,7 +550,8 @@ def test_damaged_file_is_named(damage, digits, tmp_path):
 def test_size_only_verification_skips_checksums(digits, tmp_path):
     teacher = make_model("keras", (), 10, seed=8)
     raw, files = _build_small(tmp_path, teacher, digits)
-    victim = tmp_path / files[0]["name"]
+    # Not the first block: opening re-runs the teacher on it and compares.
+    victim = tmp_path / files[1]["name"]
     data = bytearray(victim.read_bytes())
     data[0] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -576,14 +582,14 @@ def test_full_disk_fails_cleanly_and_resumes(digits, tmp_path, monkeypatch):
     teacher = make_model("keras", (), 10, seed=9)
     x, y = digits[0][:200], digits[1][:200]
     raw = raw_dataset(x, y)
-    real_open = cache_lib._open_for_write
-    monkeypatch.setattr(cache_lib, "_open_for_write", lambda path: _FullDisk(real_open(path)))
+    real_open = _storage._open_for_write
+    monkeypatch.setattr(_storage, "_open_for_write", lambda path: _FullDisk(real_open(path)))
     _FullDisk.budget = 3000  # a couple of blocks and a journal, then the disk is full
     with pytest.raises(OSError, match=r"disk is full: could not write the teacher-logit cache file .*(logits|part)-00000-"):
         raw.apply(cache_teacher_logits(teacher, tmp_path, batch_size=32, shard_size=32, verbose=0))
     assert not (tmp_path / "manifest.json").exists()
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
-    monkeypatch.setattr(cache_lib, "_open_for_write", real_open)
+    monkeypatch.setattr(_storage, "_open_for_write", real_open)
     got = collect(raw.apply(cache_teacher_logits(teacher, tmp_path, batch_size=32, shard_size=32, verbose=0)).batch(200))
     np.testing.assert_allclose(got["logits"].astype("float32"), teacher_logits(teacher, x), rtol=2e-3, atol=2e-3)
 
