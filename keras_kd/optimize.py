@@ -327,13 +327,19 @@ def _unsupported(model, select, why) -> list:
     return problems
 
 
-def _frequency(begin_step, end_step, frequency):
+def _schedule_steps(begin_step, end_step, frequency):
+    """``(begin_step, frequency)`` for tfmot's schedule: the last mask update on ``end_step``.
+
+    tfmot updates the masks at ``begin_step + k * frequency`` up to ``end_step``.
+    With ``frequency=None``, the span is cut into 16 equal updates (every step
+    for spans under 16): ``frequency = span // 16``; when the span is not a
+    multiple of it, the first update moves ``span % frequency`` steps later (fewer
+    than ``frequency``), so that the last one lands exactly on ``end_step``.
+    """
     span = end_step - begin_step
     if frequency is None:
-        # The largest divisor of the span that is at most span/16: about 16
-        # mask updates, the last one exactly at end_step.
-        cap = max(1, span // 16)
-        return max(d for d in range(1, cap + 1) if span % d == 0)
+        frequency = max(1, span // 16)
+        return begin_step + span % frequency, frequency
     if isinstance(frequency, bool) or not isinstance(frequency, numbers.Integral) or frequency < 1:
         raise ValueError(f"Expected `frequency` to be an int >= 1. Received: frequency={frequency!r}")
     if span % frequency:
@@ -343,7 +349,7 @@ def _frequency(begin_step, end_step, frequency):
             "the model would stop short of target_sparsity. Received: "
             f"begin_step={begin_step}, end_step={end_step}, frequency={frequency}."
         )
-    return int(frequency)
+    return begin_step, int(frequency)
 
 
 def prune_for_distillation(
@@ -391,8 +397,11 @@ def prune_for_distillation(
         begin_step: the step pruning starts. Defaults to 0.
         initial_sparsity: sparsity at ``begin_step``. Defaults to 0.0.
         power: exponent of the polynomial decay. Defaults to 3.
-        frequency: steps between mask updates; None picks about 16 updates
-            ending exactly at ``end_step``. Defaults to None.
+        frequency: steps between mask updates; None picks 16 updates
+            (``frequency = (end_step - begin_step) // 16``, every step for
+            shorter spans) ending exactly at ``end_step``: when the span is
+            not a multiple of that, the first update comes ``span %
+            frequency`` steps after ``begin_step``. Defaults to None.
         layers: prune only these layers (names, classes, layer objects, or a
             predicate ``fn(layer) -> bool``); None prunes every layer.
             Defaults to None.
@@ -444,8 +453,18 @@ def prune_for_distillation(
             f"initial_sparsity={initial_sparsity}, target_sparsity={target_sparsity}"
         )
     for value, argument in ((begin_step, "begin_step"), (end_step, "end_step")):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"Expected `{argument}` to be an int >= 0. Received: {argument}={value!r}")
+        if value < 0:
+            raise ValueError(
+                f"Expected `{argument}` to be an int >= 0. Received: {argument}={value!r}. A negative "
+                "step count usually comes from `dataset.cardinality()`, which is -1 "
+                "(tf.data.INFINITE_CARDINALITY) for a repeated dataset and -2 "
+                "(tf.data.UNKNOWN_CARDINALITY) after `filter`, `flat_map` and the like. Count the "
+                "batches once (`steps_per_epoch = sum(1 for _ in dataset)`) or declare them "
+                "(`dataset.apply(tf.data.experimental.assert_cardinality(n))`), and pass "
+                f"`{argument}=steps_per_epoch * epochs`."
+            )
     if end_step <= begin_step:
         raise ValueError(
             f"Expected `end_step` > `begin_step`. Received: begin_step={begin_step}, end_step={end_step}"
@@ -457,7 +476,7 @@ def prune_for_distillation(
             "Expected `block_pooling_type` to be 'AVG' or 'MAX'. "
             f"Received: block_pooling_type={block_pooling_type!r}"
         )
-    frequency = _frequency(begin_step, end_step, frequency)
+    schedule_begin, frequency = _schedule_steps(begin_step, end_step, frequency)
     if teacher is not None:
         check_num_classes(student, teacher)
     select = _selector(layers, student, "layers")
@@ -477,7 +496,7 @@ def prune_for_distillation(
         pruning_schedule=sparsity_lib.PolynomialDecay(
             initial_sparsity=float(initial_sparsity),
             final_sparsity=float(target_sparsity),
-            begin_step=int(begin_step),
+            begin_step=int(schedule_begin),
             end_step=int(end_step),
             power=power,
             frequency=frequency,
@@ -485,6 +504,21 @@ def prune_for_distillation(
         block_size=tuple(block_size),
         block_pooling_type=block_pooling_type,
     )
+    dense = [
+        f"  - {path} ({type(layer).__name__}): {', '.join(kernels)}"
+        for path, layer in _walk_layers(student)
+        if not _compat.is_model(layer) and (select is None or select(layer))
+        for kernels in [_unpruned_kernels(layer)]
+        if kernels
+    ]
+    if dense:
+        warnings.warn(
+            f"tfmot will not prune these kernels of `student` ({student.name!r}); they stay dense "
+            "(tfmot's pruning registry prunes no weight of DepthwiseConv layers and only the "
+            "pointwise kernel of SeparableConv layers):\n" + "\n".join(dense) + "\n"
+            "`keras_kd.optimize.sparsity` reports only the kernels tfmot prunes.",
+            stacklevel=2,
+        )
     copy = _clone(student)
     if select is None:
         pruned = sparsity_lib.prune_low_magnitude(copy, **params)
@@ -540,22 +574,91 @@ def strip(model):
 _KERNEL = re.compile(r"(^|_)kernel$|^embeddings$")
 
 
-def sparsity(model) -> dict:
-    """Fraction of zero weights in each layer's kernels.
+def _unwrapped(layer):
+    wrappers = _TFMOT_PRUNE_WRAPPERS + _TFMOT_QUANT_WRAPPERS
+    while hasattr(layer, "layer") and _is_tfmot_layer(layer, wrappers):
+        layer = layer.layer
+    return layer
 
-    Counts the weights pruning acts on (``kernel``, ``pointwise_kernel``,
-    ``depthwise_kernel``, ``recurrent_kernel``, ``embeddings``; not biases
-    or normalization parameters). Works on models with pruning or
-    quantization wrappers (reported under the wrapped layer's name, so the
-    names match before and after `strip`), on stripped models and on Keras 3
-    models. Layers without kernels are left out; nested layers are reported
-    as ``"outer/inner"``.
+
+def _prunable_weights(layer) -> Optional[list]:
+    """The weights tfmot prunes in ``layer`` (either flavour), by tfmot's own
+    registry; ``None`` for layers tfmot cannot prune."""
+    if _is_tfmot_layer(layer, _TFMOT_PRUNE_WRAPPERS):
+        return [weight for weight, _, _ in getattr(layer, "pruning_vars", [])]
+    inner = _unwrapped(layer)
+    found = _prunable_attributes(inner)
+    if found is None or inner is layer:
+        return None if found is None else [w for w, _ in found]
+    # Inside a quantization wrapper the layer's attributes are fake-quantized
+    # tensors; the wrapper tracks the variables themselves.
+    variables = {w.name.split(":")[0].split("/")[-1]: w for w in layer.weights}
+    return [
+        w if isinstance(w, tf.Variable) else variables[name]
+        for w, name in found
+        if isinstance(w, tf.Variable) or name in variables
+    ]
+
+
+def _prunable_attributes(layer) -> Optional[list]:
+    """``(value, attribute name)`` of what tfmot prunes in an unwrapped layer."""
+    from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
+
+    if hasattr(layer, "get_prunable_weights") and not _compat.is_model(layer):
+        return [(w, w.name.split(":")[0].split("/")[-1]) for w in layer.get_prunable_weights()]
+    registry = prune_registry.PruneRegistry
+    klass = _compat.builtin_layer_class(_compat.TF_KERAS, type(layer).__name__) if _compat.is_builtin(layer) else None
+    if klass is None:
+        return None
+    if klass in registry._RNN_LAYERS:
+        cells = getattr(layer.cell, "cells", [layer.cell])
+        names = {c.__name__: n for c, n in registry._RNN_CELLS_WEIGHTS_MAP.items()}
+        if any(type(cell).__name__ not in names for cell in cells):
+            return None
+        return [(getattr(cell, n), n) for cell in cells for n in names[type(cell).__name__]]
+    if klass not in registry._LAYERS_WEIGHTS_MAP:
+        return None
+    found = []
+    for path in registry._LAYERS_WEIGHTS_MAP[klass]:
+        obj = layer
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            found.append((obj, path.split(".")[-1]))
+    return found
+
+
+def _unpruned_kernels(layer) -> list:
+    """Names of ``layer``'s kernels that tfmot leaves dense when it prunes the layer."""
+    pruned = {id(w) for w in _prunable_weights(layer) or []}
+    return [
+        w.name.split(":")[0].split("/")[-1]
+        for w in _unwrapped(layer).weights
+        if _KERNEL.search(w.name.split(":")[0].split("/")[-1]) and id(w) not in pruned
+    ]
+
+
+def sparsity(model) -> dict:
+    """Fraction of zeros in the kernels that tfmot prunes, per layer.
+
+    Counts exactly the weights tfmot's pruning registry prunes in each layer
+    (``kernel`` of ``Dense`` and convolutions, ``pointwise_kernel`` of
+    ``SeparableConv*``, ``kernel`` and ``recurrent_kernel`` of ``LSTM``,
+    ``GRU`` and ``SimpleRNN``, ``embeddings``, the four projection kernels of
+    ``MultiHeadAttention``, or a `PrunableLayer`'s ``get_prunable_weights``).
+    Layers tfmot never prunes (``DepthwiseConv2D``, normalization, pooling,
+    ...) and the kernels it leaves dense (a ``SeparableConv*``'s
+    ``depthwise_kernel``) are left out, so a pruned model reports its target
+    sparsity. Works on models with pruning or quantization wrappers (reported
+    under the wrapped layer's name, so the names match before and after
+    `strip`), on stripped models and on Keras 3 models; nested layers are
+    reported as ``"outer/inner"``.
 
     Args:
         model: a Keras 3 or tf_keras model.
 
     Returns:
-        ``{layer name: fraction of zeros in its kernels}``.
+        ``{layer name: fraction of zeros in its prunable kernels}``.
 
     Example:
 
@@ -565,23 +668,19 @@ def sparsity(model) -> dict:
     ```
     """
     _compat.check_model(model, "model")
+    _tfmot()
     report = {}
     for path, layer in _walk_layers(model):
         if _compat.is_model(layer):
             continue
-        inner = layer
-        wrappers = _TFMOT_PRUNE_WRAPPERS + _TFMOT_QUANT_WRAPPERS
-        while hasattr(inner, "layer") and _is_tfmot_layer(inner, wrappers):
-            inner = inner.layer
         zeros = total = 0
-        for weight in layer.weights:  # a quantize wrapper tracks the inner kernel itself
-            name = weight.name.split(":")[0].split("/")[-1]
-            if _KERNEL.search(name):
-                values = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight)
-                zeros += int(np.sum(values == 0))
-                total += values.size
+        for weight in _prunable_weights(layer) or []:
+            values = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight)
+            zeros += int(np.sum(values == 0))
+            total += values.size
         if total:
-            key = path.rsplit("/", 1)[0] + "/" + inner.name if "/" in path else inner.name
+            name = _unwrapped(layer).name
+            key = path.rsplit("/", 1)[0] + "/" + name if "/" in path else name
             report[key] = zeros / total
     return report
 
@@ -591,18 +690,13 @@ def sparsity(model) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _quantize_support(layer, registry) -> Optional[str]:
-    if _compat.is_input_layer(layer):
-        return None
-    if _compat.is_model(layer):
-        return (
-            "a model nested inside the student: tfmot quantizes the layers of one flat "
-            "Functional or Sequential model; rebuild it without nesting"
-        )
-    if _is_tfmot_layer(layer, ("QuantizeAnnotate",)):
-        return None
-    if registry.supports(layer):
-        return None
+_NESTED_QAT = (
+    "a model nested inside the student: tfmot quantizes the layers of one flat "
+    "Functional or Sequential model; rebuild it without nesting"
+)
+
+
+def _quantize_reason(layer) -> str:
     if not _compat.is_builtin(layer):
         return (
             f"custom layer class `{_qualname(layer)}`: tfmot's 8-bit scheme quantizes the built-in "
@@ -611,7 +705,9 @@ def _quantize_support(layer, registry) -> Optional[str]:
         )
     return (
         f"tfmot's 8-bit quantization registry does not support the built-in layer "
-        f"`{type(layer).__name__}` (with this configuration)"
+        f"`{type(layer).__name__}` in this position or configuration (tfmot's `quantize_model` "
+        "refuses it too); quantize the other layers, or give it a "
+        "`tfmot.quantization.keras.QuantizeConfig`"
     )
 
 
@@ -722,17 +818,27 @@ def quantize_for_distillation(
             f"Expected `scheme` to be a tfmot.quantization.keras.QuantizeScheme. Received: scheme={scheme!r}"
         )
     select = _selector(layers, student, "layers")
-    registry = scheme.get_quantize_registry()
-    problems = _unsupported(student, select, lambda layer: _quantize_support(layer, registry))
-    if problems:
-        hint = "" if select is not None else " Quantize only the other layers with `layers=[...]`."
+    nested = [
+        f"  - {path} ({type(layer).__name__}): {_NESTED_QAT}"
+        for path, layer in _walk_layers(student)
+        if _compat.is_model(layer)
+    ]
+    if nested:
         raise ValueError(
-            f"tfmot cannot quantize {len(problems)} layer(s) of `student` ({student.name!r}):\n"
-            + "\n".join(problems)
-            + ("\n" + hint.strip() if hint else "")
+            f"tfmot cannot quantize {len(nested)} layer(s) of `student` ({student.name!r}):\n"
+            + "\n".join(nested)
         )
+    hint = "" if select is not None else "\nQuantize only the other layers with `layers=[...]`."
+    scope = qk.quantize_scope(_custom_objects(student, custom_objects))
     copy = _clone(student)
-    with qk.quantize_scope(_custom_objects(student, custom_objects)):
+    with scope:
+        problems = _quantize_problems(copy, select, scheme)
+        if problems:
+            raise ValueError(
+                f"tfmot cannot quantize {len(problems)} layer(s) of `student` ({student.name!r}):\n"
+                + "\n".join(problems)
+                + hint
+            )
         if select is None:
             annotated = qk.quantize_annotate_model(copy)
         else:
@@ -745,8 +851,53 @@ def quantize_for_distillation(
             annotated.set_weights(copy.get_weights())
         try:
             return qk.quantize_apply(annotated, scheme)
-        except (RuntimeError, ValueError) as e:  # pragma: no cover - pre-checked above
+        except RuntimeError as e:  # "Layer <name>:<class> is not supported. ..."
+            match = re.match(r"Layer (\S+?):", str(e))
+            if match is None:
+                raise ValueError(f"tfmot could not quantize `student` ({student.name!r}): {e}") from e
+            name = match.group(1)
+            layer = next((x for x in copy.layers if x.name == name), None)
+            reason = _quantize_reason(layer) if layer is not None else str(e)
+            kind = type(layer).__name__ if layer is not None else "layer"
+            raise ValueError(
+                f"tfmot cannot quantize 1 layer(s) of `student` ({student.name!r}):\n"
+                f"  - {name} ({kind}): {reason}{hint}"
+            ) from e
+        except ValueError as e:
             raise ValueError(f"tfmot could not quantize `student` ({student.name!r}): {e}") from e
+
+
+def _quantize_problems(model, select, scheme) -> list:
+    """The layers tfmot's ``quantize_apply`` would refuse, each with the reason.
+
+    Mirrors ``quantize_apply`` with tfmot's own pieces: the layers to annotate,
+    the scheme's layout transform (which, e.g., folds ``Conv2D`` +
+    ``BatchNormalization`` + ``ReLU`` into patterns the registry supports),
+    then the registry, layer by layer. Unlike ``quantize_apply``, which stops
+    at the first refused layer, this lists every one. Models that already
+    carry the user's own ``QuantizeAnnotate`` wrappers are left to tfmot.
+    """
+    if _has_wrappers(model, ("QuantizeAnnotate",)):
+        return []
+    layer_map = {
+        layer.name: {"quantize_config": None}
+        for layer in model.layers
+        if not _compat.is_input_layer(layer) and (select is None or select(layer))
+    }
+    for input_layer in model._input_layers:
+        if any(node.outbound_layer.name in layer_map for node in input_layer._outbound_nodes):
+            layer_map[input_layer.name] = {}
+    transformed, layer_map = scheme.get_layout_transformer().apply(model, layer_map)
+    registry = scheme.get_quantize_registry()
+    problems = []
+    for layer in transformed.layers:
+        if _compat.is_input_layer(layer) or layer.name not in layer_map:
+            continue
+        if _is_tfmot_layer(layer, _TFMOT_QUANT_WRAPPERS) or layer_map[layer.name].get("quantize_config"):
+            continue
+        if not registry.supports(layer):
+            problems.append(f"  - {layer.name} ({type(layer).__name__}): {_quantize_reason(layer)}")
+    return problems
 
 
 # ---------------------------------------------------------------------------
@@ -919,7 +1070,7 @@ def to_tflite(
             "activation ranges. Pass it, or train a quantization-aware model with "
             "`quantize_for_distillation` (no calibration needed), or use int8=False."
         )
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = _converter(model)
     if int8:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if representative_data is not None:
@@ -962,10 +1113,70 @@ def _interpreter(tflite, num_threads):
     )
 
 
+def _converter(model):
+    """A ``TFLiteConverter`` whose signature names the outputs in Keras order.
+
+    Keras 3 models export their outputs as ``output_0``, ``output_1``, ...;
+    tf_keras ones under their layer names, listed alphabetically, which loses
+    the order. A multi-output single-input tf_keras model is therefore
+    converted from a function returning ``{"output_<i>": the i-th Keras
+    output}``, the Keras 3 naming; `evaluate_tflite` reads ``output_0``.
+    """
+    inputs = _input_tensors(model)
+    outputs = getattr(model, "outputs", None) or []
+    if len(outputs) < 2 or len(inputs) != 1 or _compat.flavour_of(model) == _compat.KERAS3:
+        return tf.lite.TFLiteConverter.from_keras_model(model)
+    spec = tf.TensorSpec(tuple(inputs[0].shape), inputs[0].dtype, name=_compat.input_name(inputs[0]))
+
+    @tf.function(input_signature=[spec])
+    def serve(x):
+        results = tf.nest.flatten(model(x, training=False))
+        return {f"output_{i}": t for i, t in enumerate(results)}
+
+    return tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], model)
+
+
+def _output_index(interpreter, output) -> int:
+    """The tensor index of the output `evaluate_tflite` scores (see there)."""
+    details = interpreter.get_output_details()
+    signatures = interpreter.get_signature_list()
+    named = {}
+    if len(signatures) == 1:
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        named = {name: d["index"] for name, d in runner.get_output_details().items()}
+    if output is None:
+        if len(details) == 1:
+            return details[0]["index"]
+        if "output_0" in named:
+            return named["output_0"]
+        raise ValueError(
+            f"The TFLite model has {len(details)} outputs ({sorted(named) or [d['name'] for d in details]}) "
+            "and its signature does not give their Keras order (`keras_kd.optimize.to_tflite` names "
+            "them output_0, output_1, ...). Pass `output=` the name of the logits output."
+        )
+    if isinstance(output, bool) or not isinstance(output, (int, str)):
+        raise TypeError(f"Expected `output` to be an int, a str or None. Received: output={output!r}")
+    name = f"output_{output}" if isinstance(output, int) else output
+    if name not in named:
+        if isinstance(output, int) and output == 0 and len(details) == 1:
+            return details[0]["index"]
+        raise ValueError(f"Unknown `output`={output!r}. The TFLite model's outputs are {sorted(named)}.")
+    return named[name]
+
+
 def _labels(y):
     if targets_lib.is_targets(y):
         return y.labels
     return y
+
+
+def _has_labels(element_spec) -> bool:
+    if not isinstance(element_spec, tuple) or len(element_spec) < 2:
+        return False
+    y = element_spec[1]
+    if isinstance(y, targets_lib.TeacherTargets.Spec):
+        return bool(y.has_labels)
+    return True
 
 
 def evaluate_tflite(
@@ -975,6 +1186,7 @@ def evaluate_tflite(
     batch_size: int = 256,
     return_logits: bool = False,
     num_threads: Optional[int] = None,
+    output: Optional[Union[int, str]] = None,
 ):
     """Accuracy of a TFLite model on a dataset, run with the LiteRT interpreter.
 
@@ -1001,6 +1213,11 @@ def evaluate_tflite(
             Defaults to False.
         num_threads: interpreter threads; None lets LiteRT choose.
             Defaults to None.
+        output: which output holds the logits, for a multi-output model:
+            ``i`` for the model's ``i``-th Keras output, or the name of a
+            signature output. None scores the only output, or the first Keras
+            output (``output_0``, as `to_tflite` and Keras 3 name it), never
+            the first tensor LiteRT happens to list. Defaults to None.
 
     Returns:
         The accuracy, a float; with ``return_logits``, ``(accuracy, logits)``
@@ -1008,8 +1225,11 @@ def evaluate_tflite(
         without labels).
 
     Raises:
-        ValueError: for a multi-input model, a dataset without labels (and
-            ``return_logits=False``), or inputs of the wrong shape.
+        ValueError: for a multi-input model, a dataset without labels
+            (including unlabelled keras_kd data, whose targets carry
+            ``has_labels=False``) and ``return_logits=False``, inputs of the
+            wrong shape, or a multi-output model whose outputs are not named
+            in Keras order and no ``output``.
 
     Example:
 
@@ -1048,13 +1268,19 @@ def evaluate_tflite(
             f"The TFLite model takes inputs of shape {signature} (-1: any size); the dataset's "
             f"x has shape {x_spec.shape}."
         )
-    has_labels = isinstance(dataset.element_spec, tuple) and len(dataset.element_spec) >= 2
+    has_labels = _has_labels(dataset.element_spec)
     if not has_labels and not return_logits:
         raise ValueError(
-            "`dataset` has no labels to measure accuracy on; pass return_logits=True for the outputs."
+            "`dataset` has no labels to measure accuracy on (its elements are `x` alone, or its "
+            "keras_kd targets say `has_labels=False`); pass return_logits=True for the outputs."
         )
     in_detail = inputs[0]
-    out_detail = interpreter.get_output_details()[0]
+    out_index = _output_index(interpreter, output)
+
+    def out_details():
+        return next(d for d in interpreter.get_output_details() if d["index"] == out_index)
+
+    out_detail = out_details()
     in_scale, in_zero = in_detail["quantization"]
     current_shape = None
     correct = count = 0
@@ -1065,7 +1291,7 @@ def evaluate_tflite(
             interpreter.resize_tensor_input(in_detail["index"], list(x.shape))
             interpreter.allocate_tensors()
             current_shape = tuple(x.shape)
-            out_detail = interpreter.get_output_details()[0]
+            out_detail = out_details()
         dtype = in_detail["dtype"]
         if np.issubdtype(dtype, np.integer) and in_scale:
             info = np.iinfo(dtype)

@@ -1,0 +1,237 @@
+"""Pruning, QAT and TFLite figures that must be exact, against independent references.
+
+References: tfmot's own ``quantize_model`` and ``PolynomialDecay`` schedule,
+NumPy zero counts of the kernels tfmot prunes, the Keras model's own outputs,
+and LiteRT's interpreter driven by hand through the model's signature.
+"""
+
+import re
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+import keras_kd
+from keras_kd import _compat
+from keras_kd import optimize
+
+RNG = np.random.default_rng(0)
+
+
+def tfmot():
+    return _compat.import_tfmot()
+
+
+# ---------------------------------------------------------------------------
+# Pruning schedule and sparsity
+# ---------------------------------------------------------------------------
+
+
+def _dense_model():
+    inp = tf_keras.Input((8,))
+    return tf_keras.Model(inp, tf_keras.layers.Dense(4, name="d")(tf_keras.layers.Dense(16, name="h")(inp)))
+
+
+@pytest.mark.parametrize("end_step", [97, 101, 64, 20, 7])
+def test_default_frequency_lands_on_end_step(end_step):
+    pruned, _ = optimize.prune_for_distillation(_dense_model(), 0.6, end_step=end_step)
+    schedule = pruned.get_layer("prune_low_magnitude_h").pruning_schedule
+    updates = [s for s in range(end_step + 10) if bool(schedule(tf.constant(s, tf.int64))[0])]
+    # By hand: every `end_step // 16` steps (every step for shorter spans),
+    # the last exactly at end_step, where tfmot's schedule gives the target.
+    every = max(1, end_step // 16)
+    assert updates == list(range(end_step % every, end_step + 1, every))
+    assert updates[-1] == end_step
+    assert float(schedule(tf.constant(end_step, tf.int64))[1]) == pytest.approx(0.6)
+    if end_step >= 32:
+        assert min(np.diff(updates)) >= end_step // 16 > 1  # not every step
+
+
+def test_prime_span_reaches_the_target_in_training():
+    model = _dense_model()
+    pruned, callbacks = optimize.prune_for_distillation(model, 0.5, end_step=37)
+    pruned.compile(tf_keras.optimizers.SGD(0.01), "mse")
+    x = RNG.normal(size=(37, 8)).astype("float32")
+    pruned.fit(x, np.zeros((37, 4), "float32"), batch_size=1, epochs=1, callbacks=callbacks, verbose=0)
+    kernel = optimize.strip(pruned).get_layer("h").get_weights()[0]
+    assert np.mean(kernel == 0) == pytest.approx(0.5, abs=1 / kernel.size)  # hand count
+
+
+def test_end_step_from_unknown_or_infinite_cardinality_says_how_to_count():
+    ds = tf.data.Dataset.range(8).filter(lambda v: v > 2).batch(2)
+    for dataset in (ds, ds.repeat()):
+        end_step = int(dataset.cardinality()) * 8
+        with pytest.raises(ValueError, match=r"end_step=-\d+.*cardinality.*sum\(1 for _ in dataset\)"):
+            optimize.prune_for_distillation(_dense_model(), 0.5, end_step=end_step)
+
+
+def _conv_model():
+    L = tf_keras.layers
+    inp = tf_keras.Input((8, 8, 4))
+    h = L.Conv2D(8, 3, name="conv")(inp)
+    h = L.DepthwiseConv2D(3, name="depthwise")(h)
+    h = L.SeparableConv2D(8, 3, name="separable")(h)
+    return tf_keras.Model(inp, L.Dense(4, name="logits")(L.Flatten()(h)))
+
+
+def test_sparsity_counts_only_the_kernels_tfmot_prunes():
+    model = _conv_model()
+    with pytest.warns(UserWarning, match=r"depthwise \(DepthwiseConv2D\): depthwise_kernel[\s\S]*"
+                      r"separable \(SeparableConv2D\): depthwise_kernel"):
+        pruned, callbacks = optimize.prune_for_distillation(model, 0.75, end_step=4, frequency=1)
+    pruned.compile(tf_keras.optimizers.SGD(0.01), "mse")
+    x = RNG.normal(size=(8, 8, 8, 4)).astype("float32")
+    pruned.fit(x, np.zeros((8, 4), "float32"), batch_size=1, epochs=1, callbacks=callbacks, verbose=0)
+    stripped = optimize.strip(pruned)
+    report = optimize.sparsity(stripped)
+    # Hand counts of the kernels tfmot prunes.
+    expected = {
+        "conv": np.mean(stripped.get_layer("conv").kernel.numpy() == 0),
+        "separable": np.mean(stripped.get_layer("separable").pointwise_kernel.numpy() == 0),
+        "logits": np.mean(stripped.get_layer("logits").kernel.numpy() == 0),
+    }
+    assert report == pytest.approx(expected)
+    assert all(v == pytest.approx(0.75, abs=0.01) for v in report.values())
+    assert "depthwise" not in report  # never pruned, never reported
+    assert optimize.sparsity(pruned) == pytest.approx(report)  # wrapped: the same names and counts
+    assert np.mean(stripped.get_layer("depthwise").depthwise_kernel.numpy() == 0) == 0
+
+
+def test_no_warning_when_every_kernel_is_pruned():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimize.prune_for_distillation(_dense_model(), 0.5, end_step=16)
+
+
+# ---------------------------------------------------------------------------
+# QAT: whatever tfmot's quantize_model accepts
+# ---------------------------------------------------------------------------
+
+
+def _conv_bn_relu():
+    L = tf_keras.layers
+    inp = tf_keras.Input((8, 8, 3))
+    h = L.Conv2D(4, 3, name="conv")(inp)
+    h = L.BatchNormalization(name="bn")(h)
+    h = L.ReLU(name="relu")(h)
+    h = L.Conv2D(4, 3, name="conv2")(h)
+    h = L.BatchNormalization(name="bn2")(h)
+    h = L.Activation("relu", name="act2")(h)
+    h = L.GlobalAveragePooling2D(name="gap")(h)
+    model = tf_keras.Model(inp, L.Dense(3, name="logits")(h), name="convbn")
+    for name in ("bn", "bn2"):
+        layer = model.get_layer(name)
+        layer.set_weights([RNG.uniform(0.5, 2.0, size=w.shape).astype("float32") for w in layer.get_weights()])
+    return model
+
+
+def test_conv_batch_norm_relu_quantizes_like_tfmot_quantize_model():
+    model = _conv_bn_relu()
+    ours = optimize.quantize_for_distillation(model)
+    copy = tf_keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    reference = tfmot().quantization.keras.quantize_model(copy)
+
+    def structure(m):
+        return [(type(layer).__name__, re.sub(r"_\d+$", "", layer.name)) for layer in m.layers]
+
+    assert structure(ours) == structure(reference)
+    for a, b in zip(ours.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # The same training steps give the same model.
+    x = RNG.normal(size=(6, 8, 8, 3)).astype("float32")
+    y = RNG.normal(size=(6, 3)).astype("float32")
+    for m in (ours, reference):
+        m.compile(tf_keras.optimizers.SGD(0.01), "mse")
+        m.fit(x, y, batch_size=3, epochs=2, shuffle=False, verbose=0)
+    np.testing.assert_allclose(ours.predict(x, verbose=0), reference.predict(x, verbose=0), atol=1e-5)
+
+
+def test_layer_tfmot_refuses_is_named_with_the_fix():
+    L = tf_keras.layers
+    inp = tf_keras.Input((8, 8, 3))
+    h = L.Conv2D(4, 3, name="conv")(inp)
+    h = L.BatchNormalization(name="lonely_bn")(L.MaxPooling2D()(h))  # no Conv before it: no fold
+    model = tf_keras.Model(inp, L.Dense(2)(L.Flatten()(h)))
+    copy = tf_keras.models.clone_model(model)
+    with pytest.raises(RuntimeError, match="lonely_bn"):
+        tfmot().quantization.keras.quantize_model(copy)  # tfmot refuses it too
+    with pytest.raises(ValueError, match=r"lonely_bn \(BatchNormalization\): tfmot.s 8-bit[\s\S]*layers=\[\.\.\.\]"):
+        optimize.quantize_for_distillation(model)
+
+
+# ---------------------------------------------------------------------------
+# evaluate_tflite: the model's first Keras output, and only labelled data
+# ---------------------------------------------------------------------------
+
+
+def _two_outputs(K):
+    inp = K.Input((6,), name="x")
+    features = K.layers.Dense(12, name="features")(inp)
+    logits = K.layers.Dense(4, name="logits")(K.layers.Activation("tanh")(features))
+    return K.Model(inp, [logits, features], name="two")
+
+
+@pytest.mark.parametrize("K", [keras, tf_keras], ids=["keras", "tf_keras"])
+def test_evaluate_tflite_scores_the_first_keras_output(K):
+    K.utils.set_random_seed(0)
+    model = _two_outputs(K)
+    x = RNG.normal(size=(50, 6)).astype("float32")
+    logits, features = (np.asarray(t) for t in model(x))
+    y = logits.argmax(-1)
+    y[:10] = (y[:10] + 1) % 4  # 40 of 50 right
+    flatbuffer = optimize.to_tflite(model, int8=False)
+    # LiteRT driven by hand, through the signature, one example at a time.
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_content=flatbuffer).get_signature_runner()
+    by_hand = np.concatenate([runner(x=x[i : i + 1])["output_0"] for i in range(len(x))])
+    np.testing.assert_allclose(by_hand, logits, atol=1e-5)
+    accuracy, scored = optimize.evaluate_tflite(flatbuffer, (x, y), return_logits=True, batch_size=16)
+    assert accuracy == pytest.approx(40 / 50)
+    np.testing.assert_allclose(scored, logits, atol=1e-5)
+    _, second = optimize.evaluate_tflite(flatbuffer, tf.data.Dataset.from_tensor_slices(x), return_logits=True, output=1)
+    np.testing.assert_allclose(second, features, atol=1e-5)
+    with pytest.raises(ValueError, match=r"Unknown `output`='nope'"):
+        optimize.evaluate_tflite(flatbuffer, (x, y), output="nope")
+
+
+def test_evaluate_tflite_refuses_unlabelled_keras_kd_data():
+    teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    x = RNG.normal(size=(10, 6)).astype("float32")
+    flatbuffer = optimize.to_tflite(teacher, int8=False)
+    unlabelled = keras_kd.with_teacher(
+        keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices(x)).batch(5), teacher, placement="pipeline"
+    )
+    with pytest.raises(ValueError, match="has_labels=False"):
+        optimize.evaluate_tflite(flatbuffer, unlabelled)
+    accuracy, logits = optimize.evaluate_tflite(flatbuffer, unlabelled, return_logits=True)
+    assert accuracy is None
+    np.testing.assert_allclose(logits, np.asarray(teacher(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("K", [keras, tf_keras], ids=["keras", "tf_keras"])
+def test_sparsity_of_recurrent_embedding_and_attention_layers_by_hand(K):
+    L = K.layers
+    tokens = K.Input((5,), dtype="int32")
+    h = L.Embedding(10, 6, name="emb")(tokens)
+    h = L.LSTM(6, return_sequences=True, name="lstm")(h)
+    h = L.MultiHeadAttention(2, 3, name="mha")(h, h)
+    model = K.Model(tokens, L.Dense(2, name="out")(L.Flatten()(h)))
+    for layer in model.layers:
+        layer.set_weights([np.where(RNG.random(w.shape) < 0.3, 0.0, 1.0).astype("float32") for w in layer.get_weights()])
+    lstm, mha = model.get_layer("lstm"), model.get_layer("mha")
+    kernels = {
+        "emb": [model.get_layer("emb").embeddings],
+        "lstm": [lstm.cell.kernel, lstm.cell.recurrent_kernel],
+        "mha": [mha._query_dense.kernel, mha._key_dense.kernel, mha._value_dense.kernel, mha._output_dense.kernel],
+        "out": [model.get_layer("out").kernel],
+    }
+    expected = {
+        name: sum(int(np.sum(np.asarray(w) == 0)) for w in ws) / sum(int(np.size(w)) for w in ws)
+        for name, ws in kernels.items()
+    }
+    assert optimize.sparsity(model) == pytest.approx(expected)
