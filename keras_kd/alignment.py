@@ -43,12 +43,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import numbers
 import os
-import shutil
-import tempfile
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -56,7 +53,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_kd import _compat
-from keras_kd import _fingerprint
+from keras_kd import _feature_cache
+from keras_kd import _storage
 from keras_kd import losses as losses_lib
 from keras_kd import targets as targets_lib
 
@@ -207,7 +205,6 @@ def get_feature_loss(identifier: Union[str, FeatureLoss]) -> FeatureLoss:
 _PROJECTORS = ("auto", "identity", "dense", "conv1x1", "conv3x3")
 _INITS = ("auto", "identity", "zeros", "glorot")
 _RESAMPLES = ("auto", "pool", "resize")
-_CACHE_FORMAT = "keras_kd.alignment.features/1"
 
 
 def _per_pair(value, argument, count):
@@ -1071,7 +1068,9 @@ class Aligned:
         *,
         dtype: str = "float16",
         batch_size: int = 256,
-        overwrite: bool = False,
+        on_mismatch: str = "error",
+        in_memory: Optional[bool] = None,
+        overwrite: Optional[bool] = None,
     ) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
         """A transform that runs the teacher once and pairs its features by position.
 
@@ -1087,36 +1086,52 @@ class Aligned:
         repeat afterwards (ids already set by `keras_kd.add_example_ids` are
         kept).
 
-        With a ``directory``, the cache is written there atomically (a
-        temporary directory renamed when complete) as ``.npy`` files plus a
-        ``manifest.json``, read back memory-mapped in blocks, and reused by
-        later calls and processes when the manifest matches (teacher weights,
-        pairs, shapes, dtype, element count and a digest of the first
-        examples); a mismatch raises unless ``overwrite=True``. Without a
-        directory the cache lives in memory.
+        With a ``directory``, the cache is stored there by the same storage
+        engine as `keras_kd.cache_teacher_logits`, with the same guarantees
+        (see the README's table): fields ``logits`` and ``feature_i`` in
+        whole raw blocks with CRC32s, a schema-validated ``manifest.json``
+        switched atomically, locks, only keras_kd's own names (a non-empty
+        directory that keras_kd did not create is refused, never deleted).
+        It is reused by later calls and processes when the fingerprint
+        matches: the teacher's weights and architecture, the pairs, shapes,
+        dtype, the element count and a digest of **every** element's inputs
+        (one pass over the dataset when the transform is applied); the
+        teacher also re-runs on the first examples and must reproduce the
+        stored rows. A mismatch or damage raises `keras_kd.CacheMismatchError`
+        / `keras_kd.CacheCorruptedError` (both ``ValueError``), or rebuilds
+        with ``on_mismatch="rebuild"``. Caches up to 32 MiB are held in memory
+        (``in_memory`` forces either). Without a directory the cache lives in
+        memory.
 
         Do not put random augmentation or shuffling before this transform:
         the cached features would then belong to other pixels or examples.
         The first examples are read twice to detect that.
 
-        This cache is separate from `keras_kd`'s teacher-logit cache; it
-        stores what feature alignment needs (logits and features together).
-
         Args:
             directory: where to store the cache, or ``None`` for memory.
             dtype: ``"float16"`` (default, half the bytes) or ``"float32"``
                 for the features.
-            batch_size: teacher batch size for the single pass. Defaults to 256.
-            overwrite: rebuild a cache whose manifest does not match.
-                Defaults to False.
+            batch_size: teacher batch size for the single pass (and rows
+                per stored block). Defaults to 256.
+            on_mismatch: ``"error"`` or ``"rebuild"``, as in
+                `keras_kd.cache_teacher_logits`. Defaults to "error".
+            in_memory: None (automatic: up to 32 MiB), True or False.
+                Defaults to None.
+            overwrite: deprecated; ``overwrite=True`` means
+                ``on_mismatch="rebuild"``. Defaults to None.
 
         Returns:
             A function ``dataset -> dataset`` for ``dataset.apply``.
 
         Raises:
-            ValueError: (when applied) for a batched, infinite or
-                non-deterministic dataset, or a stored cache that does not
-                match and ``overwrite=False``.
+            ValueError: (when applied) for a batched, infinite, empty or
+                non-deterministic dataset, or teacher outputs with NaN/Inf.
+            keras_kd.CacheMismatchError: a stored cache built for something
+                else (``on_mismatch="error"``), or a directory keras_kd did not
+                create that is not empty (always).
+            keras_kd.CacheCorruptedError: a damaged stored cache
+                (``on_mismatch="error"``).
+            OSError: an unwritable directory or a full disk.
 
         Example:
 
@@ -1132,6 +1147,22 @@ class Aligned:
             raise ValueError(
                 f"Expected `batch_size` to be a positive integer. Received: batch_size={batch_size!r}"
             )
+        if batch_size > _storage.MAX_BLOCK_ROWS:
+            raise ValueError(f"Expected `batch_size` <= {_storage.MAX_BLOCK_ROWS}. Received: batch_size={batch_size!r}")
+        if overwrite is not None:
+            warnings.warn(
+                "`overwrite=` is deprecated; use on_mismatch='rebuild' (overwrite=True) or 'error'.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            on_mismatch = "rebuild" if overwrite else on_mismatch
+        if on_mismatch not in ("error", "rebuild"):
+            raise ValueError(f"Expected `on_mismatch` to be 'error' or 'rebuild'. Received: on_mismatch={on_mismatch!r}")
+        if in_memory not in (None, True, False):
+            raise ValueError(f"Expected `in_memory` to be None, True or False. Received: in_memory={in_memory!r}")
+        if directory is not None:
+            # Checked (valid UTF-8, resolved) before the teacher runs.
+            directory = _storage.resolve_directory(directory, "feature cache")
 
         def transform(dataset):
             spec = self._split(dataset)
@@ -1146,13 +1177,17 @@ class Aligned:
                     "`cache_features` received an infinite dataset (e.g. after `.repeat()`). Apply it "
                     "before `.repeat()`."
                 )
-            table = _FeatureTable.get(self, dataset, directory, dtype, batch_size, overwrite)
+            table = _FeatureTable.get(self, dataset, directory, dtype, batch_size, on_mismatch, in_memory)
+            if cardinality < 0:
+                # Unknown size: fail loudly rather than pair a longer or shorter dataset.
+                dataset = dataset.apply(tf.data.experimental.assert_cardinality(table.count))
 
             def pack(position, pair):
                 (x, y, *sample_weight), (logits, *features) = pair
                 return self._pack(x, y, sample_weight, logits, features, example_id=position)
 
-            return tf.data.Dataset.zip((dataset, table.dataset())).enumerate().map(pack)
+            out = tf.data.Dataset.zip((dataset, table.dataset())).enumerate().map(pack)
+            return out.apply(tf.data.experimental.assert_cardinality(table.count))
 
         return transform
 
@@ -1379,133 +1414,6 @@ def align(
 # Feature cache
 # ---------------------------------------------------------------------------
 
-_DIGEST_EXAMPLES = 4
-_BLOCK = 1024
-
-
-class _FeatureTable:
-    """Teacher logits and features, row ``n`` for the ``n``-th example."""
-
-    def __init__(self, arrays, count):
-        self.arrays = arrays
-        self.count = count
-
-    def dataset(self):
-        if not any(isinstance(a, np.memmap) for a in self.arrays):
-            return tf.data.Dataset.from_tensor_slices(tuple(self.arrays))
-        arrays = self.arrays
-        dtypes = [tf.as_dtype(a.dtype) for a in arrays]
-
-        def read(start):
-            start = int(start)
-            return [np.asarray(a[start : start + _BLOCK]) for a in arrays]
-
-        def block(start):
-            parts = tf.numpy_function(read, [start], dtypes, stateful=False)
-            return tuple(tf.ensure_shape(p, (None, *a.shape[1:])) for p, a in zip(parts, arrays))
-
-        blocks = tf.data.Dataset.range(0, self.count, _BLOCK).map(block)
-        return blocks.unbatch().apply(tf.data.experimental.assert_cardinality(self.count))
-
-    @classmethod
-    def get(cls, aligned, dataset, directory, dtype, batch_size, overwrite):
-        digest = _fingerprint.sample_digest(dataset, _DIGEST_EXAMPLES)
-        if _fingerprint.sample_digest(dataset, _DIGEST_EXAMPLES) != digest:
-            raise ValueError(
-                "The dataset given to `cache_features` yields different examples each time it is "
-                "read (shuffling or random augmentation before the transform?). Cache the raw, "
-                "ordered dataset and shuffle/augment after the transform."
-            )
-        manifest = {
-            "format": _CACHE_FORMAT,
-            "dtype": dtype,
-            "pairs": [[p.student_layer, p.teacher_layer, list(p.teacher_shape)] for p in aligned.pairs],
-            "logits_shape": list(_shape(aligned.feature_extractor.outputs[0])),
-            "teacher_weights": _fingerprint.weights_digest(aligned.teacher),
-            "element_spec": repr(dataset.element_spec),
-            "sample_digest": digest,
-        }
-        if directory is not None:
-            found = cls._read_manifest(directory)
-            if found is not None:
-                stored_count = found.pop("count", None)
-                differences = [key for key in manifest if found.get(key) != manifest[key]]
-                cardinality = int(dataset.cardinality())
-                if cardinality >= 0 and stored_count is not None and cardinality != stored_count:
-                    differences.append("count")
-                if not differences:
-                    return cls._load(directory, manifest, stored_count)
-                if not overwrite:
-                    raise ValueError(
-                        f"The feature cache in {directory!r} was built for something else: "
-                        f"{', '.join(differences)} changed. Pass overwrite=True to rebuild it, or "
-                        "use another directory."
-                    )
-        arrays, count = cls._compute(aligned, dataset, dtype, batch_size)
-        if directory is None:
-            return cls(arrays, count)
-        cls._write(directory, arrays, dict(manifest, count=count))
-        return cls._load(directory, manifest, count)
-
-    @staticmethod
-    def _compute(aligned, dataset, dtype, batch_size):
-        extractor = aligned.feature_extractor
-        batches = dataset.map(lambda x, *rest: x).batch(batch_size)
-
-        @tf.function(input_signature=[batches.element_spec])
-        def run(x):
-            return extractor(x, training=False)
-
-        chunks = None
-        for x in batches:
-            outputs = [o.numpy() for o in run(x)]
-            outputs = [outputs[0].astype(np.float32)] + [o.astype(dtype) for o in outputs[1:]]
-            if chunks is None:
-                chunks = [[] for _ in outputs]
-            for store, out in zip(chunks, outputs):
-                store.append(out)
-        if chunks is None:
-            raise ValueError("`cache_features` received an empty dataset.")
-        arrays = [np.concatenate(store) for store in chunks]
-        return arrays, int(arrays[0].shape[0])
-
-    @staticmethod
-    def _read_manifest(directory):
-        path = os.path.join(directory, "manifest.json")
-        if not os.path.exists(path):
-            return None
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-
-    @staticmethod
-    def _write(directory, arrays, manifest):
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".kd-features-", dir=parent)
-        try:
-            for i, array in enumerate(arrays):
-                np.save(os.path.join(tmp, f"array_{i}.npy"), array)
-            with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-                json.dump(manifest, f)
-            if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    @classmethod
-    def _load(cls, directory, manifest, count):
-        arrays = []
-        for i in range(1 + len(manifest["pairs"])):
-            path = os.path.join(directory, f"array_{i}.npy")
-            try:
-                array = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise ValueError(f"The feature cache file {path!r} is missing or corrupted: {e}") from e
-            if array.shape[0] != count:
-                raise ValueError(
-                    f"The feature cache file {path!r} holds {array.shape[0]} rows, the manifest {count}."
-                )
-            arrays.append(array)
-        return cls(arrays, count)
+# Stored by keras_kd's one storage engine (keras_kd._storage), like the
+# teacher-logit cache: see keras_kd._feature_cache.
+_FeatureTable = _feature_cache.FeatureTable

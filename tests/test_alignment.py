@@ -443,10 +443,10 @@ def test_cache_pairs_by_position_under_shuffle(K, tmp_path):
                 assert int(targets.labels[i]) == Y[n]
                 seen += 1
         assert seen == 6
-    stored = np.load(tmp_path / "cache" / "array_1.npy")
-    assert stored.dtype == np.float16 and stored.shape == (6, 2, 2, 16)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["count"] == 6 and manifest["dtype"] == "float16"
+    stored = {f["name"]: f for f in manifest["layout"]["fields"]}["feature_0"]  # per-row dtype and shape
+    assert np.dtype(stored["dtype"]) == np.float16 and stored["shape"] == [2, 2, 16]
 
 
 def test_cache_reuse_mismatch_and_bad_input(K, tmp_path):

@@ -1,0 +1,249 @@
+"""The alignment feature cache (`keras_kd.Aligned.cache_features`) on keras_kd's
+one storage engine (`keras_kd._storage`, `keras_kd._build`).
+
+Row ``n`` holds the teacher's logits (field ``logits``, float32) and its
+tapped features (fields ``feature_0 ... feature_{P-1}``, float16 or float32)
+for the ``n``-th example. On disk it has every guarantee of the teacher-logit
+cache: own names and marker, locks, fresh generation names with an atomic
+manifest switch, schema-validated manifest, CRC32 of every file, a
+fingerprint of the teacher's function (architecture and weights) and of every
+element's inputs, and a re-run of the teacher on the first examples when an
+existing cache is opened.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from keras_kd import _build
+from keras_kd import _fingerprint
+from keras_kd import _storage
+from keras_kd._storage import CacheCorruptedError
+from keras_kd._storage import CacheMismatchError
+
+FORMAT = "keras_kd.feature_cache"
+_DTYPES = {"float16": "<f2", "float32": "<f4"}
+_SAMPLE = 4  # first examples read twice to detect a dataset that changes between passes
+_PROBE_ROWS = 64
+_TARGET_FILE_BYTES = 64 << 20
+
+
+def store(directory: str) -> _storage.Store:
+    return _storage.Store(directory, "feature_cache", FORMAT, "features", "feature cache")
+
+
+def _layout(block_rows, logits_shape, feature_shapes, dtype) -> _storage.Layout:
+    fields = [("logits", "<f4", tuple(logits_shape))]
+    fields += [(f"feature_{i}", _DTYPES[dtype], tuple(s)) for i, s in enumerate(feature_shapes)]
+    return _storage.Layout(block_rows, fields)
+
+
+def _validate_extra(schema, m):
+    fp = m["fingerprint"]
+    dtype = schema.get(m, "dtype", str)
+    if dtype not in _DTYPES or fp.get("dtype") != dtype:
+        schema.fail("dtype", f"must be 'float16' or 'float32' and match the fingerprint, got {dtype!r:.80}")
+    if schema.int(m, "count", 1, _storage.MAX_ROWS) != m["num_examples"]:
+        schema.fail("count", f"must equal num_examples={m['num_examples']}")
+    try:
+        expected = _layout(m["layout"]["block_rows"], fp["logits_shape"], [p[2] for p in fp["pairs"]], dtype)
+        ok = expected.to_json() == m["layout"]
+    except (KeyError, TypeError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        schema.fail("layout", "does not match the fingerprint's logits_shape, pairs and dtype")
+
+
+def _diff(old: dict, new: dict, num_examples) -> list:
+    changes = []
+    labels = {
+        "teacher_weights": "the teacher's weights",
+        "teacher_architecture": "the teacher's architecture or configuration (layers, activations, taps)",
+        "pairs": "the aligned layer pairs",
+        "logits_shape": "the teacher's logits shape",
+        "dtype": "the feature dtype",
+        "element_spec": "the dataset's element_spec",
+    }
+    for key, label in labels.items():
+        if old.get(key) != new.get(key):
+            changes.append(f"{key} changed ({label}): {str(old.get(key))[:60]} -> {str(new.get(key))[:60]}")
+    if num_examples != new["count"]:
+        changes.append(f"count changed (the dataset's size): {num_examples} -> {new['count']} examples")
+    if old.get("inputs_digest") != new.get("inputs_digest"):
+        changes.append(
+            "the dataset's contents changed: the inputs `x` of its elements, or their order, are not those "
+            "the cache was built from; shuffle or augment after the transform, not before"
+        )
+    return changes
+
+
+class FeatureTable:
+    """Teacher logits and features, row ``n`` for the ``n``-th example.
+
+    Args:
+        rows: a dataset of ``{field: (block_rows, ...)}`` blocks.
+        count: number of examples.
+        num_features: number of feature fields.
+    """
+
+    def __init__(self, blocks: tf.data.Dataset, count: int, num_features: int):
+        self.blocks, self.count, self.num_features = blocks, count, num_features
+
+    def dataset(self) -> tf.data.Dataset:
+        """Unbatched ``(logits, feature_0, ...)`` rows, exactly ``count`` of them."""
+        names = ["logits"] + [f"feature_{i}" for i in range(self.num_features)]
+        rows = self.blocks.map(lambda b: tuple(b[n] for n in names)).unbatch().take(self.count)
+        return rows.apply(tf.data.experimental.assert_cardinality(self.count))
+
+    # -- building and opening ---------------------------------------------------
+
+    @classmethod
+    def get(cls, aligned, dataset, directory: Optional[str], dtype, batch_size, on_mismatch, in_memory=None):
+        """The table for ``dataset``: read from ``directory`` if it matches, else computed (and stored)."""
+        first = _fingerprint.sample_digest(dataset, _SAMPLE)
+        if _fingerprint.sample_digest(dataset, _SAMPLE) != first:
+            raise ValueError(
+                "The dataset given to `cache_features` yields different examples each time it is "
+                "read (shuffling or random augmentation before the transform?). Cache the raw, "
+                "ordered dataset and shuffle/augment after the transform."
+            )
+        extractor = aligned.feature_extractor
+        logits_shape = [int(d) for d in extractor.outputs[0].shape[1:]]
+        feature_shapes = [[int(d) for d in t.shape[1:]] for t in extractor.outputs[1:]]
+        digest, count = _fingerprint.inputs_digest(dataset)
+        if count == 0:
+            raise ValueError("`cache_features` received an empty dataset.")
+        fp = {
+            "teacher_weights": _fingerprint.weights_digest(aligned.teacher),
+            "teacher_architecture": _fingerprint.architecture_digest(extractor),
+            "pairs": [[p.student_layer, p.teacher_layer, list(p.teacher_shape)] for p in aligned.pairs],
+            "logits_shape": logits_shape,
+            "dtype": dtype,
+            "element_spec": repr(dataset.element_spec),
+            "count": count,
+            "inputs_digest": digest,
+        }
+        layout = _layout(batch_size, logits_shape, feature_shapes, dtype)
+        step = _extract_step(extractor, dataset)
+        if directory is None:
+            arrays = _collect(_produce(step, dataset, 0, count, batch_size, dtype), layout)
+            blocks = tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
+            return cls(blocks, count, len(feature_shapes))
+        st = store(directory)
+        st.owned()
+        build = _build.Build(
+            st, fp, layout, count, 0, 1,
+            diff=lambda old, n: _diff(old, fp, n),
+            extra=lambda lay: {"count": count, "dtype": dtype, "pairs": fp["pairs"]},
+            validate_extra=_validate_extra,
+            checksum=True,
+            say=lambda message: None,
+        )
+        blocks, problem = cls._open(build, dataset, step, in_memory)
+        if blocks is None:
+            if problem is not None and on_mismatch == "error":
+                raise problem
+            st.claim(refuse_foreign_files=True)
+            fresh = isinstance(problem, _ProbeMismatch)
+
+            def recheck():
+                if problem is not None:
+                    return None
+                found, why = build.open()
+                if found is not None and build.verify(found) is None:
+                    return found
+                if found is None and why is not None and on_mismatch == "error":
+                    raise why
+                return None
+
+            blocks_per_file = max(1, _TARGET_FILE_BYTES // max(1, layout.block_bytes))
+            found, _ = build.build_part(
+                lambda start, rows, writer: _produce(step, dataset, start, rows, batch_size, dtype),
+                blocks_per_file, fresh=fresh, recheck=recheck,
+            )
+            manifest = found or build.assemble()
+            blocks = _reader(st, manifest, in_memory)
+        return cls(blocks, count, len(feature_shapes))
+
+    @classmethod
+    def _open(cls, build, dataset, step, in_memory):
+        manifest, problem = build.open()
+        if manifest is None:
+            return None, problem
+        if not _build.choose_in_memory(in_memory, manifest):
+            problem = build.verify(manifest)
+            if problem is not None:
+                return None, problem
+        try:
+            blocks = _reader(build.store, manifest, in_memory)
+        except CacheCorruptedError as e:
+            return None, CacheCorruptedError(
+                f"The feature cache at {build.store.directory!r} is damaged: {e}. Pass "
+                "on_mismatch='rebuild' to rebuild it, or use another `directory`."
+            )
+        rows = min(_PROBE_ROWS, manifest["num_examples"], manifest["layout"]["block_rows"])
+        x = next(iter(dataset.map(lambda x, *rest: x).take(rows).batch(rows)))
+        fresh = [np.asarray(o, np.float32) for o in step(x)]
+        stored = next(iter(blocks.take(1)))
+        names = ["logits"] + [f"feature_{i}" for i in range(len(fresh) - 1)]
+        for name, a in zip(names, fresh):
+            b = np.asarray(stored[name], np.float32)[: len(a)]
+            worst = float(np.max(np.abs(a - b) / (1.0 + np.abs(a)))) if a.shape == b.shape and a.size else np.inf
+            if not np.isfinite(worst) or worst > 1e-2:
+                return None, _ProbeMismatch(
+                    f"The feature cache at {build.store.directory!r} was built by a teacher that computes "
+                    f"something else: re-run on the first {rows} examples, its `{name}` differ from the stored "
+                    f"ones (max relative difference {worst:.3g}). Pass on_mismatch='rebuild' to rebuild it, or "
+                    "use another `directory`."
+                )
+        return blocks, None
+
+
+class _ProbeMismatch(CacheMismatchError):
+    """The teacher, re-run on the first examples, disagrees with the stored features."""
+
+
+def _reader(st, manifest, in_memory):
+    layout = _storage.Layout(manifest["layout"]["block_rows"],
+                             [(f["name"], f["dtype"], f["shape"]) for f in manifest["layout"]["fields"]])
+    return _storage.dataset_reader(st, manifest, layout, _build.choose_in_memory(in_memory, manifest), checksum=True)
+
+
+def _extract_step(extractor, dataset):
+    x_spec = dataset.map(lambda x, *rest: x).element_spec
+    spec = tf.nest.map_structure(lambda s: tf.TensorSpec((None, *s.shape), s.dtype), x_spec)
+
+    @tf.function(input_signature=[spec], autograph=False)
+    def run(x):
+        return extractor(x, training=False)
+
+    return run
+
+
+def _produce(step, dataset, start, rows, batch_size, dtype):
+    """Teacher outputs for rows ``start ..< start + rows`` as dicts of field arrays."""
+    batches = dataset.map(lambda x, *rest: x).skip(start).take(rows).batch(batch_size).prefetch(2)
+    for x in batches:
+        outputs = [o.numpy() for o in step(x)]
+        if not all(np.isfinite(o).all() for o in outputs):
+            raise ValueError(
+                "The teacher's logits or features contain NaN or Inf; refusing to cache them. Check the "
+                "teacher and its inputs."
+            )
+        if dtype == "float16" and any(np.abs(o).max(initial=0.0) > 65504.0 for o in outputs[1:]):
+            raise ValueError("The teacher's features exceed float16's range (65504). Use dtype='float32'.")
+        arrays = {"logits": outputs[0].astype(np.float32)}
+        arrays.update({f"feature_{i}": o.astype(dtype) for i, o in enumerate(outputs[1:])})
+        yield arrays
+
+
+def _collect(chunks, layout) -> dict:
+    out = {}
+    for arrays in chunks:
+        for k, v in arrays.items():
+            out.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
