@@ -345,8 +345,9 @@ def _as_variable(value, argument, low, high, low_open):
     if _is_variable(value):
         if not tf.as_dtype(value.dtype).is_floating:
             raise ValueError(
-                f"Expected `{argument}` to be a float variable (it is assigned fractional values). "
-                f"Received a variable of dtype {tf.as_dtype(value.dtype).name}: {argument}={value!r}"
+                f"Expected `{argument}` to be a number or a scalar float tf.Variable (it is assigned "
+                f"fractional values). Received a variable of dtype {tf.as_dtype(value.dtype).name}: "
+                f"{argument}={value!r}"
             )
         return value
     return tf.Variable(checked, trainable=False, dtype=tf.float32, name=f"kd_{argument}")
@@ -422,8 +423,18 @@ class Weighting(typing.Protocol):
     def __call__(self, targets) -> tf.Tensor: ...
 
 
-class _Terms(typing.NamedTuple):
-    targets: typing.Any  # TeacherTargets with dense logits, or None (no teacher)
+class StepTerms(typing.NamedTuple):
+    """What `DistillationLoss.terms` computes for one batch, and what observers receive.
+
+    Attributes:
+        targets: the batch's `TeacherTargets` with the dense float32 teacher
+            logits the loss used in ``logits`` (top-k fields cleared, in-step
+            teacher run), or None when the batch carries no teacher.
+        hard: per-example hard-label loss.
+        soft: per-example ``T^2 * D`` (before alpha), or None without teacher.
+    """
+
+    targets: typing.Any
     hard: tf.Tensor
     soft: typing.Optional[tf.Tensor]
 
@@ -658,10 +669,15 @@ class DistillationLoss(_compat.loss_base()):
         """The hard-label loss per example."""
         return tf.cast(self._hard_loss_fn(labels, tf.cast(student_logits, tf.float32)), tf.float32)
 
-    def _terms(self, y_true, y_pred) -> _Terms:
+    def terms(self, y_true, y_pred) -> StepTerms:
+        """The per-example terms of one batch, with the dense teacher logits (pure: runs no hook).
+
+        Returns:
+            A `StepTerms` ``(targets, hard, soft)``, as observers receive them.
+        """
         y_pred = tf.cast(y_pred, tf.float32)
         if not targets_lib.is_targets(y_true):
-            return _Terms(None, self.hard_term(y_true, y_pred), None)
+            return StepTerms(None, self.hard_term(y_true, y_pred), None)
         y_true = targets_lib.materialize(y_true)
         if y_true.has_labels:
             hard = self.hard_term(y_true.labels, y_pred)
@@ -669,7 +685,7 @@ class DistillationLoss(_compat.loss_base()):
             hard = tf.zeros(tf.shape(y_pred)[:-1], tf.float32)
         teacher = self._teacher_logits(y_true, y_pred)
         if teacher is None:
-            return _Terms(None, hard, None)
+            return StepTerms(None, hard, None)
         dense, finite = teacher
         soft = nan_where_invalid(
             self.distillation_term(dense, y_pred),
@@ -678,12 +694,12 @@ class DistillationLoss(_compat.loss_base()):
             "final layer) or the cached logits.",
         )
         targets = y_true.replace(logits=dense, topk_indices=None, topk_values=None, topk_logsumexp=None)
-        return _Terms(targets, hard, soft)
+        return StepTerms(targets, hard, soft)
 
     def components(self, y_true, y_pred):
         """Per-example ``(hard, distillation)`` terms; ``distillation`` is None
         when ``y_true`` carries no teacher. Pure: runs no observer."""
-        terms = self._terms(y_true, y_pred)
+        terms = self.terms(y_true, y_pred)
         return terms.hard, terms.soft
 
     def _combine(self, hard, soft):
@@ -729,7 +745,7 @@ class DistillationLoss(_compat.loss_base()):
         # same semantics. The hooks run here, once per step.
         mask = _compat.get_keras_mask(y_pred)
         with tf.name_scope(self.name):
-            terms = self._terms(y_true, y_pred)
+            terms = self.terms(y_true, y_pred)
             self._check_step_inputs(y_true, y_pred, terms)
             if terms.targets is not None:
                 for observer in self._observers:

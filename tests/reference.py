@@ -51,3 +51,30 @@ def distillation_loss(labels, student, teacher, T, alpha, name="kl", weights=Non
         w = w * mask
         return (values * w).sum() / mask.sum()
     return (values * w).sum() / values.size
+
+
+def log_sigmoid(z):
+    z = np.asarray(z, np.float64)
+    return -np.logaddexp(0.0, -z)
+
+
+def bernoulli_kl(t, s):
+    """KL(Bernoulli(sigmoid(t)) || Bernoulli(sigmoid(s))) per element, t and s already divided by T."""
+    p, log_p, log_1p = 1.0 / (1.0 + np.exp(-np.asarray(t, np.float64))), log_sigmoid(t), log_sigmoid(-np.asarray(t))
+    log_q, log_1q = log_sigmoid(s), log_sigmoid(-np.asarray(s, np.float64))
+    return p * (log_p - log_q) + (1.0 - p) * (log_1p - log_1q)
+
+
+def binary_ce(labels, logits):
+    """-(y log sigmoid(z) + (1 - y) log sigmoid(-z)) per element."""
+    y = np.asarray(labels, np.float64)
+    return -(y * log_sigmoid(logits) + (1.0 - y) * log_sigmoid(-np.asarray(logits, np.float64)))
+
+
+def binary_distillation_loss(labels, student, teacher, T, alpha):
+    """One-logit students: alpha * BCE + (1 - alpha) * T^2 * Bernoulli KL, mean over examples.
+
+    ``student``/``teacher`` have shape (batch, 1); labels (batch,)."""
+    s, t = np.asarray(student, np.float64)[..., 0], np.asarray(teacher, np.float64)[..., 0]
+    values = alpha * binary_ce(labels, s) + (1 - alpha) * T * T * bernoulli_kl(t / T, s / T)
+    return values.mean()

@@ -300,3 +300,165 @@ def test_user_variable_as_temperature():
     targets = TeacherTargets(labels=[0, 1, 2], logits=t)
     var.assign(6.0)
     np.testing.assert_allclose(float(loss(targets, s)), ref.distillation_loss([0, 1, 2], s, t, 6.0, 0.0), rtol=1e-5)
+
+
+# --- one-logit (binary) students ------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 5.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("label_shape", ["flat", "column"])
+def test_binary_matches_bernoulli_formula(T, alpha, label_shape):
+    s, t = _logits(40, (7, 1)), _logits(41, (7, 1))
+    y = np.array([0, 1, 1, 0, 1, 0, 0])
+    labels = y if label_shape == "flat" else y[:, None].astype("float32")
+    loss = keras_kd.DistillationLoss(temperature=T, alpha=alpha)
+    got = float(loss(TeacherTargets(labels=labels, logits=t), s))
+    np.testing.assert_allclose(got, ref.binary_distillation_loss(y, s, t, T, alpha), rtol=1e-5, atol=1e-6)
+
+
+def test_binary_hand_computed_value():
+    # T=1, alpha=0: p = sigmoid(0) = 1/2, q = sigmoid(ln 3) = 3/4.
+    # KL = .5 ln(.5/.75) + .5 ln(.5/.25) = .5 ln(4/3), as for the two-class softmax case.
+    loss = keras_kd.DistillationLoss(temperature=1.0, alpha=0.0)
+    got = float(loss(TeacherTargets(labels=[1], logits=[[0.0]]), np.array([[math.log(3.0)]], "float32")))
+    assert got == pytest.approx(0.5 * math.log(4.0 / 3.0), rel=1e-6)
+    # Hard term alone: BCE(y=1, z=ln 3) = -ln(3/4).
+    hard = keras_kd.DistillationLoss(alpha=1.0)(TeacherTargets(labels=[1], logits=[[0.0]]),
+                                                np.array([[math.log(3.0)]], "float32"))
+    assert float(hard) == pytest.approx(-math.log(0.75), rel=1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_binary_every_divergence_is_the_bernoulli_one(divergence):
+    """Softmax divergences of Bernoulli(sigmoid(z)) = softmax([0, z]); mse/huber on the single logit."""
+    s, t = _logits(42, (6, 1)), _logits(43, (6, 1))
+    y = np.array([0, 1, 0, 1, 1, 0])
+    T = 2.0
+    loss = keras_kd.DistillationLoss(temperature=T, alpha=0.0, divergence=divergence)
+    got = float(loss(TeacherTargets(labels=y, logits=t), s))
+    if divergence in ("mse", "huber"):
+        want = T * T * ref.divergence(divergence, t / T, s / T).mean()
+    else:
+        two = lambda z: np.concatenate([np.zeros_like(z), z], -1)  # noqa: E731 - Bernoulli as 2 classes
+        want = T * T * ref.divergence(divergence, two(t / T), two(s / T)).mean()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if divergence == "kl":
+        np.testing.assert_allclose(got, T * T * ref.bernoulli_kl(t[:, 0] / T, s[:, 0] / T).mean(), rtol=1e-5)
+
+
+def test_binary_soft_labels_and_time_axis():
+    s, t = _logits(44, (3, 4, 1)), _logits(45, (3, 4, 1))
+    y = np.random.default_rng(46).uniform(size=(3, 4))  # soft labels in [0, 1]
+    loss = keras_kd.DistillationLoss(temperature=3.0, alpha=0.5)
+    got = float(loss(TeacherTargets(labels=y, logits=t), s))
+    want = (0.5 * ref.binary_ce(y, s[..., 0]) + 0.5 * 9.0 * ref.bernoulli_kl(t[..., 0] / 3.0, s[..., 0] / 3.0)).mean()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_binary_gradient_moves_student_towards_teacher():
+    t = np.array([[2.0], [-1.0]], "float32")
+    s = tf.Variable(np.zeros((2, 1), "float32"))
+    with tf.GradientTape() as tape:
+        value = keras_kd.DistillationLoss(temperature=2.0, alpha=0.0)(TeacherTargets(labels=[1, 0], logits=t), s)
+    grad = tape.gradient(value, s).numpy()
+    # d/ds T^2 KL = T (sigmoid(s/T) - sigmoid(t/T)) / 1 * ... : the sign points away from the teacher.
+    assert grad[0, 0] < 0 < grad[1, 0]
+    want = 2.0 * (0.5 - 1.0 / (1.0 + np.exp(-t[:, 0] / 2.0))) / 2  # T * (q - p), mean over 2 examples
+    np.testing.assert_allclose(grad[:, 0], want, rtol=1e-5)
+
+
+# --- labels of any integer dtype ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int32", "int64", "float64"])
+def test_label_dtypes_like_plain_keras(dtype):
+    s, t = _logits(47, (6, 5)), _logits(48, (6, 5))
+    y = np.array([0, 1, 2, 3, 4, 0])
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.5)
+    got = float(loss(TeacherTargets(labels=y.astype(dtype), logits=t), s))
+    np.testing.assert_allclose(got, ref.distillation_loss(y, s, t, 2.0, 0.5), rtol=1e-5)
+    plain = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y.astype(dtype), s)
+    np.testing.assert_allclose(float(keras_kd.DistillationLoss()(y.astype(dtype), s)), float(plain), rtol=1e-5)
+
+
+# --- NaN propagates through the math (what XLA relies on) ------------------------------
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_nan_teacher_propagates_without_assertions(divergence):
+    """The divergences themselves (no checks) never drop a NaN teacher value."""
+    t = _logits(49, (3, 4))
+    t[1, 2] = np.nan
+    fn = keras_kd.losses.get_divergence(divergence)
+    values = fn(tf.constant(t), tf.constant(_logits(50, (3, 4)))).numpy()
+    assert np.isnan(values[1]) and np.all(np.isfinite(values[[0, 2]]))
+
+
+def test_bad_rows_are_nan_inside_a_compiled_step():
+    # Under XLA the assertions are dropped; only the bad rows' values are NaN.
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.5, reduction="none")
+    t = _logits(51, (4, 3))
+    t[0, 1] = -np.inf
+    y = np.array([0, 1, 9, 2])
+    fn = tf.function(lambda: loss(TeacherTargets(labels=y, logits=t), _logits(52, (4, 3))), jit_compile=True)
+    values = fn().numpy()
+    assert np.isnan(values[0]) and np.isnan(values[2]) and np.all(np.isfinite(values[[1, 3]]))
+
+
+# --- variables and setters are checked like numbers -----------------------------------
+
+
+@pytest.mark.parametrize("make", [tf.Variable, keras.Variable], ids=["tf.Variable", "keras.Variable"])
+@pytest.mark.parametrize(
+    "argument, value, match",
+    [
+        ("temperature", -3.0, r"Expected `temperature` > 0.0 and finite. Received: temperature=-3.0"),
+        ("temperature", 0.0, r"Received: temperature=0.0"),
+        ("temperature", float("nan"), r"Received: temperature=nan"),
+        ("alpha", 1.5, r"Expected `alpha` in \[0.0, 1.0\] and finite. Received: alpha=1.5"),
+        ("alpha", -0.1, r"Received: alpha=-0.1"),
+    ],
+)
+def test_variables_are_range_checked(make, argument, value, match):
+    with pytest.raises(ValueError, match=match):
+        keras_kd.DistillationLoss(**{argument: make(value)})
+
+
+def test_valid_variables_are_kept():
+    temperature, alpha = keras.Variable(3.0), tf.Variable(0.2)
+    loss = keras_kd.DistillationLoss(temperature=temperature, alpha=alpha)
+    assert loss.temperature_variable is temperature and loss.alpha_variable is alpha
+    assert loss.temperature == pytest.approx(3.0) and loss.alpha == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("value", ["x", "4", None, [1.0], np.ones(2), True, tf.Variable(2)])
+def test_non_numbers_get_a_clear_message(value):
+    with pytest.raises(ValueError, match=r"Expected `temperature` to be a number or a (scalar )?float"):
+        keras_kd.DistillationLoss(temperature=value)
+    with pytest.raises(ValueError, match=r"Expected `alpha` to be a number or a (scalar )?float"):
+        keras_kd.DistillationLoss(alpha=value if not isinstance(value, tf.Variable) else tf.Variable(0))
+
+
+@pytest.mark.parametrize(
+    "argument, value, match",
+    [
+        ("alpha", "x", r"Expected `alpha` to be a number or a float tf.Variable. Received: alpha='x'"),
+        ("temperature", "x", r"Expected `temperature` to be a number"),
+        ("temperature", tf.Variable(-1.0), r"Expected `temperature` > 0.0 and finite. Received: temperature=-1.0"),
+        ("alpha", keras.Variable(2.0), r"Expected `alpha` in \[0.0, 1.0\] and finite. Received: alpha=2.0"),
+        ("alpha", np.float32(1.5), r"Received: alpha=1.5"),
+    ],
+)
+def test_setters_check_like_the_constructor(argument, value, match):
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.5)
+    with pytest.raises(ValueError, match=match):
+        setattr(loss, argument, value)
+    assert loss.temperature == 2.0 and loss.alpha == 0.5  # unchanged
+
+
+def test_setters_take_valid_variables_and_arrays():
+    loss = keras_kd.DistillationLoss()
+    loss.temperature = tf.Variable(6.0)
+    loss.alpha = np.array(0.25)
+    assert loss.temperature == 6.0 and loss.alpha == 0.25
