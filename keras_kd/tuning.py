@@ -22,11 +22,14 @@ search of N trials runs the teacher over the data once.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import numbers
 from typing import Callable, Optional, Sequence, Union
 
+import keras
 import keras_tuner
+from keras_tuner.src.engine import hypermodel as hypermodel_lib
 from keras_tuner.src.engine import tuner_utils
 
 from keras_kd import _compat
@@ -125,6 +128,10 @@ def distillation_hyperparameters(
         learning_rate: range of the learning rate, > 0. Defaults to (1e-4, 1e-2).
         reweighting_signal: ``None`` (no reweighting), a signal name or a list
             (``"none"`` allowed in the list to let the search switch it off).
+            The chosen `HardSampleReweighting` is a callback: it applies only
+            where ``fit`` receives it, i.e. with `DistillationHyperModel` or in
+            your own ``HyperModel.fit``. keras_kd's tuners refuse a plain
+            build function that chooses one (it could not be applied).
         reweighting_strength: range of the reweighting strength.
         reweighting_warmup_epochs: warm-up epochs of the reweighting.
         alignment_weight: ``None`` or the range of the feature-alignment weight
@@ -271,7 +278,14 @@ class _TunerCallback(_compat.callback_base()):
 
 def _for_tf_keras(callback):
     if isinstance(callback, tuner_utils.SaveBestEpoch):
-        return _SaveBestEpoch(callback.objective, callback.filepath)
+        # keras-tuner passes one SaveBestEpoch to every execution of a trial,
+        # so that the checkpoint holds the best epoch of all of them: its twin
+        # must be one object too, keeping the best value across executions.
+        twin = getattr(callback, "_keras_kd_tf_keras_twin", None)
+        if twin is None:
+            twin = _SaveBestEpoch(callback.objective, callback.filepath)
+            callback._keras_kd_tf_keras_twin = twin
+        return twin
     if isinstance(callback, tuner_utils.TunerCallback):
         return _TunerCallback(callback.tuner, callback.trial)
     if _compat.flavour_of(callback) == _compat.KERAS3:
@@ -282,6 +296,31 @@ def _for_tf_keras(callback):
             "or keras_kd callbacks, which run in both."
         )
     return callback
+
+
+class _BestEpochWeights(_compat.callback_base()):
+    """Keeps the weights of one execution's best epoch (as SaveBestEpoch picks
+    it: the best value of the objective, or the last epoch without one), so
+    that post-training objectives measure the weights that are saved."""
+
+    def __init__(self, objective):
+        super().__init__()
+        self.objective = objective
+        self.best_value = None
+        self.weights = None
+
+    def on_train_begin(self, logs=None):
+        self.best_value, self.weights = None, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if not self.objective.has_value(logs):
+            self.weights = self.model.get_weights()
+            return
+        value = self.objective.get_value(logs)
+        if self.best_value is None or self.objective.better_than(value, self.best_value):
+            self.best_value = value
+            self.weights = self.model.get_weights()
 
 
 def _best_epoch_metrics(history, objective) -> dict:
@@ -307,21 +346,49 @@ class _AnyKerasTuner:
             data) and measure its accuracy, reported as
             ``"tflite_int8_accuracy"``, its size as ``"tflite_size_kib"``,
             and ``"size_accuracy"`` = accuracy - ``size_penalty`` * size in
-            MiB. Use any of them as the objective.
+            MiB. Use any of them as the objective, by name: their directions
+            are known (`OBJECTIVE_DIRECTIONS`: max for the accuracies, min
+            for the size; also ``"val_teacher_agreement"``, max). They are
+            measured on the weights of the execution's best epoch for the
+            objective (the epoch whose weights keras-tuner saves; the last
+            epoch when the objective is one of these TFLite figures).
         size_penalty: accuracy points per MiB for ``"size_accuracy"``.
+
+    Like keras-tuner's own tuners, each trial starts with
+    ``clear_session()`` (both flavours) and a garbage collection, so memory
+    stays flat over trials; with ``executions_per_trial > 1`` the saved
+    checkpoint is the best epoch of all the trial's executions, for tf_keras
+    students too.
+
+    Raises:
+        keras_tuner.errors.FatalValueError: when a plain build function
+            chose a reweighting signal with `distillation_hyperparameters`:
+            a build function cannot pass the callback to ``fit``, so the
+            choice would be silently ignored (the message says how to use
+            `DistillationHyperModel` or a ``HyperModel.fit`` instead).
     """
 
     def __init__(self, *args, tflite_data=None, size_penalty: float = 0.01, **kwargs):
         self.tflite_data = tflite_data
         self.size_penalty = size_penalty
+        if len(args) > 1:  # (hypermodel, objective, ...)
+            args = (args[0], _with_directions(args[1]), *args[2:])
+        elif "objective" in kwargs:
+            kwargs["objective"] = _with_directions(kwargs["objective"])
         super().__init__(*args, **kwargs)
         names = [o.name for o in getattr(self.oracle.objective, "objectives", [self.oracle.objective])]
         if tflite_data is None and set(names) & {TFLITE_INT8_ACCURACY, TFLITE_SIZE_KIB, SIZE_ACCURACY}:
             raise ValueError(f"The objective {names} is measured on a TFLite model: pass `tflite_data=`.")
 
     def _try_build(self, hp):
+        # What keras-tuner's own _try_build does first: drop the previous
+        # trials' models and graph state, in both flavours.
+        keras.backend.clear_session()
+        _compat.tf_keras().backend.clear_session()
+        gc.collect()
         model = self._build_hypermodel(hp)
         _check_model(model)
+        _check_reweighting_applies(self.hypermodel, hp)
         size = model.count_params() if model.built else 0
         if self.max_model_size and size > self.max_model_size:
             raise keras_tuner.errors.FailedTrialError(f"Oversized model: {size} parameters. Skip model.")
@@ -333,10 +400,16 @@ class _AnyKerasTuner:
         tf_keras_model = _compat.flavour_of(model) == _compat.TF_KERAS
         if tf_keras_model:
             kwargs["callbacks"] = [_for_tf_keras(c) for c in kwargs.get("callbacks", [])]
+        best_weights = None
+        if self.tflite_data is not None:
+            best_weights = _BestEpochWeights(self.oracle.objective)
+            kwargs["callbacks"] = list(kwargs.get("callbacks", [])) + [best_weights]
         results = self.hypermodel.fit(hp, model, *args, **kwargs)
         if tf_keras_model and hasattr(results, "history"):
             results = _best_epoch_metrics(results, self.oracle.objective)
         if self.tflite_data is not None:
+            if best_weights.weights is not None:
+                model.set_weights(best_weights.weights)  # the epoch SaveBestEpoch saved
             results = self._add_tflite_objectives(model, results)
         if hasattr(model, "get_build_config"):
             from keras_tuner.src import utils
@@ -358,6 +431,42 @@ class _AnyKerasTuner:
         results[TFLITE_SIZE_KIB] = float(size_kib)
         results[SIZE_ACCURACY] = float(accuracy - self.size_penalty * size_kib / 1024)
         return results
+
+
+# Directions of the objectives keras-tuner cannot infer from their names.
+OBJECTIVE_DIRECTIONS = {
+    TFLITE_INT8_ACCURACY: "max",
+    SIZE_ACCURACY: "max",
+    TFLITE_SIZE_KIB: "min",
+    "teacher_agreement": "max",
+    "val_teacher_agreement": "max",
+}
+
+
+def _with_directions(objective):
+    """String objectives keras_kd defines, as ``keras_tuner.Objective`` with their direction."""
+    if isinstance(objective, str) and objective in OBJECTIVE_DIRECTIONS:
+        return keras_tuner.Objective(objective, OBJECTIVE_DIRECTIONS[objective])
+    if isinstance(objective, (list, tuple)):
+        return [_with_directions(o) for o in objective]
+    return objective
+
+
+def _check_reweighting_applies(hypermodel, hp):
+    """A plain build function cannot pass the reweighting callback to ``fit``."""
+    signal = hp.values.get("kd_reweighting", "none")
+    if signal == "none" or not isinstance(hypermodel, hypermodel_lib.DefaultHyperModel):
+        return
+    raise keras_tuner.errors.FatalValueError(
+        f"The build function chose reweighting_signal={signal!r} with "
+        "`keras_kd.tuning.distillation_hyperparameters`, but a build function cannot give the "
+        "`HardSampleReweighting` callback to `fit`, so the choice would never be applied. Use "
+        "`keras_kd.tuning.DistillationHyperModel(build_student, reweighting_signal=...)`, which "
+        "compiles the student and attaches the reweighting in `fit`; or subclass "
+        "`keras_tuner.HyperModel` and in its `fit` call `choices = "
+        "distillation_hyperparameters(hp, ...)`, then `x = choices.reweighting.attach(x)` and "
+        "`model.fit(x, callbacks=callbacks + [choices.reweighting], ...)`."
+    )
 
 
 class RandomSearch(_AnyKerasTuner, keras_tuner.RandomSearch):
