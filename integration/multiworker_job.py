@@ -18,6 +18,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402  (Keras 3.15's fit fails under MultiWorkerMirroredStrategy, without keras_kd too)
 
 import keras_kd  # noqa: E402
+from keras_kd import _reweighting_backup  # noqa: E402
 from keras_kd.demo import load_digits_split  # noqa: E402
 
 N, BATCH, EPOCHS = 512, 64, 3
@@ -38,7 +39,16 @@ def main(out, cache_dir, num_shards, shard_index):
         wait_timeout=300,
     )
     cached = tf.data.Dataset.from_tensor_slices((x, y)).apply(cache)
-    rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=1, momentum=0.5, num_examples=N)
+    # Count the backup writes of this process: only the chief may write.
+    saves, save = [], _reweighting_backup.ReweightingBackup.save
+
+    def counted(self, epoch, *args):
+        saves.append(int(epoch))
+        return save(self, epoch, *args)
+
+    _reweighting_backup.ReweightingBackup.save = counted
+    rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=1, momentum=0.5, num_examples=N,
+                                         backup_dir=cache_dir.rstrip("/") + "-reweighting")
     train = rew.attach(cached.batch(BATCH))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -52,7 +62,8 @@ def main(out, cache_dir, num_shards, shard_index):
     state = rew.get_state()
     with open(out, "w") as f:
         json.dump({"loss": history.history["loss"], "weights": state["weights"].tolist(),
-                   "stats": np.nan_to_num(state["stats"], nan=-1.0).tolist()}, f)
+                   "stats": np.nan_to_num(state["stats"], nan=-1.0).tolist(), "backup_saves": saves,
+                   "is_chief": bool(rew._is_chief())}, f)
 
 
 if __name__ == "__main__":

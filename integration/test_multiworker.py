@@ -3,7 +3,8 @@
 The two workers build one teacher-logit cache together (each writes its own
 part), train a student with DistillationLoss from it, with hard-sample
 reweighting, and reach the same loss curve as one worker; their reweighting
-tables agree with each other and with the single worker's.
+tables agree with each other and with the single worker's. Only the chief
+writes the reweighting backup.
 
 The models are tf_keras: in Keras 3.15, ``fit`` under
 MultiWorkerMirroredStrategy with two workers fails for any model and dataset
@@ -13,6 +14,7 @@ keras_kd; tf_keras trains there.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -62,8 +64,10 @@ def test_two_workers_match_one(tmp_path):
     one = json.loads((tmp_path / "single.json").read_text())
     two = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)]
     # The two-worker cache holds two parts that any reader uses as a whole.
-    parts = [f for f in os.listdir(tmp_path / "cache2") if f.startswith("part-")]
-    assert len(parts) == 2
+    # (data files are named <prefix>-PART-FILE-GENERATION.bin)
+    parts = {m.group(1) for m in map(re.compile(r"^[a-z]+-(\d{5})-\d{5}-[0-9a-f]{16}\.bin$").match,
+                                      os.listdir(tmp_path / "cache2")) if m}
+    assert parts == {"00000", "00001"}
     for result in two:
         # Same global batches, same gradients: the same loss curve (float32 sums in
         # another order across the collective: 1e-4 relative).
@@ -71,4 +75,11 @@ def test_two_workers_match_one(tmp_path):
         np.testing.assert_allclose(result["stats"], one["stats"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(result["weights"], one["weights"], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(two[0]["stats"], two[1]["stats"])
+    # The reweighting backup: written after every epoch by the chief only, and
+    # removed at the end of the successful fit.
+    assert one["backup_saves"] == [0, 1, 2] and one["is_chief"]
+    assert two[0]["backup_saves"] == [0, 1, 2] and two[0]["is_chief"]
+    assert two[1]["backup_saves"] == [] and not two[1]["is_chief"]
+    for name in ("cache1-reweighting", "cache2-reweighting"):
+        assert not (tmp_path / name / "hard_sample_reweighting.npz").exists()
     assert min(min(r) for r in one["stats"]) >= 0.0  # every example seen

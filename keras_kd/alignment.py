@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import numbers
 import os
@@ -184,6 +185,18 @@ FEATURE_LOSSES = {
     "cosine": feature_cosine,
     "attention": attention_transfer,
 }
+
+
+def _is_attention(identifier) -> bool:
+    """Whether a feature loss is attention transfer, by name, function or partial.
+
+    Attention transfer compares spatial maps only, so its pairs need no
+    channel projector, however it was named.
+    """
+    fn = get_feature_loss(identifier)
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn is attention_transfer
 
 
 def get_feature_loss(identifier: Union[str, FeatureLoss]) -> FeatureLoss:
@@ -644,6 +657,12 @@ def _is_loss_layer(layer) -> bool:
     return any(isinstance(layer, cls) for cls in _LOSS_LAYER_CLASSES.values())
 
 
+# Registered when keras_kd is imported (both flavours are imported by then), so
+# that a saved `Aligned.model` loads in a fresh process after `import keras_kd`.
+for _flavour in (_compat.KERAS3, _compat.TF_KERAS):
+    _loss_layer_class(_flavour)
+
+
 # ---------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------
@@ -818,10 +837,11 @@ class Aligned:
         feature_inputs, projected, described = [], [], []
         for i in range(count):
             s_shape, t_shape = _shape(s_taps[i]), _shape(t_features[i])
-            loss_name = feature_losses[i] if isinstance(feature_losses[i], str) else getattr(
+            attention = _is_attention(feature_losses[i])
+            loss_name = "attention" if attention else feature_losses[i] if isinstance(feature_losses[i], str) else getattr(
                 feature_losses[i], "__name__", "custom"
             )
-            if feature_losses[i] == "attention" and (len(t_shape) < 2 or len(s_shape) < 2):
+            if attention and (len(t_shape) < 2 or len(s_shape) < 2):
                 raise ValueError(
                     f"feature_loss='attention' in pair {i} needs (H, W, C) maps or (N, D) tokens. "
                     f"Received student features {_fmt(s_shape)} and teacher features {_fmt(t_shape)}."
@@ -831,7 +851,7 @@ class Aligned:
             )
             out, steps_text, used_init = self._project(
                 s_keras, i, s_taps[i], s_shape, t_shape, projectors[i], resamples[i], inits[i],
-                channels_needed=feature_losses[i] != "attention", names=(s_paths[i][0], t_paths[i][0]),
+                channels_needed=not attention, names=(s_paths[i][0], t_paths[i][0]),
             )
             projected.append(out)
             described.append(

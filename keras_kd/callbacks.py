@@ -16,13 +16,17 @@ import copy
 import math
 import numbers
 import os
+import warnings
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
 
 from keras_kd import _compat
+from keras_kd import _reweighting_backup
 from keras_kd import targets as targets_lib
+
+BackupCorruptedError = _reweighting_backup.BackupCorruptedError
 
 # ---------------------------------------------------------------------------
 # Difficulty signals: per-example values from labels and logits (pure TF).
@@ -217,10 +221,20 @@ class HardSampleReweighting(_compat.callback_base()):
         scoring_data: optional dataset (batched, with teacher targets and
             example ids) scored with the student after every epoch instead of
             recording values from the training step.
-        backup_dir: optional directory where the table is saved after every
-            epoch and restored at the start of training (use with
-            ``BackupAndRestore`` so a restarted run resumes with the same
-            weights).
+        backup_dir: optional directory for crash recovery next to Keras's
+            ``BackupAndRestore`` (on a filesystem every worker sees, like
+            its own). After every epoch the chief worker writes the table,
+            the epoch and the run's identity (these settings, the table size
+            and a digest of the model's weights) to
+            ``hard_sample_reweighting.npz`` there, atomically. The table is
+            restored only when a ``fit`` resumes (its first epoch is not 0,
+            as after ``BackupAndRestore`` restored the model) from exactly
+            the epoch and model state that wrote the file; any other run
+            starts afresh (with a warning if a backup was there). A damaged
+            file, one for another table size, or one with non-finite or
+            out-of-``clip`` weights raises `BackupCorruptedError` naming the
+            path. The file is removed at the end of a successful ``fit``,
+            as ``BackupAndRestore`` removes its own.
         histogram_dir: optional directory for a PNG histogram of the weights
             per epoch (needs matplotlib).
         verbose: print a line per epoch. Defaults to 0.
@@ -277,6 +291,8 @@ class HardSampleReweighting(_compat.callback_base()):
         self.num_examples = num_examples
         self.scoring_data = scoring_data
         self.backup_dir = backup_dir
+        # Checks the path (a directory, valid UTF-8) before any training.
+        self._backup = _reweighting_backup.ReweightingBackup(backup_dir) if backup_dir else None
         self.histogram_dir = histogram_dir
         self.verbose = verbose
         self._signal_fn = signal if callable(signal) else SIGNALS[signal]
@@ -422,8 +438,9 @@ class HardSampleReweighting(_compat.callback_base()):
         for x, targets, *_ in dataset:
             targets = targets_lib.materialize(targets)
             student = self.model(x, training=False)
-            hard, soft = loss.components(targets, student)
-            self._record(targets, student, hard, soft)
+            terms = loss.terms(targets, student)  # dense teacher logits, whatever the targets' form
+            if terms.targets is not None:
+                self._record(terms.targets, student, terms.hard, terms.soft)
         self.table.recording.assign(was_recording)
 
     def _distillation_loss(self):
@@ -440,8 +457,7 @@ class HardSampleReweighting(_compat.callback_base()):
     def on_train_begin(self, logs=None):
         table = self.table
         self._loss = self._distillation_loss()
-        if self.backup_dir and os.path.exists(self._backup_path()):
-            self.set_state(dict(np.load(self._backup_path())))
+        self._resume_checked = False
         self._synced = table.stats.numpy()
         table.recording.assign(True)  # "in a training step"
         if self.scoring_data is None:
@@ -457,7 +473,17 @@ class HardSampleReweighting(_compat.callback_base()):
         w = tf.gather(self.table.weights, ids)
         return tf.where(self.table.recording, w, tf.ones_like(w))  # validation steps: unweighted
 
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._resume_checked:
+            self._resume_checked = True
+            if self._backup is not None and epoch > 0:
+                self._restore(epoch)
+
     def on_train_end(self, logs=None):
+        # Only reached after a successful fit (an exception skips it): the
+        # backup has served its purpose, as BackupAndRestore's own.
+        if self._backup is not None and self._is_chief():
+            self._backup.remove()
         if self._loss is not None:
             self._loss.remove_observer(self._record)
             self._loss.remove_weighting(self._weigh)
@@ -529,23 +555,67 @@ class HardSampleReweighting(_compat.callback_base()):
         return {"weights": self.table.weights.numpy(), "stats": self.table.stats.numpy()}
 
     def set_state(self, state: dict):
-        """Restores a table saved with `get_state`."""
-        t = self.table
-        if state["weights"].shape != (t.num_examples,):
-            raise ValueError(
-                f"The saved table has {state['weights'].shape[0]} examples, this one {t.num_examples}."
-            )
-        t.weights.assign(state["weights"])
-        t.stats.assign(state["stats"])
+        """Restores a table saved with `get_state`.
 
-    def _backup_path(self):
-        return os.path.join(self.backup_dir, "hard_sample_reweighting.npz")
+        Raises:
+            ValueError: for arrays that do not fit this table (``weights`` of
+                shape ``(num_examples,)``, ``stats`` of ``(num_examples, 2)``)
+                or non-finite weights.
+        """
+        t = self.table
+        weights, stats = np.asarray(state["weights"]), np.asarray(state["stats"])
+        if weights.shape != (t.num_examples,) or stats.shape != (t.num_examples, 2):
+            raise ValueError(
+                f"Expected a saved table with weights of shape ({t.num_examples},) and stats of shape "
+                f"({t.num_examples}, 2). Received: weights {weights.shape}, stats {stats.shape}."
+            )
+        if not np.isfinite(weights).all():
+            raise ValueError("Expected finite weights in the saved table. Received NaN or Inf.")
+        t.weights.assign(weights.astype(np.float32))
+        t.stats.assign(stats.astype(np.float32))
+
+    # -- the backup (backup_dir) ---------------------------------------------------
+
+    def _identity(self) -> str:
+        config = {
+            "signal": self.signal if isinstance(self.signal, str) else getattr(self.signal, "__qualname__", "custom"),
+            "strength": self.strength,
+            "warmup_epochs": self.warmup_epochs,
+            "clip": list(self.clip),
+            "momentum": self.momentum,
+        }
+        return _reweighting_backup.run_identity(config, self.table.num_examples, self.model)
+
+    def _is_chief(self) -> bool:
+        strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        return bool(getattr(strategy.extended, "should_checkpoint", True))
 
     def _save_state(self, epoch):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        tmp = self._backup_path() + ".tmp.npz"
-        np.savez(tmp, epoch=epoch, **self.get_state())
-        os.replace(tmp, self._backup_path())
+        if self._is_chief():
+            state = self.get_state()
+            self._backup.save(epoch, self._identity(), state["weights"], state["stats"])
+
+    def _restore(self, epoch):
+        """Restores the backup iff it was written after epoch ``epoch - 1`` of this run."""
+        saved = self._backup.load(self.table.num_examples, self.clip)
+        if saved is None:
+            return
+        if saved["epoch"] != epoch - 1 or saved["run_identity"] != self._identity():
+            reason = (
+                f"it was written after epoch {saved['epoch'] + 1}"
+                if saved["epoch"] != epoch - 1
+                else "it was written by another run (other settings, table size or model weights)"
+            )
+            warnings.warn(
+                f"HardSampleReweighting does not restore the backup {self._backup.path!r}: this fit resumes "
+                f"at epoch {epoch + 1} but {reason}. The table starts afresh (uniform weights).",
+                stacklevel=2,
+            )
+            return
+        self.set_state(saved)
+        self._synced = self.table.stats.numpy()
+        if self.verbose:
+            print(f"HardSampleReweighting: restored the table of epoch {epoch} from {self._backup.path}")
 
     def _save_histogram(self, epoch, weights):
         try:

@@ -709,3 +709,94 @@ def test_custom_layer_inside_functional_student(K):
     clean = a.export(custom_objects={"Scale": Scale})
     assert clean.get_config() == student.get_config()
     np.testing.assert_allclose(clean.predict(X, verbose=0), student.predict(X, verbose=0), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# "attention" by name, by function or partial: one behaviour
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("s_shape,t_shape", [((4, 4, 8), (2, 2, 32)), ((4, 4, 8), (4, 4, 16)), ((12, 8), (6, 4))])
+def test_attention_by_name_or_function_is_the_same(K, s_shape, t_shape):
+    import functools
+
+    results = []
+    for loss in ("attention", alignment.attention_transfer, functools.partial(alignment.attention_transfer, p=2.0)):
+        K.utils.set_random_seed(0)
+        s, t = net(K, s_shape, "s"), net(K, t_shape, "t", frozen=True)
+        a = align(s, t, [("feat", "feat")], feature_loss=loss, weight=0.7)
+        a.model.compile("sgd", loss=a.loss())
+        data = a.attach(tf.data.Dataset.from_tensor_slices((X, Y)).batch(len(X)))
+        value = a.model.evaluate(data, verbose=0, return_dict=True)["feature_loss"]
+        # No channel projector: only positions are matched (pooled or interpolated).
+        assert "conv" not in a.pairs[0].steps and "Dense" not in a.pairs[0].steps, a.pairs[0].steps
+        assert a.pairs[0].feature_loss == "attention"
+        f_s = projected(K, a).predict(X, verbose=0)
+        f_t = next(iter(data))[0][1].numpy()
+        want = 0.7 * ((np_attention(f_s) - np_attention(f_t)) ** 2).mean(1).mean()
+        np.testing.assert_allclose(value, want, rtol=1e-4)
+        results.append((a.pairs[0].steps, value))
+    assert results[0] == results[1] == results[2]
+
+
+def test_attention_function_needs_positions(K):
+    s, t = net(K, (4, 4, 8), "s"), net(K, (16,), "t", frozen=True)
+    with pytest.raises(ValueError, match=r"attention.*needs \(H, W, C\) maps"):
+        align(s, t, [("feat", "feat")], feature_loss=alignment.attention_transfer)
+
+
+# ---------------------------------------------------------------------------
+# A saved training model loads in a fresh process
+# ---------------------------------------------------------------------------
+
+_FRESH_LOAD = """
+import os, sys, json
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np, tensorflow as tf
+import keras_kd  # registers the loss and the feature-loss layer
+flavour, data_path, *paths = sys.argv[1:]
+K = __import__(flavour)
+d = np.load(data_path)
+targets = keras_kd.TeacherTargets(labels=d["y"], logits=d["t"])
+ds = tf.data.Dataset.from_tensor_slices(((d["x"], d["f"]), targets)).batch(3)
+out = {}
+for path in paths:
+    model = K.models.load_model(path)
+    result = model.evaluate(ds, verbose=0, return_dict=True)
+    logits = model.predict((d["x"], d["f"]), verbose=0)
+    history = model.fit(ds, epochs=1, verbose=0)
+    out[path] = {"loss": result["loss"], "feature_loss": result["feature_loss"],
+                 "logits": logits.tolist(), "trained": bool(np.isfinite(history.history["loss"]).all())}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_saved_aligned_model_loads_in_a_fresh_process(K, tmp_path):
+    import subprocess
+    import sys
+
+    s, t = net(K, (4, 4, 8), "s"), net(K, (2, 2, 16), "t", frozen=True)
+    a = align(s, t, [("feat", "feat")], weight=0.3)
+    kd = losses_lib.DistillationLoss(temperature=3.0, alpha=0.2)
+    a.model.compile("adam", loss=a.loss(kd), metrics=["accuracy"])
+    data = a.attach(tf.data.Dataset.from_tensor_slices((X, Y)).batch(3))
+    a.model.fit(data, epochs=1, verbose=0)
+    want = a.model.evaluate(data, verbose=0, return_dict=True)
+    (x, f), targets = next(iter(a.attach(tf.data.Dataset.from_tensor_slices((X, Y)).batch(len(X)))))
+    np.savez(tmp_path / "data.npz", x=x.numpy(), f=f.numpy(), y=Y, t=targets.logits.numpy())
+    formats = ["m.keras"] if K.__name__ == "keras" else ["m.keras", "m.h5"]
+    paths = [str(tmp_path / name) for name in formats]
+    for path in paths:
+        a.model.save(path)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _FRESH_LOAD, K.__name__, str(tmp_path / "data.npz"), *paths],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for path in paths:
+        got = results[path]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), path
+        assert got["feature_loss"] == pytest.approx(want["feature_loss"], rel=1e-5), path
+        np.testing.assert_allclose(got["logits"], s.predict(X, verbose=0), rtol=1e-5, atol=1e-6)
+        assert got["trained"], path

@@ -177,18 +177,32 @@ def test_validation_does_not_touch_the_table(K):
 
 
 def test_backup_restores_the_same_weights(K, tmp_path):
+    """A fit resuming after epoch 2 with the model state that wrote the backup
+    (what BackupAndRestore gives) gets the same table; a new run does not."""
     rew = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=0, backup_dir=str(tmp_path))
-    _fit_with_reweighting(K, rew, epochs=2)
+    x, y, teacher, student, history = _fit_with_reweighting(K, rew, epochs=2)
     saved = rew.get_state()
-    fresh = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=0, backup_dir=str(tmp_path))
-    _, _, ds = _ids_dataset(n=48)
-    fresh.attach(ds)
-    fresh.set_model(mlp(K))
-    fresh.model.compile("sgd", loss=keras_kd.DistillationLoss())
-    fresh.on_train_begin()
+    rew._save_state(1)  # what on_epoch_end(1) wrote (the successful fit then removed it)
+
+    def fresh(model):
+        other = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=0, backup_dir=str(tmp_path))
+        _, _, ds = _ids_dataset(n=48)
+        other.attach(ds)
+        model.compile("sgd", loss=keras_kd.DistillationLoss())
+        other.set_model(model)
+        other.on_train_begin()
+        return other
+
+    resumed = fresh(student)  # the same weights, as BackupAndRestore restores them
+    resumed.on_epoch_begin(2)
     for key, value in saved.items():
-        np.testing.assert_array_equal(fresh.get_state()[key], value)
-    fresh.on_train_end()
+        np.testing.assert_array_equal(resumed.get_state()[key], value)
+    resumed.on_train_end()
+    rew._save_state(1)
+    new_run = fresh(mlp(K))  # other weights, first epoch 0: a new run
+    new_run.on_epoch_begin(0)
+    np.testing.assert_array_equal(new_run.get_state()["weights"], np.ones(48, np.float32))
+    new_run.on_train_end()
 
 
 def test_with_backup_and_restore_resumes(K, tmp_path):
