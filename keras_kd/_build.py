@@ -200,6 +200,7 @@ class Build:
                 manifest = recheck()
                 if manifest is not None:
                     return manifest, None
+            store.remove_stale_temporaries(self.part, self.num_parts, self.gen)
             journal = self.journal()
             old = None if fresh else store.read_journal(self.part, self.num_parts)
             same = old is not None and all(old[k] == journal[k] for k in ("generation", "first_block", "end_block"))
@@ -214,7 +215,6 @@ class Build:
                 journal["files"] = kept
                 if kept:
                     self.say(f"resuming part {self.part} after {len(kept)} finished file(s)")
-            store.remove_stale_temporaries(self.part, self.num_parts, self.gen)
             store.remove_part_files(self.part, self.gen, {e["name"] for e in journal["files"]})
             self.check_space()
             journal_path = store.journal_path(self.part, self.num_parts)

@@ -228,10 +228,11 @@ def _produce(step, dataset, start, rows, batch_size, dtype):
     batches = dataset.map(lambda x, *rest: x).skip(start).take(rows).batch(batch_size).prefetch(2)
     for x in batches:
         outputs = [o.numpy() for o in step(x)]
-        if not all(np.isfinite(o).all() for o in outputs):
+        inputs = [t.numpy() for t in tf.nest.flatten(x) if t.dtype.is_floating]
+        if not all(np.isfinite(o).all() for o in outputs + inputs):
             raise ValueError(
-                "The teacher's logits or features contain NaN or Inf; refusing to cache them. Check the "
-                "teacher and its inputs."
+                "The teacher's inputs, logits or features contain NaN or Inf; refusing to cache them. "
+                "Check the dataset and the teacher."
             )
         if dtype == "float16" and any(np.abs(o).max(initial=0.0) > 65504.0 for o in outputs[1:]):
             raise ValueError("The teacher's features exceed float16's range (65504). Use dtype='float32'.")

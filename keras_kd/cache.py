@@ -1113,8 +1113,11 @@ class TeacherLogitCache:
                 out = tf.reshape(out, tf.concat([[n, views], tf.shape(out)[1:]], 0))
             else:
                 out = out[:, None]
+            # Inputs too: TensorFlow's fused kernels (MatMul + ReLU) can turn a
+            # NaN input into finite logits, which would be cached silently.
+            floats = [tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(x) if t.dtype.is_floating]
             stats = {
-                "finite": tf.reduce_all(tf.math.is_finite(out)),
+                "finite": tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(out)), *floats])),
                 "max_abs": tf.reduce_max(tf.abs(out)),
                 "probabilities": tf.logical_and(
                     tf.logical_and(tf.reduce_min(out) >= 0.0, tf.reduce_max(out) <= 1.0),
@@ -1131,8 +1134,9 @@ class TeacherLogitCache:
     def _check_stats(self, stats, first):
         if not bool(stats["finite"]):
             raise ValueError(
-                "The teacher's outputs contain NaN or Inf; refusing to cache them. Check the "
-                "teacher and its inputs."
+                "The teacher's inputs or outputs contain NaN or Inf; refusing to cache them (the "
+                "teacher runs here, outside the training step, so this is where it is checked). "
+                "Check the dataset and the teacher."
             )
         if self.dtype == "float16" and float(stats["max_abs"]) > _FLOAT16_MAX:
             raise ValueError(

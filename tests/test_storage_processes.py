@@ -1,0 +1,106 @@
+"""Concurrent jobs on one cache directory, with real processes (not mocks).
+
+Each job runs the child script below with its own teacher and reports
+either the logits it was served, next to its own teacher's ``predict`` (the
+independent reference), or the error it got.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_kd.cache import cache_teacher_logits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = textwrap.dedent(
+    """
+    import sys, traceback
+    import numpy as np, tensorflow as tf, keras
+    import keras_kd
+
+    directory, seed, on_mismatch, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 8)).astype("float32")
+    y = rng.integers(0, 4, size=512)
+    keras.utils.set_random_seed(seed)
+    teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
+    try:
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).apply(
+            keras_kd.cache_teacher_logits(teacher, directory, batch_size=32, shard_size=64,
+                                          on_mismatch=on_mismatch, verbose=0))
+        (_, t), = list(ds.batch(512))
+        np.savez(out, ids=t.example_id.numpy(), got=t.logits.numpy().astype("float32"),
+                 want=teacher.predict(x, verbose=0))
+    except (keras_kd.CacheMismatchError, keras_kd.CacheCorruptedError) as e:
+        np.savez(out, error=np.array(type(e).__name__ + ": " + str(e)))
+    """
+)
+
+
+def _start(tmp_path, directory, seed, on_mismatch, tag):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    out = tmp_path / f"{tag}.npz"
+    proc = subprocess.Popen([sys.executable, str(script), str(directory), str(seed), on_mismatch, str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return proc, out
+
+
+def _outcome(proc, out):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    result = dict(np.load(out))
+    if "error" in result:
+        return str(result["error"])
+    np.testing.assert_array_equal(result["ids"], np.arange(512))
+    # Its own teacher's logits, to float16 precision -- never the other's.
+    np.testing.assert_allclose(result["got"], result["want"], rtol=2e-3, atol=2e-3)
+    return "own"
+
+
+@pytest.mark.parametrize("on_mismatch", ["error", "rebuild"])
+def test_two_jobs_with_different_teachers_on_one_empty_directory(tmp_path, on_mismatch):
+    outcomes = []
+    for trial in range(3):
+        directory = tmp_path / f"cache{trial}"
+        jobs = [_start(tmp_path, directory, seed, on_mismatch, f"t{trial}-{seed}") for seed in (1, 2)]
+        outcomes.append([_outcome(*job) for job in jobs])
+    for pair in outcomes:
+        assert "own" in pair  # one job at least gets its cache
+        for outcome in pair:
+            assert outcome == "own" or outcome.startswith("CacheMismatchError: ") and "weights changed" in outcome
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_rebuild_by_another_job_never_reaches_a_live_reader(tmp_path, in_memory):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 8)).astype("float32")
+    y = rng.integers(0, 4, size=512)
+    keras.utils.set_random_seed(1)
+    teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
+    want = teacher.predict(x, verbose=0)
+    directory = tmp_path / "cache"
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).apply(
+        cache_teacher_logits(teacher, directory, batch_size=32, shard_size=64, in_memory=in_memory, verbose=0))
+
+    def epoch():
+        (_, t), = list(ds.batch(512))
+        return t.logits.numpy().astype("float32")
+
+    np.testing.assert_allclose(epoch(), want, rtol=2e-3, atol=2e-3)
+    # Another job (another teacher) rebuilds the directory while this reader is live.
+    assert _outcome(*_start(tmp_path, directory, 2, "rebuild", "other")) == "own"
+    if in_memory:
+        np.testing.assert_allclose(epoch(), want, rtol=2e-3, atol=2e-3)  # still its own teacher's
+    else:
+        # The old build's files are gone: a clear error, never the other teacher's logits.
+        with pytest.raises(tf.errors.NotFoundError, match="logits-00000-"):
+            epoch()
