@@ -33,7 +33,8 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile tests integration 2>&1 | $(QUIET)
 
 bench: $(STAMP)
-	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+	$(PY) benchmarks/bench_workloads.py 2>&1 | $(QUIET)
+	$(PY) benchmarks/bench_cache.py 2>&1 | $(QUIET)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
