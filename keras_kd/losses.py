@@ -470,12 +470,35 @@ class DistillationLoss(_compat.loss_base()):
     computed per example (and per time step for ``(batch, time, classes)``
     logits), then weighted by ``sample_weight`` and masks and reduced like any
     Keras loss. With targets that carry no teacher (plain labels, e.g. a
-    validation set without `with_teacher`) the loss is ``hard_loss`` alone.
+    validation set without `with_teacher`) the loss is ``hard_loss`` alone;
+    a *training* step without teacher warns once (nothing is distilled).
+
+    A student with **one logit** (last dimension 1) is a binary classifier:
+    the logit is a Bernoulli logit, the distillation term is
+    ``T^2 * KL(Bernoulli(sigmoid(t / T)) || Bernoulli(sigmoid(s / T)))``
+    (every softmax divergence sees the two-class logits ``[0, z / T]``;
+    ``"mse"``/``"huber"`` compare the single logits) and the default hard
+    loss is binary cross-entropy from logits against 0/1 labels.
+
+    Labels may have any integer dtype (``uint8`` as ``keras.datasets``
+    returns them). The student must output logits: a student ending in
+    softmax or sigmoid gets a warning, once.
+
+    Bad input never trains silently, in every setting: teacher logits with
+    NaN or Inf and labels out of range raise ``InvalidArgumentError`` in eager
+    and graph mode; under XLA (``jit_compile=True``, Keras 3's default on
+    GPUs), which drops assertions, the affected examples' loss is NaN.
+
+    Per-example hooks (`add_observer`, `add_weighting`; protocols `Observer`
+    and `Weighting`) run exactly once per step, from ``__call__``;
+    `components` and `terms` are pure, so metrics such as
+    `keras_kd.loss_components` never re-run them.
 
     Args:
-        temperature: softening temperature ``T > 0``. A number, or a
-            ``tf.Variable`` that callbacks or keras-tuner may change between
-            epochs without recompiling. Defaults to 4.0.
+        temperature: softening temperature ``T > 0``. A number, or a float
+            ``tf.Variable``/``keras.Variable`` (its value is checked here)
+            that callbacks or keras-tuner may change between epochs without
+            recompiling. Defaults to 4.0.
         alpha: weight of the hard-label loss, in ``[0, 1]``; ``1 - alpha``
             weighs the distillation term. A number or a ``tf.Variable``.
             Defaults to 0.1.
@@ -500,9 +523,14 @@ class DistillationLoss(_compat.loss_base()):
 
     Raises:
         ValueError: for ``temperature <= 0`` or non-finite, ``alpha`` outside
-            ``[0, 1]``, or an unknown divergence; while training, for teacher
-            logits whose class count differs from the student's, teacher
-            logits with NaN or Inf, or labels out of range.
+            ``[0, 1]`` (numbers, ``tf.Variable``/``keras.Variable`` values and
+            values given to the setters alike), a non-number, or an unknown
+            divergence; while tracing the step, for teacher logits whose class
+            count differs from the student's, or labels whose shape fits
+            neither class ids nor one-hot labels.
+        tf.errors.InvalidArgumentError: without XLA, at the first batch with
+            teacher logits containing NaN or Inf or labels out of range
+            (with XLA the loss is NaN instead).
 
     Example:
 
