@@ -76,7 +76,7 @@ def common_parser(description, rounds=3):
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rounds", type=int, default=None,
-                        help=f"timed rounds of interleaved epochs (default {rounds}, 2 with --quick)")
+                        help=f"timed rounds of interleaved epochs (default {rounds}; fewer with --quick)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: fewer rounds, noisier figures")
     parser.set_defaults(default_rounds=rounds)
     return parser

@@ -265,8 +265,11 @@ def measure(w, rounds, epochs, workdir, wide, log):
         if broken:
             results.append((label, None, op, bound, f"ERROR {broken[0]}"))
             continue
-        ratio = statistics.median(a / b for a, b in zip(turns[num], turns[den]))
-        detail = f"{medians[num] * 1e3:.1f} ms / {medians[den] * 1e3:.1f} ms"
+        paired = sorted(a / b for a, b in zip(turns[num], turns[den]))
+        ratio = statistics.median(paired)
+        spread = paired if len(paired) < 4 else statistics.quantiles(paired, n=4)[::2]
+        detail = (f"{medians[num] * 1e3:.1f} ms / {medians[den] * 1e3:.1f} ms; "
+                  f"{'range' if len(paired) < 4 else 'quartiles'} {spread[0]:.2f}-{spread[-1]:.2f}")
         results.append((label, ratio, op, bound, detail))
     return medians, results, errors
 
