@@ -289,7 +289,9 @@ def _implicit_mask_ops(calls):
     todo = list(auto_masks)
     while todo:
         call = producer.get(todo.pop())
-        if call is None or _compat.is_model(call[0]) or isinstance(call[0], layer_types) or id(call[0]) in skipped:
+        if call is None or id(call[0]) in skipped:
+            continue
+        if _compat.is_model(call[0]) or isinstance(call[0], layer_types):
             continue
         skipped.add(id(call[0]))
         todo.extend(id(t) for t in tf.nest.flatten((call[1], call[2])) if hasattr(t, "shape"))
@@ -349,6 +351,20 @@ def to_tf_keras(model, *, custom_objects: Optional[dict] = None):
     input names and the nesting of sub-models are kept. The input model is not
     changed; the new one is not compiled.
 
+    Training the converted model gives what training the source would (weights,
+    moving statistics and outputs equal to 1e-5 after the same SGD steps,
+    tested per layer family), because the translation is by meaning:
+    ``hard_sigmoid`` (``relu6(x + 3) / 6`` in Keras 3, ``0.2 x + 0.5`` clipped
+    in tf_keras) becomes a function with the source's meaning,
+    ``BatchNormalization`` is built with ``fused=False`` (tf_keras's fused
+    kernel updates the moving variance with the Bessel-corrected batch
+    variance, Keras 3 with the biased one), and state computed from weights
+    (an adapted ``Normalization``) is recomputed after the copy. Masks that
+    layers compute (``Embedding(mask_zero=True)``, ``Masking``) are computed
+    by the target again; an explicit ``mask=`` from a model input is kept, and
+    one computed with ``keras.ops`` is refused rather than dropped.
+    ``Dropout`` draws its own random masks in each flavour.
+
     Convertible: Functional and built Sequential models (nested ones too) made
     of built-in layers that exist in both Kerases (``Dense``, ``Conv*``,
     ``DepthwiseConv2D``, ``SeparableConv*``, ``BatchNormalization``,
@@ -406,6 +422,13 @@ def to_keras3(model, *, custom_objects: Optional[dict] = None):
     model deploys through `to_tflite`. Nor ``TFOpLambda`` nodes (TensorFlow
     ops called on symbolic tensors) or custom layers without
     ``custom_objects``.
+
+    A tf_keras ``BatchNormalization`` that uses the fused kernel (4-D inputs
+    with ``fused=None`` or ``True``) converts with equal outputs but a
+    warning: Keras 3 updates its moving variance with the biased batch
+    variance, tf_keras's fused kernel with the Bessel-corrected one, so the
+    two drift apart in training. Build it with ``fused=False`` for identical
+    training.
 
     Args:
         model: a tf_keras Functional or Sequential model.

@@ -318,8 +318,8 @@ def _activation_name(value):
     """The activation name of a config value (a string or a serialized function), or None."""
     if isinstance(value, str):
         return value
-    if isinstance(value, dict) and value.get("class_name") == "function" and isinstance(value.get("config"), str):
-        return value["config"]
+    if isinstance(value, dict) and value.get("class_name") == "function":
+        return value["config"] if isinstance(value.get("config"), str) else None
     return None
 
 

@@ -607,7 +607,9 @@ def _prunable_attributes(layer) -> Optional[list]:
     if hasattr(layer, "get_prunable_weights") and not _compat.is_model(layer):
         return [(w, w.name.split(":")[0].split("/")[-1]) for w in layer.get_prunable_weights()]
     registry = prune_registry.PruneRegistry
-    klass = _compat.builtin_layer_class(_compat.TF_KERAS, type(layer).__name__) if _compat.is_builtin(layer) else None
+    klass = None
+    if _compat.is_builtin(layer):
+        klass = _compat.builtin_layer_class(_compat.TF_KERAS, type(layer).__name__)
     if klass is None:
         return None
     if klass in registry._RNN_LAYERS:

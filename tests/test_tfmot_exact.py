@@ -235,3 +235,22 @@ def test_sparsity_of_recurrent_embedding_and_attention_layers_by_hand(K):
         for name, ws in kernels.items()
     }
     assert optimize.sparsity(model) == pytest.approx(expected)
+
+
+def test_quantization_aware_two_output_model_is_scored_on_its_logits():
+    tf_keras.utils.set_random_seed(0)
+    qat = optimize.quantize_for_distillation(_two_outputs(tf_keras))
+    x = RNG.normal(size=(64, 6)).astype("float32")
+    qat.compile(tf_keras.optimizers.Adam(1e-3), ["mse", "mse"])
+    qat.fit(x, [RNG.normal(size=(64, 4)), RNG.normal(size=(64, 12))], epochs=2, verbose=0)
+    logits, _ = qat.predict(x, verbose=0)
+    flatbuffer = optimize.to_tflite(qat)
+    _, scored = optimize.evaluate_tflite(flatbuffer, tf.data.Dataset.from_tensor_slices(x), return_logits=True)
+    assert scored.shape == logits.shape
+    # int8 kernels against the fake-quant graph: a few output quantization steps.
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_content=flatbuffer).get_signature_runner()
+    scale = runner.get_output_details()["output_0"]["quantization_parameters"]["scales"]
+    step = float(scale[0]) if len(scale) else float(np.ptp(logits)) / 255
+    np.testing.assert_allclose(scored, logits, atol=4 * step + 1e-6)

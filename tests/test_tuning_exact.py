@@ -115,13 +115,13 @@ def test_string_objectives_have_their_direction(objective, direction, tmp_path):
     assert {o.name: o.direction for o in tuner.oracle.objective.objectives} == {objective: direction, "val_loss": "min"}
 
 
-def test_reweighting_chosen_in_a_plain_build_function_is_refused(tmp_path):
+def test_reweighting_chosen_in_a_plain_build_function_is_refused(K, tmp_path):
     train, _ = _data()
 
     def build(hp):
         kd = tuning.distillation_hyperparameters(hp, reweighting_signal="kl")
-        student = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
-        student.compile(kd.optimizer(), loss=kd.loss)
+        student = K.Sequential([K.Input((8,)), K.layers.Dense(3)])
+        student.compile(kd.optimizer(K.__name__), loss=kd.loss)
         return student
 
     tuner = tuning.RandomSearch(build, objective="val_loss", max_trials=1, directory=str(tmp_path))
