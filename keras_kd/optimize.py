@@ -866,7 +866,33 @@ def quantize_for_distillation(
                 f"  - {name} ({kind}): {reason}{hint}"
             ) from e
         except ValueError as e:
+            if "activations" in str(e):
+                raise ValueError(_activation_refusal(copy, student) + hint) from e
             raise ValueError(f"tfmot could not quantize `student` ({student.name!r}): {e}") from e
+
+
+def _activation_refusal(model, student) -> str:
+    """tfmot's "Only some Keras activations ... are supported", with the layers named."""
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize_aware_activation
+
+    aware = quantize_aware_activation.QuantizeAwareActivation
+    supported = sorted(aware._PRE_QUANT_ACTIVATIONS | aware._POST_QUANT_ACTIVATIONS)
+    found = [
+        f"  - {layer.name} ({type(layer).__name__}): activation "
+        f"{getattr(layer.activation, '__name__', layer.activation)!r}"
+        for layer in model.layers
+        if type(layer).__name__ != "Activation"
+        and callable(getattr(layer, "activation", None))
+        and getattr(layer.activation, "__name__", None) not in supported
+    ]
+    return (
+        f"tfmot cannot quantize the activation of {len(found) or 'some'} layer(s) of `student` "
+        f"({student.name!r}):\n" + "\n".join(found) + "\n"
+        f"tfmot's QAT quantizes only these activations inside a layer: {supported} (a Keras 3 "
+        "'hard_sigmoid' comes over from `to_tf_keras` as `keras3_hard_sigmoid`, its meaning, "
+        "which tfmot does not know either). Use one of them, or give the layer a "
+        "`tfmot.quantization.keras.QuantizeConfig`."
+    )
 
 
 def _quantize_problems(model, select, scheme) -> list:

@@ -254,3 +254,17 @@ def test_quantization_aware_two_output_model_is_scored_on_its_logits():
     scale = runner.get_output_details()["output_0"]["quantization_parameters"]["scales"]
     step = float(scale[0]) if len(scale) else float(np.ptp(logits)) / 255
     np.testing.assert_allclose(scored, logits, atol=4 * step + 1e-6)
+
+
+def test_activation_tfmot_cannot_quantize_is_named():
+    inp = tf_keras.Input((6,))
+    model = tf_keras.Model(inp, tf_keras.layers.Dense(3, activation="hard_sigmoid", name="gate")(inp))
+    copy = tf_keras.models.clone_model(model)
+    with pytest.raises(ValueError, match="Only some Keras activations"):
+        tfmot().quantization.keras.quantize_model(copy)  # tfmot refuses it too
+    with pytest.raises(ValueError, match=r"gate \(Dense\): activation 'hard_sigmoid'\ntfmot's QAT quantizes only"):
+        optimize.quantize_for_distillation(model)
+    inp = keras.Input((6,))
+    keras3 = keras.Model(inp, keras.layers.Dense(3, activation="hard_sigmoid", name="gate")(inp))
+    with pytest.raises(ValueError, match=r"gate \(Dense\): activation 'keras3_hard_sigmoid'"):
+        optimize.quantize_for_distillation(optimize.to_tf_keras(keras3))
