@@ -274,7 +274,7 @@ def default_hard_loss(labels, student_logits):
     valid = (ids >= 0) & (ids < limit)
     message = (
         f"keras_kd: labels out of range: the student has {num_classes} classes, so class ids must be in "
-        f"[0, {num_classes}). Fix the labels or the student's number of output units."
+        f"[0, {num_classes}). Fix the labels, or the number of output units of the student."
     )
     # The kernel must not see bad ids before the check has run (it would raise its own, vaguer error).
     with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(valid), [message])]):
