@@ -84,19 +84,22 @@ class FeatureTable:
     """Teacher logits and features, row ``n`` for the ``n``-th example.
 
     Args:
-        rows: a dataset of ``{field: (block_rows, ...)}`` blocks.
+        rows: a dataset of ``(logits, feature_0, ...)`` rows.
         count: number of examples.
-        num_features: number of feature fields.
     """
 
-    def __init__(self, blocks: tf.data.Dataset, count: int, num_features: int):
-        self.blocks, self.count, self.num_features = blocks, count, num_features
+    def __init__(self, rows: tf.data.Dataset, count: int):
+        self.rows, self.count = rows, count
+
+    @classmethod
+    def of(cls, stored: _storage.Stored, num_features: int) -> "FeatureTable":
+        names = ["logits"] + [f"feature_{i}" for i in range(num_features)]
+        select = lambda fields: tuple(fields[n] for n in names)  # noqa: E731
+        return cls(stored.rows(select, select), stored.count)
 
     def dataset(self) -> tf.data.Dataset:
         """Unbatched ``(logits, feature_0, ...)`` rows, exactly ``count`` of them."""
-        names = ["logits"] + [f"feature_{i}" for i in range(self.num_features)]
-        rows = self.blocks.map(lambda b: tuple(b[n] for n in names)).unbatch().take(self.count)
-        return rows.apply(tf.data.experimental.assert_cardinality(self.count))
+        return self.rows.apply(tf.data.experimental.assert_cardinality(self.count))
 
     # -- building and opening ---------------------------------------------------
 
@@ -130,8 +133,8 @@ class FeatureTable:
         step = _extract_step(extractor, dataset)
         if directory is None:
             arrays = _collect(_produce(step, dataset, 0, count, batch_size, dtype), layout)
-            blocks = tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
-            return cls(blocks, count, len(feature_shapes))
+            names = ["logits"] + [f"feature_{i}" for i in range(len(feature_shapes))]
+            return cls(tf.data.Dataset.from_tensor_slices(tuple(arrays[n] for n in names)), count)
         st = store(directory)
         st.owned()
         build = _build.Build(
@@ -142,8 +145,8 @@ class FeatureTable:
             checksum=True,
             say=lambda message: None,
         )
-        blocks, problem = cls._open(build, dataset, step, in_memory)
-        if blocks is None:
+        stored, problem = cls._open(build, dataset, step, in_memory)
+        if stored is None:
             if problem is not None and on_mismatch == "error":
                 raise problem
             st.claim(refuse_foreign_files=True)
@@ -165,8 +168,8 @@ class FeatureTable:
                 blocks_per_file, fresh=fresh, recheck=recheck,
             )
             manifest = found or build.assemble()
-            blocks = _reader(st, manifest, in_memory)
-        return cls(blocks, count, len(feature_shapes))
+            stored = _reader(st, manifest, in_memory)
+        return cls.of(stored, len(feature_shapes))
 
     @classmethod
     def _open(cls, build, dataset, step, in_memory):
@@ -178,7 +181,7 @@ class FeatureTable:
             if problem is not None:
                 return None, problem
         try:
-            blocks = _reader(build.store, manifest, in_memory)
+            stored = _reader(build.store, manifest, in_memory)
         except CacheCorruptedError as e:
             return None, CacheCorruptedError(
                 f"The feature cache at {build.store.directory!r} is damaged: {e}. Pass "
@@ -187,10 +190,10 @@ class FeatureTable:
         rows = min(_PROBE_ROWS, manifest["num_examples"], manifest["layout"]["block_rows"])
         x = next(iter(dataset.map(lambda x, *rest: x).take(rows).batch(rows)))
         fresh = [np.asarray(o, np.float32) for o in step(x)]
-        stored = next(iter(blocks.take(1)))
+        first = stored.first_rows(len(fresh[0]))
         names = ["logits"] + [f"feature_{i}" for i in range(len(fresh) - 1)]
         for name, a in zip(names, fresh):
-            b = np.asarray(stored[name], np.float32)[: len(a)]
+            b = np.asarray(first[name], np.float32)
             worst = float(np.max(np.abs(a - b) / (1.0 + np.abs(a)))) if a.shape == b.shape and a.size else np.inf
             if not np.isfinite(worst) or worst > 1e-2:
                 return None, _ProbeMismatch(
@@ -199,17 +202,15 @@ class FeatureTable:
                     f"ones (max relative difference {worst:.3g}). Pass on_mismatch='rebuild' to rebuild it, or "
                     "use another `directory`."
                 )
-        return blocks, None
+        return stored, None
 
 
 class _ProbeMismatch(CacheMismatchError):
     """The teacher, re-run on the first examples, disagrees with the stored features."""
 
 
-def _reader(st, manifest, in_memory):
-    layout = _storage.Layout(manifest["layout"]["block_rows"],
-                             [(f["name"], f["dtype"], f["shape"]) for f in manifest["layout"]["fields"]])
-    return _storage.dataset_reader(st, manifest, layout, _build.choose_in_memory(in_memory, manifest), checksum=True)
+def _reader(st, manifest, in_memory) -> _storage.Stored:
+    return _storage.Stored(st, manifest, _build.choose_in_memory(in_memory, manifest), checksum=True)
 
 
 def _extract_step(extractor, dataset):

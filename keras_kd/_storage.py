@@ -720,19 +720,59 @@ def _remove(path: str):
         pass
 
 
-def dataset_reader(store: Store, manifest: dict, layout: Layout, in_memory: bool, checksum: bool):
-    """A dataset of ``{field: (block_rows, ...)}`` blocks, in order, and whether it is in memory.
+class Stored:
+    """The rows of a finished cache, held in host memory or streamed from its files.
 
-    In memory, the files are read once (their CRC32 checked in the same read)
-    and each epoch slices host arrays; streaming reads one
-    ``FixedLengthRecordDataset`` record per block.
+    In memory, the files are read once (their CRC32 checked in the same
+    read); streaming reads one ``FixedLengthRecordDataset`` record per block.
+
+    Args:
+        store: the `Store`.
+        manifest: the validated manifest.
+        in_memory: whether to hold the rows in memory.
+        checksum: whether the in-memory read checks CRC32s.
     """
-    files = manifest["files"]
-    if in_memory:
-        data = b"".join(read_verified(store.path(f["name"]), f["bytes"], f["crc32"] if checksum else None) for f in files)
-        arrays = layout.decode_numpy(data, manifest["num_blocks"])
-        arrays = {k: v.reshape(manifest["num_blocks"], layout.block_rows, *v.shape[1:]) for k, v in arrays.items()}
-        return tf.data.Dataset.from_tensor_slices(arrays)
-    paths = [store.path(f["name"]) for f in files]
-    records = tf.data.FixedLengthRecordDataset(paths, layout.block_bytes, buffer_size=max(1 << 18, layout.block_bytes))
-    return records.map(layout.decode)
+
+    def __init__(self, store: Store, manifest: dict, in_memory: bool, checksum: bool):
+        fields = manifest["layout"]["fields"]
+        self.layout = Layout(manifest["layout"]["block_rows"], [(f["name"], f["dtype"], f["shape"]) for f in fields])
+        self.num_blocks, self.count = manifest["num_blocks"], manifest["num_examples"]
+        self.in_memory = in_memory
+        files = manifest["files"]
+        if in_memory:
+            data = b"".join(read_verified(store.path(f["name"]), f["bytes"], f["crc32"] if checksum else None) for f in files)
+            self.arrays = {k: v[: self.count] for k, v in self.layout.decode_numpy(data, self.num_blocks).items()}
+        else:
+            paths = [store.path(f["name"]) for f in files]
+            self.records = tf.data.FixedLengthRecordDataset(
+                paths, self.layout.block_bytes, buffer_size=max(1 << 18, self.layout.block_bytes)
+            )
+
+    def first_rows(self, rows: int) -> dict:
+        """NumPy arrays of the first ``rows`` rows (``rows`` <= ``block_rows``)."""
+        if self.in_memory:
+            return {k: v[:rows] for k, v in self.arrays.items()}
+        block = next(iter(self.records.take(1).map(self.layout.decode)))
+        return {k: v.numpy()[:rows] for k, v in block.items()}
+
+    def rows(self, select_numpy, select_tf) -> tf.data.Dataset:
+        """One element per row: ``select(fields of a block or of all rows) -> tuple`` of tensors.
+
+        The selection runs once on all rows (in memory) or once per block
+        (streaming), never per element.
+        """
+        if self.in_memory:
+            return tf.data.Dataset.from_tensor_slices(select_numpy(self.arrays))
+        return self.records.map(lambda r: select_tf(self.layout.decode(r))).unbatch().take(self.count)
+
+    def blocks(self) -> tf.data.Dataset:
+        """One ``{field: (block_rows, ...)}`` element per block (the last block padded with zeros)."""
+        if not self.in_memory:
+            return self.records.map(self.layout.decode)
+        rows = self.layout.block_rows
+        padded = {}
+        for k, v in self.arrays.items():
+            full = np.zeros((self.num_blocks * rows, *v.shape[1:]), v.dtype)
+            full[: len(v)] = v
+            padded[k] = full.reshape(self.num_blocks, rows, *v.shape[1:])
+        return tf.data.Dataset.from_tensor_slices(padded)
