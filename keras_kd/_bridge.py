@@ -369,7 +369,8 @@ def to_tf_keras(model, *, custom_objects: Optional[dict] = None):
     of built-in layers that exist in both Kerases (``Dense``, ``Conv*``,
     ``DepthwiseConv2D``, ``SeparableConv*``, ``BatchNormalization``,
     ``LayerNormalization``, ``Dropout``, pooling, ``Flatten``, ``Reshape``,
-    activations, ``Embedding``, ``LSTM``/``GRU``, merge layers, ...), and
+    activations, ``Embedding``, ``LSTM``/``GRU``, ``Bidirectional``,
+    ``TimeDistributed``, merge layers, ...), and
     ``Lambda`` layers (the same Python function is reused). Not convertible,
     and listed all at once in the error: subclassed models, custom layer
     classes (unless given in ``custom_objects``), layers Keras 3 has and

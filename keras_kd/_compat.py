@@ -435,8 +435,16 @@ def translate_config(value: Any, target: str):
         if mod is not None and not (mod == "keras" or mod.startswith("keras.")):
             name = value.get("registered_name") or value["class_name"]
             raise UnconvertibleError(f"custom object {name!r} (module {mod!r}) has no built-in equivalent")
-        if mod is not None and mod.startswith("keras.layers") and isinstance(value["config"], dict):
+        nested_layer = mod is not None and mod.startswith("keras.layers")
+        # A layer inside a tf_keras wrapper (Bidirectional, TimeDistributed) may
+        # come without a module.
+        nested_layer = nested_layer or (
+            mod is None and target == KERAS3 and builtin_layer_class(TF_KERAS, value["class_name"]) is not None
+        )
+        if nested_layer and isinstance(value["config"], dict):
             class_name, config = translate_layer_config(value["class_name"], value["config"], target)
+            if target == KERAS3:  # Keras 3 finds built-in classes by their module
+                return {"module": "keras.layers", "class_name": class_name, "config": config, "registered_name": None}
             return {"class_name": class_name, "config": config}
         if value["class_name"] in ("DTypePolicy", "FloatDTypePolicy", "Policy"):
             return _dtype_name(value)
@@ -486,6 +494,8 @@ def translate_layer_config(class_name: str, config: dict, target: str, klass: ty
     if target == KERAS3:
         renames = {v: k for k, v in renames.items()}
     accepted = _init_arguments(klass)
+    if any(base.__name__ == "RNN" for base in klass.__mro__):
+        accepted.add("zero_output_for_mask")  # tf_keras's RNN takes it through **kwargs
     source = builtin_layer_class(TF_KERAS if target == KERAS3 else KERAS3, class_name)
     source_defaults = _init_defaults(source) if source is not None else {}
     if class_name == "SpectralNormalization":

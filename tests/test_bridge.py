@@ -111,7 +111,19 @@ def normalization(K):
     return K.Model(inp, K.layers.Dense(3)(norm(inp)), name="norm"), x[:6]
 
 
-BUILDERS = [conv, recurrent, masking, attention, sequential, nested, normalization]
+def wrappers(K):
+    L = K.layers
+    tokens = K.Input((6,), dtype="int32")
+    h = L.Embedding(20, 4, mask_zero=True)(tokens)
+    h = L.Bidirectional(L.GRU(3, return_sequences=True, recurrent_activation="hard_sigmoid"))(h)
+    h = L.TimeDistributed(L.Dense(2, activation="hard_sigmoid"))(h)
+    h = L.Reshape((6, 2, 1))(h)
+    h = L.Cropping2D(((1, 0), (0, 1)))(L.Conv2DTranspose(2, 2)(h))
+    x = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 8, 9], [3, 0, 0, 0, 0, 0]], dtype="int32")
+    return K.Model(tokens, L.Dense(3)(L.Flatten()(h)), name="wrappers"), x
+
+
+BUILDERS = [conv, recurrent, masking, attention, sequential, nested, normalization, wrappers]
 
 
 def state(model):
