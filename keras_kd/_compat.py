@@ -518,6 +518,7 @@ def translate_layer_config(class_name: str, config: dict, target: str, klass: ty
             # Initializers only set initial values; converted layers get the weights.
             neutral = key in _OUTPUT_NEUTRAL_ARGUMENTS or key.endswith("initializer")
             neutral = neutral or value is None or value is False
+            neutral = neutral or (key == "data_format" and value == "channels_last")  # tf_keras's only layout
             if neutral or (key in source_defaults and _same(source_defaults[key], value)):
                 continue
             raise UnconvertibleError(

@@ -123,7 +123,25 @@ def wrappers(K):
     return K.Model(tokens, L.Dense(3)(L.Flatten()(h)), name="wrappers"), x
 
 
-BUILDERS = [conv, recurrent, masking, attention, sequential, nested, normalization, wrappers]
+def more_layers(K):
+    L = K.layers
+    inp = K.Input((6, 4))
+    h = L.SeparableConv1D(4, 2, padding="same")(inp)
+    h = L.Conv1DTranspose(4, 2)(h)
+    h = L.GroupNormalization(2)(h)
+    h = L.PReLU()(h)
+    h = L.Attention()([h, h])
+    h = L.AdditiveAttention()([h, L.Dense(4)(h)])
+    h = L.Multiply()([h, L.UnitNormalization()(h)])
+    h = L.Permute((2, 1))(h)
+    h = L.Reshape((4, 7, 1))(h)
+    h = L.Conv2D(2, 2, dilation_rate=2)(h)
+    h = L.Resizing(4, 4)(h)
+    h = L.ConvLSTM2D(2, 2)(L.Reshape((2, 4, 4, 1))(L.Flatten()(h)))
+    return K.Model(inp, L.Dense(3)(L.Flatten()(h)), name="more"), RNG.normal(size=(3, 6, 4))
+
+
+BUILDERS = [conv, recurrent, masking, attention, sequential, nested, normalization, wrappers, more_layers]
 
 
 def state(model):
