@@ -106,17 +106,18 @@ def inputs_digest(dataset: tf.data.Dataset):
     Any change to any element's ``x``, or to their order, changes it.
     """
     h = hashlib.blake2b(digest_size=16)
-    xs = dataset.map(lambda x, *rest: x)
+    x_spec = dataset.element_spec[0]
     count = 0
-    if _batchable(xs.element_spec):
-        numeric = all(s.dtype.is_numpy_compatible and s.dtype != tf.string for s in tf.nest.flatten(xs.element_spec))
-        for batch in xs.batch(_DIGEST_BATCH).prefetch(2):
-            flat = tf.nest.flatten(batch)
+    # No `map` (tracing a function costs more than hashing a small dataset).
+    if _batchable(dataset.element_spec):
+        numeric = all(s.dtype.is_numpy_compatible and s.dtype != tf.string for s in tf.nest.flatten(x_spec))
+        for batch in dataset.batch(_DIGEST_BATCH).prefetch(2):
+            flat = tf.nest.flatten(batch[0])
             for t in flat:
                 h.update(np.ascontiguousarray(t.numpy()).tobytes() if numeric else tf.io.serialize_tensor(t).numpy())
             count += int(flat[0].shape[0])
     else:
-        for x in xs.prefetch(2):
-            hash_element(h, x)
+        for element in dataset.prefetch(2):
+            hash_element(h, element[0])
             count += 1
     return h.hexdigest(), count
