@@ -526,17 +526,19 @@ class HardSampleReweighting(_compat.callback_base()):
         if self.scoring_data is not None:
             self.score(self.scoring_data)
         self._sync_workers()
-        seen = table.seen
-        if epoch + 1 >= self.warmup_epochs and seen.any():
-            difficulty = table.difficulty
-            weights = np.ones(table.num_examples)
-            weights[seen] = normalise(raw_weights(self.signal, difficulty[seen], self.strength), self.clip)
-            table.weights.assign(weights.astype(np.float32))
-        weights = table.weights.numpy()
+        stats = table.stats.numpy()  # one read of the table per epoch
+        seen = ~np.isnan(stats[:, 0])
+        any_seen = bool(seen.any())
+        if epoch + 1 >= self.warmup_epochs and any_seen:
+            weights = np.ones(table.num_examples, np.float32)
+            weights[seen] = normalise(raw_weights(self.signal, stats[seen, 0], self.strength), self.clip)
+            table.weights.assign(weights)
+        else:
+            weights = table.weights.numpy()
         logs["kd_weight_mean"] = float(weights.mean())
         logs["kd_weight_max"] = float(weights.max())
         logs["kd_weight_share_above_2"] = float((weights > 2.0).mean())
-        logs["kd_teacher_wrong_share"] = float((table.teacher_wrong[seen] >= 0.5).mean()) if seen.any() else 0.0
+        logs["kd_teacher_wrong_share"] = float((stats[seen, 1] >= 0.5).mean()) if any_seen else 0.0
         if self.verbose:
             print(
                 f"HardSampleReweighting epoch {epoch + 1}: mean {logs['kd_weight_mean']:.3f} "

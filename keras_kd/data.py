@@ -158,29 +158,42 @@ def with_teacher(
 
     Where the teacher runs (``placement``):
 
-    * ``"auto"`` (default): ``"step"`` when TensorFlow sees a GPU or TPU,
-      ``"pipeline"`` on a CPU-only machine (measured faster there).
+    * ``"auto"`` (default): ``"step"``, on every machine.
     * ``"step"``: the batch carries ``x`` and the teacher runs inside
       the student's training step, on the same device as the student (the
       GPU/TPU when there is one), under ``tf.stop_gradient``, once per batch
-      however many losses and metrics read it. Such a dataset works only in
-      the process that built it (the teacher is looked up by a key).
+      however many losses and metrics read it; it compiles with the step
+      under ``jit_compile=True`` (Keras 3's default on GPUs). Inputs of any
+      structure (dicts, tuples, nested) reach the teacher as the dataset
+      holds them. Such a dataset works only in the process that built it
+      (the teacher is looked up by a key); the teacher is held as long as the
+      dataset (or one derived from it) is alive, then released.
     * ``"pipeline"``: the teacher runs inside the tf.data pipeline and the
       batch carries its logits. tf.data executes its functions on the host
       CPU, so on a GPU/TPU machine the teacher then runs on the **CPU**, even
       though the student trains on the accelerator. Use it to inspect the
-      logits, or to move teacher work off a busy accelerator.
+      logits, or to move teacher work off a busy accelerator. Running outside
+      the compiled step, it checks every batch of logits: NaN or Inf raise
+      ``InvalidArgumentError`` there, whatever ``jit_compile`` is.
     * For many epochs, cache the logits instead (`cache_teacher_logits`): the
       teacher runs once, batched with ``predict`` on the accelerator, and every
       epoch costs what training the student alone costs.
 
-    Measured on a 2-core CPU machine (``benchmarks/bench_online.py``, teacher
-    of 8.8x the student's FLOPs, 2026-11-28), epoch time relative to
-    ``keras.distillation.Distiller``: 0.87 with ``"pipeline"`` (the teacher
-    runs on the other core while the student trains), 0.99 with ``"step"``.
-    No accelerator was available to measure the GPU case; there tf.data would
-    run a pipeline teacher on the host CPU, which is why ``"auto"`` picks
-    ``"step"``.
+    Why ``"step"`` by default: its traced step has fewer ops than
+    ``keras.distillation.Distiller``'s (345 against 475 on the small
+    workload of issue 15), and it needs no free core. Measured on a shared
+    2-core CPU machine (interleaved epochs, medians, 2026-12-01; ``/tmp``
+    timing script, see the README), epoch time relative to ``Distiller``:
+    medium workload (4,000 x 40, teacher 512-512) 0.82-0.86 with ``"step"``
+    and 0.96-1.03 with ``"pipeline"``; small workload (1,257 x 64, teacher
+    256-256) 0.95-1.02 with ``"step"`` in A/B runs, ``"pipeline"`` 1.03 on an
+    idle machine and 1.3-1.9 when the other core is busy (its teacher waits
+    for a core). No accelerator was available.
+
+    The teacher's output is checked once for probabilities (a final
+    softmax, which `DistillationLoss` would soften again): from the output
+    layer's activation for a Keras model, else on the first batch; a
+    softmax teacher warns.
 
     Args:
         dataset: a **batched** ``tf.data.Dataset`` of ``(x, y)`` or
@@ -191,10 +204,11 @@ def with_teacher(
             Defaults to "auto".
         output_index: which output holds the logits when the teacher has
             several. Defaults to 0.
-        num_parallel_calls: parallelism of the map that attaches the targets
-            (and, with ``placement="pipeline"``, runs the teacher); ``None``
-            runs batches one at a time. Defaults to ``tf.data.AUTOTUNE``: the
-            next batches are prepared while the student trains.
+        num_parallel_calls: parallelism of the map that runs the teacher with
+            ``placement="pipeline"``; ``None`` runs batches one at a time. The
+            step placement's map only packs tensors and always runs
+            sequentially. Defaults to ``tf.data.AUTOTUNE``: the next batches
+            are prepared while the student trains.
 
     Returns:
         A dataset for ``student.fit`` with `keras_kd.DistillationLoss`.
@@ -202,6 +216,11 @@ def with_teacher(
     Raises:
         ValueError: for elements that are not ``(x, y[, sample_weight])``, an
             unbatched dataset, or an unknown placement.
+        tf.errors.InvalidArgumentError: while iterating, with
+            ``placement="pipeline"``, for teacher logits with NaN or Inf.
+
+    Warns:
+        UserWarning: once, when the teacher outputs probabilities.
 
     Example:
 
@@ -226,8 +245,7 @@ def with_teacher(
         raise ValueError("The dataset already carries teacher targets; apply `with_teacher` once.")
     _check_batched(teacher, dataset.element_spec[0])
     if placement == "auto":
-        accelerated = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")
-        placement = "step" if accelerated else "pipeline"
+        placement = "step"
     run = _teacher_fn(teacher, output_index)
     _warn_if_softmax(teacher, output_index, run, dataset)
 
@@ -261,7 +279,9 @@ def with_teacher(
             inputs = tuple(tf.nest.flatten(x)) if nested else x
             return (x, as_targets(y).replace(inputs=inputs, teacher_key=key), *sample_weight)
 
-    if num_parallel_calls is None:
+    if num_parallel_calls is None or placement == "step":
+        # In the step placement the map only packs tensors: a sequential map
+        # costs less than a parallel one's thread hand-offs.
         result = dataset.map(attach)
     else:
         result = dataset.map(attach, num_parallel_calls=num_parallel_calls, deterministic=True)

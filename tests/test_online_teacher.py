@@ -237,3 +237,25 @@ def test_unknown_teacher_key_is_a_clear_error(K, toy_data):
     targets = keras_kd.TeacherTargets(labels=tf.constant(y[:4]), inputs=tf.constant(x[:4]), teacher_key="gone")
     with pytest.raises(ValueError, match="No teacher is registered"):
         targets_lib.materialize(targets)
+
+
+# --- the default placement, and teachers of the other Keras ------------------------
+
+
+def test_default_placement_runs_the_teacher_in_the_step(K, toy_data):
+    x, y, make = toy_data
+    _, targets = next(iter(keras_kd.with_teacher(make(), mlp(K))))
+    assert targets.kind == "inputs" and targets.logits is None
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_teacher_of_the_other_keras(toy_data, placement):
+    import tf_keras
+
+    x, y, make = toy_data
+    for teacher_k, student_k in ((keras, tf_keras), (tf_keras, keras)):
+        teacher, student = mlp(teacher_k, hidden=32), mlp(student_k)
+        student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.4))
+        value = student.evaluate(keras_kd.with_teacher(make(), teacher, placement=placement), verbose=0)
+        s, t = student.predict(x, verbose=0), teacher.predict(x, verbose=0)
+        assert value == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.4), rel=1e-5)
