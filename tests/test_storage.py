@@ -436,3 +436,34 @@ def test_non_finite_teacher_outputs_fail_the_cache_build(K, tmp_path):
     with pytest.raises(ValueError, match="NaN or Inf"):
         tf.data.Dataset.from_tensor_slices((images, np.arange(6) % 3)).apply(aligned.cache_features(str(tmp_path / "f")))
     assert not (tmp_path / "f" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage manifest", "flipped byte", "float64 field", "wrong shape"])
+def test_damaged_feature_cache_is_named_and_repaired(K, tmp_path, damage):
+    from tests.test_alignment import feature_of, net
+
+    t = net(K, (4, 4, 16), "t", frozen=True)
+    aligned = keras_kd.align(net(K, (4, 4, 8), "s"), t, [("feat", "feat")])
+    images = np.random.default_rng(2).normal(size=(40, 8, 8, 1)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((images, np.arange(40) % 3))
+    directory = tmp_path / "f"
+    ds.apply(aligned.cache_features(str(directory), batch_size=16))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if damage == "garbage manifest":
+        (directory / "manifest.json").write_bytes(b"\xff\xfe not json")
+    elif damage == "flipped byte":
+        victim = directory / manifest["files"][-1]["name"]
+        data = bytearray(victim.read_bytes())
+        data[-7] ^= 0x40
+        victim.write_bytes(bytes(data))
+    else:
+        field = manifest["layout"]["fields"][1]
+        field.update(dtype="<f8") if damage == "float64 field" else field.update(shape=[4, 16, 4])
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheCorruptedError, match="manifest.json|features-"):
+        ds.apply(aligned.cache_features(str(directory), batch_size=16))
+    with pytest.warns(DeprecationWarning):
+        repaired = ds.apply(aligned.cache_features(str(directory), batch_size=16, overwrite=True))
+    feats = np.concatenate([f.numpy() for (x, f), _ in repaired.batch(40)])
+    np.testing.assert_allclose(feats, feature_of(K, t).predict(images, verbose=0), rtol=2e-3, atol=2e-3)
+    assert not [n for n in os.listdir(directory) if ".tmp-" in n]
