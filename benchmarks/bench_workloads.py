@@ -82,6 +82,7 @@ class Workload:
     teacher: tuple
     batch: int
     epochs_per_turn: int  # small epochs are short: several per turn
+    rounds: int  # default timed rounds: more where epochs are cheap
 
     def describe(self):
         def widths(w):
@@ -92,9 +93,9 @@ class Workload:
 
 
 WORKLOADS = {
-    "bar": Workload("bar", 20_000, 64, (256, 256), (2048, 2048), 256, 1),
-    "small": Workload("small", 1_257, 64, (32,), (256, 256), 64, 4),
-    "medium": Workload("medium", 4_000, 40, (64,), (512, 512), 128, 3),
+    "bar": Workload("bar", 20_000, 64, (256, 256), (2048, 2048), 256, 1, 6),
+    "small": Workload("small", 1_257, 64, (32,), (256, 256), 64, 4, 10),
+    "medium": Workload("medium", 4_000, 40, (64,), (512, 512), 128, 3, 8),
 }
 WIDE_STUDENT = (2048, 2048)
 
@@ -365,7 +366,7 @@ def print_workload(w, medians, results, errors, rounds, epochs):
         print(f"   ERROR in {name}: {message}")
     width = max(len(r[0]) for r in results)
     for label, ratio, op, bound, detail in results:
-        shown = "  ----" if ratio is None else f"{ratio:6.2f}"
+        shown = "   ----" if ratio is None else f"{ratio:7.3f}"
         print(f"   {label.ljust(width)}  {shown}  goal {op} {bound:<4}  {verdict(ratio, op, bound)}  {detail}")
 
 
@@ -387,14 +388,14 @@ def print_summary(all_results):
             _, ratio, op, bound, _ = row[0]
             v = verdict(ratio, op, bound)
             failures += v == "FAIL" and not label.startswith("EXTRA")
-            value = "ERROR" if ratio is None else f"{ratio:.2f}"
+            value = "ERROR" if ratio is None else f"{ratio:.3f}"
             cells.append(f"{value + f' ({op}{bound:g}) ' + v:>22}")
         print(f"   {label.ljust(width)}  " + "  ".join(cells))
     return failures
 
 
 def main(argv=None):
-    parser = common_parser(__doc__.split("\n")[0], rounds=8)
+    parser = common_parser(__doc__.split("\n")[0], rounds="6 bar, 10 small, 8 medium")
     parser.add_argument("--workloads", default="bar,small,medium",
                         help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--max-rows", type=int, default=None, help="cap every workload's rows (smoke tests)")
@@ -410,7 +411,6 @@ def main(argv=None):
     if args.child_train:
         return child_train(int(args.child_train[0]), args.child_train[1])
 
-    rounds = args.rounds or (2 if args.quick else args.default_rounds)
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
@@ -433,6 +433,7 @@ def main(argv=None):
             if args.max_rows:
                 w = dataclasses.replace(w, rows=min(w.rows, args.max_rows))
             epochs = 1 if args.quick else w.epochs_per_turn
+            rounds = args.rounds or (2 if args.quick else w.rounds)
             medians, results, errors = measure(w, rounds, epochs, workdir, args.wide and name == "medium", log)
             print_workload(w, medians, results, errors, rounds, epochs)
             sys.stdout.flush()
