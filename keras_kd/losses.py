@@ -174,9 +174,12 @@ def _nan_penalty(valid, dtype=tf.float32):
     return tf.constant(0.0, dtype) / tf.cast(valid, dtype)
 
 
-def _rows_finite(values):
-    """Per-row (all but the last axis) whether every value is finite."""
-    return tf.reduce_all(tf.math.is_finite(values), axis=-1)
+def _nan_rows(values):
+    """Per row (all but the last axis): 0 when every value is finite, else NaN.
+
+    ``sum(values * 0)``: two ops, and NaN for any NaN or +-Inf in the row.
+    """
+    return tf.reduce_sum(values * 0.0, axis=-1)
 
 
 # ---------------------------------------------------------------------------
@@ -279,8 +282,9 @@ def default_hard_loss(labels, student_logits):
     # The kernel must not see bad ids before the check has run (it would raise its own, vaguer error).
     with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(valid), [message])]):
         ids = tf.identity(ids)
-    # Out-of-range ids give NaN under XLA (where the assertion is dropped); made explicit here.
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(ids, student_logits) + _nan_penalty(valid)
+    # Under XLA, which drops the assertion, the kernel itself gives NaN for out-of-range ids
+    # (tests/test_bad_inputs.py checks it), so no extra op is spent on that here.
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(ids, student_logits)
 
 
 def _resolve_hard_loss(hard_loss):
@@ -673,13 +677,13 @@ class DistillationLoss(_compat.loss_base()):
                     f"differ ({t_classes} vs {num_classes}).{hint}"
                 )
             dense = tf.cast(raw, tf.float32)
-            finite = _rows_finite(dense)
+            nan_rows = _nan_rows(dense)
         else:
             dense = targets_lib.dense_teacher_logits(targets, num_classes, self.topk_fill)
-            finite = _rows_finite(tf.cast(raw, tf.float32))
+            nan_rows = _nan_rows(tf.cast(raw, tf.float32))
             if targets.topk_logsumexp is not None and self.topk_fill == "uniform":
-                finite = finite & tf.math.is_finite(tf.cast(targets.topk_logsumexp, tf.float32))
-        return dense, finite
+                nan_rows = nan_rows + tf.cast(targets.topk_logsumexp, tf.float32) * 0.0
+        return dense, nan_rows
 
     def distillation_term(self, teacher_logits, student_logits):
         """``T^2 * D(teacher / T || student / T)`` per example (no alpha).
@@ -722,13 +726,15 @@ class DistillationLoss(_compat.loss_base()):
         teacher = self._teacher_logits(y_true, y_pred)
         if teacher is None:
             return StepTerms(None, hard, None)
-        dense, finite = teacher
-        soft = nan_where_invalid(
-            self.distillation_term(dense, y_pred),
-            finite,
+        dense, nan_rows = teacher
+        # Any NaN/Inf in a teacher row makes that row's term NaN, which XLA keeps; without XLA,
+        # CheckNumerics raises with the message. (-inf would otherwise read as "no mass".)
+        nan_rows = tf.debugging.check_numerics(
+            nan_rows,
             "keras_kd: teacher logits contain NaN or Inf. Check the teacher (its weights, inputs and "
             "final layer) or the cached logits.",
         )
+        soft = self.distillation_term(dense, y_pred) + nan_rows
         targets = y_true.replace(logits=dense, topk_indices=None, topk_values=None, topk_logsumexp=None)
         return StepTerms(targets, hard, soft)
 
