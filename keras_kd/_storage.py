@@ -541,7 +541,9 @@ class Store:
             raise CacheMismatchError(
                 f"{self.directory!r} holds a {MANIFEST} that keras_kd did not write (there is no "
                 f"{os.path.basename(self.marker)} marker). keras_kd never overwrites or deletes files it "
-                f"did not write, whatever `on_mismatch` says; choose another `directory` for the {self.what}."
+                f"did not write, whatever `on_mismatch` says; choose another `directory` for the {self.what}. "
+                "(A cache written by keras_kd before storage format version 2 has no marker either: "
+                "delete that directory yourself.)"
             )
         if refuse_foreign_files:
             foreign = sorted(os.listdir(self.directory))

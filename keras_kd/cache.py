@@ -34,7 +34,6 @@ and the offsets in the manifest.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil  # noqa: F401 - tests replace shutil.disk_usage through this module
