@@ -259,3 +259,22 @@ def test_teacher_of_the_other_keras(toy_data, placement):
         value = student.evaluate(keras_kd.with_teacher(make(), teacher, placement=placement), verbose=0)
         s, t = student.predict(x, verbose=0), teacher.predict(x, verbose=0)
         assert value == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.4), rel=1e-5)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_step_non_finite_teacher_logits_never_train_silently(K, toy_data, jit_compile, value):
+    """In the step, XLA drops assertions: the loss must then be non-finite, never a number."""
+    x, y, make = toy_data
+    teacher, student = mlp(K), mlp(K)
+    weights = teacher.get_weights()
+    weights[-1] = weights[-1] + value
+    teacher.set_weights(weights)
+    student.compile("sgd", loss=keras_kd.DistillationLoss(), jit_compile=jit_compile)
+    ds = keras_kd.with_teacher(make(), teacher, placement="step")
+    try:
+        history = student.fit(ds, epochs=1, verbose=0)
+    except tf.errors.InvalidArgumentError as e:
+        assert "teacher logits" in str(e)
+    else:
+        assert not np.isfinite(history.history["loss"]).any()
