@@ -439,12 +439,19 @@ def translate_config(value: Any, target: str):
         # A layer inside a tf_keras wrapper (Bidirectional, TimeDistributed) may
         # come without a module.
         nested_layer = nested_layer or (
-            mod is None and target == KERAS3 and builtin_layer_class(TF_KERAS, value["class_name"]) is not None
+            mod is None
+            and target == KERAS3
+            and builtin_layer_class(TF_KERAS, value["class_name"]) is not None
         )
         if nested_layer and isinstance(value["config"], dict):
             class_name, config = translate_layer_config(value["class_name"], value["config"], target)
             if target == KERAS3:  # Keras 3 finds built-in classes by their module
-                return {"module": "keras.layers", "class_name": class_name, "config": config, "registered_name": None}
+                return {
+                    "module": "keras.layers",
+                    "class_name": class_name,
+                    "config": config,
+                    "registered_name": None,
+                }
             return {"class_name": class_name, "config": config}
         if value["class_name"] in ("DTypePolicy", "FloatDTypePolicy", "Policy"):
             return _dtype_name(value)

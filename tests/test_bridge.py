@@ -216,28 +216,27 @@ def _activation_names(module):
 def test_every_shared_activation_name_keeps_its_meaning():
     shared = sorted(_activation_names(keras) & _activation_names(tf_keras))
     grid = tf.constant(np.linspace(-7, 7, 141, dtype="float32")[None])
-    differ = {
-        n
-        for n in shared
-        if np.abs(np.asarray(keras.activations.get(n)(grid)) - np.asarray(tf_keras.activations.get(n)(grid))).max()
-        > 1e-6
-    }
+    def values(module, name):
+        return np.asarray(module.activations.get(name)(grid))
+
+    differ = {n for n in shared if np.abs(values(keras, n) - values(tf_keras, n)).max() > 1e-6}
     # The one name that means two functions (hand formulas).
     assert differ == {"hard_sigmoid"}
     v = np.asarray(grid)
-    np.testing.assert_allclose(np.asarray(keras.activations.hard_sigmoid(grid)), np.clip(v / 6 + 0.5, 0, 1), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(tf_keras.activations.hard_sigmoid(grid)), np.clip(0.2 * v + 0.5, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(values(keras, "hard_sigmoid"), np.clip(v / 6 + 0.5, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(values(tf_keras, "hard_sigmoid"), np.clip(0.2 * v + 0.5, 0, 1), atol=1e-6)
     for K in (keras, tf_keras):
         convert, back, _ = other(K)
         for name in shared:
             inp = K.Input((141,))
             model = K.Model(inp, K.layers.Activation(name)(inp))
             converted = convert(model)
-            np.testing.assert_allclose(np.asarray(converted(grid)), np.asarray(model(grid)), atol=1e-6, err_msg=name)
+            expected = np.asarray(model(grid))
+            np.testing.assert_allclose(np.asarray(converted(grid)), expected, atol=1e-6, err_msg=name)
             # Back again: the source flavour's own built-in function.
             again = back(converted)
             assert K.activations.get(again.layers[-1].get_config()["activation"]) is K.activations.get(name)
-            np.testing.assert_allclose(np.asarray(again(grid)), np.asarray(model(grid)), atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(np.asarray(again(grid)), expected, atol=1e-6, err_msg=name)
 
 
 def test_translated_activation_saves_and_loads(tmp_path):

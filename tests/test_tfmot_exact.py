@@ -124,7 +124,8 @@ def _conv_bn_relu():
     model = tf_keras.Model(inp, L.Dense(3, name="logits")(h), name="convbn")
     for name in ("bn", "bn2"):
         layer = model.get_layer(name)
-        layer.set_weights([RNG.uniform(0.5, 2.0, size=w.shape).astype("float32") for w in layer.get_weights()])
+        shapes = [w.shape for w in layer.get_weights()]
+        layer.set_weights([RNG.uniform(0.5, 2.0, size=shape).astype("float32") for shape in shapes])
     return model
 
 
@@ -159,7 +160,8 @@ def test_layer_tfmot_refuses_is_named_with_the_fix():
     copy = tf_keras.models.clone_model(model)
     with pytest.raises(RuntimeError, match="lonely_bn"):
         tfmot().quantization.keras.quantize_model(copy)  # tfmot refuses it too
-    with pytest.raises(ValueError, match=r"lonely_bn \(BatchNormalization\): tfmot.s 8-bit[\s\S]*layers=\[\.\.\.\]"):
+    pattern = r"lonely_bn \(BatchNormalization\): tfmot.s 8-bit[\s\S]*layers=\[\.\.\.\]"
+    with pytest.raises(ValueError, match=pattern):
         optimize.quantize_for_distillation(model)
 
 
@@ -193,7 +195,8 @@ def test_evaluate_tflite_scores_the_first_keras_output(K):
     accuracy, scored = optimize.evaluate_tflite(flatbuffer, (x, y), return_logits=True, batch_size=16)
     assert accuracy == pytest.approx(40 / 50)
     np.testing.assert_allclose(scored, logits, atol=1e-5)
-    _, second = optimize.evaluate_tflite(flatbuffer, tf.data.Dataset.from_tensor_slices(x), return_logits=True, output=1)
+    inputs = tf.data.Dataset.from_tensor_slices(x)
+    _, second = optimize.evaluate_tflite(flatbuffer, inputs, return_logits=True, output=1)
     np.testing.assert_allclose(second, features, atol=1e-5)
     with pytest.raises(ValueError, match=r"Unknown `output`='nope'"):
         optimize.evaluate_tflite(flatbuffer, (x, y), output="nope")
@@ -203,9 +206,8 @@ def test_evaluate_tflite_refuses_unlabelled_keras_kd_data():
     teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
     x = RNG.normal(size=(10, 6)).astype("float32")
     flatbuffer = optimize.to_tflite(teacher, int8=False)
-    unlabelled = keras_kd.with_teacher(
-        keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices(x)).batch(5), teacher, placement="pipeline"
-    )
+    numbered = keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices(x)).batch(5)
+    unlabelled = keras_kd.with_teacher(numbered, teacher, placement="pipeline")
     with pytest.raises(ValueError, match="has_labels=False"):
         optimize.evaluate_tflite(flatbuffer, unlabelled)
     accuracy, logits = optimize.evaluate_tflite(flatbuffer, unlabelled, return_logits=True)
@@ -222,12 +224,13 @@ def test_sparsity_of_recurrent_embedding_and_attention_layers_by_hand(K):
     h = L.MultiHeadAttention(2, 3, name="mha")(h, h)
     model = K.Model(tokens, L.Dense(2, name="out")(L.Flatten()(h)))
     for layer in model.layers:
-        layer.set_weights([np.where(RNG.random(w.shape) < 0.3, 0.0, 1.0).astype("float32") for w in layer.get_weights()])
+        shapes = [w.shape for w in layer.get_weights()]
+        layer.set_weights([np.where(RNG.random(shape) < 0.3, 0.0, 1.0).astype("float32") for shape in shapes])
     lstm, mha = model.get_layer("lstm"), model.get_layer("mha")
     kernels = {
         "emb": [model.get_layer("emb").embeddings],
         "lstm": [lstm.cell.kernel, lstm.cell.recurrent_kernel],
-        "mha": [mha._query_dense.kernel, mha._key_dense.kernel, mha._value_dense.kernel, mha._output_dense.kernel],
+        "mha": [getattr(mha, f"_{part}_dense").kernel for part in ("query", "key", "value", "output")],
         "out": [model.get_layer("out").kernel],
     }
     expected = {
@@ -245,7 +248,8 @@ def test_quantization_aware_two_output_model_is_scored_on_its_logits():
     qat.fit(x, [RNG.normal(size=(64, 4)), RNG.normal(size=(64, 12))], epochs=2, verbose=0)
     logits, _ = qat.predict(x, verbose=0)
     flatbuffer = optimize.to_tflite(qat)
-    _, scored = optimize.evaluate_tflite(flatbuffer, tf.data.Dataset.from_tensor_slices(x), return_logits=True)
+    inputs = tf.data.Dataset.from_tensor_slices(x)
+    _, scored = optimize.evaluate_tflite(flatbuffer, inputs, return_logits=True)
     assert scored.shape == logits.shape
     # int8 kernels against the fake-quant graph: a few output quantization steps.
     from ai_edge_litert.interpreter import Interpreter
@@ -262,7 +266,7 @@ def test_activation_tfmot_cannot_quantize_is_named():
     copy = tf_keras.models.clone_model(model)
     with pytest.raises(ValueError, match="Only some Keras activations"):
         tfmot().quantization.keras.quantize_model(copy)  # tfmot refuses it too
-    with pytest.raises(ValueError, match=r"gate \(Dense\): activation 'hard_sigmoid'\ntfmot's QAT quantizes only"):
+    with pytest.raises(ValueError, match=r"gate \(Dense\): activation 'hard_sigmoid'\ntfmot's QAT quantizes"):
         optimize.quantize_for_distillation(model)
     inp = keras.Input((6,))
     keras3 = keras.Model(inp, keras.layers.Dense(3, activation="hard_sigmoid", name="gate")(inp))

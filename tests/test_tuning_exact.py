@@ -95,7 +95,8 @@ def test_tflite_objectives_are_measured_on_the_saved_weights(K, tmp_path):
     flatbuffer = optimize.to_tflite(best, representative_data=raw)
     expected = optimize.evaluate_tflite(flatbuffer, raw)
     assert trial.metrics.get_last_value(tuning.TFLITE_INT8_ACCURACY) == pytest.approx(expected, abs=1e-9)
-    assert trial.metrics.get_last_value(tuning.TFLITE_SIZE_KIB) == pytest.approx(len(flatbuffer) / 1024, rel=0.01)
+    size_kib = trial.metrics.get_last_value(tuning.TFLITE_SIZE_KIB)
+    assert size_kib == pytest.approx(len(flatbuffer) / 1024, rel=0.01)
     assert expected > max(logs["val_accuracy"] for logs in record.logs[-1:]) + 0.1  # not the spoiled epoch
 
 
@@ -112,7 +113,8 @@ def test_string_objectives_have_their_direction(objective, direction, tmp_path):
     assert tuner.oracle.objective.direction == direction
     tuner = tuning.RandomSearch(_hypermodel(keras), [objective, "val_loss"], 1, tflite_data=raw,
                                 directory=str(tmp_path), project_name="multi")
-    assert {o.name: o.direction for o in tuner.oracle.objective.objectives} == {objective: direction, "val_loss": "min"}
+    directions = {o.name: o.direction for o in tuner.oracle.objective.objectives}
+    assert directions == {objective: direction, "val_loss": "min"}
 
 
 def test_reweighting_chosen_in_a_plain_build_function_is_refused(K, tmp_path):
@@ -125,7 +127,8 @@ def test_reweighting_chosen_in_a_plain_build_function_is_refused(K, tmp_path):
         return student
 
     tuner = tuning.RandomSearch(build, objective="val_loss", max_trials=1, directory=str(tmp_path))
-    with pytest.raises(keras_tuner.errors.FatalValueError, match=r"reweighting_signal='kl'.*DistillationHyperModel"):
+    pattern = r"reweighting_signal='kl'.*DistillationHyperModel"
+    with pytest.raises(keras_tuner.errors.FatalValueError, match=pattern):
         tuner.search(train, validation_data=train, epochs=1, verbose=0)
 
 
