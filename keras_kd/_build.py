@@ -53,9 +53,11 @@ class PartWriter:
             self._write_block(self.layout.block_rows)
 
     def _write_block(self, rows):
-        merged = self.pending[0] if len(self.pending) == 1 else {
-            k: np.concatenate([a[k] for a in self.pending]) for k in self.pending[0]
-        }
+        merged = (
+            self.pending[0]
+            if len(self.pending) == 1
+            else {k: np.concatenate([a[k] for a in self.pending]) for k in self.pending[0]}
+        )
         block = {k: v[:rows] for k, v in merged.items()}
         rest = {k: v[rows:] for k, v in merged.items()}
         self.pending = [rest] if len(rest[self.first_field]) else []
@@ -72,8 +74,14 @@ class PartWriter:
     def _finish_file(self):
         f, name, first_block, blocks = self.current
         f.commit()
-        self.journal["files"].append({"name": name, "bytes": f.size, "crc32": f.crc, "first_block": first_block, "blocks": blocks})
-        _storage.write_json(self.store.journal_path(self.journal["part"], self.journal["num_parts"]), self.journal, self.store.what)
+        self.journal["files"].append(
+            {"name": name, "bytes": f.size, "crc32": f.crc, "first_block": first_block, "blocks": blocks}
+        )
+        _storage.write_json(
+            self.store.journal_path(self.journal["part"], self.journal["num_parts"]),
+            self.journal,
+            self.store.what,
+        )
         self.current = None
         self.file_index += 1
 
@@ -105,7 +113,9 @@ class Build:
         say: ``say(message)`` for progress lines.
     """
 
-    def __init__(self, store, fingerprint, layout, count, part, num_parts, diff, extra, validate_extra, checksum, say):
+    def __init__(
+        self, store, fingerprint, layout, count, part, num_parts, diff, extra, validate_extra, checksum, say
+    ):
         self.store, self.fp, self.layout, self.count = store, fingerprint, layout, count
         self.part, self.num_parts = part, num_parts
         self.diff, self.extra, self.validate_extra = diff, extra, validate_extra
@@ -113,8 +123,19 @@ class Build:
         self.gen = _storage.generation(fingerprint, layout.to_json(), num_parts)
 
     def with_layout(self, layout):
-        return Build(self.store, self.fp, layout, self.count, self.part, self.num_parts, self.diff, self.extra,
-                     self.validate_extra, self.checksum, self.say)
+        return Build(
+            self.store,
+            self.fp,
+            layout,
+            self.count,
+            self.part,
+            self.num_parts,
+            self.diff,
+            self.extra,
+            self.validate_extra,
+            self.checksum,
+            self.say,
+        )
 
     # -- opening -------------------------------------------------------------
 
@@ -146,7 +167,9 @@ class Build:
 
     def verify(self, manifest) -> Optional[CacheCorruptedError]:
         for entry in manifest["files"]:
-            why = _storage.check_file(self.store.path(entry["name"]), entry["bytes"], entry["crc32"], self.checksum)
+            why = _storage.check_file(
+                self.store.path(entry["name"]), entry["bytes"], entry["crc32"], self.checksum
+            )
             if why is not None:
                 return CacheCorruptedError(
                     f"The {self.store.what} at {self.store.directory!r} is damaged: {why}. "
@@ -159,10 +182,18 @@ class Build:
     def journal(self):
         b0, b1 = block_range(self.count, self.layout.block_rows, self.part, self.num_parts)
         return {
-            "format": self.store.format, "version": _storage.VERSION, "generation": self.gen,
-            "fingerprint": self.fp, "layout": self.layout.to_json(), "part": self.part,
-            "num_parts": self.num_parts, "first_block": b0, "end_block": b1, "files": [],
-            "num_examples": self.count, "complete": False,
+            "format": self.store.format,
+            "version": _storage.VERSION,
+            "generation": self.gen,
+            "fingerprint": self.fp,
+            "layout": self.layout.to_json(),
+            "part": self.part,
+            "num_parts": self.num_parts,
+            "first_block": b0,
+            "end_block": b1,
+            "files": [],
+            "num_examples": self.count,
+            "complete": False,
         }
 
     def check_space(self):
@@ -203,7 +234,9 @@ class Build:
             store.remove_stale_temporaries(self.part, self.num_parts, self.gen)
             journal = self.journal()
             old = None if fresh else store.read_journal(self.part, self.num_parts)
-            same = old is not None and all(old[k] == journal[k] for k in ("generation", "first_block", "end_block"))
+            same = old is not None and all(
+                old[k] == journal[k] for k in ("generation", "first_block", "end_block")
+            )
             if same:
                 kept = []
                 for entry in old["files"]:
@@ -218,7 +251,9 @@ class Build:
             store.remove_part_files(self.part, self.gen, {e["name"] for e in journal["files"]})
             self.check_space()
             journal_path = store.journal_path(self.part, self.num_parts)
-            _storage.write_json(journal_path, journal, store.what)  # before any data file (see collect_garbage)
+            _storage.write_json(
+                journal_path, journal, store.what
+            )  # before any data file (see collect_garbage)
             done = sum(e["blocks"] for e in journal["files"])
             start_block = journal["first_block"] + done
             start_row = start_block * self.layout.block_rows
@@ -257,12 +292,18 @@ class Build:
                 manifest = current
             else:
                 manifest = {
-                    "format": store.format, "version": _storage.VERSION, "generation": self.gen,
-                    "fingerprint": self.fp, "num_examples": self.count, "layout": self.layout.to_json(),
+                    "format": store.format,
+                    "version": _storage.VERSION,
+                    "generation": self.gen,
+                    "fingerprint": self.fp,
+                    "num_examples": self.count,
+                    "layout": self.layout.to_json(),
                     "block_bytes": self.layout.block_bytes,
                     "num_blocks": math.ceil(self.count / self.layout.block_rows),
-                    "num_parts": self.num_parts, "files": files,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.extra(self.layout),
+                    "num_parts": self.num_parts,
+                    "files": files,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    **self.extra(self.layout),
                 }
             # What the parts assembled is verified before it is served.
             problem = self.verify(manifest)
@@ -302,12 +343,14 @@ class Build:
                 p, changes = fresh[0]
                 raise CacheMismatchError(
                     f"Part {p} of the {self.store.what} at {self.store.directory!r} is complete, but for "
-                    "something else than this worker's build:\n  - " + "\n  - ".join(changes)
+                    "something else than this worker's build:\n  - "
+                    + "\n  - ".join(changes)
                     + "\nRun every worker with the same teacher, dataset and settings."
                 )
             if wait_timeout is not None and time.monotonic() - start >= wait_timeout:
                 detail = "".join(
-                    f"; part {p} holds a finished build for something else ({'; '.join(c)})" for p, _, c in foreign
+                    f"; part {p} holds a finished build for something else ({'; '.join(c)})"
+                    for p, _, c in foreign
                 )
                 raise TimeoutError(
                     f"Part {self.part} of the {self.store.what} at {self.store.directory!r} is written, but "

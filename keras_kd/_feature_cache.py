@@ -138,7 +138,12 @@ class FeatureTable:
         st = store(directory)
         st.owned()
         build = _build.Build(
-            st, fp, layout, count, 0, 1,
+            st,
+            fp,
+            layout,
+            count,
+            0,
+            1,
             diff=lambda old, n: _diff(old, fp, n),
             extra=lambda lay: {"count": count, "dtype": dtype, "pairs": fp["pairs"]},
             validate_extra=_validate_extra,
@@ -165,7 +170,9 @@ class FeatureTable:
             blocks_per_file = max(1, _TARGET_FILE_BYTES // max(1, layout.block_bytes))
             found, _ = build.build_part(
                 lambda start, rows, writer: _produce(step, dataset, start, rows, batch_size, dtype),
-                blocks_per_file, fresh=fresh, recheck=recheck,
+                blocks_per_file,
+                fresh=fresh,
+                recheck=recheck,
             )
             manifest = found or build.assemble()
             stored = _reader(st, manifest, in_memory)
@@ -194,7 +201,9 @@ class FeatureTable:
         names = ["logits"] + [f"feature_{i}" for i in range(len(fresh) - 1)]
         for name, a in zip(names, fresh):
             b = np.asarray(first[name], np.float32)
-            worst = float(np.max(np.abs(a - b) / (1.0 + np.abs(a)))) if a.shape == b.shape and a.size else np.inf
+            worst = (
+                float(np.max(np.abs(a - b) / (1.0 + np.abs(a)))) if a.shape == b.shape and a.size else np.inf
+            )
             if not np.isfinite(worst) or worst > 1e-2:
                 return None, _ProbeMismatch(
                     f"The feature cache at {build.store.directory!r} was built by a teacher that computes "
@@ -248,4 +257,3 @@ def _collect(chunks, layout) -> dict:
         for k, v in arrays.items():
             out.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in out.items()}
-

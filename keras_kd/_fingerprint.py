@@ -114,7 +114,11 @@ def inputs_digest(dataset: tf.data.Dataset):
         for batch in dataset.batch(_DIGEST_BATCH).prefetch(2):
             flat = tf.nest.flatten(batch[0])
             for t in flat:
-                h.update(np.ascontiguousarray(t.numpy()).tobytes() if numeric else tf.io.serialize_tensor(t).numpy())
+                h.update(
+                    np.ascontiguousarray(t.numpy()).tobytes()
+                    if numeric
+                    else tf.io.serialize_tensor(t).numpy()
+                )
             count += int(flat[0].shape[0])
     else:
         for element in dataset.prefetch(2):

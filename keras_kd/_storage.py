@@ -84,14 +84,18 @@ def is_disk_full(e: OSError) -> bool:
 
 def _open_for_write(path: str):
     """The one place that opens files for writing (tests replace it to inject faults)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    fd = os.open(
+        path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644
+    )
     return os.fdopen(fd, "wb")
 
 
 def write_error(e: OSError, path: str, what: str) -> OSError:
     if is_disk_full(e):
         return OSError(e.errno, disk_full_message(path, e.strerror or e, what))
-    return OSError(e.errno, f"Could not write the {what} file {path!r}: {e}. Check that `directory` is writable.")
+    return OSError(
+        e.errno, f"Could not write the {what} file {path!r}: {e}. Check that `directory` is writable."
+    )
 
 
 def fsync_dir(directory: str):
@@ -175,11 +179,15 @@ def _open_regular(path: str):
         raise
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise CacheCorruptedError(f"{path!r} is a symbolic link; keras_kd reads only its own regular files.") from e
+            raise CacheCorruptedError(
+                f"{path!r} is a symbolic link; keras_kd reads only its own regular files."
+            ) from e
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise CacheCorruptedError(f"{path!r} is not a regular file; keras_kd reads only its own regular files.")
+        raise CacheCorruptedError(
+            f"{path!r} is not a regular file; keras_kd reads only its own regular files."
+        )
     return fd
 
 
@@ -250,7 +258,9 @@ def read_verified(path: str, size: int, crc: Optional[int]) -> bytes:
     finally:
         os.close(fd)
     if len(data) != size:
-        raise CacheCorruptedError(f"the cache file {os.path.basename(path)!r} is truncated or damaged: it ended early")
+        raise CacheCorruptedError(
+            f"the cache file {os.path.basename(path)!r} is truncated or damaged: it ended early"
+        )
     got = zlib.crc32(data) if crc is not None else None
     if got != crc:
         raise CacheCorruptedError(
@@ -339,7 +349,9 @@ class Layout:
         out, offset = [], 0
         for name, dtype, shape in self.specs:
             nbytes = self.block_rows * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            out.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset, "bytes": int(nbytes)})
+            out.append(
+                {"name": name, "dtype": dtype, "shape": list(shape), "offset": offset, "bytes": int(nbytes)}
+            )
             offset += nbytes
         return out
 
@@ -369,8 +381,10 @@ class Layout:
         for f in self.fields():
             dtype = np.dtype(f["dtype"])
             part = np.ascontiguousarray(raw[:, f["offset"] : f["offset"] + f["bytes"]])
-            out[f["name"]] = part.view(dtype).astype(dtype.newbyteorder("="), copy=False).reshape(
-                num_blocks * self.block_rows, *f["shape"]
+            out[f["name"]] = (
+                part.view(dtype)
+                .astype(dtype.newbyteorder("="), copy=False)
+                .reshape(num_blocks * self.block_rows, *f["shape"])
             )
         return out
 
@@ -381,7 +395,9 @@ class Layout:
         for f in fields:
             raw = record if len(fields) == 1 else tf.strings.substr(record, f["offset"], f["bytes"])
             dtype = tf.as_dtype(np.dtype(f["dtype"]).newbyteorder("="))
-            out[f["name"]] = tf.reshape(tf.io.decode_raw(raw, dtype, little_endian=True), [self.block_rows, *f["shape"]])
+            out[f["name"]] = tf.reshape(
+                tf.io.decode_raw(raw, dtype, little_endian=True), [self.block_rows, *f["shape"]]
+            )
         return out
 
 
@@ -444,7 +460,9 @@ def _check_layout(s: _Schema, obj, entry="layout") -> Layout:
         if dtype not in DTYPES:
             s.fail(f"{where}.dtype", f"must be one of {DTYPES}, got {dtype!r:.80}")
         shape = s.get(f, "shape", list, f"{where}.shape")
-        if len(shape) > 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 31 for d in shape):
+        if len(shape) > 8 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 31 for d in shape
+        ):
             s.fail(f"{where}.shape", f"must be up to 8 positive integers, got {shape!r:.80}")
         specs.append((name, dtype, shape))
     if len({n for n, _, _ in specs}) != len(specs):
@@ -453,7 +471,10 @@ def _check_layout(s: _Schema, obj, entry="layout") -> Layout:
     if out.block_bytes > MAX_BLOCK_BYTES:
         s.fail(entry, f"describes blocks of {out.block_bytes} bytes, more than {MAX_BLOCK_BYTES}")
     if out.to_json() != layout:
-        s.fail(entry, "is inconsistent: its offsets or byte counts do not follow from block_rows, dtypes and shapes")
+        s.fail(
+            entry,
+            "is inconsistent: its offsets or byte counts do not follow from block_rows, dtypes and shapes",
+        )
     return out
 
 
@@ -473,7 +494,10 @@ def _check_files(s: _Schema, files, pattern, layout: Layout, first: int, end: Op
         if s.int(f, "first_block", 0, MAX_ROWS, f"{where}.first_block") != block:
             s.fail(f"{where}.first_block", f"must be {block} (blocks are contiguous), got {f['first_block']}")
         if nbytes != blocks * layout.block_bytes:
-            s.fail(f"{where}.bytes", f"must be blocks * block_bytes = {blocks * layout.block_bytes}, got {nbytes}")
+            s.fail(
+                f"{where}.bytes",
+                f"must be blocks * block_bytes = {blocks * layout.block_bytes}, got {nbytes}",
+            )
         block += blocks
     if end is not None and block > end:
         s.fail(entry, f"cover blocks up to {block}, beyond the end {end}")
@@ -554,7 +578,11 @@ class Store:
                     f"deletes files it did not write; choose an empty or new `directory` for the {self.what}."
                 )
         try:
-            os.close(os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644))
+            os.close(
+                os.open(
+                    self.marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644
+                )
+            )
             probe = AtomicFile(os.path.join(self.directory, ".keras_kd-write-probe"), self.what)
             probe.abort()
         except OSError as e:
@@ -606,7 +634,10 @@ class Store:
         s.int(m, "num_parts", 1, MAX_PARTS)
         blocks = s.int(m, "num_blocks", 1, MAX_ROWS)
         if blocks != math.ceil(n / layout.block_rows):
-            s.fail("num_blocks", f"must be ceil(num_examples / block_rows) = {math.ceil(n / layout.block_rows)}, got {blocks}")
+            s.fail(
+                "num_blocks",
+                f"must be ceil(num_examples / block_rows) = {math.ceil(n / layout.block_rows)}, got {blocks}",
+            )
         if s.int(m, "block_bytes", 1, MAX_BLOCK_BYTES) != layout.block_bytes:
             s.fail("block_bytes", f"must be {layout.block_bytes} (from the layout), got {m['block_bytes']}")
         files = s.get(m, "files", list)
@@ -614,8 +645,11 @@ class Store:
             s.fail("files", "is empty")
         end = _check_files(s, files, self.data, layout, 0, None)
         if end != blocks:
-            s.fail("files", f"hold {end} blocks (sum(bytes) = {end * layout.block_bytes}), the cache has "
-                   f"num_blocks * block_bytes = {blocks * layout.block_bytes}")
+            s.fail(
+                "files",
+                f"hold {end} blocks (sum(bytes) = {end * layout.block_bytes}), the cache has "
+                f"num_blocks * block_bytes = {blocks * layout.block_bytes}",
+            )
         for i, f in enumerate(files):
             if self.data.match(f["name"]).group(3) != gen:
                 s.fail(f"files[{i}].name", f"belongs to another build than generation {gen}")
@@ -657,7 +691,10 @@ class Store:
 
     def remove_stale_temporaries(self, part: int, num_parts: int, gen: str):
         """Holding the lock of a part: its temporaries are left by killed builds."""
-        own = (self.data_name(gen, part, 0)[: -len(f"00000-{gen}.bin")], os.path.basename(self.journal_path(part, num_parts)))
+        own = (
+            self.data_name(gen, part, 0)[: -len(f"00000-{gen}.bin")],
+            os.path.basename(self.journal_path(part, num_parts)),
+        )
         for name in os.listdir(self.directory):
             m = _TMP.match(name)
             if not m:
@@ -711,7 +748,11 @@ class Store:
                 _remove(self.path(name))
             elif tmp and tmp.group(1) == MANIFEST:
                 _remove(self.path(name))
-            elif tmp and self.data.match(tmp.group(1)) and int(self.data.match(tmp.group(1)).group(1)) not in busy_parts:
+            elif (
+                tmp
+                and self.data.match(tmp.group(1))
+                and int(self.data.match(tmp.group(1)).group(1)) not in busy_parts
+            ):
                 _remove(self.path(name))
 
 
@@ -737,13 +778,20 @@ class Stored:
 
     def __init__(self, store: Store, manifest: dict, in_memory: bool, checksum: bool):
         fields = manifest["layout"]["fields"]
-        self.layout = Layout(manifest["layout"]["block_rows"], [(f["name"], f["dtype"], f["shape"]) for f in fields])
+        self.layout = Layout(
+            manifest["layout"]["block_rows"], [(f["name"], f["dtype"], f["shape"]) for f in fields]
+        )
         self.num_blocks, self.count = manifest["num_blocks"], manifest["num_examples"]
         self.in_memory = in_memory
         files = manifest["files"]
         if in_memory:
-            data = b"".join(read_verified(store.path(f["name"]), f["bytes"], f["crc32"] if checksum else None) for f in files)
-            self.arrays = {k: v[: self.count] for k, v in self.layout.decode_numpy(data, self.num_blocks).items()}
+            data = b"".join(
+                read_verified(store.path(f["name"]), f["bytes"], f["crc32"] if checksum else None)
+                for f in files
+            )
+            self.arrays = {
+                k: v[: self.count] for k, v in self.layout.decode_numpy(data, self.num_blocks).items()
+            }
         else:
             paths = [store.path(f["name"]) for f in files]
             self.records = tf.data.FixedLengthRecordDataset(

@@ -64,7 +64,13 @@ _PROBE_ROWS = 64  # examples the teacher re-runs when an existing cache is opene
 _TARGET_FILE_BYTES = 64 << 20  # default size of one data file
 _FLOAT16_MAX = 65504.0
 
-__all__ = ["CacheCorruptedError", "CacheMismatchError", "TeacherLogitCache", "cache_teacher_logits", "read_manifest"]
+__all__ = [
+    "CacheCorruptedError",
+    "CacheMismatchError",
+    "TeacherLogitCache",
+    "cache_teacher_logits",
+    "read_manifest",
+]
 
 # Ops that make a tf.data pipeline yield different elements on each pass.
 _RANDOM_OPS = frozenset(
@@ -120,7 +126,6 @@ def _warn(message: str):
     warnings.warn(message, stacklevel=level + 1)
 
 
-
 # Traced teacher steps, per teacher model (see `TeacherLogitCache._teacher_step`).
 _STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -165,7 +170,9 @@ def _manifest_extra(layout, teacher_shape, top_k, dtype, views):
 def _validate_extra(schema, m):
     """The logit-specific manifest keys: consistent with the layout and the fingerprint."""
     shape = schema.get(m, "teacher_shape", list)
-    if not 1 <= len(shape) <= 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 31 for d in shape):
+    if not 1 <= len(shape) <= 8 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 31 for d in shape
+    ):
         schema.fail("teacher_shape", f"must be 1 to 8 positive integers, got {shape!r:.80}")
     top_k = schema.int(m, "top_k", 1, shape[-1], allow_none=True)
     dtype = schema.get(m, "dtype", str)
@@ -175,14 +182,21 @@ def _validate_extra(schema, m):
     rows = m["layout"]["block_rows"]
     expected = _logit_layout(rows, views, shape, top_k, dtype)
     if expected.to_json() != m["layout"]:
-        schema.fail("layout", f"does not match teacher_shape={shape}, top_k={top_k}, dtype={dtype!r}, views={views}")
-    if _manifest_extra(expected, shape, top_k, dtype, views) != {k: m.get(k) for k in _manifest_extra(expected, shape, top_k, dtype, views)}:
+        schema.fail(
+            "layout", f"does not match teacher_shape={shape}, top_k={top_k}, dtype={dtype!r}, views={views}"
+        )
+    if _manifest_extra(expected, shape, top_k, dtype, views) != {
+        k: m.get(k) for k in _manifest_extra(expected, shape, top_k, dtype, views)
+    }:
         schema.fail("num_classes", "or `block_rows`/`fields` do not follow from the layout")
     fp = m["fingerprint"]
     teacher = fp.get("teacher") if isinstance(fp.get("teacher"), dict) else {}
     settings = fp.get("settings") if isinstance(fp.get("settings"), dict) else {}
     if teacher.get("output_shape") != [None, *shape]:
-        schema.fail("fingerprint.teacher.output_shape", f"must be {[None, *shape]} (teacher_shape), got {teacher.get('output_shape')!r:.80}")
+        schema.fail(
+            "fingerprint.teacher.output_shape",
+            f"must be {[None, *shape]} (teacher_shape), got {teacher.get('output_shape')!r:.80}",
+        )
     if settings.get("top_k") != top_k or settings.get("dtype") != dtype or settings.get("views", 1) != views:
         schema.fail("fingerprint.settings", "disagree with the manifest's top_k, dtype or views")
 
@@ -210,13 +224,17 @@ def _fingerprint_diff(old: dict, new: dict, num_examples: Optional[int]) -> list
     ot = old.get("teacher") if isinstance(old.get("teacher"), dict) else {}
     nt = new.get("teacher", {})
     if ot.get("output_shape") != nt.get("output_shape"):
-        changes.append(f"the teacher's output shape changed: {ot.get('output_shape')} -> {nt.get('output_shape')}")
+        changes.append(
+            f"the teacher's output shape changed: {ot.get('output_shape')} -> {nt.get('output_shape')}"
+        )
     if ot.get("weights_digest") != nt.get("weights_digest"):
         changes.append(
             "the teacher's weights changed (digest "
             f"{str(ot.get('weights_digest'))[:12]} -> {str(nt.get('weights_digest'))[:12]})"
         )
-    if ot.get("architecture_digest") != nt.get("architecture_digest") or ot.get("flavour") != nt.get("flavour"):
+    if ot.get("architecture_digest") != nt.get("architecture_digest") or ot.get("flavour") != nt.get(
+        "flavour"
+    ):
         changes.append(
             "the teacher's architecture or configuration changed (its layers, activations or "
             f"connections; digest {str(ot.get('architecture_digest'))[:12]} -> {str(nt.get('architecture_digest'))[:12]})"
@@ -224,7 +242,9 @@ def _fingerprint_diff(old: dict, new: dict, num_examples: Optional[int]) -> list
     od = old.get("dataset") if isinstance(old.get("dataset"), dict) else {}
     nd = new.get("dataset", {})
     if od.get("element_spec") != nd.get("element_spec"):
-        changes.append(f"the dataset's element_spec changed: {od.get('element_spec')} -> {nd.get('element_spec')}")
+        changes.append(
+            f"the dataset's element_spec changed: {od.get('element_spec')} -> {nd.get('element_spec')}"
+        )
     if nd.get("count") is not None and num_examples is not None and nd["count"] != num_examples:
         changes.append(f"the dataset's size changed: {num_examples} -> {nd['count']} examples")
     if od.get("inputs_digest") != nd.get("inputs_digest"):
@@ -260,11 +280,12 @@ def _check_dataset(dataset, teacher):
             f"Received element_spec={spec}."
         )
     if isinstance(spec[1], targets_lib.TeacherTargets.Spec):
-        raise ValueError("The dataset already carries teacher targets; apply the teacher-logit cache to the raw dataset.")
+        raise ValueError(
+            "The dataset already carries teacher targets; apply the teacher-logit cache to the raw dataset."
+        )
     if not isinstance(spec[1], tf.TensorSpec):
         raise ValueError(
-            "Expected the labels `y` of each element to be a single tensor. "
-            f"Received: y spec={spec[1]}."
+            f"Expected the labels `y` of each element to be a single tensor. Received: y spec={spec[1]}."
         )
     cardinality = int(dataset.cardinality())
     if cardinality == tf.data.INFINITE_CARDINALITY:
@@ -352,7 +373,10 @@ def _seed_of(seed, example_id, view, views):
     """The documented per-view augmentation seed ``[seed, id * views + view]``."""
     example_id = tf.cast(example_id, tf.int64)
     view = tf.cast(view, tf.int64)
-    return tf.stack([tf.broadcast_to(tf.constant(seed, tf.int64), tf.shape(example_id)), example_id * views + view], axis=-1)
+    return tf.stack(
+        [tf.broadcast_to(tf.constant(seed, tf.int64), tf.shape(example_id)), example_id * views + view],
+        axis=-1,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -615,7 +639,9 @@ def read_manifest(directory) -> dict:
     """
     store = _store(_storage.resolve_directory(directory, "teacher-logit cache"))
     if not os.path.lexists(store.manifest_path):
-        raise FileNotFoundError(f"No finished teacher-logit cache in {os.fspath(directory)!r} (no {MANIFEST}).")
+        raise FileNotFoundError(
+            f"No finished teacher-logit cache in {os.fspath(directory)!r} (no {MANIFEST})."
+        )
     if not store.owned():
         raise CacheMismatchError(
             f"{store.manifest_path!r} was not written by keras_kd (the directory has no "
@@ -679,7 +705,9 @@ class TeacherLogitCache:
         self.dtype = dtype_name
         self.batch_size = _positive_int(batch_size, "batch_size")
         if augment is not None and not callable(augment):
-            raise ValueError(f"Expected `augment` to be None or a callable fn(x, seed). Received: augment={augment!r}")
+            raise ValueError(
+                f"Expected `augment` to be None or a callable fn(x, seed). Received: augment={augment!r}"
+            )
         self.augment = augment
         self.views = _positive_int(views, "views")
         if self.views > 1 and augment is None:
@@ -701,14 +729,20 @@ class TeacherLogitCache:
             )
         if num_shards is not None:
             num_shards = _positive_int(num_shards, "num_shards")
-            if isinstance(shard_index, bool) or not isinstance(shard_index, (int, np.integer)) or not 0 <= shard_index < num_shards:
+            if (
+                isinstance(shard_index, bool)
+                or not isinstance(shard_index, (int, np.integer))
+                or not 0 <= shard_index < num_shards
+            ):
                 raise ValueError(
                     f"Expected `shard_index` in [0, {num_shards}). Received: shard_index={shard_index!r}"
                 )
         self.num_shards = 1 if num_shards is None else int(num_shards)
         self.shard_index = 0 if shard_index is None else int(shard_index)
         if on_mismatch not in ("error", "rebuild"):
-            raise ValueError(f"Expected `on_mismatch` to be 'error' or 'rebuild'. Received: on_mismatch={on_mismatch!r}")
+            raise ValueError(
+                f"Expected `on_mismatch` to be 'error' or 'rebuild'. Received: on_mismatch={on_mismatch!r}"
+            )
         self.on_mismatch = on_mismatch
         self.output_index = output_index
         self.shard_size = _positive_int(shard_size, "shard_size", allow_none=True)
@@ -716,13 +750,17 @@ class TeacherLogitCache:
             raise ValueError(f"Expected `verify` to be 'checksum' or 'size'. Received: verify={verify!r}")
         self.verify = verify
         if wait_timeout is not None and (not isinstance(wait_timeout, (int, float)) or wait_timeout < 0):
-            raise ValueError(f"Expected `wait_timeout` to be None or >= 0. Received: wait_timeout={wait_timeout!r}")
+            raise ValueError(
+                f"Expected `wait_timeout` to be None or >= 0. Received: wait_timeout={wait_timeout!r}"
+            )
         self.wait_timeout = wait_timeout
         if verbose not in (0, 1, 2):
             raise ValueError(f"Expected `verbose` in (0, 1, 2). Received: verbose={verbose!r}")
         self.verbose = verbose
         if in_memory not in (None, True, False):
-            raise ValueError(f"Expected `in_memory` to be None (automatic), True or False. Received: in_memory={in_memory!r}")
+            raise ValueError(
+                f"Expected `in_memory` to be None (automatic), True or False. Received: in_memory={in_memory!r}"
+            )
         self.in_memory = in_memory
         self.manifest = None
         self.num_classes = None
@@ -866,7 +904,10 @@ class TeacherLogitCache:
                 views.append(a)
             if self.views > 1 and i == 0:
                 same = all(
-                    all(np.array_equal(np.asarray(p), np.asarray(q)) for p, q in zip(tf.nest.flatten(views[0]), tf.nest.flatten(w)))
+                    all(
+                        np.array_equal(np.asarray(p), np.asarray(q))
+                        for p, q in zip(tf.nest.flatten(views[0]), tf.nest.flatten(w))
+                    )
                     for w in views[1:]
                 )
                 if same:
@@ -893,9 +934,16 @@ class TeacherLogitCache:
         store.owned()  # refuses a directory of another keras_kd cache kind before any work
         fp, teacher_shape, count = self._fingerprint(dataset, known_count)
         self.num_classes = teacher_shape[-1]
-        layout = _logit_layout(max(1, self.batch_size // self.views), self.views, teacher_shape, self.top_k, self.dtype)
+        layout = _logit_layout(
+            max(1, self.batch_size // self.views), self.views, teacher_shape, self.top_k, self.dtype
+        )
         build = _build.Build(
-            store, fp, layout, count, self.shard_index, self.num_shards,
+            store,
+            fp,
+            layout,
+            count,
+            self.shard_index,
+            self.num_shards,
             diff=lambda old, n: _fingerprint_diff(old, fp, n),
             extra=lambda lay: _manifest_extra(lay, teacher_shape, self.top_k, self.dtype, self.views),
             validate_extra=_validate_extra,
@@ -911,7 +959,9 @@ class TeacherLogitCache:
                 raise problem
             self._say(f"rebuilding: {problem}")
             fresh = isinstance(problem, _ProbeMismatch)
-        elif _fingerprint.sample_digest(dataset, _SAMPLE_SIZE) != _fingerprint.sample_digest(dataset, _SAMPLE_SIZE):
+        elif _fingerprint.sample_digest(dataset, _SAMPLE_SIZE) != _fingerprint.sample_digest(
+            dataset, _SAMPLE_SIZE
+        ):
             _warn(
                 "The dataset given to `cache_teacher_logits` yields different elements each time it "
                 "is iterated (random augmentation or reshuffling before the transform?). The cache "
@@ -980,7 +1030,9 @@ class TeacherLogitCache:
         return _build.choose_in_memory(self.in_memory, manifest)
 
     def _blocks(self, store, manifest):
-        return _storage.Stored(store, manifest, self._will_hold_in_memory(manifest), checksum=self.verify == "checksum")
+        return _storage.Stored(
+            store, manifest, self._will_hold_in_memory(manifest), checksum=self.verify == "checksum"
+        )
 
     def _probe(self, dataset, manifest, blocks):
         """Re-runs the teacher on the first examples and compares with the stored logits.
@@ -998,7 +1050,9 @@ class TeacherLogitCache:
             a = np.asarray(fresh[name], np.float32)
             b = np.asarray(blocks.first_rows(len(a))[name], np.float32)
             if a.shape != b.shape:
-                return _ProbeMismatch(f"The teacher's outputs have shape {a.shape[1:]}, the cache at {self.directory!r} holds {b.shape[1:]}.")
+                return _ProbeMismatch(
+                    f"The teacher's outputs have shape {a.shape[1:]}, the cache at {self.directory!r} holds {b.shape[1:]}."
+                )
             scale = 1.0 + np.abs(a)
             worst = float(np.max(np.abs(a - b) / scale)) if a.size else 0.0
             if not np.isfinite(worst) or worst > 1e-2:
@@ -1161,7 +1215,12 @@ class TeacherLogitCache:
         top_k = manifest["top_k"]
         self.num_classes = int(manifest["num_classes"])
         n = int(manifest["num_examples"])
-        rows, views, seed, augment = int(manifest["layout"]["block_rows"]), int(manifest["views"]), self.seed, self.augment
+        rows, views, seed, augment = (
+            int(manifest["layout"]["block_rows"]),
+            int(manifest["views"]),
+            self.seed,
+            self.augment,
+        )
         if int(dataset.cardinality()) < 0:
             # Unknown size: fail loudly rather than pair a longer or shorter dataset.
             dataset = dataset.apply(tf.data.experimental.assert_cardinality(n))
@@ -1179,7 +1238,11 @@ class TeacherLogitCache:
             else:
                 rows_of = stored.rows(
                     lambda a: (a["values"][:, 0], a["indices"][:, 0].astype(np.int32), a["logsumexp"][:, 0]),
-                    lambda b: (b["values"][:, 0], tf.cast(b["indices"][:, 0], tf.int32), b["logsumexp"][:, 0]),
+                    lambda b: (
+                        b["values"][:, 0],
+                        tf.cast(b["indices"][:, 0], tf.int32),
+                        b["logsumexp"][:, 0],
+                    ),
                 )
 
             def pair(element, row, example_id):
@@ -1188,7 +1251,11 @@ class TeacherLogitCache:
                     targets = targets_lib.TeacherTargets(labels=y, logits=row[0], example_id=example_id)
                 else:
                     targets = targets_lib.TeacherTargets(
-                        labels=y, topk_values=row[0], topk_indices=row[1], topk_logsumexp=row[2], example_id=example_id
+                        labels=y,
+                        topk_values=row[0],
+                        topk_indices=row[1],
+                        topk_logsumexp=row[2],
+                        example_id=example_id,
                     )
                 return (x, targets, *sample_weight)
 
@@ -1212,14 +1279,20 @@ class TeacherLogitCache:
             view_seed = None
             if augment is not None:
                 view = tf.random.stateless_uniform(
-                    tf.reshape(count, [1]), seed=tf.stack([key, block_id]), minval=0, maxval=views, dtype=tf.int64
+                    tf.reshape(count, [1]),
+                    seed=tf.stack([key, block_id]),
+                    minval=0,
+                    maxval=views,
+                    dtype=tf.int64,
                 )
                 stored = {k: tf.gather(v, view, batch_dims=1) for k, v in stored.items()}
                 view_seed = _seed_of(seed, example_id, view, views)
             else:
                 stored = {k: v[:, 0] for k, v in stored.items()}
             if top_k is None:
-                targets = targets_lib.TeacherTargets(labels=labels, logits=stored["values"], example_id=example_id)
+                targets = targets_lib.TeacherTargets(
+                    labels=labels, logits=stored["values"], example_id=example_id
+                )
             else:
                 targets = targets_lib.TeacherTargets(
                     labels=labels,
@@ -1279,7 +1352,11 @@ def _batchable(spec) -> bool:
 def _model_output_shape(model, output_index=0):
     outputs = getattr(model, "outputs", None)
     if outputs:
-        out = outputs[output_index] if isinstance(output_index, int) and output_index < len(outputs) else outputs[0]
+        out = (
+            outputs[output_index]
+            if isinstance(output_index, int) and output_index < len(outputs)
+            else outputs[0]
+        )
         return tuple(out.shape)
     shape = getattr(model, "output_shape", None)
     if isinstance(shape, list):

@@ -134,7 +134,9 @@ def test_unknown_cardinality_dataset(digits, tmp_path):
     assert int(raw.cardinality()) == tf.data.UNKNOWN_CARDINALITY
     got = collect(raw.apply(cache_teacher_logits(teacher, tmp_path, batch_size=32, verbose=0)).batch(50))
     np.testing.assert_array_equal(got["id"], np.arange(150))
-    np.testing.assert_allclose(got["logits"].astype("float32"), teacher_logits(teacher, x), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        got["logits"].astype("float32"), teacher_logits(teacher, x), rtol=2e-3, atol=2e-3
+    )
     # A later dataset of another (unknown) size is refused when applied, before
     # any element is read (every element's inputs are digested).
     shorter = raw_dataset(x, y).take(149).filter(lambda a, b: True)
@@ -169,12 +171,16 @@ def test_topk_round_trip_and_loss(flavour, digits, tmp_path):
     expected = teacher_logits(teacher, x).astype("float64")
     student_logits = np.random.default_rng(0).normal(size=(256, 10)).astype("float32")
 
-    ds = raw_dataset(x, y).apply(cache_teacher_logits(teacher, tmp_path / "k3", top_k=3, dtype="float32", verbose=0))
-    (_, t), = list(ds.batch(256))
+    ds = raw_dataset(x, y).apply(
+        cache_teacher_logits(teacher, tmp_path / "k3", top_k=3, dtype="float32", verbose=0)
+    )
+    ((_, t),) = list(ds.batch(256))
     assert t.logits is None and t.topk_indices.dtype == tf.int32
     order = np.argsort(-expected, axis=-1, kind="stable")[:, :3]
     np.testing.assert_array_equal(t.topk_indices.numpy(), order)
-    np.testing.assert_allclose(t.topk_values.numpy(), np.take_along_axis(expected, order, -1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        t.topk_values.numpy(), np.take_along_axis(expected, order, -1), rtol=1e-5, atol=1e-5
+    )
     lse = np.log(np.exp(expected).sum(-1))
     np.testing.assert_allclose(t.topk_logsumexp.numpy(), lse, rtol=1e-5, atol=1e-5)
 
@@ -185,12 +191,16 @@ def test_topk_round_trip_and_loss(flavour, digits, tmp_path):
     p_uniform = np.repeat(((1 - top.sum(-1)) / 7)[:, None], 10, axis=1)
     np.put_along_axis(p_uniform, order, top, -1)
     loss = DistillationLoss(temperature=1.0, alpha=0.0, scale_by_temperature_squared=False)
-    np.testing.assert_allclose(float(loss(t, student_logits)), numpy_kl(p_uniform, student_logits).mean(), rtol=1e-4)
+    np.testing.assert_allclose(
+        float(loss(t, student_logits)), numpy_kl(p_uniform, student_logits).mean(), rtol=1e-4
+    )
 
     # With k = C - 1 the one missing class gets exactly its mass: at T=1 the
     # loss on top-k targets equals the loss on dense logits.
-    ds9 = raw_dataset(x, y).apply(cache_teacher_logits(teacher, tmp_path / "k9", top_k=9, dtype="float32", verbose=0))
-    (_, t9), = list(ds9.batch(256))
+    ds9 = raw_dataset(x, y).apply(
+        cache_teacher_logits(teacher, tmp_path / "k9", top_k=9, dtype="float32", verbose=0)
+    )
+    ((_, t9),) = list(ds9.batch(256))
     np.testing.assert_allclose(float(loss(t9, student_logits)), numpy_kl(p, student_logits).mean(), rtol=1e-4)
 
 
@@ -235,7 +245,9 @@ def test_fingerprint_refuses_and_rebuilds(flavour, digits, tmp_path):
 
     ds = raw.apply(cache_teacher_logits(other_teacher, tmp_path, on_mismatch="rebuild", verbose=0))
     got = collect(ds.batch(128))
-    np.testing.assert_allclose(got["logits"].astype("float32"), teacher_logits(other_teacher, x), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        got["logits"].astype("float32"), teacher_logits(other_teacher, x), rtol=2e-3, atol=2e-3
+    )
     raw.apply(cache_teacher_logits(other_teacher, tmp_path, verbose=0))  # now accepted
 
 
@@ -322,7 +334,9 @@ def test_killed_build_is_never_accepted_and_resumes(flavour, kill_after, digits,
     with open(directory / done[-1]["name"], "r+b") as f:
         f.truncate(10)
 
-    ds = raw_dataset(x, y).apply(cache_teacher_logits(teacher, directory, batch_size=32, shard_size=32, verbose=0))
+    ds = raw_dataset(x, y).apply(
+        cache_teacher_logits(teacher, directory, batch_size=32, shard_size=32, verbose=0)
+    )
     manifest = read_manifest(directory)
     assert len(manifest["files"]) == 20
     assert not [n for n in os.listdir(directory) if ".tmp-" in n]
@@ -330,7 +344,9 @@ def test_killed_build_is_never_accepted_and_resumes(flavour, kill_after, digits,
         assert os.stat(directory / name).st_mtime_ns == stamp
     got = collect(ds.batch(640))
     np.testing.assert_array_equal(got["id"], np.arange(640))
-    np.testing.assert_allclose(got["logits"].astype("float32"), teacher_logits(teacher, x), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        got["logits"].astype("float32"), teacher_logits(teacher, x), rtol=2e-3, atol=2e-3
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -352,12 +368,22 @@ def test_augmentation_replay_shows_the_student_the_teachers_pixels(flavour, tmp_
     teacher = make_model(flavour, (), d, seed=0, in_dim=d, use_bias=False)
     teacher.layers[-1].set_weights([np.eye(d, dtype="float32")])
     transform = cache_teacher_logits(
-        teacher, tmp_path, augment=add_noise, views=views, seed=seed, dtype="float32", batch_size=16, verbose=0
+        teacher,
+        tmp_path,
+        augment=add_noise,
+        views=views,
+        seed=seed,
+        dtype="float32",
+        batch_size=16,
+        verbose=0,
     )
     ds = raw_dataset(x, y).apply(transform)
     # Every view the teacher saw, computed independently from the documented seeds.
     candidates = np.stack(
-        [[add_noise(x[i], tf.constant([seed, i * views + v], tf.int64)).numpy() for v in range(views)] for i in range(n)]
+        [
+            [add_noise(x[i], tf.constant([seed, i * views + v], tf.int64)).numpy() for v in range(views)]
+            for i in range(n)
+        ]
     )
     chosen = []
     for _ in range(3):  # three passes (epochs)
@@ -409,13 +435,19 @@ def test_nondeterministic_augment_is_refused(tmp_path):
 _flip = keras.layers.RandomFlip("horizontal", seed=1)
 
 RANDOM_BEFORE = {
-    "tf.random op": (lambda ds: ds.map(lambda x, y: (x + tf.random.uniform(tf.shape(x)), y)), "RandomUniform"),
+    "tf.random op": (
+        lambda ds: ds.map(lambda x, y: (x + tf.random.uniform(tf.shape(x)), y)),
+        "RandomUniform",
+    ),
     "reshuffle": (lambda ds: ds.shuffle(8), r"shuffle\(reshuffle_each_iteration=True\)"),
     "keras random layer": (
         lambda ds: ds.map(lambda x, y: (tf.reshape(_flip(tf.reshape(x, (2, 2, 1))), (4,)), y)),
         "AssignVariableOp",
     ),
-    "sample_from_datasets": (lambda ds: tf.data.Dataset.sample_from_datasets([ds, ds], seed=1), "Dataset.random"),
+    "sample_from_datasets": (
+        lambda ds: tf.data.Dataset.sample_from_datasets([ds, ds], seed=1),
+        "Dataset.random",
+    ),
     "non-deterministic map": (
         lambda ds: ds.map(lambda x, y: (x, y), num_parallel_calls=2, deterministic=False),
         r"deterministic=False",
@@ -448,7 +480,9 @@ def test_dict_inputs_and_variable_shapes(tmp_path):
     rng = np.random.default_rng(0)
     seqs = [rng.normal(size=(n, 2)).astype("float32") for n in lengths]
     inputs = keras.Input((None, 2), name="tokens")
-    teacher = keras.Model({"tokens": inputs}, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(inputs)))
+    teacher = keras.Model(
+        {"tokens": inputs}, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(inputs))
+    )
     raw = tf.data.Dataset.from_generator(
         lambda: (({"tokens": s}, np.int32(i % 3)) for i, s in enumerate(seqs)),
         output_signature=({"tokens": tf.TensorSpec((None, 2), tf.float32)}, tf.TensorSpec((), tf.int32)),
@@ -488,13 +522,19 @@ def test_two_workers_write_parts_that_a_reader_uses_whole(flavour, digits, tmp_p
     with pytest.raises(FileNotFoundError):
         read_manifest(tmp_path)  # half a cache is no cache
     with pytest.raises(TimeoutError, match=r"part\(s\) \[1\] of 2"):
-        raw.apply(cache_teacher_logits(teacher, tmp_path, num_shards=2, shard_index=0, wait_timeout=0, verbose=0))
+        raw.apply(
+            cache_teacher_logits(teacher, tmp_path, num_shards=2, shard_index=0, wait_timeout=0, verbose=0)
+        )
 
     # Worker 0 as in multi-worker training: applying the transform waits for part 1.
     waiting = {}
     thread = threading.Thread(
         target=lambda: waiting.update(
-            ds=raw.apply(cache_teacher_logits(teacher, tmp_path, num_shards=2, shard_index=0, wait_timeout=60, verbose=0))
+            ds=raw.apply(
+                cache_teacher_logits(
+                    teacher, tmp_path, num_shards=2, shard_index=0, wait_timeout=60, verbose=0
+                )
+            )
         )
     )
     thread.start()
@@ -504,12 +544,16 @@ def test_two_workers_write_parts_that_a_reader_uses_whole(flavour, digits, tmp_p
     assert int(waiting["ds"].cardinality()) == 300
     assert manifest["num_parts"] == 2 and manifest["num_examples"] == 300
     names = [f["name"] for f in manifest["files"]]
-    assert any(n.startswith("logits-00000-") for n in names) and any(n.startswith("logits-00001-") for n in names)
+    assert any(n.startswith("logits-00000-") for n in names) and any(
+        n.startswith("logits-00001-") for n in names
+    )
 
     reader = cache_teacher_logits(teacher, tmp_path, verbose=0)
     got = collect(raw.apply(reader).batch(300))
     np.testing.assert_array_equal(got["id"], np.arange(300))
-    np.testing.assert_allclose(got["logits"].astype("float32"), teacher_logits(teacher, x), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        got["logits"].astype("float32"), teacher_logits(teacher, x), rtol=2e-3, atol=2e-3
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -540,11 +584,17 @@ def test_damaged_file_is_named(damage, digits, tmp_path):
     else:
         victim.unlink()
         message = "missing"
-    with pytest.raises(CacheCorruptedError, match=f"{files[1]['name']}.*{message}|{message}.*{files[1]['name']}"):
+    with pytest.raises(
+        CacheCorruptedError, match=f"{files[1]['name']}.*{message}|{message}.*{files[1]['name']}"
+    ):
         raw.apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
     # Rebuilding repairs it.
-    got = collect(raw.apply(cache_teacher_logits(teacher, tmp_path, on_mismatch="rebuild", verbose=0)).batch(200))
-    np.testing.assert_allclose(got["logits"].astype("float32"), teacher_logits(teacher, digits[0][:200]), rtol=2e-3, atol=2e-3)
+    got = collect(
+        raw.apply(cache_teacher_logits(teacher, tmp_path, on_mismatch="rebuild", verbose=0)).batch(200)
+    )
+    np.testing.assert_allclose(
+        got["logits"].astype("float32"), teacher_logits(teacher, digits[0][:200]), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_size_only_verification_skips_checksums(digits, tmp_path):
@@ -585,13 +635,19 @@ def test_full_disk_fails_cleanly_and_resumes(digits, tmp_path, monkeypatch):
     real_open = _storage._open_for_write
     monkeypatch.setattr(_storage, "_open_for_write", lambda path: _FullDisk(real_open(path)))
     _FullDisk.budget = 3000  # a couple of blocks and a journal, then the disk is full
-    with pytest.raises(OSError, match=r"disk is full: could not write the teacher-logit cache file .*(logits|part)-00000-"):
+    with pytest.raises(
+        OSError, match=r"disk is full: could not write the teacher-logit cache file .*(logits|part)-00000-"
+    ):
         raw.apply(cache_teacher_logits(teacher, tmp_path, batch_size=32, shard_size=32, verbose=0))
     assert not (tmp_path / "manifest.json").exists()
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
     monkeypatch.setattr(_storage, "_open_for_write", real_open)
-    got = collect(raw.apply(cache_teacher_logits(teacher, tmp_path, batch_size=32, shard_size=32, verbose=0)).batch(200))
-    np.testing.assert_allclose(got["logits"].astype("float32"), teacher_logits(teacher, x), rtol=2e-3, atol=2e-3)
+    got = collect(
+        raw.apply(cache_teacher_logits(teacher, tmp_path, batch_size=32, shard_size=32, verbose=0)).batch(200)
+    )
+    np.testing.assert_allclose(
+        got["logits"].astype("float32"), teacher_logits(teacher, x), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_not_enough_free_space_is_refused_up_front(digits, tmp_path, monkeypatch):
@@ -606,7 +662,9 @@ def test_unwritable_directory(digits, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match="Cannot write the teacher-logit cache to directory="):
-        raw_dataset(*[a[:50] for a in digits]).apply(cache_teacher_logits(teacher, blocker / "cache", verbose=0))
+        raw_dataset(*[a[:50] for a in digits]).apply(
+            cache_teacher_logits(teacher, blocker / "cache", verbose=0)
+        )
 
 
 def test_infinite_dataset_is_refused(digits, tmp_path):
@@ -682,7 +740,9 @@ def test_teacher_must_be_a_model(tmp_path):
 def test_top_k_larger_than_classes(digits, tmp_path):
     teacher = make_model("keras", (), 10, seed=9)
     with pytest.raises(ValueError, match="top_k"):
-        raw_dataset(*[a[:8] for a in digits]).apply(cache_teacher_logits(teacher, tmp_path, top_k=11, verbose=0))
+        raw_dataset(*[a[:8] for a in digits]).apply(
+            cache_teacher_logits(teacher, tmp_path, top_k=11, verbose=0)
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -694,13 +754,17 @@ def test_top_k_larger_than_classes(digits, tmp_path):
 def test_student_trains_from_the_cache(flavour, digits, tmp_path):
     x, y = digits
     teacher = make_model(flavour, (64,), 10, seed=10)
-    teacher.compile(optimizer="adam", loss=_compat.module(flavour).losses.SparseCategoricalCrossentropy(from_logits=True))
+    teacher.compile(
+        optimizer="adam", loss=_compat.module(flavour).losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     teacher.fit(x, y, epochs=5, batch_size=64, verbose=0)
     train = raw_dataset(x, y).apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
     train = train.shuffle(2000, seed=0).batch(64).prefetch(tf.data.AUTOTUNE)
     student = make_model(flavour, (), 10, seed=11)
     optimizer = _compat.module(flavour).optimizers.Adam(0.01)
-    student.compile(optimizer=optimizer, loss=DistillationLoss(temperature=2.0, alpha=0.1), metrics=["accuracy"])
+    student.compile(
+        optimizer=optimizer, loss=DistillationLoss(temperature=2.0, alpha=0.1), metrics=["accuracy"]
+    )
     history = student.fit(train, epochs=6, verbose=0)
     losses = history.history["loss"]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses

@@ -29,7 +29,11 @@ def built(tmp_path_factory):
     teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     cache_dir = root / "cache"
-    list(ds.apply(keras_kd.cache_teacher_logits(teacher, str(cache_dir), batch_size=64, shard_size=128, verbose=0)))
+    list(
+        ds.apply(
+            keras_kd.cache_teacher_logits(teacher, str(cache_dir), batch_size=64, shard_size=128, verbose=0)
+        )
+    )
     files = sorted(f for f in os.listdir(cache_dir) if f.endswith(".bin"))
     assert len(files) >= 2
     return root, cache_dir, files, teacher, ds
@@ -82,11 +86,28 @@ def test_truncations_are_refused(built, data):
 # Fuzzed manifests and journals: untrusted input (issue 12 case 15, issue 13)
 # ---------------------------------------------------------------------------
 
-HOSTILE = ["../victim.txt", "/tmp/victim.txt", "manifest.json", "", ".", "..", "logits-00000-00000.bin",
-           "logits-00000-00000-0000000000000000.bin", "sub/logits-00000-00000-0000000000000000.bin", "\udce9.bin"]
+HOSTILE = [
+    "../victim.txt",
+    "/tmp/victim.txt",
+    "manifest.json",
+    "",
+    ".",
+    "..",
+    "logits-00000-00000.bin",
+    "logits-00000-00000-0000000000000000.bin",
+    "sub/logits-00000-00000-0000000000000000.bin",
+    "\udce9.bin",
+]
 VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=20),
-    st.sampled_from(HOSTILE), st.just([]), st.just({}), st.lists(st.integers(-3, 3), max_size=3),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.sampled_from(HOSTILE),
+    st.just([]),
+    st.just({}),
+    st.lists(st.integers(-3, 3), max_size=3),
 )
 
 
@@ -125,9 +146,11 @@ def _outside(root):
 
 
 def _served_correctly(ds, teacher, x):
-    (_, t), = list(ds.batch(1000))
+    ((_, t),) = list(ds.batch(1000))
     np.testing.assert_array_equal(t.example_id.numpy(), np.arange(len(x)))
-    np.testing.assert_allclose(t.logits.numpy().astype("float32"), teacher.predict(x, verbose=0), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        t.logits.numpy().astype("float32"), teacher.predict(x, verbose=0), rtol=2e-3, atol=2e-3
+    )
 
 
 def _prepare(root, cache_dir, name):
@@ -190,7 +213,9 @@ def test_mutated_journals_give_correct_data_or_a_named_error(built, data):
     assert total == manifest["num_blocks"] * manifest["block_bytes"] <= 2 * 256 * 3 * 2
 
 
-@pytest.mark.parametrize("kind", ["garbage", "not utf-8", "deep nesting", "empty", "fifo", "dev zero", "directory"])
+@pytest.mark.parametrize(
+    "kind", ["garbage", "not utf-8", "deep nesting", "empty", "fifo", "dev zero", "directory"]
+)
 @pytest.mark.parametrize("target", ["manifest.json", "keras_kd-part-00000-of-00001.json"])
 def test_special_and_garbage_manifests_never_hang_or_crash(built, kind, target):
     root, cache_dir, files, teacher, ds = built
@@ -217,7 +242,9 @@ def test_special_and_garbage_manifests_never_hang_or_crash(built, kind, target):
         path.mkdir()
     if kind == "directory":
         # Not a keras_kd file and never removed by keras_kd: a clear error naming it.
-        with pytest.raises((keras_kd.CacheCorruptedError, keras_kd.CacheMismatchError, OSError), match=target):
+        with pytest.raises(
+            (keras_kd.CacheCorruptedError, keras_kd.CacheMismatchError, OSError), match=target
+        ):
             ds.apply(keras_kd.cache_teacher_logits(teacher, str(work), on_mismatch="rebuild", verbose=0))
         assert path.is_dir()
         assert _outside(root) == before

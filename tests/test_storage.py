@@ -43,7 +43,7 @@ def raw(x=X, y=Y):
 
 def logits_of(ds):
     """(example ids, logits) of a whole cached dataset, in order."""
-    (_, t), = list(ds.batch(100_000))
+    ((_, t),) = list(ds.batch(100_000))
     return t.example_id.numpy(), t.logits.numpy().astype("float32")
 
 
@@ -55,7 +55,10 @@ def expect_own_logits(ds, teacher, x=X):
 
 
 def snapshot(directory):
-    return {n: os.stat(os.path.join(directory, n), follow_symlinks=False).st_mtime_ns for n in os.listdir(directory)}
+    return {
+        n: os.stat(os.path.join(directory, n), follow_symlinks=False).st_mtime_ns
+        for n in os.listdir(directory)
+    }
 
 
 def edit_manifest(directory, change):
@@ -122,7 +125,9 @@ def test_feature_cache_refuses_a_foreign_folder_and_deletes_nothing(K, tmp_path)
     assert os.listdir(folder) == ["thesis.tex"]
 
 
-@pytest.mark.parametrize("name", ["../victim.txt", "ABSOLUTE", "manifest.json", "logits-00000-00000.bin", "sub/x.bin"])
+@pytest.mark.parametrize(
+    "name", ["../victim.txt", "ABSOLUTE", "manifest.json", "logits-00000-00000.bin", "sub/x.bin"]
+)
 def test_hostile_manifest_names_are_refused_and_nothing_outside_is_touched(K, tmp_path, name):
     teacher = teacher_model(K)
     directory = tmp_path / "cache"
@@ -163,7 +168,9 @@ def test_teacher_function_changes_without_weight_changes_are_refused(K, tmp_path
         raw().apply(cache_teacher_logits(before, tmp_path, verbose=0))
     with pytest.raises(CacheMismatchError, match="architecture or configuration changed"):
         raw().apply(cache_teacher_logits(after, tmp_path, verbose=0))
-    expect_own_logits(raw().apply(cache_teacher_logits(after, tmp_path, on_mismatch="rebuild", verbose=0)), after)
+    expect_own_logits(
+        raw().apply(cache_teacher_logits(after, tmp_path, on_mismatch="rebuild", verbose=0)), after
+    )
 
 
 def test_opening_reruns_the_teacher_on_one_batch(K, tmp_path):
@@ -183,7 +190,9 @@ def test_opening_reruns_the_teacher_on_one_batch(K, tmp_path):
     edit_manifest(tmp_path, lambda m: m["files"][0].update(crc32=zlib.crc32(bytes(data))))
     with pytest.raises(CacheMismatchError, match="computes something else"):
         raw().apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
-    expect_own_logits(raw().apply(cache_teacher_logits(teacher, tmp_path, on_mismatch="rebuild", verbose=0)), teacher)
+    expect_own_logits(
+        raw().apply(cache_teacher_logits(teacher, tmp_path, on_mismatch="rebuild", verbose=0)), teacher
+    )
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -200,7 +209,7 @@ def test_reordered_or_edited_elements_anywhere_are_refused(K, tmp_path, in_memor
         raw(edited, Y).apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
     # Labels are not teacher inputs: new labels keep the cache, and arrive fresh.
     ds = raw(X, (Y + 1) % 4).apply(cache_teacher_logits(teacher, tmp_path, verbose=0, in_memory=in_memory))
-    (_, t), = list(ds.batch(256))
+    ((_, t),) = list(ds.batch(256))
     np.testing.assert_array_equal(t.labels.numpy(), (Y + 1) % 4)
 
 
@@ -263,7 +272,10 @@ BAD_MANIFESTS = {
     "huge block_rows": (lambda m: m["layout"].update(block_rows=20_000_000), r"layout\.block_rows"),
     "missing layout": (lambda m: m.pop("layout"), "`layout` is missing"),
     "missing fingerprint": (lambda m: m.pop("fingerprint"), "`fingerprint` is missing"),
-    "bytes lie together": (lambda m: [f.update(bytes=f["bytes"] + 1) for f in m["files"]], r"files\[0\]\.bytes"),
+    "bytes lie together": (
+        lambda m: [f.update(bytes=f["bytes"] + 1) for f in m["files"]],
+        r"files\[0\]\.bytes",
+    ),
     "a file left out": (lambda m: m["files"].pop(), "files"),
     "negative num_examples": (lambda m: m.update(num_examples=-1), "num_examples"),
     "bool as int": (lambda m: m.update(num_parts=True), "num_parts"),
@@ -280,7 +292,9 @@ def test_manifest_schema_violations_are_named_and_rebuildable(K, tmp_path, case)
     edit_manifest(tmp_path, change)
     with pytest.raises(CacheCorruptedError, match=entry):
         raw().apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
-    expect_own_logits(raw().apply(cache_teacher_logits(teacher, tmp_path, on_mismatch="rebuild", verbose=0)), teacher)
+    expect_own_logits(
+        raw().apply(cache_teacher_logits(teacher, tmp_path, on_mismatch="rebuild", verbose=0)), teacher
+    )
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev zero", "symlink out"])
@@ -299,7 +313,9 @@ def test_special_files_named_by_a_manifest_never_hang(K, tmp_path, kind):
     for in_memory in (True, False):
         with pytest.raises(CacheCorruptedError, match=name):
             raw().apply(cache_teacher_logits(teacher, directory, verbose=0, in_memory=in_memory))
-    expect_own_logits(raw().apply(cache_teacher_logits(teacher, directory, on_mismatch="rebuild", verbose=0)), teacher)
+    expect_own_logits(
+        raw().apply(cache_teacher_logits(teacher, directory, on_mismatch="rebuild", verbose=0)), teacher
+    )
     assert outside.read_bytes() == b"\0" * 4096
 
 
@@ -325,7 +341,10 @@ def test_foreign_symlinked_directory_and_non_utf8_paths(K, tmp_path):
     os.symlink(real, tmp_path / "link")
     expect_own_logits(raw().apply(cache_teacher_logits(teacher, tmp_path / "link", verbose=0)), teacher)
     assert "manifest.json" in os.listdir(real)
-    expect_own_logits(raw().apply(cache_teacher_logits(teacher, tmp_path / "link", on_mismatch="rebuild", verbose=0)), teacher)
+    expect_own_logits(
+        raw().apply(cache_teacher_logits(teacher, tmp_path / "link", on_mismatch="rebuild", verbose=0)),
+        teacher,
+    )
     bad = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
     with pytest.raises(ValueError, match="valid UTF-8"):
         cache_teacher_logits(teacher, bad)  # at construction: before the teacher runs
@@ -372,17 +391,25 @@ def test_a_part_complete_for_another_teacher_is_named(K, tmp_path):
     old, new = teacher_model(K, 0), teacher_model(K, 1)
     cache_teacher_logits(old, tmp_path, num_shards=2, shard_index=1, batch_size=32, verbose=0).build(raw())
     # wait_timeout=None would wait for ever on today's main.
-    with pytest.raises(CacheMismatchError, match=r"(?s)Part 1 .* is complete, but for something else.*weights changed"):
-        raw().apply(cache_teacher_logits(new, tmp_path, num_shards=2, shard_index=0, batch_size=32, verbose=0))
+    with pytest.raises(
+        CacheMismatchError, match=r"(?s)Part 1 .* is complete, but for something else.*weights changed"
+    ):
+        raw().apply(
+            cache_teacher_logits(new, tmp_path, num_shards=2, shard_index=0, batch_size=32, verbose=0)
+        )
 
 
 def test_free_space_is_checked_for_the_whole_cache(K, tmp_path, monkeypatch):
     teacher = teacher_model(K)
     whole = 256 * 4 * 2  # bytes of the whole cache: 256 examples x 4 float16 logits
-    monkeypatch.setattr(cache_lib.shutil, "disk_usage", lambda path: type("U", (), {"free": whole * 3 // 4})())
+    monkeypatch.setattr(
+        cache_lib.shutil, "disk_usage", lambda path: type("U", (), {"free": whole * 3 // 4})()
+    )
     # Half the cache would fit; both workers write to one filesystem, the whole does not.
     with pytest.raises(OSError, match="disk is full: the teacher-logit cache needs"):
-        cache_teacher_logits(teacher, tmp_path, num_shards=2, shard_index=0, batch_size=64, verbose=0).build(raw())
+        cache_teacher_logits(teacher, tmp_path, num_shards=2, shard_index=0, batch_size=64, verbose=0).build(
+            raw()
+        )
 
 
 def test_feature_cache_full_disk_is_clear_and_leaves_nothing(K, tmp_path, monkeypatch):
@@ -434,7 +461,9 @@ def test_non_finite_teacher_outputs_fail_the_cache_build(K, tmp_path):
     images = np.ones((6, 8, 8, 1), "float32")
     images[4, 0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="NaN or Inf"):
-        tf.data.Dataset.from_tensor_slices((images, np.arange(6) % 3)).apply(aligned.cache_features(str(tmp_path / "f")))
+        tf.data.Dataset.from_tensor_slices((images, np.arange(6) % 3)).apply(
+            aligned.cache_features(str(tmp_path / "f"))
+        )
     assert not (tmp_path / "f" / "manifest.json").exists()
 
 

@@ -49,8 +49,12 @@ def _start(tmp_path, directory, seed, on_mismatch, tag):
     script.write_text(CHILD)
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     out = tmp_path / f"{tag}.npz"
-    proc = subprocess.Popen([sys.executable, str(script), str(directory), str(seed), on_mismatch, str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(directory), str(seed), on_mismatch, str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     return proc, out
 
 
@@ -76,7 +80,11 @@ def test_two_jobs_with_different_teachers_on_one_empty_directory(tmp_path, on_mi
     for pair in outcomes:
         assert "own" in pair  # one job at least gets its cache
         for outcome in pair:
-            assert outcome == "own" or outcome.startswith("CacheMismatchError: ") and "weights changed" in outcome
+            assert (
+                outcome == "own"
+                or outcome.startswith("CacheMismatchError: ")
+                and "weights changed" in outcome
+            )
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -85,14 +93,17 @@ def test_a_rebuild_by_another_job_never_reaches_a_live_reader(tmp_path, in_memor
     x = rng.normal(size=(512, 8)).astype("float32")
     y = rng.integers(0, 4, size=512)
     keras.utils.set_random_seed(1)
-    teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
+    teacher = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)]
+    )
     want = teacher.predict(x, verbose=0)
     directory = tmp_path / "cache"
     ds = tf.data.Dataset.from_tensor_slices((x, y)).apply(
-        cache_teacher_logits(teacher, directory, batch_size=32, shard_size=64, in_memory=in_memory, verbose=0))
+        cache_teacher_logits(teacher, directory, batch_size=32, shard_size=64, in_memory=in_memory, verbose=0)
+    )
 
     def epoch():
-        (_, t), = list(ds.batch(512))
+        ((_, t),) = list(ds.batch(512))
         return t.logits.numpy().astype("float32")
 
     np.testing.assert_allclose(epoch(), want, rtol=2e-3, atol=2e-3)
