@@ -29,7 +29,6 @@ from typing import Callable, Optional, Sequence, Union
 
 import keras
 import keras_tuner
-from keras_tuner.src.engine import hypermodel as hypermodel_lib
 from keras_tuner.src.engine import tuner_utils
 
 from keras_kd import _compat
@@ -126,12 +125,12 @@ def distillation_hyperparameters(
         alpha: range of the hard-label weight, in [0, 1]. Defaults to (0.0, 1.0).
         divergence: a divergence name or a list to choose from. Defaults to "kl".
         learning_rate: range of the learning rate, > 0. Defaults to (1e-4, 1e-2).
-        reweighting_signal: ``None`` (no reweighting), a signal name or a list
-            (``"none"`` allowed in the list to let the search switch it off).
-            The chosen `HardSampleReweighting` is a callback: it applies only
-            where ``fit`` receives it, i.e. with `DistillationHyperModel` or in
-            your own ``HyperModel.fit``. keras_kd's tuners refuse a plain
-            build function that chooses one (it could not be applied).
+        reweighting_signal: ``None`` or ``"none"`` (no reweighting) here.
+            A reweighting is a `HardSampleReweighting` callback that only
+            applies where ``fit`` receives it and its dataset is attached,
+            which a build function cannot do: search it with
+            ``DistillationHyperModel(build_student, reweighting_signal=...)``
+            (subclass it and call ``super().fit`` to customise ``fit``).
         reweighting_strength: range of the reweighting strength.
         reweighting_warmup_epochs: warm-up epochs of the reweighting.
         alignment_weight: ``None`` or the range of the feature-alignment weight
@@ -143,6 +142,9 @@ def distillation_hyperparameters(
     Raises:
         ValueError: for a temperature <= 0, alpha outside [0, 1], a learning
             rate <= 0, an empty or inverted range, or an unknown name.
+        keras_tuner.errors.FatalValueError: (a ``ValueError``) for a
+            reweighting signal other than ``"none"``, which this call could not
+            apply; the message says how to search it.
 
     Example:
 
@@ -154,6 +156,48 @@ def distillation_hyperparameters(
         return student
     ```
     """
+    signals = reweighting_signal if isinstance(reweighting_signal, (list, tuple)) else [reweighting_signal]
+    if any(s not in (None, "none") for s in signals):
+        _choice(keras_tuner.HyperParameters(), "kd_reweighting", list(signals), set(SIGNALS) | {"none"},
+                "reweighting_signal")  # an unknown name first gets the unknown-name message
+        raise keras_tuner.errors.FatalValueError(
+            f"`distillation_hyperparameters` cannot apply reweighting_signal={reweighting_signal!r}: "
+            "the reweighting is a `HardSampleReweighting` callback that must be given to `fit` and "
+            "attached to its dataset, which a build function (or `HyperModel.build`) cannot do, so "
+            "the choice would be silently ignored. Search it with "
+            "`keras_kd.tuning.DistillationHyperModel(build_student, reweighting_signal=...)`, which "
+            "compiles the student and applies the reweighting in `fit` (subclass it and call "
+            "`super().fit(hp, model, x, ...)` to customise `fit`); or drop `reweighting_signal`."
+        )
+    return _distillation_choices(
+        hp, temperature=temperature, alpha=alpha, divergence=divergence, learning_rate=learning_rate,
+        alignment_weight=alignment_weight,
+    )
+
+
+def _distillation_choices(
+    hp,
+    *,
+    temperature: Range = (1.0, 10.0),
+    alpha: Range = (0.0, 1.0),
+    divergence: Union[str, Sequence[str]] = "kl",
+    learning_rate: Range = (1e-4, 1e-2),
+    reweighting_signal: Union[None, str, Sequence[str]] = None,
+    reweighting_strength: Range = (0.5, 3.0),
+    reweighting_warmup_epochs: int = 1,
+    reweighting_num_examples: Optional[int] = None,
+    alignment_weight: Range = None,
+) -> DistillationChoices:
+    """`distillation_hyperparameters` with the reweighting too: only for
+    callers that apply it in ``fit`` (`DistillationHyperModel`)."""
+    if reweighting_num_examples is not None and (
+        isinstance(reweighting_num_examples, bool) or not isinstance(reweighting_num_examples, int)
+        or reweighting_num_examples <= 0
+    ):
+        raise ValueError(
+            "Expected `reweighting_num_examples` to be a positive int (the number of training "
+            f"examples). Received: reweighting_num_examples={reweighting_num_examples!r}"
+        )
     t = _declare(hp, "kd_temperature", temperature, low=0.0, log=True, argument="temperature")
     a = _declare(hp, "kd_alpha", alpha, low=0.0, high=1.0, argument="alpha")
     d = _choice(hp, "kd_divergence", list(divergence) if not isinstance(divergence, str) else divergence,
@@ -168,7 +212,8 @@ def distillation_hyperparameters(
         if signal != "none":
             strength = _declare(hp, "kd_reweighting_strength", reweighting_strength, argument="reweighting_strength")
             choices.reweighting = HardSampleReweighting(
-                signal=signal, strength=float(strength), warmup_epochs=reweighting_warmup_epochs
+                signal=signal, strength=float(strength), warmup_epochs=reweighting_warmup_epochs,
+                num_examples=reweighting_num_examples,
             )
     if alignment_weight is not None:
         choices.alignment_weight = float(
@@ -191,7 +236,17 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         build_student: ``fn(hp) -> model``.
         metrics: metrics to compile with. Defaults to
             ``["accuracy", keras_kd.teacher_agreement]``.
-        **ranges: passed to `distillation_hyperparameters`.
+        **ranges: the ranges of `distillation_hyperparameters`, plus
+            ``reweighting_signal`` (a signal or a list to choose from, ``"none"``
+            allowed), ``reweighting_strength``, ``reweighting_warmup_epochs``
+            and ``reweighting_num_examples`` (the number of training examples,
+            needed when the training dataset is batched before ``fit``).
+
+    Raises:
+        ValueError: for a bad range (see `distillation_hyperparameters`).
+        keras_tuner.errors.FatalValueError: in ``fit``, when a chosen
+            reweighting cannot attach to the training data (no example ids,
+            or a batched dataset without ``reweighting_num_examples``).
     """
 
     def __init__(self, build_student: Callable, metrics=None, **ranges):
@@ -201,10 +256,10 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         self.build_student = build_student
         self.metrics = metrics
         self.ranges = ranges
-        distillation_hyperparameters(keras_tuner.HyperParameters(), **ranges)  # validate now
+        _distillation_choices(keras_tuner.HyperParameters(), **ranges)  # validate now
 
     def build(self, hp):
-        choices = distillation_hyperparameters(hp, **self.ranges)
+        choices = _distillation_choices(hp, **self.ranges)
         student = self.build_student(hp)
         _check_model(student)
         metrics = list(self.metrics) if self.metrics is not None else ["accuracy", teacher_agreement]
@@ -212,10 +267,18 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         return student
 
     def fit(self, hp, model, x=None, *args, callbacks=None, **kwargs):
-        choices = distillation_hyperparameters(hp, **self.ranges)
+        choices = _distillation_choices(hp, **self.ranges)
         callbacks = list(callbacks or [])
         if choices.reweighting is not None:
-            x = choices.reweighting.attach(x)
+            try:
+                x = choices.reweighting.attach(x)
+            except ValueError as error:
+                hint = ""
+                if choices.reweighting.num_examples is None:
+                    hint = (" With DistillationHyperModel, pass the number of training examples as "
+                            "`DistillationHyperModel(..., reweighting_num_examples=N)`.")
+                # Fatal: every trial would fail the same way.
+                raise keras_tuner.errors.FatalValueError(f"{error}{hint}") from error
             callbacks.append(choices.reweighting)
         return model.fit(x, *args, callbacks=callbacks, **kwargs)
 
@@ -360,12 +423,6 @@ class _AnyKerasTuner:
     checkpoint is the best epoch of all the trial's executions, for tf_keras
     students too.
 
-    Raises:
-        keras_tuner.errors.FatalValueError: when a plain build function
-            chose a reweighting signal with `distillation_hyperparameters`:
-            a build function cannot pass the callback to ``fit``, so the
-            choice would be silently ignored (the message says how to use
-            `DistillationHyperModel` or a ``HyperModel.fit`` instead).
     """
 
     def __init__(self, *args, tflite_data=None, size_penalty: float = 0.01, **kwargs):
@@ -388,7 +445,6 @@ class _AnyKerasTuner:
         gc.collect()
         model = self._build_hypermodel(hp)
         _check_model(model)
-        _check_reweighting_applies(self.hypermodel, hp)
         size = model.count_params() if model.built else 0
         if self.max_model_size and size > self.max_model_size:
             raise keras_tuner.errors.FailedTrialError(f"Oversized model: {size} parameters. Skip model.")
@@ -450,23 +506,6 @@ def _with_directions(objective):
     if isinstance(objective, (list, tuple)):
         return [_with_directions(o) for o in objective]
     return objective
-
-
-def _check_reweighting_applies(hypermodel, hp):
-    """A plain build function cannot pass the reweighting callback to ``fit``."""
-    signal = hp.values.get("kd_reweighting", "none")
-    if signal == "none" or not isinstance(hypermodel, hypermodel_lib.DefaultHyperModel):
-        return
-    raise keras_tuner.errors.FatalValueError(
-        f"The build function chose reweighting_signal={signal!r} with "
-        "`keras_kd.tuning.distillation_hyperparameters`, but a build function cannot give the "
-        "`HardSampleReweighting` callback to `fit`, so the choice would never be applied. Use "
-        "`keras_kd.tuning.DistillationHyperModel(build_student, reweighting_signal=...)`, which "
-        "compiles the student and attaches the reweighting in `fit`; or subclass "
-        "`keras_tuner.HyperModel` and in its `fit` call `choices = "
-        "distillation_hyperparameters(hp, ...)`, then `x = choices.reweighting.attach(x)` and "
-        "`model.fit(x, callbacks=callbacks + [choices.reweighting], ...)`."
-    )
 
 
 class RandomSearch(_AnyKerasTuner, keras_tuner.RandomSearch):

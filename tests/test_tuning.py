@@ -12,7 +12,8 @@ from keras_kd import tuning
 
 def test_hyperparameters_declare_and_build_objects():
     hp = keras_tuner.HyperParameters()
-    choices = tuning.distillation_hyperparameters(
+    # What DistillationHyperModel declares (the public function refuses a reweighting).
+    choices = tuning._distillation_choices(
         hp,
         temperature=(1.0, 8.0),
         alpha=[0.1, 0.5],
@@ -38,7 +39,7 @@ def test_hyperparameters_follow_hp_values():
     hp = keras_tuner.HyperParameters()
     hp.Fixed("kd_temperature", 3.0)
     hp.Fixed("kd_reweighting", "wsld")
-    choices = tuning.distillation_hyperparameters(hp, reweighting_signal=["none", "wsld"])
+    choices = tuning._distillation_choices(hp, reweighting_signal=["none", "wsld"])
     assert choices.loss.temperature == 3.0
     assert isinstance(choices.reweighting, keras_kd.HardSampleReweighting)
     assert choices.reweighting.signal == "wsld"
@@ -137,3 +138,76 @@ def test_tflite_objective_requires_data(tmp_path):
     with pytest.raises(ValueError, match="tflite_data"):
         tuning.RandomSearch(hypermodel, objective=keras_tuner.Objective("tflite_int8_accuracy", "max"),
                             max_trials=1, directory=str(tmp_path))
+
+
+@pytest.mark.parametrize("signal", ["kl", ["none", "teacher_wrong"], ("wsld",)])
+def test_reweighting_in_distillation_hyperparameters_is_refused_at_the_call(signal):
+    # A build function cannot give the callback to `fit`: refused at the call, whoever runs it.
+    with pytest.raises(keras_tuner.errors.FatalValueError, match=r"cannot apply reweighting_signal=.*DistillationHyperModel"):
+        tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), reweighting_signal=signal)
+    with pytest.raises(ValueError, match=r"Unknown reweighting_signal 'loss'"):
+        tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), reweighting_signal=["none", "loss"])
+    # No reweighting at all stays accepted.
+    for off in (None, "none", ["none"]):
+        assert tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), reweighting_signal=off).reweighting is None
+
+
+@pytest.mark.parametrize("tuner_class", [keras_tuner.RandomSearch, tuning.RandomSearch])
+def test_reweighting_in_a_plain_build_function_fails_keras_tuners_own_search(tuner_class, tmp_path):
+    train = _data(keras)
+
+    def build(hp):
+        kd = keras_kd.distillation_hyperparameters(hp, reweighting_signal=["none", "kl"])
+        student = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+        student.compile(kd.optimizer(), loss=kd.loss)
+        return student
+
+    fits = []
+
+    class Count(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            fits.append(1)
+
+    # keras-tuner builds once when the tuner is created, then once per trial:
+    # the Fatal error stops either (it is not counted as a failed trial).
+    with pytest.raises(keras_tuner.errors.FatalValueError, match=r"reweighting_signal=\['none', 'kl'\].*DistillationHyperModel"):
+        tuner = tuner_class(build, objective="val_loss", max_trials=2, directory=str(tmp_path))
+        tuner.search(train, validation_data=train, epochs=1, verbose=0, callbacks=[Count()])
+    assert fits == []  # nothing trained without the chosen reweighting
+
+
+def test_distillation_hypermodel_applies_the_reweighting_under_keras_tuners_own_search(tmp_path):
+    x = np.random.default_rng(1).normal(size=(64, 8)).astype("float32")
+    y = np.random.default_rng(2).integers(0, 3, size=64)
+    teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    cache = keras_kd.cache_teacher_logits(teacher, str(tmp_path / "cache"), verbose=0)
+    train = tf.data.Dataset.from_tensor_slices((x, y)).apply(cache).batch(16)
+    hypermodel = tuning.DistillationHyperModel(
+        lambda hp: keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]), reweighting_signal="teacher_wrong",
+        reweighting_num_examples=64,
+    )
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            observers = getattr(self.model.loss, "_observers", [])
+            seen.append([type(getattr(o, "__self__", o)).__name__ for o in observers])
+
+    tuner = keras_tuner.RandomSearch(hypermodel, objective="loss", max_trials=1, directory=str(tmp_path / "t"))
+    tuner.search(train, epochs=1, verbose=0, callbacks=[Spy()])
+    assert seen == [["HardSampleReweighting"]]  # the chosen reweighting took part in training
+
+
+def test_distillation_hypermodel_reweighting_on_batched_data_names_the_argument(tmp_path):
+    x = np.random.default_rng(1).normal(size=(64, 8)).astype("float32")
+    teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    cache = keras_kd.cache_teacher_logits(teacher, str(tmp_path / "cache"), verbose=0)
+    train = tf.data.Dataset.from_tensor_slices((x, np.zeros(64, "int64"))).apply(cache).batch(16)
+    hypermodel = tuning.DistillationHyperModel(
+        lambda hp: keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]), reweighting_signal="kl"
+    )
+    tuner = keras_tuner.RandomSearch(hypermodel, objective="loss", max_trials=2, directory=str(tmp_path / "t"))
+    with pytest.raises(keras_tuner.errors.FatalValueError, match=r"reweighting_num_examples=N"):
+        tuner.search(train, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"reweighting_num_examples=0"):
+        tuning.DistillationHyperModel(lambda hp: None, reweighting_signal="kl", reweighting_num_examples=0)

@@ -126,9 +126,10 @@ def test_reweighting_chosen_in_a_plain_build_function_is_refused(K, tmp_path):
         student.compile(kd.optimizer(K.__name__), loss=kd.loss)
         return student
 
-    tuner = tuning.RandomSearch(build, objective="val_loss", max_trials=1, directory=str(tmp_path))
     pattern = r"reweighting_signal='kl'.*DistillationHyperModel"
     with pytest.raises(keras_tuner.errors.FatalValueError, match=pattern):
+        # Refused at the call: when keras-tuner first builds the model (tuner creation).
+        tuner = tuning.RandomSearch(build, objective="val_loss", max_trials=1, directory=str(tmp_path))
         tuner.search(train, validation_data=train, epochs=1, verbose=0)
 
 
