@@ -31,7 +31,10 @@ BackupCorruptedError = _reweighting_backup.BackupCorruptedError
 # ---------------------------------------------------------------------------
 # Difficulty signals: per-example values from labels and logits (pure TF).
 # Arguments: labels (class ids or one-hot), teacher logits, student logits,
-# and `soft`, the loss's per-example distillation term. Each returns one
+# and `soft`, the loss's per-example distillation term. A last dimension of 1
+# is one Bernoulli logit (binary model, 0/1 labels): cross-entropy is binary
+# cross-entropy, the predicted class is ``logit > 0``, the entropy is the
+# Bernoulli entropy. Each returns one
 # value per example (time steps are averaged).
 # ---------------------------------------------------------------------------
 
@@ -43,9 +46,20 @@ def _per_example(values):
     return values
 
 
+def _binary_labels(labels, logits):
+    """0/1 (or soft) labels of a one-logit model as float32 of the logits' shape."""
+    labels = tf.cast(labels, tf.float32)
+    if labels.shape.rank == logits.shape.rank - 1:
+        labels = labels[..., None]
+    return labels
+
+
 def _cross_entropy(labels, logits):
     logits = tf.cast(logits, tf.float32)
     labels = tf.convert_to_tensor(labels)
+    if logits.shape[-1] == 1:  # one Bernoulli logit: binary cross-entropy
+        ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=_binary_labels(labels, logits), logits=logits)
+        return tf.squeeze(ce, -1)
     if labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1]:
         return tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), logits)
     if labels.shape.rank == logits.shape.rank:
@@ -55,11 +69,20 @@ def _cross_entropy(labels, logits):
 
 def _class_ids(labels, logits):
     labels, logits = tf.convert_to_tensor(labels), tf.convert_to_tensor(logits)
+    if logits.shape[-1] == 1:  # binary 0/1 labels
+        return tf.cast(tf.squeeze(_binary_labels(labels, logits), -1) > 0.5, tf.int64)
     if labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1]:
         return tf.argmax(labels, -1)
     if labels.shape.rank == logits.shape.rank:
         labels = tf.squeeze(labels, -1)
     return tf.cast(labels, tf.int64)
+
+
+def _predicted_class(logits):
+    """argmax, or ``logit > 0`` for one (Bernoulli) logit."""
+    if logits.shape[-1] == 1:
+        return tf.cast(tf.squeeze(logits, -1) > 0, tf.int64)
+    return tf.argmax(logits, -1)
 
 
 def signal_kl(labels, teacher_logits, student_logits, soft):
@@ -100,15 +123,18 @@ def signal_teacher_wrong(labels, teacher_logits, student_logits, soft):
     wrong (label-noise cleaning by a trained model, e.g. Northcutt et al.,
     "Confident Learning", 2021)."""
     teacher_logits = tf.convert_to_tensor(teacher_logits)
-    wrong = tf.not_equal(tf.argmax(teacher_logits, -1), _class_ids(labels, teacher_logits))
+    wrong = tf.not_equal(_predicted_class(teacher_logits), _class_ids(labels, teacher_logits))
     return _per_example(tf.cast(wrong, tf.float32))
 
 
 def signal_teacher_entropy(labels, teacher_logits, student_logits, soft):
     """Entropy of the teacher's softmax: ambiguous examples. Emphasised
     (uncertainty sampling, Settles 2009); no labels needed."""
-    log_p = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32), -1)
-    return _per_example(-tf.reduce_sum(tf.exp(log_p) * log_p, -1))
+    logits = tf.cast(teacher_logits, tf.float32)
+    if logits.shape[-1] == 1:  # Bernoulli entropy: the softmax of the two-class logits [0, z]
+        logits = tf.concat([tf.zeros_like(logits), logits], axis=-1)
+    log_p = tf.nn.log_softmax(logits, -1)
+    return _per_example(-tf.reduce_sum(tf.math.multiply_no_nan(log_p, tf.exp(log_p)), -1))
 
 
 SIGNALS = {
@@ -229,8 +255,9 @@ class HardSampleReweighting(_compat.callback_base()):
             ``hard_sample_reweighting.npz`` there, atomically. The table is
             restored only when a ``fit`` resumes (its first epoch is not 0,
             as after ``BackupAndRestore`` restored the model) from exactly
-            the epoch and model state that wrote the file; any other run
-            starts afresh (with a warning if a backup was there). A damaged
+            the epoch and model state that wrote the file (a resumed fit
+            whose backup does not match warns and restores nothing; a fit
+            that starts at epoch 0 never reads the file). A damaged
             file, one for another table size, or one with non-finite or
             out-of-``clip`` weights raises `BackupCorruptedError` naming the
             path. The file is removed at the end of a successful ``fit``,
@@ -293,6 +320,7 @@ class HardSampleReweighting(_compat.callback_base()):
         self.backup_dir = backup_dir
         # Checks the path (a directory, valid UTF-8) before any training.
         self._backup = _reweighting_backup.ReweightingBackup(backup_dir) if backup_dir else None
+        self._resume_checked = True  # reset by on_train_begin
         self.histogram_dir = histogram_dir
         self.verbose = verbose
         self._signal_fn = signal if callable(signal) else SIGNALS[signal]
@@ -610,7 +638,7 @@ class HardSampleReweighting(_compat.callback_base()):
             )
             warnings.warn(
                 f"HardSampleReweighting does not restore the backup {self._backup.path!r}: this fit resumes "
-                f"at epoch {epoch + 1} but {reason}. The table starts afresh (uniform weights).",
+                f"at epoch {epoch + 1} but {reason}. The table keeps its current values (uniform weights in a new process).",
                 stacklevel=2,
             )
             return

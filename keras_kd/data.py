@@ -265,7 +265,7 @@ def with_teacher(
         # The targets carry x flattened (any nesting: dicts, tuples), and the
         # teacher gets it back in the dataset's own structure.
         structure = dataset.element_spec[0]
-        nested = not isinstance(structure, tf.TensorSpec)
+        nested = tf.nest.is_nested(structure)
 
         def run_step(inputs):
             if nested:
