@@ -475,7 +475,14 @@ class DistillationLoss(_compat.loss_base()):
     logits), then weighted by ``sample_weight`` and masks and reduced like any
     Keras loss. With targets that carry no teacher (plain labels, e.g. a
     validation set without `with_teacher`) the loss is ``hard_loss`` alone;
-    a *training* step without teacher warns once (nothing is distilled).
+    a *training* step without teacher warns (nothing is distilled). The
+    warning is given while Keras traces the training step, once per traced
+    step: at the first ``fit`` after ``compile`` and whenever Keras retraces
+    (a new ``compile``, ``make_train_function(force=True)``, a new input
+    signature). A second ``fit`` of the same compiled model reuses the traced
+    step and does not warn again: the step itself cannot warn (a Python
+    warning from inside a compiled step would not run under XLA), and a loss
+    has no hook at the start of a ``fit``.
 
     A student with **one logit** (last dimension 1) is a binary classifier:
     the logit is a Bernoulli logit, the distillation term is

@@ -78,3 +78,10 @@ def binary_distillation_loss(labels, student, teacher, T, alpha):
     s, t = np.asarray(student, np.float64)[..., 0], np.asarray(teacher, np.float64)[..., 0]
     values = alpha * binary_ce(labels, s) + (1 - alpha) * T * T * bernoulli_kl(t / T, s / T)
     return values.mean()
+
+
+def bernoulli_entropy(t):
+    """Entropy of Bernoulli(sigmoid(t)) per element."""
+    t = np.asarray(t, np.float64)
+    p = 1.0 / (1.0 + np.exp(-t))
+    return -(p * log_sigmoid(t) + (1.0 - p) * log_sigmoid(-t))

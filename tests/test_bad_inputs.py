@@ -262,3 +262,22 @@ def test_any_integer_label_dtype(K, jit, dtype):
     assert result["loss"] == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.4), rel=1e-5)
     assert result["accuracy"] == pytest.approx(np.mean(s.argmax(-1) == y), abs=1e-6)
     student.fit(ds, epochs=1, verbose=0)  # and it trains
+
+
+@JIT
+def test_training_without_teacher_warns_at_each_traced_step(K, jit):
+    """The documented rule: once per traced training step. A second ``fit`` reuses the
+    traced step (no warning); a new ``compile`` traces again and warns again."""
+    x, y = _data()
+    plain = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    student = mlp(K)
+
+    def warnings_of(run):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+        return [w for w in caught if "carry no teacher" in str(w.message)]
+
+    assert len(warnings_of(lambda: _fit(K, student, plain, jit))) == 1
+    assert warnings_of(lambda: student.fit(plain, epochs=1, verbose=0)) == []
+    assert len(warnings_of(lambda: _fit(K, student, plain, jit))) == 1  # recompiled: traced again
