@@ -985,9 +985,23 @@ def _representative(data, model, limit):
                 yield [np.asarray(x, dtype)[None]]
 
         return generate
-    array = np.asarray(data)
+    if isinstance(data, tuple) and len(data) in (2, 3):
+        data = data[0]  # (x, y[, sample_weight]) arrays, as evaluate_tflite takes them
+    try:
+        array = np.asarray(data, dtype)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "Expected `representative_data` to be a tf.data.Dataset, an array of inputs, an "
+            f"(x, y) tuple of arrays or a callable. Received: {type(data).__name__} ({error})."
+        ) from None
     if array.ndim == rank - 1:
         array = array[None]
+    expected = [None if d is None else int(d) for d in inputs[0].shape[1:]]
+    if array.ndim != rank or any(e not in (None, d) for e, d in zip(expected, array.shape[1:])):
+        raise ValueError(
+            f"The model takes inputs of shape {[None] + expected}; `representative_data` has shape "
+            f"{list(array.shape)}. Pass the inputs (a batch of examples) or an (x, y) tuple."
+        )
 
     def generate_array():
         for x in array[:limit]:
@@ -1041,7 +1055,7 @@ def to_tflite(
         model: a Keras 3 or tf_keras model (no pruning wrappers: `strip`).
         representative_data: calibration inputs: a ``tf.data.Dataset`` of
             ``x`` or ``(x, y[, sample_weight])``, batched or not, an array of
-            inputs, or a callable as ``TFLiteConverter.representative_dataset``
+            inputs, an ``(x, y)`` tuple of arrays, or a callable as ``TFLiteConverter.representative_dataset``
             takes. The first ``num_calibration_examples`` examples are used.
             Defaults to None.
         int8: quantize to int8. Defaults to True.
@@ -1207,6 +1221,38 @@ def _has_labels(element_spec) -> bool:
     return True
 
 
+def _predictions_and_labels(logits, y):
+    """Predicted and true class ids, as `keras_kd.teacher_agreement` reads them:
+    argmax (``logit > 0`` for one logit, a binary model); labels as class ids,
+    one-hot/soft labels (argmax), or 0/1 labels (``> 0.5``) for one logit."""
+    classes = logits.shape[-1]
+    pred = (logits[..., 0] > 0).astype(np.int64) if classes == 1 else logits.argmax(-1)
+    if y.ndim == logits.ndim and y.shape[-1] == classes and classes > 1:
+        y = y.argmax(-1)
+    if y.size != pred.size:
+        raise ValueError(
+            f"The labels of shape {y.shape} do not match the model's outputs of shape {logits.shape}: "
+            f"expected class ids of shape {pred.shape} (or {pred.shape + (1,)}), or one-hot labels of "
+            f"shape {logits.shape}. Check that the labels belong to this model ({max(classes, 2)} classes)."
+        )
+    y = y.reshape(pred.shape)
+    if classes == 1:
+        if y.size and (np.min(y) < 0 or np.max(y) > 1):
+            raise ValueError(
+                "A one-logit (binary) model needs labels in [0, 1] (0/1 class labels or "
+                f"probabilities). Received labels in [{np.min(y)}, {np.max(y)}]."
+            )
+        return pred, (y > 0.5).astype(np.int64)
+    if y.size and (np.any(y != np.round(y)) or np.min(y) < 0 or np.max(y) >= classes):
+        raise ValueError(
+            f"Expected class ids in [0, {classes - 1}] for a model with {classes} outputs. "
+            f"Received labels in [{np.min(y)}, {np.max(y)}]"
+            + (" that are not whole numbers" if np.any(y != np.round(y)) else "")
+            + ". Pass class ids, or one-hot labels of the output's width."
+        )
+    return pred, y
+
+
 def evaluate_tflite(
     tflite,
     dataset,
@@ -1227,7 +1273,9 @@ def evaluate_tflite(
     model's.
 
     Accuracy is the fraction of positions where the argmax of the output
-    equals the label (class ids, or one-hot labels); labels may be
+    (``logit > 0`` for a one-unit output: a binary model's Bernoulli logit)
+    equals the label (class ids, one-hot labels, or 0/1 labels for a binary
+    model); labels may be
     `keras_kd.TeacherTargets` (their ``labels`` are used). Sample weights are
     ignored.
 
@@ -1256,7 +1304,8 @@ def evaluate_tflite(
         ValueError: for a multi-input model, a dataset without labels
             (including unlabelled keras_kd data, whose targets carry
             ``has_labels=False``) and ``return_logits=False``, inputs of the
-            wrong shape, or a multi-output model whose outputs are not named
+            wrong shape, labels that do not fit the output (another shape, a
+            class id out of range), or a multi-output model whose outputs are not named
             in Keras order and no ``output``.
 
     Example:
@@ -1337,11 +1386,7 @@ def evaluate_tflite(
         if return_logits:
             all_logits.append(logits)
         if has_labels:
-            y = np.asarray(_labels(element[1]))
-            pred = logits.argmax(-1)
-            if y.ndim == logits.ndim and y.shape[-1] == logits.shape[-1] and logits.shape[-1] > 1:
-                y = y.argmax(-1)
-            y = y.reshape(pred.shape)
+            pred, y = _predictions_and_labels(logits, np.asarray(_labels(element[1])))
             correct += int(np.sum(pred == y))
             count += pred.size
     accuracy = correct / count if has_labels and count else None

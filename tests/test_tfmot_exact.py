@@ -202,6 +202,70 @@ def test_evaluate_tflite_scores_the_first_keras_output(K):
         optimize.evaluate_tflite(flatbuffer, (x, y), output="nope")
 
 
+def _hand_litert_predictions(flatbuffer, x):
+    """LiteRT driven by hand, one example at a time, quantizing the input and
+    dequantizing the output with the tensors' own parameters."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    logits = []
+    for row in x:
+        value = row[None]
+        if inp["dtype"] != np.float32:
+            scale, zero = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            value = np.clip(np.round(value / scale) + zero, info.min, info.max).astype(inp["dtype"])
+        interpreter.set_tensor(inp["index"], value)
+        interpreter.invoke()
+        q = interpreter.get_tensor(out["index"])[0].astype(np.float32)
+        if out["dtype"] != np.float32:
+            scale, zero = out["quantization"]
+            q = (q - zero) * scale
+        logits.append(q)
+    return np.stack(logits)
+
+
+@pytest.mark.parametrize("io_dtype", ["float32", "int8", "uint8"])
+def test_evaluate_tflite_binary_one_logit_model_thresholds_the_logit(io_dtype):
+    # A one-logit model is a Bernoulli logit: argmax over one unit would
+    # always say class 0 (the accuracy would be the share of label 0).
+    keras.utils.set_random_seed(0)
+    x = RNG.normal(size=(40, 5)).astype("float32")
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)])
+    model.set_weights([np.array([[2.0], [1.0], [0.0], [0.0], [0.0]], "float32"), np.zeros(1, "float32")])
+    labels = (x[:, 0] > 0).astype("uint8")  # uint8 labels, as keras.datasets gives
+    flatbuffer = optimize.to_tflite(model, (x, labels), int8=io_dtype != "float32", io_dtype=io_dtype)
+    by_hand = _hand_litert_predictions(flatbuffer, x)[:, 0]
+    expected = float(np.mean((by_hand > 0).astype("uint8") == labels))
+    assert expected > 0.75 and np.mean(labels == 0) < 0.75  # the two readings differ here
+    for y in (labels, labels[:, None], labels.astype("float32")):
+        assert optimize.evaluate_tflite(flatbuffer, (x, y), batch_size=7) == pytest.approx(expected)
+    with pytest.raises(ValueError, match=r"one-logit \(binary\) model needs labels in \[0, 1\]"):
+        optimize.evaluate_tflite(flatbuffer, (x, labels.astype("int64") * 2))
+
+
+def test_evaluate_tflite_refuses_labels_that_do_not_fit_the_output():
+    x = RNG.normal(size=(20, 6)).astype("float32")
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    flatbuffer = optimize.to_tflite(model, int8=False)
+    y = RNG.integers(0, 3, size=20)
+    with pytest.raises(ValueError, match=r"labels of shape \(20, 4\) do not match the model's outputs of shape \(20, 3\)"):
+        optimize.evaluate_tflite(flatbuffer, (x, np.eye(4)[y]), batch_size=20)  # another model's one-hot
+    with pytest.raises(ValueError, match=r"Expected class ids in \[0, 2\] for a model with 3 outputs. Received labels in \[0, 5\]"):
+        optimize.evaluate_tflite(flatbuffer, (x, np.where(y == 2, 5, y)))
+    with pytest.raises(ValueError, match="not whole numbers"):
+        optimize.evaluate_tflite(flatbuffer, (x, y + 0.5))
+    # representative_data given wrongly: the shapes are named.
+    with pytest.raises(ValueError, match=r"inputs of shape \[None, 6\]; `representative_data` has shape \[20, 5\]"):
+        optimize.to_tflite(model, x[:, :5])
+    # Soft labels (label smoothing) are read by their argmax, like one-hot.
+    logits = _hand_litert_predictions(flatbuffer, x)
+    soft = np.eye(3)[y] * 0.9 + 0.1 / 3
+    assert optimize.evaluate_tflite(flatbuffer, (x, soft)) == pytest.approx(np.mean(logits.argmax(-1) == y))
+
+
 def test_evaluate_tflite_refuses_unlabelled_keras_kd_data():
     teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
     x = RNG.normal(size=(10, 6)).astype("float32")
