@@ -9,6 +9,7 @@ one place, `DistillationLoss.__call__`.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import typing
@@ -287,18 +288,41 @@ def default_hard_loss(labels, student_logits):
     return tf.nn.sparse_softmax_cross_entropy_with_logits(ids, student_logits)
 
 
+def _expects_probabilities(hard_loss):
+    """Whether ``hard_loss`` is a Keras cross-entropy on probabilities (``from_logits=False``).
+
+    Covers loss names, ``Loss`` instances of both flavours (``get_config()``
+    holds ``from_logits``), Keras's loss functions (``from_logits`` defaults
+    to False) and ``functools.partial`` of them.
+    """
+    if isinstance(hard_loss, str):
+        return "crossentropy" in hard_loss
+    if _compat.flavour_of(hard_loss) is not None and hasattr(hard_loss, "get_config"):
+        try:
+            return hard_loss.get_config().get("from_logits") is False
+        except (NotImplementedError, TypeError):
+            return False
+    keywords = {}
+    if isinstance(hard_loss, functools.partial):
+        keywords, hard_loss = dict(hard_loss.keywords), hard_loss.func
+    module = getattr(hard_loss, "__module__", "") or ""
+    is_keras = module.split(".")[0] in ("keras", "tf_keras")
+    name = getattr(hard_loss, "__name__", "")
+    return is_keras and name.endswith("crossentropy") and not keywords.get("from_logits", False)
+
+
 def _resolve_hard_loss(hard_loss):
+    if _expects_probabilities(hard_loss):
+        warnings.warn(
+            f"hard_loss={hard_loss!r} is a cross-entropy on probabilities (from_logits=False), but "
+            "DistillationLoss gives it the student's logits, so the hard-label loss would be wrong. "
+            "Use hard_loss=None (cross-entropy from logits) or a loss with from_logits=True, e.g. "
+            "keras.losses.SparseCategoricalCrossentropy(from_logits=True).",
+            stacklevel=3,
+        )
     if hard_loss is None:
         return default_hard_loss
     if isinstance(hard_loss, str):
-        if "crossentropy" in hard_loss:
-            warnings.warn(
-                f"hard_loss={hard_loss!r} resolves to a loss on probabilities, but "
-                "DistillationLoss expects the student to output logits. Use "
-                "hard_loss=None (cross-entropy from logits) or a loss instance "
-                "with from_logits=True.",
-                stacklevel=3,
-            )
         return keras.losses.get(hard_loss)
     if hasattr(hard_loss, "call") and _compat.flavour_of(hard_loss) is not None:
         # A Keras (3 or tf_keras) Loss instance: `call` gives per-example values.

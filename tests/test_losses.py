@@ -1,6 +1,8 @@
 """DistillationLoss and divergences against independent references."""
 
+import functools
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -462,3 +464,39 @@ def test_setters_take_valid_variables_and_arrays():
     loss.temperature = tf.Variable(6.0)
     loss.alpha = np.array(0.25)
     assert loss.temperature == 6.0 and loss.alpha == 0.25
+
+
+# --- hard losses on probabilities: the student outputs logits ------------------------
+
+
+def _probability_hard_losses(K):
+    return [
+        K.losses.SparseCategoricalCrossentropy(),  # Keras's default: from_logits=False
+        K.losses.CategoricalCrossentropy(label_smoothing=0.1),
+        K.losses.sparse_categorical_crossentropy,
+        functools.partial(K.losses.sparse_categorical_crossentropy, axis=-1),
+        "sparse_categorical_crossentropy",
+    ]
+
+
+def test_hard_loss_on_probabilities_warns_in_every_form(K):
+    """A cross-entropy with from_logits=False reads the logits as probabilities: 8.5 instead of
+    the cross-entropy 1.85 of these logits. Every form of it warns, naming the fix."""
+    for hard_loss in _probability_hard_losses(K):
+        with pytest.warns(UserWarning, match=r"from_logits=True"):
+            keras_kd.DistillationLoss(hard_loss=hard_loss)
+
+
+def test_hard_loss_from_logits_is_silent_and_equals_reference(K):
+    s, t = _logits(40, (6, 4)), _logits(41, (6, 4))
+    y = np.array([0, 3, 1, 2, 3, 0])
+    forms = [
+        K.losses.SparseCategoricalCrossentropy(from_logits=True),
+        functools.partial(K.losses.sparse_categorical_crossentropy, from_logits=True),
+    ]
+    for hard_loss in forms:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3, hard_loss=hard_loss)
+        got = float(loss(TeacherTargets(labels=y, logits=t), s))
+        np.testing.assert_allclose(got, ref.distillation_loss(y, s, t, 2.0, 0.3), rtol=1e-5)
