@@ -115,10 +115,23 @@ DIVERGENCES = {
     "mse": logit_mse,
     "huber": logit_huber,
 }
+# The name of each built-in divergence function (so that passing the function
+# serialises and is checked exactly like passing its name).
+_DIVERGENCE_NAMES = {fn: name for name, fn in DIVERGENCES.items()}
 # Divergences that stay finite when the teacher gives a class no mass.
 _ZERO_MASS_SAFE = {"kl", "js", "soft_cross_entropy"}
 
 _REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none", None)
+
+
+def _divergence_name(divergence):
+    """The name of a built-in divergence (given by name or as the function), else None."""
+    if isinstance(divergence, str):
+        return divergence
+    try:
+        return _DIVERGENCE_NAMES.get(divergence)
+    except TypeError:  # unhashable callable
+        return None
 
 
 def get_divergence(identifier: Union[str, Divergence]) -> Divergence:
@@ -603,9 +616,10 @@ class DistillationLoss(_compat.loss_base()):
             raise ValueError(
                 f"Expected `topk_fill` to be 'uniform' or 'renormalize'. Received: topk_fill={topk_fill!r}"
             )
-        if topk_fill == "renormalize" and isinstance(divergence, str) and divergence not in _ZERO_MASS_SAFE:
+        divergence_name = _divergence_name(divergence)
+        if topk_fill == "renormalize" and divergence_name is not None and divergence_name not in _ZERO_MASS_SAFE:
             raise ValueError(
-                f"divergence={divergence!r} is infinite or undefined where the teacher "
+                f"divergence={divergence_name!r} is infinite or undefined where the teacher "
                 "gives a class no mass, which topk_fill='renormalize' does. Use "
                 f"topk_fill='uniform' or one of {sorted(_ZERO_MASS_SAFE)}."
             )
@@ -839,7 +853,7 @@ class DistillationLoss(_compat.loss_base()):
         return {
             "temperature": self.temperature,
             "alpha": self.alpha,
-            "divergence": _compat.serialize(self.divergence),
+            "divergence": _divergence_name(self.divergence) or _compat.serialize(self.divergence),
             "hard_loss": _compat.serialize(self.hard_loss),
             "scale_by_temperature_squared": self.scale_by_temperature_squared,
             "topk_fill": self.topk_fill,

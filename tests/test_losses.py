@@ -1,6 +1,7 @@
 """DistillationLoss and divergences against independent references."""
 
 import functools
+import json
 import math
 import warnings
 
@@ -500,3 +501,26 @@ def test_hard_loss_from_logits_is_silent_and_equals_reference(K):
             loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3, hard_loss=hard_loss)
         got = float(loss(TeacherTargets(labels=y, logits=t), s))
         np.testing.assert_allclose(got, ref.distillation_loss(y, s, t, 2.0, 0.3), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", DIVS)
+def test_divergence_function_round_trips_like_its_name(name):
+    """``divergence=keras_kd.jensen_shannon`` (the exported function) used to fail to deserialize."""
+    s, t = _logits(42, (5, 4)), _logits(43, (5, 4))
+    y = np.array([0, 3, 1, 2, 3])
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3, divergence=keras_kd.DIVERGENCES[name])
+    assert loss.get_config()["divergence"] == name
+    for serialize, deserialize in [
+        (keras.losses.serialize, keras.losses.deserialize),
+        (keras.saving.serialize_keras_object, keras.saving.deserialize_keras_object),
+    ]:
+        restored = deserialize(json.loads(json.dumps(serialize(loss))))
+        got = float(restored(TeacherTargets(labels=y, logits=t), s))
+        np.testing.assert_allclose(got, ref.distillation_loss(y, s, t, 2.0, 0.3, name=name), rtol=1e-5)
+
+
+def test_renormalize_refuses_unsafe_divergence_functions_like_names():
+    with pytest.raises(ValueError, match="renormalize"):
+        keras_kd.DistillationLoss(divergence=keras_kd.reverse_kl, topk_fill="renormalize")
+    with pytest.raises(ValueError, match="renormalize"):
+        keras_kd.DistillationLoss(divergence=keras_kd.logit_mse, topk_fill="renormalize")
