@@ -815,6 +815,15 @@ def quantize_for_distillation(
         scheme = qk.collab_opts.Default8BitPrunePreserveQuantizeScheme()
     elif scheme is None:
         scheme = qk.default_8bit.Default8BitQuantizeScheme()
+        sparse = {name: value for name, value in sparsity(student).items() if value >= 0.3}
+        if sparse:
+            figures = ", ".join(f"{name}: {value:.2f}" for name, value in list(sparse.items())[:5])
+            warnings.warn(
+                f"`student` ({student.name!r}) has sparse kernels ({figures} zeros; pruned?), but "
+                "the default 8-bit scheme trains every weight, so quantization-aware training fills "
+                "the zeros in again. Pass `preserve_sparsity=True` to keep them.",
+                stacklevel=2,
+            )
     elif not isinstance(scheme, qk.QuantizeScheme):
         raise ValueError(
             f"Expected `scheme` to be a tfmot.quantization.keras.QuantizeScheme. Received: scheme={scheme!r}"

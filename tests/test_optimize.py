@@ -422,8 +422,13 @@ def test_prune_preserving_qat_keeps_the_zeros(teacher):
     kernel = pqat.get_layer("quant_hidden").weights[0].numpy()
     assert np.mean(kernel == 0) >= 0.74
     assert min(optimize.sparsity(pqat).values()) >= 0.74
-    # Plain QAT does not keep them: the reason PQAT exists.
-    qat = optimize.quantize_for_distillation(sparse)
+    # Plain QAT does not keep them: the reason PQAT exists, and it says so.
+    hand = np.mean(sparse.get_layer("hidden").kernel.numpy() == 0)
+    with pytest.warns(UserWarning, match=rf"hidden: {hand:.2f}.* zeros; pruned\?.*preserve_sparsity=True"):
+        qat = optimize.quantize_for_distillation(sparse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dense student: no warning
+        optimize.quantize_for_distillation(mlp(tf_keras))
     qat.compile(tf_keras.optimizers.Adam(1e-2), loss=keras_kd.DistillationLoss())
     qat.fit(batches(teacher), epochs=2, verbose=0)
     assert np.mean(qat.get_layer("quant_hidden").weights[0].numpy() == 0) < 0.5
