@@ -524,3 +524,35 @@ def test_renormalize_refuses_unsafe_divergence_functions_like_names():
         keras_kd.DistillationLoss(divergence=keras_kd.reverse_kl, topk_fill="renormalize")
     with pytest.raises(ValueError, match="renormalize"):
         keras_kd.DistillationLoss(divergence=keras_kd.logit_mse, topk_fill="renormalize")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("T, alpha", [(4.0, 0.1), (1.0, 1.0), (3.0, 0.0)])
+def test_training_equals_keras_distiller(jit, T, alpha):
+    """Two epochs of the user's own ``fit`` with DistillationLoss give the same student weights as
+    Keras's own ``keras.distillation.Distiller`` (LogitsDistillation with KLDivergence)."""
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(64, 8)).astype("float32"), rng.integers(0, 4, 64)
+
+    def mlp(seed):
+        keras.utils.set_random_seed(seed)
+        inp = keras.Input((8,))
+        return keras.Model(inp, keras.layers.Dense(4)(keras.layers.Dense(16, activation="relu")(inp)))
+
+    teacher, theirs, ours = mlp(1), mlp(2), mlp(2)
+    distiller = keras.distillation.Distiller(
+        teacher=teacher,
+        student=theirs,
+        distillation_losses=keras.distillation.LogitsDistillation(temperature=T, loss=keras.losses.KLDivergence()),
+        student_loss_weight=alpha,
+    )
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit,
+    )
+    distiller.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
+    ours.compile(keras.optimizers.SGD(0.5), loss=keras_kd.DistillationLoss(temperature=T, alpha=alpha), jit_compile=jit)
+    ours.fit(keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), teacher), epochs=2, verbose=0)
+    for theirs_w, ours_w in zip(theirs.get_weights(), ours.get_weights()):
+        np.testing.assert_allclose(ours_w, theirs_w, atol=1e-5)
