@@ -137,6 +137,18 @@ class Build:
             self.say,
         )
 
+    def replacing(self, old_manifest) -> "Build":
+        """This build under names no reader of ``old_manifest`` uses (for a rebuild of the same fingerprint).
+
+        A rebuild after a teacher probe mismatch has the old fingerprint and
+        layout, hence the old generation: writing it would rewrite files a
+        live reader streams. Every worker derives the same new name.
+        """
+        new = self.with_layout(self.layout)
+        if old_manifest is not None and old_manifest.get("generation") == self.gen:
+            new.gen = _storage.generation(self.fp, self.layout.to_json(), self.num_parts, "after", self.gen)
+        return new
+
     # -- opening -------------------------------------------------------------
 
     def mismatch(self, changes) -> CacheMismatchError:

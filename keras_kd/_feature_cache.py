@@ -113,6 +113,7 @@ class FeatureTable:
                 "read (shuffling or random augmentation before the transform?). Cache the raw, "
                 "ordered dataset and shuffle/augment after the transform."
             )
+        _check_fixed_shapes(dataset)
         extractor = aligned.feature_extractor
         logits_shape = [int(d) for d in extractor.outputs[0].shape[1:]]
         feature_shapes = [[int(d) for d in t.shape[1:]] for t in extractor.outputs[1:]]
@@ -156,6 +157,11 @@ class FeatureTable:
                 raise problem
             st.claim(refuse_foreign_files=True)
             fresh = isinstance(problem, _ProbeMismatch)
+            if fresh:
+                try:
+                    build = build.replacing(st.read_manifest(_validate_extra))
+                except (CacheCorruptedError, CacheMismatchError):
+                    pass
 
             def recheck():
                 if problem is not None:
@@ -216,6 +222,24 @@ class FeatureTable:
 
 class _ProbeMismatch(CacheMismatchError):
     """The teacher, re-run on the first examples, disagrees with the stored features."""
+
+
+def _check_fixed_shapes(dataset):
+    """Refuses inputs whose shape varies between examples (rows are stored in fixed-shape blocks)."""
+    x_spec = dataset.element_spec[0]
+    loose = [
+        s
+        for s in tf.nest.flatten(x_spec, expand_composites=False)
+        if not isinstance(s, tf.TensorSpec) or not s.shape.is_fully_defined()
+    ]
+    if loose:
+        raise ValueError(
+            "`cache_features` needs inputs `x` of one known, fixed shape per example (its rows are "
+            f"stored and batched in fixed-shape blocks). Received: x spec={x_spec}. If every example has "
+            "the same shape, declare it, e.g. `dataset.map(lambda x, y: (tf.ensure_shape(x, [8, 8, 1]), y))`; "
+            "if shapes vary (sequences, images of several sizes), pad or crop each example to one shape "
+            "first, or distil logits only with `keras_kd.cache_teacher_logits`, which handles varying shapes."
+        )
 
 
 def _reader(st, manifest, in_memory) -> _storage.Stored:

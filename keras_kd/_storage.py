@@ -15,6 +15,8 @@ layout; ``PPPPP`` part; ``NNNNN`` number of parts; ``FFFFF`` file):
 * ``manifest.json``: the finished cache, switched atomically (``os.replace``);
 * ``.keras_kd-<kind>``, ``.keras_kd.lock``, ``.keras_kd-part-PPPPP-of-NNNNN.lock``:
   the marker and the lock files (``fcntl.flock``);
+* ``.keras_kd-gen-G.lock``: streaming readers hold a shared flock on it, and
+  garbage collection deletes no file of ``G`` while one does;
 * ``<name>.tmp-<hex>``: a file being written. Only the holder of the lock of
   its part (data files, journals) or of the directory (the manifest) writes
   temporaries, so one found while holding that lock is stale (a killed
@@ -41,6 +43,7 @@ import os
 import re
 import secrets
 import stat
+import weakref
 import zlib
 from typing import Optional
 
@@ -534,6 +537,35 @@ class Store:
     def part_lock(self, part: int, num_parts: int) -> str:
         return os.path.join(self.directory, f".keras_kd-part-{part:05d}-of-{num_parts:05d}.lock")
 
+    def generation_lock(self, gen: str) -> str:
+        """Readers hold a shared flock on it while they stream that generation's files."""
+        return os.path.join(self.directory, f".keras_kd-gen-{gen}.lock")
+
+    def hold_generation(self, gen: str) -> Optional[int]:
+        """A shared flock on ``gen``'s lock file (an open fd), or None where none can be had.
+
+        `collect_garbage` keeps a generation's files while any process holds
+        this lock. The lock file is opened read-only when it exists, so a
+        reader of a read-only directory is protected too.
+        """
+        path = self.generation_lock(gen)
+        flags = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(path, os.O_RDONLY | flags)
+        except FileNotFoundError:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+            except OSError:
+                return None  # read-only directory without the lock file: nothing can delete the files
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
     @property
     def dir_lock(self) -> str:
         return os.path.join(self.directory, ".keras_kd.lock")
@@ -726,7 +758,7 @@ class Store:
             manifest = None
         if manifest is not None:
             live.add(manifest["generation"])
-        busy_parts = set()
+        busy_parts, held = set(), {}
         for name in names:
             m = _JOURNAL.match(name)
             if not m:
@@ -743,8 +775,13 @@ class Store:
                 pass
         for name in names:
             m = self.data.match(name)
+            if m and m.group(3) not in live and m.group(3) not in held:
+                # Kept while a reader streams it (see `hold_generation`).
+                held[m.group(3)] = self._claim_generation(m.group(3))
+        for name in names:
+            m = self.data.match(name)
             tmp = _TMP.match(name)
-            if m and m.group(3) not in live and int(m.group(1)) not in busy_parts:
+            if m and m.group(3) not in live and int(m.group(1)) not in busy_parts and held.get(m.group(3)):
                 _remove(self.path(name))
             elif tmp and tmp.group(1) == MANIFEST:
                 _remove(self.path(name))
@@ -754,6 +791,27 @@ class Store:
                 and int(self.data.match(tmp.group(1)).group(1)) not in busy_parts
             ):
                 _remove(self.path(name))
+        for gen, fd in held.items():
+            if fd is not None:
+                _remove(self.generation_lock(gen))
+                os.close(fd)
+
+    def _claim_generation(self, gen: str) -> Optional[int]:
+        """An exclusive flock on a dead generation's lock (an fd), or None while a reader holds it."""
+        try:
+            fd = os.open(
+                self.generation_lock(gen),
+                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0),
+                0o644,
+            )
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
 
 
 def _remove(path: str):
@@ -793,6 +851,21 @@ class Stored:
                 k: v[: self.count] for k, v in self.layout.decode_numpy(data, self.num_blocks).items()
             }
         else:
+            # Held while this object lives (the datasets below keep it alive):
+            # another job's rebuild then keeps these files until it is gone.
+            fd = store.hold_generation(manifest["generation"])
+            if fd is not None:
+                weakref.finalize(self, os.close, fd)
+            for f in files:
+                try:
+                    size = os.stat(store.path(f["name"]), follow_symlinks=False).st_size
+                except OSError:
+                    size = None
+                if size != f["bytes"]:
+                    raise CacheCorruptedError(
+                        f"The {store.what} at {store.directory!r} was replaced by another job while it was "
+                        f"being opened ({f['name']!r} is gone or changed). Apply the transform again."
+                    )
             paths = [store.path(f["name"]) for f in files]
             self.records = tf.data.FixedLengthRecordDataset(
                 paths, self.layout.block_bytes, buffer_size=max(1 << 18, self.layout.block_bytes)
@@ -813,12 +886,20 @@ class Stored:
         """
         if self.in_memory:
             return tf.data.Dataset.from_tensor_slices(select_numpy(self.arrays))
-        return self.records.map(lambda r: select_tf(self.layout.decode(r))).unbatch().take(self.count)
+        return self._holding(
+            self.records.map(lambda r: select_tf(self.layout.decode(r))).unbatch().take(self.count)
+        )
+
+    def _holding(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        # Every dataset built on this one references it (``_input_dataset``),
+        # so the generation lock lives as long as the user's pipeline.
+        dataset._keras_kd_stored = self  # noqa: SLF001
+        return dataset
 
     def blocks(self) -> tf.data.Dataset:
         """One ``{field: (block_rows, ...)}`` element per block (the last block padded with zeros)."""
         if not self.in_memory:
-            return self.records.map(self.layout.decode)
+            return self._holding(self.records.map(self.layout.decode))
         rows = self.layout.block_rows
         padded = {}
         for k, v in self.arrays.items():

@@ -971,6 +971,8 @@ class TeacherLogitCache:
             )
         store.claim(refuse_foreign_files=False)
         build = build.with_layout(self._resume_layout(store, build))
+        if fresh:
+            build = build.replacing(_current_manifest(store))
 
         def recheck():
             # Another job may have finished a cache while this one waited for the lock.
@@ -1338,6 +1340,13 @@ class TeacherLogitCache:
                 attach, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
             )
         return out.apply(tf.data.experimental.assert_cardinality(n))
+
+
+def _current_manifest(store):
+    try:
+        return store.read_manifest(_validate_extra)
+    except (CacheCorruptedError, CacheMismatchError):
+        return None
 
 
 class _ProbeMismatch(CacheMismatchError):

@@ -496,3 +496,42 @@ def test_damaged_feature_cache_is_named_and_repaired(K, tmp_path, damage):
     feats = np.concatenate([f.numpy() for (x, f), _ in repaired.batch(40)])
     np.testing.assert_allclose(feats, feature_of(K, t).predict(images, verbose=0), rtol=2e-3, atol=2e-3)
     assert not [n for n in os.listdir(directory) if ".tmp-" in n]
+
+
+def test_a_rebuild_after_a_probe_mismatch_never_rewrites_the_files_a_reader_streams(K, tmp_path, monkeypatch):
+    """Same fingerprint, same layout: the rebuild still writes new names (a new generation)."""
+    teacher = teacher_model(K, 0)
+    old_reader = raw().apply(cache_teacher_logits(teacher, tmp_path, batch_size=64, in_memory=False, verbose=0))
+    old_files = {f["name"] for f in read_manifest(tmp_path)["files"]}
+    other = teacher_model(K, 5)
+    # The teacher's function changed in a way the fingerprint cannot see:
+    # the probe on opening is what notices it.
+    monkeypatch.setattr(cache_lib, "_fingerprint_diff", lambda old, new, n: [])
+    with pytest.raises(CacheMismatchError, match="computes something else"):
+        raw().apply(cache_teacher_logits(other, tmp_path, batch_size=64, verbose=0))
+    rebuilt = raw().apply(cache_teacher_logits(other, tmp_path, batch_size=64, on_mismatch="rebuild", verbose=0))
+    expect_own_logits(rebuilt, other)
+    assert not old_files & {f["name"] for f in read_manifest(tmp_path)["files"]}
+    expect_own_logits(old_reader, teacher)  # the live reader: still its own teacher's, unmixed
+
+
+@pytest.mark.parametrize("directory", [None, "f"])
+def test_feature_cache_refuses_inputs_of_unknown_or_varying_shape(K, tmp_path, directory):
+    from tests.test_alignment import net
+
+    aligned = keras_kd.align(net(K, (4, 4, 8), "s"), net(K, (4, 4, 16), "t", frozen=True), [("feat", "feat")])
+    x = RNG.normal(size=(6, 8, 8, 1)).astype("float32")
+    loose = tf.data.Dataset.from_generator(
+        lambda: ((x[i], i % 3) for i in range(6)),
+        output_signature=(tf.TensorSpec((None, None, 1), tf.float32), tf.TensorSpec((), tf.int64)),
+    )
+    target = None if directory is None else str(tmp_path / directory)
+    with pytest.raises(ValueError, match=r"one known, fixed shape per example.*tf.ensure_shape"):
+        loose.apply(aligned.cache_features(target))
+    assert directory is None or not os.path.exists(target)  # refused before anything is written
+    # Declaring the shape is the fix, and the rows are the extractor's own.
+    fixed = loose.map(lambda x, y: (tf.ensure_shape(x, [8, 8, 1]), y))
+    ((inputs, t),) = list(fixed.apply(aligned.cache_features(target)).batch(6))
+    want = aligned.feature_extractor.predict(x, verbose=0)
+    np.testing.assert_allclose(t.logits.numpy(), want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(inputs[-1].numpy().astype("float32"), want[1], rtol=2e-3, atol=2e-3)
