@@ -79,11 +79,7 @@ class _Converter:
         custom = self.custom_objects.get(name, self.custom_objects.get(type(layer)))
         try:
             if custom is not None:
-                if isinstance(custom, type):
-                    config = layer.get_config()
-                    _, config = _compat.translate_layer_config(name, config, self.target, klass=custom)
-                    return _compat.layer_from_config(custom, config)
-                return custom(layer)
+                return self._custom(layer, path, custom)
             if _is_tfmot_layer(layer, _TFMOT_PRUNE_WRAPPERS):
                 self._problem(
                     path,
@@ -127,6 +123,31 @@ class _Converter:
             reason = f"{target_name}.layers.{name}.from_config failed: {type(e).__name__}: {e}"
             self._problem(path, layer, reason)
         return None
+
+    def _custom(self, layer, path, custom):
+        """The replacement ``custom_objects`` gives: a target layer class or ``fn(layer)``."""
+        name = type(layer).__name__
+        target_name = self.keras.__name__
+        expected = f"a {target_name} layer class or a function `fn(layer) -> {target_name} layer`"
+        if isinstance(custom, type):
+            if not issubclass(custom, self.keras.layers.Layer):
+                self._problem(path, layer, f"`custom_objects[{name!r}]` is {custom.__module__}.{custom.__qualname__}, not {expected}")
+                return None
+            config = layer.get_config()
+            _, config = _compat.translate_layer_config(name, config, self.target, klass=custom)
+            return _compat.layer_from_config(custom, config)
+        if not callable(custom):
+            self._problem(path, layer, f"`custom_objects[{name!r}]` is {custom!r}, not {expected}")
+            return None
+        new = custom(layer)
+        if not isinstance(new, self.keras.layers.Layer):
+            self._problem(
+                path, layer,
+                f"`custom_objects[{name!r}]` returned {new!r} of type {type(new).__name__}, "
+                f"not a {target_name} layer",
+            )
+            return None
+        return new
 
     def _lambda(self, layer):
         # The same Python function: it runs on TensorFlow tensors in both flavours.
@@ -332,9 +353,15 @@ def _convert(model, target, custom_objects, argument):
     if converter.problems:
         direction = "tf_keras" if target == _compat.TF_KERAS else "Keras 3"
         listing = "\n".join(f"  - {p}" for p in converter.problems)
+        used = {type(layer).__name__ for _, layer in _walk_layers(model)} | {
+            type(layer) for _, layer in _walk_layers(model)
+        }
+        unused = [k if isinstance(k, str) else f"{k.__module__}.{k.__qualname__}"
+                  for k in converter.custom_objects if k not in used]
+        note = f"\n`custom_objects` keys that match no layer class of the model: {unused}" if unused else ""
         raise ValueError(
             f"Cannot convert `{argument}` ({model.name!r}) to {direction}: "
-            f"{len(converter.problems)} layer(s) or op(s) cannot be converted:\n{listing}"
+            f"{len(converter.problems)} layer(s) or op(s) cannot be converted:\n{listing}{note}"
         )
     return new
 
@@ -454,7 +481,8 @@ def to_keras3(model, *, custom_objects: Optional[dict] = None):
     _compat.check_model(model, "model")
     if _compat.flavour_of(model) != _compat.TF_KERAS:
         raise TypeError(
-            f"Expected `model` to be a tf_keras model. Received a Keras 3 model ({model.name!r})."
+            f"Expected `model` to be a tf_keras model. Received a Keras 3 model ({model.name!r}), "
+            "which needs no conversion: use it as it is (`to_tf_keras` goes the other way)."
         )
     return _convert(model, _compat.KERAS3, custom_objects, "model")
 

@@ -330,3 +330,44 @@ def test_masking_and_spectral_normalization_errors():
     model = keras.Model(inp, keras.layers.SpectralNormalization(keras.layers.Dense(3), name="sn")(inp))
     with pytest.raises(ValueError, match=r"sn \(SpectralNormalization\): the bridge does not rebuild"):
         optimize.to_tf_keras(model)
+
+
+# ---------------------------------------------------------------------------
+# custom_objects given wrongly, and a model already in the target flavour
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["to_tf_keras", "to_keras3"])
+def test_bad_custom_objects_name_the_entry_and_what_is_expected(direction):
+    source, target = (keras, tf_keras) if direction == "to_tf_keras" else (tf_keras, keras)
+    convert = getattr(optimize, direction)
+
+    class Doubler(source.layers.Layer):
+        def call(self, x):
+            return x * 2.0
+
+    model = source.Sequential([source.Input((4,)), Doubler(name="twice")])
+    target_name = target.__name__
+    with pytest.raises(ValueError, match=rf"twice \(Doubler\): `custom_objects\['Doubler'\]` is 3, not a {target_name} layer class"):
+        convert(model, custom_objects={"Doubler": 3})
+    with pytest.raises(ValueError, match=rf"is {source.layers.Layer.__module__}\.Layer, not a {target_name} layer class"):
+        convert(model, custom_objects={"Doubler": source.layers.Layer})  # the source flavour's class
+    with pytest.raises(ValueError, match=rf"returned .* of type Identity, not a {target_name} layer"):
+        convert(model, custom_objects={"Doubler": lambda layer: source.layers.Identity()})
+    with pytest.raises(ValueError, match=r"keys that match no layer class of the model: \['Doublr'\]"):
+        convert(model, custom_objects={"Doublr": target.layers.Layer})  # a typo
+
+    class TargetDoubler(target.layers.Layer):
+        def call(self, x):
+            return x * 2.0
+
+    converted = convert(model, custom_objects={"Doubler": lambda layer: TargetDoubler(name=layer.name)})
+    x = RNG.normal(size=(3, 4)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(converted(x)), 2.0 * x)  # the hand value
+
+
+def test_a_model_already_in_the_target_flavour_says_so():
+    with pytest.raises(TypeError, match=r"Received a Keras 3 model .* needs no conversion"):
+        optimize.to_keras3(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
+    with pytest.raises(TypeError, match=r"Received a tf_keras model .* which tfmot takes as it is"):
+        optimize.to_tf_keras(tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(2)]))
