@@ -727,7 +727,20 @@ class DistillationLoss(_compat.loss_base()):
             dense = targets_lib.dense_teacher_logits(targets, num_classes, self.topk_fill)
             nan_rows = _nan_rows(tf.cast(raw, tf.float32))
             if targets.topk_logsumexp is not None and self.topk_fill == "uniform":
-                nan_rows = nan_rows + tf.cast(targets.topk_logsumexp, tf.float32) * 0.0
+                lse = tf.cast(targets.topk_logsumexp, tf.float32)
+                lse_k = tf.reduce_logsumexp(tf.cast(raw, tf.float32), axis=-1)
+                # log-sum-exp over all classes is at least that over the top k, up to the
+                # rounding of float16-stored values (relative 2^-11, 4x margin); rows with
+                # NaN/Inf values are left to the NaN check, which names them.
+                inconsistent = tf.equal(nan_rows, 0.0) & (lse < lse_k - 2e-3 * (1.0 + tf.abs(lse_k)))
+                nan_rows = nan_where_invalid(
+                    nan_rows + lse * 0.0,
+                    tf.logical_not(inconsistent),
+                    "keras_kd: top-k targets have `topk_logsumexp` smaller than the log-sum-exp of their own "
+                    "top-k logits, which is impossible for the log-sum-exp of all the teacher's logits (was it "
+                    "computed from other logits, e.g. divided by a temperature, or from probabilities?). "
+                    "Store tf.reduce_logsumexp(teacher_logits, -1) of the raw logits.",
+                )
         return dense, nan_rows
 
     def distillation_term(self, teacher_logits, student_logits):

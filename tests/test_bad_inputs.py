@@ -95,6 +95,47 @@ def test_non_finite_topk_targets(K, jit):
     _assert_refused(_fit(K, mlp(K), ds, jit), jit, "NaN or Inf")
 
 
+@JIT
+def test_topk_logsumexp_below_its_own_topk_is_refused(K, jit):
+    """An lse below logsumexp of the top-k values themselves (from other logits, e.g. a stale
+    cache): the uniform fill used to clamp it and silently treat the top k as all the mass."""
+    x, y = _data()
+    t = np.random.default_rng(3).normal(size=(32, 4)).astype("float32") * 3
+    idx = np.argsort(-t, -1)[:, :2].astype("int32")
+    vals = np.take_along_axis(t, idx, -1)
+    wrong_lse = (np.log(np.exp(vals.astype("float64")).sum(-1)) - 0.5).astype("float32")
+    targets = TeacherTargets(labels=y, topk_indices=idx, topk_values=vals, topk_logsumexp=wrong_lse)
+    ds = tf.data.Dataset.from_tensor_slices((x, targets)).batch(16)
+    _assert_refused(_fit(K, mlp(K), ds, jit), jit, "topk_logsumexp")
+
+
+def test_topk_logsumexp_of_the_raw_logits_is_accepted():
+    """Exact log-sum-exp, including k = C (lse equals the top-k's own up to rounding)."""
+    t = np.random.default_rng(4).normal(size=(8, 5)).astype("float32") * 5
+    s = np.random.default_rng(5).normal(size=(8, 5)).astype("float32")
+    y = np.arange(8) % 5
+    lse = np.log(np.exp(t.astype("float64")).sum(-1)).astype("float32")
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.2)
+    for k in (3, 5):
+        idx = np.argsort(-t, -1)[:, :k].astype("int32")
+        targets = TeacherTargets(labels=y, topk_indices=idx, topk_values=np.take_along_axis(t, idx, -1),
+                                 topk_logsumexp=lse)
+        got = float(loss(targets, s))
+        assert np.isfinite(got)
+        if k == 5:
+            np.testing.assert_allclose(got, ref.distillation_loss(y, s, t, 2.0, 0.2), rtol=1e-5)
+    # A confident teacher whose top-k values were stored in float16 (as the cache does by
+    # default): rounding puts their log-sum-exp up to ~0.05 above the exact float32 one.
+    confident = t.copy()
+    confident[:, 0] = 100.37
+    lse = np.log(np.exp(confident.astype("float64") - 100.37).sum(-1)) + 100.37
+    idx = np.argsort(-confident, -1)[:, :1].astype("int32")
+    values = np.take_along_axis(confident, idx, -1).astype("float16")
+    assert np.all(np.log(np.exp(values.astype("float64") - 100.37).sum(-1)) + 100.37 > lse)  # rounded up
+    targets = TeacherTargets(labels=y, topk_indices=idx, topk_values=values, topk_logsumexp=lse.astype("float32"))
+    assert np.isfinite(float(loss(targets, s)))
+
+
 # --- labels out of range ---------------------------------------------------------
 
 
