@@ -414,7 +414,10 @@ class _AnyKerasTuner:
             for the size; also ``"val_teacher_agreement"``, max). They are
             measured on the weights of the execution's best epoch for the
             objective (the epoch whose weights keras-tuner saves; the last
-            epoch when the objective is one of these TFLite figures).
+            epoch when the objective is one of these TFLite figures; then,
+            with ``executions_per_trial > 1``, the checkpoint is the
+            execution with the best figure). As keras-tuner does for every
+            metric, a trial's figures are the mean over its executions.
         size_penalty: accuracy points per MiB for ``"size_accuracy"``.
 
     Like keras-tuner's own tuners, each trial starts with
@@ -452,6 +455,7 @@ class _AnyKerasTuner:
 
     def _build_and_fit_model(self, trial, *args, **kwargs):
         hp = trial.hyperparameters
+        saver = next((c for c in kwargs.get("callbacks", []) if isinstance(c, tuner_utils.SaveBestEpoch)), None)
         model = self._try_build(hp)
         tf_keras_model = _compat.flavour_of(model) == _compat.TF_KERAS
         if tf_keras_model:
@@ -467,12 +471,28 @@ class _AnyKerasTuner:
             if best_weights.weights is not None:
                 model.set_weights(best_weights.weights)  # the epoch SaveBestEpoch saved
             results = self._add_tflite_objectives(model, results)
+            self._keep_best_execution(model, results, saver)
         if hasattr(model, "get_build_config"):
             from keras_tuner.src import utils
 
             utils.save_json(self._get_build_config_fname(trial.trial_id), model.get_build_config())
         tuner_utils.validate_trial_results(results, self.oracle.objective, "HyperModel.fit()")
         return results
+
+    def _keep_best_execution(self, model, results, saver):
+        """With a TFLite objective, which no epoch logs, the trial's checkpoint
+        holds the weights of its best execution (by that objective), not of
+        the last one to run."""
+        names = [o.name for o in getattr(self.oracle.objective, "objectives", [self.oracle.objective])]
+        if saver is None or not set(names) & {TFLITE_INT8_ACCURACY, TFLITE_SIZE_KIB, SIZE_ACCURACY}:
+            return
+        value = self.oracle.objective.get_value(results)
+        best = getattr(saver, "_keras_kd_best_execution", None)
+        if best is None or self.oracle.objective.better_than(value, best[0]):
+            saver._keras_kd_best_execution = (value, model.get_weights())
+        else:
+            model.set_weights(best[1])
+        model.save_weights(saver.filepath)
 
     def _add_tflite_objectives(self, model, results):
         from keras_kd import optimize

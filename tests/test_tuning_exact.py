@@ -100,6 +100,24 @@ def test_tflite_objectives_are_measured_on_the_saved_weights(K, tmp_path):
     assert expected > max(logs["val_accuracy"] for logs in record.logs[-1:]) + 0.1  # not the spoiled epoch
 
 
+def test_tflite_objective_keeps_the_best_execution(K, tmp_path):
+    train, raw = _data()
+    record = _record(spoil_executions=(2,))  # the second (last) execution ends as the constant-0 model
+    tuner = tuning.RandomSearch(
+        _hypermodel(K), objective="tflite_int8_accuracy", max_trials=1, executions_per_trial=2,
+        tflite_data=raw, directory=str(tmp_path), project_name="p",
+    )
+    tuner.search(train, validation_data=train, epochs=2, verbose=0, callbacks=[record()])
+    labels = np.concatenate([y for _, y in raw.as_numpy_iterator()])
+    spoiled = float(np.mean(labels == 0))  # all logits equal: argmax says class 0 for every example
+    trial = tuner.oracle.get_best_trials(1)[0]
+    good = 2 * trial.score - spoiled  # the score is the mean of the two executions' figures
+    assert good > spoiled + 0.1
+    best = tuner.get_best_models(1)[0]
+    measured = optimize.evaluate_tflite(optimize.to_tflite(best, representative_data=raw), raw)
+    assert measured == pytest.approx(good, abs=1e-6)  # the good execution was kept, not the last
+
+
 @pytest.mark.parametrize(
     "objective, direction",
     [("tflite_int8_accuracy", "max"), ("size_accuracy", "max"), ("tflite_size_kib", "min"),
