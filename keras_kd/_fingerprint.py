@@ -21,7 +21,7 @@ def weights_digest(model) -> str:
 
 
 def _canonical_names(config):
-    """The config with layer names replaced by their order of appearance.
+    """The config with layer names replaced by their order of appearance, without `trainable` flags.
 
     Auto-generated names (``dense_7``) depend on how many models the process
     made before; what the model computes does not.
@@ -41,7 +41,10 @@ def _canonical_names(config):
 
     def rename(obj):
         if isinstance(obj, dict):
-            return {k: rename(v) for k, v in obj.items()}
+            # `trainable` does not change what a teacher computes in inference
+            # mode (the cache always calls it with training=False): freezing
+            # the teacher after caching must not invalidate the cache.
+            return {k: rename(v) for k, v in obj.items() if not (k == "trainable" and isinstance(v, bool))}
         if isinstance(obj, (list, tuple)):
             return [rename(v) for v in obj]
         if isinstance(obj, str):

@@ -276,8 +276,8 @@ def _check_dataset(dataset, teacher):
     spec = dataset.element_spec
     if not isinstance(spec, tuple) or len(spec) not in (2, 3):
         raise ValueError(
-            "Expected a dataset of unbatched `(x, y)` or `(x, y, sample_weight)` elements. "
-            f"Received element_spec={spec}."
+            "Expected a dataset of unbatched `(x, y)` or `(x, y, sample_weight)` elements, or of `x` "
+            f"alone (unlabelled data). Received element_spec={spec}."
         )
     if isinstance(spec[1], targets_lib.TeacherTargets.Spec):
         raise ValueError(
@@ -309,6 +309,16 @@ def _check_dataset(dataset, teacher):
                 "dataset and batch afterwards: raw.apply(cache).shuffle(n).batch(b)."
             )
     return cardinality if cardinality >= 0 else None
+
+
+def _with_labels(dataset):
+    """``(dataset of (x, y[, w]), labelled)``: a dataset of ``x`` alone (or ``(x,)``) gets placeholder labels."""
+    spec = getattr(dataset, "element_spec", None)
+    if not isinstance(dataset, tf.data.Dataset) or (isinstance(spec, tuple) and len(spec) != 1):
+        return dataset, True  # `_check_dataset` judges it
+    if isinstance(spec, tuple) and isinstance(spec[0], tuple) and len(spec[0]) in (2, 3):
+        return dataset, True  # ((x, y),): refused there, not guessed
+    return dataset.map(lambda x: (x, tf.constant(0, tf.int32))), False
 
 
 def _random_ops(dataset) -> list:
@@ -416,7 +426,13 @@ def cache_teacher_logits(
     Each element ``(x, y[, sample_weight])`` becomes
     ``(x, TeacherTargets(labels=y, logits=..., example_id=i)[, sample_weight])``,
     where ``i`` is the element's position in the dataset as given to the
-    transform (``int64``). Pairing is by that position, so ``shuffle``,
+    transform (``int64``). A dataset of ``x`` alone (unlabelled data, as for
+    `keras_kd.add_example_ids`) becomes
+    ``(x, TeacherTargets(labels=0, has_labels=False, logits=..., example_id=i))``:
+    the loss then has no hard-label term. Labels are not part of the
+    fingerprint: a cache is reused when only the labels change (the teacher
+    never sees them), and every element carries its own current labels.
+    Pairing is by that position, so ``shuffle``,
     ``batch``, ``repeat`` and augmentation applied **after** the transform
     keep every example with its own teacher logits. The dataset given to the
     transform must yield the same elements in the same order on every pass:
@@ -781,11 +797,17 @@ class TeacherLogitCache:
             See `cache_teacher_logits`; with several workers, `TimeoutError`
             when the other parts do not appear within ``wait_timeout``.
         """
+        dataset, labelled = _with_labels(dataset)
         manifest = self._ensure(dataset, wait=True)
         blocks = self.__dict__.pop("_opened_blocks", None)
         if blocks is None:
             blocks = self._blocks(_store(self.directory), manifest)
-        return self._reader(dataset, manifest, blocks)
+        out = self._reader(dataset, manifest, blocks)
+        if labelled:
+            return out
+        # Unlabelled data, as `keras_kd.add_example_ids` marks it: no hard-label term.
+        out = out.map(lambda x, targets: (x, targets.replace(has_labels=False)))
+        return out.apply(tf.data.experimental.assert_cardinality(int(manifest["num_examples"])))
 
     def build(self, dataset: tf.data.Dataset) -> dict:
         """Writes this worker's part of the cache (all of it without sharding).
@@ -801,7 +823,7 @@ class TeacherLogitCache:
             The manifest (a dict) when the cache is complete, else this
             part's journal (``"complete": True`` once the part is written).
         """
-        return self._ensure(dataset, wait=False)
+        return self._ensure(_with_labels(dataset)[0], wait=False)
 
     def check_student(self, student):
         """Checks that ``student`` outputs as many classes as the cached teacher.
@@ -962,6 +984,16 @@ class TeacherLogitCache:
         elif _fingerprint.sample_digest(dataset, _SAMPLE_SIZE) != _fingerprint.sample_digest(
             dataset, _SAMPLE_SIZE
         ):
+            reshuffles = [s for s in suspicious if "shuffle" in s or "Dataset.random" in s]
+            if reshuffles:
+                # Another order on every pass: every element would get another example's logits.
+                raise ValueError(
+                    "The dataset given to `cache_teacher_logits` reshuffles on every pass (it contains "
+                    f"{', '.join(reshuffles)} and yields its elements in another order each time it is "
+                    "read), so the cached logits would belong to other examples. Shuffle after the "
+                    "transform: raw.apply(cache).shuffle(n), or pass reshuffle_each_iteration=False "
+                    "or a fixed seed before it."
+                )
             _warn(
                 "The dataset given to `cache_teacher_logits` yields different elements each time it "
                 "is iterated (random augmentation or reshuffling before the transform?). The cache "

@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 from sklearn.datasets import load_digits
 
+import keras_kd
 from keras_kd import _compat
 from keras_kd import _storage
 from keras_kd import cache as cache_lib
@@ -461,7 +462,12 @@ def test_random_pipeline_before_the_transform_warns(case, tmp_path):
     ds = raw_dataset(np.arange(32, dtype="float32").reshape(8, 4), np.zeros(8, "int32"))
     make, op = RANDOM_BEFORE[case]
     with pytest.warns(UserWarning, match=f"looks random before the transform.*{op}") as record:
-        make(ds).apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
+        if case == "reshuffle":
+            # A new order on every pass is certainly wrong pairing: refused, not only warned about.
+            with pytest.raises(ValueError, match=r"reshuffles on every pass.*Shuffle after the transform"):
+                make(ds).apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
+        else:
+            make(ds).apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
     assert record[0].filename == __file__  # points at the user's line
 
 
@@ -773,3 +779,39 @@ def test_student_trains_from_the_cache(flavour, digits, tmp_path):
     # follows it to ~0.91 (measured), far above chance (0.1). The accuracy
     # metric measures the hard labels inside the targets.
     assert history.history["accuracy"][-1] > 0.85, history.history["accuracy"]
+
+
+@pytest.mark.parametrize("wrap", ["x", "(x,)", "dict"])
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_unlabelled_data_is_cached_and_marked_without_labels(K, tmp_path, wrap, in_memory):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(150, 8)).astype("float32")
+    K.utils.set_random_seed(0)
+    if wrap == "dict":
+        inp = K.Input((8,), name="feat")
+        teacher = K.Model({"feat": inp}, K.layers.Dense(4)(K.layers.Dense(16, activation="relu")(inp)))
+        ds, want = tf.data.Dataset.from_tensor_slices({"feat": x}), teacher.predict({"feat": x}, verbose=0)
+    else:
+        teacher = K.Sequential([K.Input((8,)), K.layers.Dense(16, activation="relu"), K.layers.Dense(4)])
+        ds = tf.data.Dataset.from_tensor_slices(x if wrap == "x" else (x,))
+        want = teacher.predict(x, verbose=0)
+    out = ds.apply(cache_teacher_logits(teacher, tmp_path, batch_size=32, in_memory=in_memory, verbose=0))
+    assert out.cardinality() == 150
+    seen = []
+    for xb, t in out.shuffle(150, seed=1).batch(40):
+        assert not t.has_labels
+        ids = t.example_id.numpy()
+        xb = xb["feat"] if wrap == "dict" else xb
+        np.testing.assert_array_equal(xb.numpy(), x[ids])  # every element with its own logits
+        np.testing.assert_allclose(t.logits.numpy().astype("float32"), want[ids], rtol=2e-3, atol=2e-3)
+        seen.extend(ids)
+    assert sorted(seen) == list(range(150))
+    # Pure distillation: the loss is T^2 * KL(softmax(t/T) || softmax(s/T)), no hard term.
+    student_logits = rng.normal(size=(150, 4)).astype("float32")
+    ((_, t),) = list(out.batch(150))
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.5, reduction=None)(t, student_logits)
+    teacher_logits = t.logits.numpy().astype("float64")
+    p = np.exp(teacher_logits / 2) / np.exp(teacher_logits / 2).sum(-1, keepdims=True)
+    log_q = student_logits / 2 - np.log(np.exp(student_logits / 2).sum(-1, keepdims=True))
+    kl = (p * (np.log(p) - log_q)).sum(-1)
+    np.testing.assert_allclose(np.asarray(loss), 0.5 * 4.0 * kl, rtol=1e-4, atol=1e-6)

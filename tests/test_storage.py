@@ -535,3 +535,22 @@ def test_feature_cache_refuses_inputs_of_unknown_or_varying_shape(K, tmp_path, d
     want = aligned.feature_extractor.predict(x, verbose=0)
     np.testing.assert_allclose(t.logits.numpy(), want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(inputs[-1].numpy().astype("float32"), want[1], rtol=2e-3, atol=2e-3)
+
+
+def test_freezing_the_teacher_or_changing_only_labels_reuses_the_cache(K, tmp_path):
+    """`trainable` does not change inference outputs; labels are never seen by the teacher."""
+    teacher = teacher_model(K, 0)
+    raw().apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
+    before = snapshot(tmp_path)
+    teacher.trainable = False  # the usual step before distillation
+    teacher.layers[0].trainable = False
+    expect_own_logits(raw().apply(cache_teacher_logits(teacher, tmp_path, verbose=0)), teacher)
+    other_labels = (Y + 1) % 4
+    ds = raw(y=other_labels).apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
+    expect_own_logits(ds, teacher)
+    ((_, t),) = list(ds.batch(1000))
+    np.testing.assert_array_equal(t.labels.numpy(), other_labels)  # each element's own current labels
+    assert snapshot(tmp_path) == before  # reused, not rebuilt
+    # A real architecture change is still refused.
+    with pytest.raises(CacheMismatchError, match="architecture or configuration changed"):
+        raw().apply(cache_teacher_logits(teacher_model(K, 0, activation="tanh"), tmp_path, verbose=0))
