@@ -480,9 +480,10 @@ def cache_teacher_logits(
     entry, repaired by ``on_mismatch="rebuild"``); one writer per part at a
     time (``fcntl.flock``); a build writes fresh names and switches the
     manifest atomically after verifying every file, so a reader never sees a
-    mix of two builds (a streaming reader whose files a rebuild by another
-    job replaced fails at its next epoch with a "not found" error instead
-    of reading another teacher's logits).
+    mix of two builds (a streaming reader holds a shared ``flock`` on its
+    build's lock file while its pipeline lives, and a rebuild by another job
+    keeps that build's files until then; a rebuild never rewrites the names
+    of the build it replaces).
 
     Crash safety: every file is written to a temporary name, fsynced and
     renamed; the manifest is written last. A build killed at any point leaves
@@ -509,7 +510,9 @@ def cache_teacher_logits(
     (``batch`` -> one function call per block -> ``unbatch``), with no
     per-example function call. Elements of varying shape (e.g. token
     sequences) work too: the teacher then sees each example alone, unpadded,
-    and the output pairs elements one by one, which is slower.
+    and the output pairs elements one by one, which is slower. Batch such
+    output with ``.ragged_batch(b)`` or pad each element, then ``.batch(b)``
+    (``padded_batch`` does not accept `TeacherTargets`).
 
     Class count: `TeacherLogitCache.num_classes` and the manifest's
     ``num_classes`` give the teacher's class count;
@@ -560,8 +563,8 @@ def cache_teacher_logits(
 
     Raises:
         ValueError: for invalid arguments (at construction); when applied, for
-            an infinite, empty or batched dataset, labels that are not one
-            tensor, teacher outputs with NaN/Inf or out of float16 range, or
+            an infinite, empty or batched dataset, a dataset reshuffled before
+            the transform, labels that are not one tensor, teacher outputs with NaN/Inf or out of float16 range, or
             an ``augment`` that is not deterministic given its seed.
         CacheMismatchError: when the cache was built for another teacher,
             dataset or settings and ``on_mismatch="error"``.
