@@ -985,6 +985,15 @@ def _representative(data, model, limit):
                 "Expected `representative_data` elements whose x is one tensor. "
                 f"Received element_spec={data.element_spec}."
             )
+        expected = [None if d is None else int(d) for d in inputs[0].shape[1:]]
+        dims = spec.shape.as_list()[1:] if spec.shape.rank == rank else spec.shape.as_list()
+        if spec.shape.rank not in (rank, rank - 1) or any(
+            e is not None and d is not None and e != d for e, d in zip(expected, dims)
+        ):
+            raise ValueError(
+                f"The model takes inputs of shape {[None] + expected}; `representative_data`'s x has "
+                f"shape {spec.shape} (batched or not). Pass the model's training inputs."
+            )
         ds = data.map(lambda *e: _numpy_x(e) if len(e) > 1 else e[0])
         if spec.shape.rank == rank:
             ds = ds.unbatch()
@@ -1152,12 +1161,21 @@ def to_tflite(
 def _interpreter(tflite, num_threads):
     from ai_edge_litert.interpreter import Interpreter
 
+    def load(**source):
+        try:
+            return Interpreter(**source, num_threads=num_threads)
+        except ValueError as error:
+            raise ValueError(
+                f"`tflite` is not a TFLite model ({error}). Pass the bytes `keras_kd.optimize."
+                "to_tflite` returns, or the path of the `.tflite` file it wrote."
+            ) from None
+
     if isinstance(tflite, (bytes, bytearray)):
-        return Interpreter(model_content=bytes(tflite), num_threads=num_threads)
+        return load(model_content=bytes(tflite))
     if isinstance(tflite, (str, os.PathLike)):
         if not os.path.exists(os.fspath(tflite)):
             raise FileNotFoundError(f"No TFLite file at {os.fspath(tflite)!r}.")
-        return Interpreter(model_path=os.fspath(tflite), num_threads=num_threads)
+        return load(model_path=os.fspath(tflite))
     raise TypeError(
         "Expected `tflite` to be the bytes of a TFLite model or a path to a .tflite file. "
         f"Received: {type(tflite).__name__}."

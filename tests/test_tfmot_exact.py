@@ -260,6 +260,10 @@ def test_evaluate_tflite_refuses_labels_that_do_not_fit_the_output():
     # representative_data given wrongly: the shapes are named.
     with pytest.raises(ValueError, match=r"inputs of shape \[None, 6\]; `representative_data` has shape \[20, 5\]"):
         optimize.to_tflite(model, x[:, :5])
+    with pytest.raises(ValueError, match=r"inputs of shape \[None, 6\]; `representative_data`'s x has shape \(5,\)"):
+        optimize.to_tflite(model, tf.data.Dataset.from_tensor_slices(x[:, :5]))
+    with pytest.raises(ValueError, match=r"`tflite` is not a TFLite model .*Pass the bytes"):
+        optimize.evaluate_tflite(b"not a flatbuffer", (x, y))
     # Soft labels (label smoothing) are read by their argmax, like one-hot.
     logits = _hand_litert_predictions(flatbuffer, x)
     soft = np.eye(3)[y] * 0.9 + 0.1 / 3
