@@ -708,6 +708,7 @@ class DistillationLoss(_compat.loss_base()):
         raw = targets.logits if targets.logits is not None else targets.topk_values
         if raw is None:
             return None
+        _check_teacher_positions(raw.shape, student_logits.shape)
         if targets.logits is not None:
             t_classes = raw.shape[-1]
             if t_classes is not None and num_classes is not None and t_classes != num_classes:
@@ -880,6 +881,33 @@ class DistillationLoss(_compat.loss_base()):
         config["divergence"] = _compat.deserialize(config.get("divergence", "kl"))
         config["hard_loss"] = _compat.deserialize(config.get("hard_loss"))
         return cls(**config)
+
+
+def _check_teacher_positions(teacher_shape, student_shape):
+    """Teacher and student logits must agree on every axis but the last (the classes, or k).
+
+    TensorFlow would broadcast a teacher of shape ``(batch, classes)`` against a
+    sequence student ``(batch, time, classes)`` (or a size-1 axis against any
+    size) and silently compare the wrong positions, so this is checked while
+    tracing, wherever the shapes are known.
+
+    Raises:
+        ValueError: naming both shapes, for a different rank or a known
+            non-class axis that differs.
+    """
+    t_rank, s_rank = teacher_shape.rank, student_shape.rank
+    if t_rank is None or s_rank is None:
+        return
+    differs = t_rank != s_rank or any(
+        a is not None and b is not None and a != b for a, b in zip(teacher_shape[:-1], student_shape[:-1])
+    )
+    if differs:
+        raise ValueError(
+            f"Teacher logits have shape {teacher_shape} but the student's logits have shape {student_shape}: "
+            "they must agree on every axis but the last (batch, and time steps for sequence models), one "
+            "teacher row per student position. Give the teacher the same inputs and output positions as the "
+            "student (e.g. both per time step, or both per sequence)."
+        )
 
 
 def _broadcast_like(weights, values):

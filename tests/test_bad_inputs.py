@@ -322,3 +322,40 @@ def test_training_without_teacher_warns_at_each_traced_step(K, jit):
     assert len(warnings_of(lambda: _fit(K, student, plain, jit))) == 1
     assert warnings_of(lambda: student.fit(plain, epochs=1, verbose=0)) == []
     assert len(warnings_of(lambda: _fit(K, student, plain, jit))) == 1  # recompiled: traced again
+
+
+# --- teacher positions that TensorFlow would broadcast -------------------------------
+
+
+@pytest.mark.parametrize(
+    "teacher_shape, student_shape",
+    [((4, 5), (4, 4, 5)), ((1, 5), (4, 5)), ((4, 1, 5), (4, 3, 5)), ((4, 3, 5), (4, 5))],
+    ids=["per-sequence-teacher", "one-row-teacher", "one-step-teacher", "sequence-teacher"],
+)
+@pytest.mark.parametrize("form", ["dense", "topk"])
+def test_teacher_positions_must_match_the_students(teacher_shape, student_shape, form):
+    """A (4, 5) teacher against a (4, 4, 5) sequence student used to broadcast silently."""
+    t = np.random.default_rng(6).normal(size=teacher_shape).astype("float32")
+    s = np.random.default_rng(7).normal(size=student_shape).astype("float32")
+    labels = np.zeros(student_shape[:-1], "int64")
+    if form == "dense":
+        targets = TeacherTargets(labels=labels, logits=t)
+    else:
+        idx = np.argsort(-t, -1)[..., :2].astype("int32")
+        targets = TeacherTargets(labels=labels, topk_indices=idx, topk_values=np.take_along_axis(t, idx, -1),
+                                 topk_logsumexp=np.log(np.exp(t).sum(-1)))
+    with pytest.raises(ValueError, match=r"agree on every axis but the last"):
+        keras_kd.DistillationLoss()(targets, s)
+
+
+@JIT
+def test_per_sequence_teacher_for_a_sequence_student_in_fit(K, jit):
+    tokens = np.random.default_rng(8).integers(1, 9, (8, 8))
+    labels = np.random.default_rng(9).integers(0, 5, (8, 8))
+    inp = K.Input((8,), dtype="int32")
+    student = K.Model(inp, K.layers.Dense(5)(K.layers.Embedding(10, 4)(inp)))
+    teacher_logits = np.random.default_rng(10).normal(size=(8, 5)).astype("float32")  # one row per sequence
+    ds = tf.data.Dataset.from_tensor_slices((tokens, TeacherTargets(labels=labels, logits=teacher_logits))).batch(8)
+    student.compile("sgd", loss=keras_kd.DistillationLoss(), jit_compile=jit)
+    with pytest.raises(ValueError, match=r"agree on every axis but the last"):
+        student.fit(ds, epochs=1, verbose=0)
