@@ -80,6 +80,7 @@ case("top-k targets without log-sum-exp (`topk_fill='uniform'`)", lambda: keras_
 case("top-k targets whose `topk_logsumexp` is below their own top-k's", lambda: float(keras_kd.DistillationLoss()(TeacherTargets(labels=[0], topk_indices=[[0, 1]], topk_values=[[3.0, 2.0]], topk_logsumexp=[1.0]), np.zeros((1, 4), "float32"))))
 case("`hard_loss=keras.losses.SparseCategoricalCrossentropy()` (from_logits=False)", lambda: keras_kd.DistillationLoss(hard_loss=keras.losses.SparseCategoricalCrossentropy()))
 case("`divergence=keras_kd.reverse_kl` with `topk_fill='renormalize'`", lambda: keras_kd.DistillationLoss(divergence=keras_kd.reverse_kl, topk_fill="renormalize"))
+case("teacher logits per sequence `(batch, classes)`, student per time step `(batch, time, classes)`", lambda: keras_kd.DistillationLoss()(TeacherTargets(labels=np.zeros((4, 4), "int64"), logits=np.zeros((4, 5), "float32")), np.zeros((4, 4, 5), "float32")))
 d = tempfile.mkdtemp(prefix='kd-')
 c = keras_kd.cache_teacher_logits(t4, d + "/c", verbose=0); list(ds.apply(c))
 case("cache reused with another teacher", lambda: ds.apply(keras_kd.cache_teacher_logits(mlp(4), d + "/c", verbose=0)))

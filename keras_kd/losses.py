@@ -326,9 +326,11 @@ def _expects_probabilities(hard_loss):
 
 def _resolve_hard_loss(hard_loss):
     if _expects_probabilities(hard_loss):
+        name = hard_loss if isinstance(hard_loss, str) else getattr(hard_loss, "name", None)
+        name = name or getattr(getattr(hard_loss, "func", hard_loss), "__name__", type(hard_loss).__name__)
         warnings.warn(
-            f"hard_loss={hard_loss!r} is a cross-entropy on probabilities (from_logits=False), but "
-            "DistillationLoss gives it the student's logits, so the hard-label loss would be wrong. "
+            f"DistillationLoss gives `hard_loss` the student's logits, but hard_loss={name!r} is a "
+            "cross-entropy on probabilities (from_logits=False), so the hard-label loss would be wrong. "
             "Use hard_loss=None (cross-entropy from logits) or a loss with from_logits=True, e.g. "
             "keras.losses.SparseCategoricalCrossentropy(from_logits=True).",
             stacklevel=3,
