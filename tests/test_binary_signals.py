@@ -60,3 +60,24 @@ def test_sequence_binary_signals_average_time_steps():
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     got_e = callbacks.signal_teacher_entropy(labels, teacher, student, tf.zeros([4, 2])).numpy()
     np.testing.assert_allclose(got_e, ref.bernoulli_entropy(teacher[..., 0]).mean(-1), rtol=1e-5)
+
+
+def test_reweighting_a_binary_student_records_the_teachers_sign_errors(K):
+    """End to end: a one-logit student and teacher in ``fit``. The teacher is fixed, so the
+    smoothed teacher-wrong share of every example is exactly NumPy's
+    ``(teacher logit > 0) != label`` (with argmax over one logit it was always 0)."""
+    import keras_kd
+    from tests.conftest import mlp
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(48, 8)).astype("float32")
+    y = (rng.uniform(size=48) > 0.5).astype("uint8")
+    teacher, student = mlp(K, classes=1), mlp(K, classes=1)
+    rew = keras_kd.HardSampleReweighting(signal="teacher_wrong", num_examples=48, warmup_epochs=0)
+    student.compile(K.optimizers.SGD(0.01), loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.3))
+    ds = keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices((x, y))).batch(16)
+    student.fit(keras_kd.with_teacher(ds, teacher, placement="pipeline"), epochs=2, verbose=0, callbacks=[rew])
+    wrong = (teacher.predict(x, verbose=0)[:, 0] > 0).astype("int64") != y
+    assert rew.table.seen.all()
+    np.testing.assert_allclose(rew.table.teacher_wrong, wrong.astype("float64"), atol=1e-6)
+    assert 0 < wrong.sum() < 48  # both kinds present, so the check is not vacuous
