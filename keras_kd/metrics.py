@@ -85,7 +85,11 @@ def loss_components(loss):
         ``[kd_hard, kd_soft]``: per-example hard-label loss and distillation
         term (``T^2 * D``, before alpha), as metric functions. They call the
         loss's pure `DistillationLoss.components`: the loss's observers (e.g.
-        `keras_kd.HardSampleReweighting`) still run once per step.
+        `keras_kd.HardSampleReweighting`) still run once per step. On batches
+        without a teacher (e.g. a validation set without `with_teacher`)
+        there is no distillation term and ``kd_soft`` reports 0, so
+        ``val_kd_soft = 0`` there means "not measured", not "the student
+        equals the teacher"; ``kd_hard`` is then the whole loss.
 
     Example:
 
