@@ -131,7 +131,8 @@ class _Converter:
         expected = f"a {target_name} layer class or a function `fn(layer) -> {target_name} layer`"
         if isinstance(custom, type):
             if not issubclass(custom, self.keras.layers.Layer):
-                self._problem(path, layer, f"`custom_objects[{name!r}]` is {custom.__module__}.{custom.__qualname__}, not {expected}")
+                given = f"{custom.__module__}.{custom.__qualname__}"
+                self._problem(path, layer, f"`custom_objects[{name!r}]` is {given}, not {expected}")
                 return None
             config = layer.get_config()
             _, config = _compat.translate_layer_config(name, config, self.target, klass=custom)

@@ -107,8 +107,8 @@ def distillation_hyperparameters(
     divergence: Union[str, Sequence[str]] = "kl",
     learning_rate: Range = (1e-4, 1e-2),
     reweighting_signal: Union[None, str, Sequence[str]] = None,
-    reweighting_strength: Range = (0.5, 3.0),
-    reweighting_warmup_epochs: int = 1,
+    reweighting_strength: Range = None,
+    reweighting_warmup_epochs: Optional[int] = None,
     alignment_weight: Range = None,
 ) -> DistillationChoices:
     """Declares the distillation hyperparameters and returns keras_kd objects.
@@ -131,8 +131,9 @@ def distillation_hyperparameters(
             which a build function cannot do: search it with
             ``DistillationHyperModel(build_student, reweighting_signal=...)``
             (subclass it and call ``super().fit`` to customise ``fit``).
-        reweighting_strength: range of the reweighting strength.
-        reweighting_warmup_epochs: warm-up epochs of the reweighting.
+        reweighting_strength: refused here like ``reweighting_signal`` (pass
+            it to `DistillationHyperModel`); None.
+        reweighting_warmup_epochs: likewise; None.
         alignment_weight: ``None`` or the range of the feature-alignment weight
             (for `keras_kd.align`), >= 0.
 
@@ -157,17 +158,23 @@ def distillation_hyperparameters(
     ```
     """
     signals = reweighting_signal if isinstance(reweighting_signal, (list, tuple)) else [reweighting_signal]
-    if any(s not in (None, "none") for s in signals):
-        _choice(keras_tuner.HyperParameters(), "kd_reweighting", list(signals), set(SIGNALS) | {"none"},
-                "reweighting_signal")  # an unknown name first gets the unknown-name message
+    if any(s not in (None, "none") for s in signals) or reweighting_strength is not None or (
+        reweighting_warmup_epochs is not None
+    ):
+        named = [s for s in signals if s is not None] or ["none"]
+        # An unknown name first gets the unknown-name message.
+        allowed = set(SIGNALS) | {"none"}
+        _choice(keras_tuner.HyperParameters(), "kd_reweighting", named, allowed, "reweighting_signal")
         raise keras_tuner.errors.FatalValueError(
-            f"`distillation_hyperparameters` cannot apply reweighting_signal={reweighting_signal!r}: "
+            "`distillation_hyperparameters` cannot apply a reweighting (received "
+            f"reweighting_signal={reweighting_signal!r}, reweighting_strength={reweighting_strength!r}, "
+            f"reweighting_warmup_epochs={reweighting_warmup_epochs!r}): "
             "the reweighting is a `HardSampleReweighting` callback that must be given to `fit` and "
             "attached to its dataset, which a build function (or `HyperModel.build`) cannot do, so "
             "the choice would be silently ignored. Search it with "
             "`keras_kd.tuning.DistillationHyperModel(build_student, reweighting_signal=...)`, which "
             "compiles the student and applies the reweighting in `fit` (subclass it and call "
-            "`super().fit(hp, model, x, ...)` to customise `fit`); or drop `reweighting_signal`."
+            "`super().fit(hp, model, x, ...)` to customise `fit`); or drop the reweighting arguments."
         )
     return _distillation_choices(
         hp, temperature=temperature, alpha=alpha, divergence=divergence, learning_rate=learning_rate,
@@ -455,7 +462,8 @@ class _AnyKerasTuner:
 
     def _build_and_fit_model(self, trial, *args, **kwargs):
         hp = trial.hyperparameters
-        saver = next((c for c in kwargs.get("callbacks", []) if isinstance(c, tuner_utils.SaveBestEpoch)), None)
+        callbacks = kwargs.get("callbacks", [])
+        saver = next((c for c in callbacks if isinstance(c, tuner_utils.SaveBestEpoch)), None)
         model = self._try_build(hp)
         tf_keras_model = _compat.flavour_of(model) == _compat.TF_KERAS
         if tf_keras_model:

@@ -348,9 +348,11 @@ def test_bad_custom_objects_name_the_entry_and_what_is_expected(direction):
 
     model = source.Sequential([source.Input((4,)), Doubler(name="twice")])
     target_name = target.__name__
-    with pytest.raises(ValueError, match=rf"twice \(Doubler\): `custom_objects\['Doubler'\]` is 3, not a {target_name} layer class"):
+    pattern = rf"twice \(Doubler\): `custom_objects\['Doubler'\]` is 3, not a {target_name} layer class"
+    with pytest.raises(ValueError, match=pattern):
         convert(model, custom_objects={"Doubler": 3})
-    with pytest.raises(ValueError, match=rf"is {source.layers.Layer.__module__}\.Layer, not a {target_name} layer class"):
+    pattern = rf"is {source.layers.Layer.__module__}\.Layer, not a {target_name} layer class"
+    with pytest.raises(ValueError, match=pattern):
         convert(model, custom_objects={"Doubler": source.layers.Layer})  # the source flavour's class
     with pytest.raises(ValueError, match=rf"returned .* of type Identity, not a {target_name} layer"):
         convert(model, custom_objects={"Doubler": lambda layer: source.layers.Identity()})

@@ -251,16 +251,20 @@ def test_evaluate_tflite_refuses_labels_that_do_not_fit_the_output():
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
     flatbuffer = optimize.to_tflite(model, int8=False)
     y = RNG.integers(0, 3, size=20)
-    with pytest.raises(ValueError, match=r"labels of shape \(20, 4\) do not match the model's outputs of shape \(20, 3\)"):
+    pattern = r"labels of shape \(20, 4\) do not match the model's outputs of shape \(20, 3\)"
+    with pytest.raises(ValueError, match=pattern):
         optimize.evaluate_tflite(flatbuffer, (x, np.eye(4)[y]), batch_size=20)  # another model's one-hot
-    with pytest.raises(ValueError, match=r"Expected class ids in \[0, 2\] for a model with 3 outputs. Received labels in \[0, 5\]"):
+    pattern = r"Expected class ids in \[0, 2\] for a model with 3 outputs. Received labels in \[0, 5\]"
+    with pytest.raises(ValueError, match=pattern):
         optimize.evaluate_tflite(flatbuffer, (x, np.where(y == 2, 5, y)))
     with pytest.raises(ValueError, match="not whole numbers"):
         optimize.evaluate_tflite(flatbuffer, (x, y + 0.5))
     # representative_data given wrongly: the shapes are named.
-    with pytest.raises(ValueError, match=r"inputs of shape \[None, 6\]; `representative_data` has shape \[20, 5\]"):
+    pattern = r"inputs of shape \[None, 6\]; `representative_data` has shape \[20, 5\]"
+    with pytest.raises(ValueError, match=pattern):
         optimize.to_tflite(model, x[:, :5])
-    with pytest.raises(ValueError, match=r"inputs of shape \[None, 6\]; `representative_data`'s x has shape \(5,\)"):
+    pattern = r"inputs of shape \[None, 6\]; `representative_data`'s x has shape \(5,\)"
+    with pytest.raises(ValueError, match=pattern):
         optimize.to_tflite(model, tf.data.Dataset.from_tensor_slices(x[:, :5]))
     with pytest.raises(ValueError, match=r"`tflite` is not a TFLite model .*Pass the bytes"):
         optimize.evaluate_tflite(b"not a flatbuffer", (x, y))

@@ -143,13 +143,20 @@ def test_tflite_objective_requires_data(tmp_path):
 @pytest.mark.parametrize("signal", ["kl", ["none", "teacher_wrong"], ("wsld",)])
 def test_reweighting_in_distillation_hyperparameters_is_refused_at_the_call(signal):
     # A build function cannot give the callback to `fit`: refused at the call, whoever runs it.
-    with pytest.raises(keras_tuner.errors.FatalValueError, match=r"cannot apply reweighting_signal=.*DistillationHyperModel"):
+    pattern = r"cannot apply a reweighting \(received reweighting_signal=.*DistillationHyperModel"
+    with pytest.raises(keras_tuner.errors.FatalValueError, match=pattern):
         tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), reweighting_signal=signal)
+    for extra in ({"reweighting_strength": (0.5, 2.0)}, {"reweighting_warmup_epochs": 2}):
+        pattern = rf"{next(iter(extra))}=.*DistillationHyperModel"
+        with pytest.raises(keras_tuner.errors.FatalValueError, match=pattern):
+            tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), **extra)  # would be dropped
     with pytest.raises(ValueError, match=r"Unknown reweighting_signal 'loss'"):
-        tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), reweighting_signal=["none", "loss"])
+        tuning.distillation_hyperparameters(keras_tuner.HyperParameters(),
+                                            reweighting_signal=["none", "loss"])
     # No reweighting at all stays accepted.
     for off in (None, "none", ["none"]):
-        assert tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), reweighting_signal=off).reweighting is None
+        choices = tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), reweighting_signal=off)
+        assert choices.reweighting is None
 
 
 @pytest.mark.parametrize("tuner_class", [keras_tuner.RandomSearch, tuning.RandomSearch])
@@ -170,7 +177,8 @@ def test_reweighting_in_a_plain_build_function_fails_keras_tuners_own_search(tun
 
     # keras-tuner builds once when the tuner is created, then once per trial:
     # the Fatal error stops either (it is not counted as a failed trial).
-    with pytest.raises(keras_tuner.errors.FatalValueError, match=r"reweighting_signal=\['none', 'kl'\].*DistillationHyperModel"):
+    pattern = r"reweighting_signal=\['none', 'kl'\].*DistillationHyperModel"
+    with pytest.raises(keras_tuner.errors.FatalValueError, match=pattern):
         tuner = tuner_class(build, objective="val_loss", max_trials=2, directory=str(tmp_path))
         tuner.search(train, validation_data=train, epochs=1, verbose=0, callbacks=[Count()])
     assert fits == []  # nothing trained without the chosen reweighting
@@ -183,7 +191,8 @@ def test_distillation_hypermodel_applies_the_reweighting_under_keras_tuners_own_
     cache = keras_kd.cache_teacher_logits(teacher, str(tmp_path / "cache"), verbose=0)
     train = tf.data.Dataset.from_tensor_slices((x, y)).apply(cache).batch(16)
     hypermodel = tuning.DistillationHyperModel(
-        lambda hp: keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]), reweighting_signal="teacher_wrong",
+        lambda hp: keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]),
+        reweighting_signal="teacher_wrong",
         reweighting_num_examples=64,
     )
     seen = []
@@ -193,7 +202,8 @@ def test_distillation_hypermodel_applies_the_reweighting_under_keras_tuners_own_
             observers = getattr(self.model.loss, "_observers", [])
             seen.append([type(getattr(o, "__self__", o)).__name__ for o in observers])
 
-    tuner = keras_tuner.RandomSearch(hypermodel, objective="loss", max_trials=1, directory=str(tmp_path / "t"))
+    tuner = keras_tuner.RandomSearch(hypermodel, objective="loss", max_trials=1,
+                                     directory=str(tmp_path / "t"))
     tuner.search(train, epochs=1, verbose=0, callbacks=[Spy()])
     assert seen == [["HardSampleReweighting"]]  # the chosen reweighting took part in training
 
@@ -206,7 +216,8 @@ def test_distillation_hypermodel_reweighting_on_batched_data_names_the_argument(
     hypermodel = tuning.DistillationHyperModel(
         lambda hp: keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]), reweighting_signal="kl"
     )
-    tuner = keras_tuner.RandomSearch(hypermodel, objective="loss", max_trials=2, directory=str(tmp_path / "t"))
+    tuner = keras_tuner.RandomSearch(hypermodel, objective="loss", max_trials=2,
+                                     directory=str(tmp_path / "t"))
     with pytest.raises(keras_tuner.errors.FatalValueError, match=r"reweighting_num_examples=N"):
         tuner.search(train, epochs=1, verbose=0)
     with pytest.raises(ValueError, match=r"reweighting_num_examples=0"):
