@@ -1,12 +1,13 @@
 """keras-tuner searches over distillation, for Keras 3 and tf_keras students.
 
 * `distillation_hyperparameters(hp, ...)` declares temperature, alpha,
-  divergence, reweighting signal and strength, alignment weight and learning
-  rate on a ``HyperParameters`` object and returns ready-to-use keras_kd
-  objects; your own build function calls it.
+  divergence, alignment weight and learning rate on a ``HyperParameters``
+  object and returns ready-to-use keras_kd objects; your own build function
+  calls it. It refuses a reweighting, which a build function cannot apply.
 * `DistillationHyperModel(build_student, ...)`: a ``keras_tuner.HyperModel``
-  that compiles your student with those choices and, in ``fit``, attaches
-  the reweighting callback.
+  that compiles your student with those choices and also searches the
+  reweighting signal and strength: in ``fit`` it attaches the reweighting
+  callback.
 * `RandomSearch`, `BayesianOptimization`, `Hyperband`: keras-tuner's own
   tuners, made to accept tf_keras models too (keras-tuner 1.4 refuses them,
   so quantization-aware students could not be tuned). They differ from
@@ -116,8 +117,9 @@ def distillation_hyperparameters(
     Each range is a number (fixed), a ``(low, high)`` tuple (a float range;
     temperature and learning rate are sampled on a log scale) or a list (a
     choice). Names: ``kd_temperature``, ``kd_alpha``, ``kd_divergence``,
-    ``learning_rate``, ``kd_reweighting`` (``"none"`` or a signal),
-    ``kd_reweighting_strength``, ``kd_alignment_weight``.
+    ``learning_rate``, ``kd_alignment_weight`` (and, through
+    `DistillationHyperModel`, ``kd_reweighting``: ``"none"`` or a signal, and
+    ``kd_reweighting_strength``).
 
     Args:
         hp: a ``keras_tuner.HyperParameters``.
