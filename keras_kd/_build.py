@@ -145,8 +145,11 @@ class Build:
         live reader streams. Every worker derives the same new name.
         """
         new = self.with_layout(self.layout)
-        if old_manifest is not None and old_manifest.get("generation") == self.gen:
-            new.gen = _storage.generation(self.fp, self.layout.to_json(), self.num_parts, "after", self.gen)
+        old = None if old_manifest is None else old_manifest.get("generation")
+        if isinstance(old, str):
+            # Derived from the replaced build, not only when it equals ours: an
+            # older reader may still stream this fingerprint's plain name.
+            new.gen = _storage.generation(self.fp, self.layout.to_json(), self.num_parts, "after", old)
         return new
 
     # -- opening -------------------------------------------------------------

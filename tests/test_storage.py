@@ -501,18 +501,26 @@ def test_damaged_feature_cache_is_named_and_repaired(K, tmp_path, damage):
 def test_a_rebuild_after_a_probe_mismatch_never_rewrites_the_files_a_reader_streams(K, tmp_path, monkeypatch):
     """Same fingerprint, same layout: the rebuild still writes new names (a new generation)."""
     teacher = teacher_model(K, 0)
+    monkeypatch.setattr(cache_lib._fingerprint, "weights_digest", lambda model: "same")  # noqa: SLF001
     old_reader = raw().apply(cache_teacher_logits(teacher, tmp_path, batch_size=64, in_memory=False, verbose=0))
     old_files = {f["name"] for f in read_manifest(tmp_path)["files"]}
     other = teacher_model(K, 5)
-    # The teacher's function changed in a way the fingerprint cannot see:
-    # the probe on opening is what notices it.
-    monkeypatch.setattr(cache_lib, "_fingerprint_diff", lambda old, new, n: [])
+    # The teacher's function changed in a way the fingerprint cannot see (its
+    # weights digest is patched to one value, so the fingerprint and the
+    # generation's plain name are identical): the probe on opening notices it.
     with pytest.raises(CacheMismatchError, match="computes something else"):
         raw().apply(cache_teacher_logits(other, tmp_path, batch_size=64, verbose=0))
     rebuilt = raw().apply(cache_teacher_logits(other, tmp_path, batch_size=64, on_mismatch="rebuild", verbose=0))
     expect_own_logits(rebuilt, other)
     assert not old_files & {f["name"] for f in read_manifest(tmp_path)["files"]}
     expect_own_logits(old_reader, teacher)  # the live reader: still its own teacher's, unmixed
+    # A third teacher, again unseen by the fingerprint: the first two readers stay unmixed.
+    second_reader = raw().apply(cache_teacher_logits(other, tmp_path, batch_size=64, in_memory=False, verbose=0))
+    third = teacher_model(K, 9)
+    third_ds = raw().apply(cache_teacher_logits(third, tmp_path, batch_size=64, on_mismatch="rebuild", verbose=0))
+    expect_own_logits(third_ds, third)
+    expect_own_logits(second_reader, other)
+    expect_own_logits(old_reader, teacher)
 
 
 @pytest.mark.parametrize("directory", [None, "f"])
