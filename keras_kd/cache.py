@@ -628,14 +628,6 @@ def _positive_int(value, argument, allow_none=False):
     return int(value)
 
 
-def _positive_int(value, argument, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"Expected `{argument}` to be an integer >= 1. Received: {argument}={value!r}")
-    return int(value)
-
-
 def read_manifest(directory) -> dict:
     """Reads the manifest of a finished teacher-logit cache.
 
