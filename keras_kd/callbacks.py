@@ -497,9 +497,23 @@ class HardSampleReweighting(_compat.callback_base()):
         self.model.make_train_function(force=True)
 
     def _weigh(self, targets):
-        ids = tf.clip_by_value(tf.cast(targets.example_id, tf.int64), 0, self.table.num_examples - 1)
+        size = self.table.num_examples
+        raw = tf.cast(targets.example_id, tf.int64)
+        ids = tf.clip_by_value(raw, 0, size - 1)  # validation ids may lie beyond the table
         w = tf.gather(self.table.weights, ids)
-        return tf.where(self.table.recording, w, tf.ones_like(w))  # validation steps: unweighted
+        training = self.table.recording
+        # A training id outside the table means a wrong `num_examples` (or other data):
+        # never weigh it with another example's row. An error without XLA; under XLA,
+        # where assertions vanish, the weight (and so the loss) is NaN.
+        bad = tf.logical_and(training, tf.logical_or(raw < 0, raw >= size))
+        check = tf.debugging.Assert(
+            tf.logical_not(tf.reduce_any(bad)),
+            [f"keras_kd: training example ids outside the HardSampleReweighting table of {size} examples. "
+             "Pass the size of the training dataset as `num_examples=`, or use `rew.attach(train_ds)`."],
+        )
+        with tf.control_dependencies([check]):
+            w = tf.where(training, w, tf.ones_like(w))  # validation steps: unweighted
+            return tf.where(bad, tf.constant(float("nan"), w.dtype), w)
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._resume_checked:

@@ -114,6 +114,26 @@ def test_ids_outside_the_table_fail():
         list(attached)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_training_ids_outside_the_table_never_train_silently(K, jit):
+    """Without `attach`, a table smaller than the data (a wrong `num_examples`)
+    must not weigh examples with another example's row: an error without XLA,
+    a NaN loss under XLA, where assertions vanish."""
+    x, y, ds = _ids_dataset(n=48)
+    teacher = mlp(K)
+    student = mlp(K)
+    student.compile(K.optimizers.SGD(0.01), loss=keras_kd.DistillationLoss(), jit_compile=jit)
+    rew = keras_kd.HardSampleReweighting(signal="kl", num_examples=10)
+    data = keras_kd.with_teacher(ds.batch(16), teacher)
+    try:
+        history = student.fit(data, epochs=1, verbose=0, callbacks=[rew])
+    except tf.errors.InvalidArgumentError as e:
+        assert "outside the HardSampleReweighting table of 10 examples" in str(e) and "num_examples" in str(e)
+    else:
+        assert jit, "without XLA the out-of-table ids must raise"
+        assert not math.isfinite(history.history["loss"][0])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
