@@ -317,17 +317,22 @@ def _implicit_mask_ops(calls):
             continue
         skipped.add(id(call[0]))
         todo.extend(id(t) for t in tf.nest.flatten((call[1], call[2])) if hasattr(t, "shape"))
-    # An op whose result is also used as data (not only as an implicit mask) stays.
-    for op, args, kwargs, _ in calls:
-        if id(op) in skipped:
-            continue
-        data = {k: v for k, v in kwargs.items() if k != "mask"}
-        if any(t is not None and id(t) not in auto_masks for t in tf.nest.flatten(kwargs.get("mask"))):
-            data["mask"] = kwargs["mask"]
-        for t in tf.nest.flatten((args, data)):
-            call = producer.get(id(t))
-            if call is not None and id(call[0]) in skipped:
-                skipped.discard(id(call[0]))
+    # An op whose result is also used as data (not only as an implicit mask)
+    # stays, and so do the ops that feed it: repeat until nothing changes.
+    changed = True
+    while changed:
+        changed = False
+        for op, args, kwargs, _ in calls:
+            if id(op) in skipped:
+                continue
+            data = {k: v for k, v in kwargs.items() if k != "mask"}
+            if any(t is not None and id(t) not in auto_masks for t in tf.nest.flatten(kwargs.get("mask"))):
+                data["mask"] = kwargs["mask"]
+            for t in tf.nest.flatten((args, data)):
+                call = producer.get(id(t))
+                if call is not None and id(call[0]) in skipped:
+                    skipped.discard(id(call[0]))
+                    changed = True
     return skipped, auto_masks
 
 
