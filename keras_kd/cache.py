@@ -371,14 +371,6 @@ def _graph_random_ops(graph) -> set:
     return found
 
 
-def _output(outputs, output_index):
-    if isinstance(outputs, (list, tuple)):
-        return outputs[output_index]
-    if isinstance(outputs, dict):
-        return outputs[output_index] if output_index in outputs else list(outputs.values())[0]
-    return outputs
-
-
 def _seed_of(seed, example_id, view, views):
     """The documented per-view augmentation seed ``[seed, id * views + view]``."""
     example_id = tf.cast(example_id, tf.int64)
@@ -860,7 +852,7 @@ class TeacherLogitCache:
             if self.augment is not None:
                 x0 = self.augment(x0, _seed_of(self.seed, tf.constant(0, tf.int64), 0, self.views))
             probe = tf.nest.map_structure(lambda t: tf.expand_dims(t, 0), x0)
-            out = _output(self.teacher(probe, training=False), self.output_index)
+            out = targets_lib.teacher_output(self.teacher(probe, training=False), self.output_index)
             teacher_shape = tuple(int(d) for d in out.shape[1:])
             if not teacher_shape or any(d is None for d in teacher_shape):
                 raise ValueError(
@@ -1185,7 +1177,8 @@ class TeacherLogitCache:
             if augmented:
                 n = tf.shape(tf.nest.flatten(x)[0])[0]
                 x = tf.nest.map_structure(lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0)), x)
-            out = tf.cast(_output(teacher_ref()(x, training=False), output_index), tf.float32)
+            out = targets_lib.teacher_output(teacher_ref()(x, training=False), output_index)
+            out = tf.cast(out, tf.float32)
             if augmented:
                 out = tf.reshape(out, tf.concat([[n, views], tf.shape(out)[1:]], 0))
             else:

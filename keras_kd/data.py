@@ -34,17 +34,9 @@ def _split_element(element_spec):
         )
 
 
-def _select_output(outputs, output_index):
-    if isinstance(outputs, (list, tuple)):
-        return outputs[output_index]
-    if isinstance(outputs, dict):
-        return outputs[output_index] if output_index in outputs else list(outputs.values())[0]
-    return outputs
-
-
 def _teacher_fn(teacher, output_index):
     def run(inputs):
-        return tf.cast(_select_output(teacher(inputs, training=False), output_index), tf.float32)
+        return tf.cast(targets_lib.teacher_output(teacher(inputs, training=False), output_index), tf.float32)
 
     return run
 

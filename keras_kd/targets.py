@@ -299,3 +299,14 @@ def materialize(targets: TeacherTargets) -> TeacherTargets:
 # A few recent (inputs -> logits) pairs: enough for one traced step's consumers.
 _MEMO: "collections.OrderedDict" = collections.OrderedDict()
 _MEMO_SIZE = 8
+
+
+def teacher_output(outputs, output_index):
+    """The teacher output that carries its logits: ``outputs[output_index]`` of
+    a list, tuple or dict (a dict without that key gives its first value), or
+    the single output itself. Shared by the online teacher and the caches."""
+    if isinstance(outputs, (list, tuple)):
+        return outputs[output_index]
+    if isinstance(outputs, dict):
+        return outputs[output_index] if output_index in outputs else list(outputs.values())[0]
+    return outputs
