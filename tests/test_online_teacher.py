@@ -66,7 +66,7 @@ def test_logit_teacher_does_not_warn(K, toy_data, placement):
 
 
 def test_probabilities_heuristic():
-    from keras_kd.data import _looks_like_probabilities
+    from keras_kd.data.softmax import _looks_like_probabilities
 
     assert _looks_like_probabilities(np.array([[0.25, 0.75], [1.0, 0.0]]))
     assert not _looks_like_probabilities(np.array([[0.25, 0.70]]))  # rows do not sum to 1

@@ -1,21 +1,19 @@
-"""tf.data transforms that attach teacher targets to a dataset.
+"""The online teacher: `with_teacher` attaches the teacher's logits to every batch.
 
-`with_teacher` is the online teacher: each batch the student sees gets the
-teacher's logits for exactly that batch. The teacher-logit cache (run the
-teacher once, read for many epochs) plugs into the same contract.
+Each batch the student sees gets the teacher's logits for exactly that batch,
+computed in the tf.data pipeline or inside the training step.
 """
 
 from __future__ import annotations
 
 import itertools
-import warnings
 import weakref
 from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
 from keras_kd import targets as targets_lib
+from keras_kd.data.softmax import warn_if_softmax
 
 _PLACEMENTS = ("auto", "pipeline", "step")
 _keys = itertools.count()
@@ -56,78 +54,6 @@ def _check_batched(teacher, x_spec):
             f"`with_teacher` received unbatched elements (x of shape {specs[0].shape}, "
             f"the teacher expects {tuple(inputs[0].shape)}). It runs the teacher on the "
             "batch the student sees: apply it after `.batch(...)`."
-        )
-
-
-# -- is the teacher's output a softmax? ------------------------------------------
-
-_SOFTMAX_ADVICE = (
-    "DistillationLoss expects logits and applies its own softmax, so it would distil from "
-    "softmax(p / T), which is nearly uniform. Give `with_teacher` the pre-softmax model, e.g. "
-    "`keras.Model(teacher.input, teacher.layers[-1].output)` after setting the last layer's "
-    "activation to None, or select a logits output with `output_index`."
-)
-
-
-def _final_activation(teacher, output_index) -> Optional[str]:
-    """``"softmax"``, ``"other"`` (a known non-softmax activation) or ``None`` (cannot tell).
-
-    Read from the layer that produces the selected output of a Keras model, with
-    no data; ``None`` for callables and for layers whose activation is unknown.
-    """
-    outputs = getattr(teacher, "outputs", None)
-    if not outputs:
-        return None
-    if len(outputs) == 1:
-        tensor = outputs[0]
-    elif isinstance(output_index, int) and -len(outputs) <= output_index < len(outputs):
-        tensor = outputs[output_index]
-    else:
-        return None
-    history = getattr(tensor, "_keras_history", None)
-    layer = history[0] if history else None
-    if layer is None:
-        return None
-    if type(layer).__name__ == "Softmax":
-        return "softmax"
-    activation = getattr(layer, "activation", None)
-    if activation is None:
-        return None
-    name = getattr(activation, "__name__", "")
-    if name == "softmax":
-        return "softmax"
-    return "other" if name else None
-
-
-def _looks_like_probabilities(values: np.ndarray) -> bool:
-    """Rows in [0, 1] that sum to 1 (what a softmax output looks like)."""
-    values = np.asarray(values, np.float64)
-    if values.ndim < 1 or values.size == 0 or values.shape[-1] < 2 or not np.isfinite(values).all():
-        return False
-    return bool(values.min() >= 0.0 and values.max() <= 1.0 and np.all(np.abs(values.sum(-1) - 1.0) < 1e-3))
-
-
-def _warn_if_softmax(teacher, output_index, run, dataset):
-    """Warns once when the teacher outputs probabilities instead of logits.
-
-    A Keras model is judged by the activation of its output layer (free); any
-    other teacher by its output on the first batch of ``dataset`` (one batch,
-    once, when `with_teacher` is called).
-    """
-    kind = _final_activation(teacher, output_index)
-    if kind == "softmax":
-        warnings.warn(f"The teacher's output layer applies a softmax. {_SOFTMAX_ADVICE}", stacklevel=3)
-        return
-    if kind == "other":
-        return
-    first = next(iter(dataset.take(1)), None)
-    if first is None:
-        return
-    if _looks_like_probabilities(run(first[0]).numpy()):
-        warnings.warn(
-            "The teacher's outputs on the first batch look like probabilities (in [0, 1], rows "
-            f"summing to 1). {_SOFTMAX_ADVICE}",
-            stacklevel=3,
         )
 
 
@@ -239,7 +165,7 @@ def with_teacher(
     if placement == "auto":
         placement = "step"
     run = _teacher_fn(teacher, output_index)
-    _warn_if_softmax(teacher, output_index, run, dataset)
+    warn_if_softmax(teacher, output_index, run, dataset)
 
     def as_targets(y):
         # Keep what an earlier transform attached (example ids, has_labels).
@@ -282,42 +208,3 @@ def with_teacher(
         # derived from it, which references it) is alive.
         weakref.finalize(result, targets_lib.unregister_teacher, key)
     return result
-
-
-def add_example_ids(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """Numbers the examples of an **unbatched** dataset by position.
-
-    ``(x, y[, sample_weight])`` becomes
-    ``(x, TeacherTargets(labels=y, example_id=i)[, sample_weight])`` with
-    ``i = 0, 1, ...`` in dataset order; a dataset of ``x`` alone (unlabelled
-    data) becomes ``(x, TeacherTargets(labels=0, has_labels=False, example_id=i))``.
-    Apply it before shuffling; `with_teacher` keeps the ids, and
-    `keras_kd.HardSampleReweighting` reads them. (The teacher-logit cache adds
-    ids itself.)
-
-    Example:
-
-    ```python
-    ds = keras_kd.add_example_ids(raw_ds)       # unbatched (x, y)
-    ds = rew.attach(ds).shuffle(10_000).batch(64)
-    student.fit(keras_kd.with_teacher(ds, teacher), callbacks=[rew])
-    ```
-    """
-    if not isinstance(dataset, tf.data.Dataset):
-        raise TypeError(f"Expected `dataset` to be a tf.data.Dataset. Received: {type(dataset).__name__}.")
-    spec = dataset.element_spec
-    if isinstance(spec, tuple) and len(spec) in (2, 3):
-        if isinstance(spec[1], targets_lib.TeacherTargets.Spec):
-            raise ValueError("The dataset already carries TeacherTargets; add example ids before other transforms.")
-
-        def number(i, element):
-            x, y, *sample_weight = element
-            return (x, targets_lib.TeacherTargets(labels=y, example_id=i), *sample_weight)
-
-    else:
-
-        def number(i, x):
-            placeholder = tf.zeros([], tf.int64)
-            return x, targets_lib.TeacherTargets(labels=placeholder, example_id=i, has_labels=False)
-
-    return dataset.enumerate().map(number)

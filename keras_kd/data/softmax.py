@@ -1,0 +1,81 @@
+"""Is the teacher's output a softmax? Judged once, when a dataset is built.
+
+A Keras model is judged by its output layer's activation (no data needed);
+any other teacher by its outputs on the first batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import numpy as np
+
+_SOFTMAX_ADVICE = (
+    "DistillationLoss expects logits and applies its own softmax, so it would distil from "
+    "softmax(p / T), which is nearly uniform. Give `with_teacher` the pre-softmax model, e.g. "
+    "`keras.Model(teacher.input, teacher.layers[-1].output)` after setting the last layer's "
+    "activation to None, or select a logits output with `output_index`."
+)
+
+
+def _final_activation(teacher, output_index) -> Optional[str]:
+    """``"softmax"``, ``"other"`` (a known non-softmax activation) or ``None`` (cannot tell).
+
+    Read from the layer that produces the selected output of a Keras model, with
+    no data; ``None`` for callables and for layers whose activation is unknown.
+    """
+    outputs = getattr(teacher, "outputs", None)
+    if not outputs:
+        return None
+    if len(outputs) == 1:
+        tensor = outputs[0]
+    elif isinstance(output_index, int) and -len(outputs) <= output_index < len(outputs):
+        tensor = outputs[output_index]
+    else:
+        return None
+    history = getattr(tensor, "_keras_history", None)
+    layer = history[0] if history else None
+    if layer is None:
+        return None
+    if type(layer).__name__ == "Softmax":
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    name = getattr(activation, "__name__", "")
+    if name == "softmax":
+        return "softmax"
+    return "other" if name else None
+
+
+def _looks_like_probabilities(values: np.ndarray) -> bool:
+    """Rows in [0, 1] that sum to 1 (what a softmax output looks like)."""
+    values = np.asarray(values, np.float64)
+    if values.ndim < 1 or values.size == 0 or values.shape[-1] < 2 or not np.isfinite(values).all():
+        return False
+    return bool(values.min() >= 0.0 and values.max() <= 1.0 and np.all(np.abs(values.sum(-1) - 1.0) < 1e-3))
+
+
+def warn_if_softmax(teacher, output_index, run, dataset):
+    """Warns once when the teacher outputs probabilities instead of logits.
+
+    A Keras model is judged by the activation of its output layer (free); any
+    other teacher by its output on the first batch of ``dataset`` (one batch,
+    once, when `with_teacher` is called).
+    """
+    kind = _final_activation(teacher, output_index)
+    if kind == "softmax":
+        warnings.warn(f"The teacher's output layer applies a softmax. {_SOFTMAX_ADVICE}", stacklevel=3)
+        return
+    if kind == "other":
+        return
+    first = next(iter(dataset.take(1)), None)
+    if first is None:
+        return
+    if _looks_like_probabilities(run(first[0]).numpy()):
+        warnings.warn(
+            "The teacher's outputs on the first batch look like probabilities (in [0, 1], rows "
+            f"summing to 1). {_SOFTMAX_ADVICE}",
+            stacklevel=3,
+        )
