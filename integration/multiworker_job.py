@@ -18,7 +18,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402  (Keras 3.15's fit fails under MultiWorkerMirroredStrategy, without keras_kd too)
 
 import keras_kd  # noqa: E402
-from keras_kd import _reweighting_backup  # noqa: E402
+from keras_kd.callbacks import backup as _reweighting_backup  # noqa: E402
 from keras_kd.demo import load_digits_split  # noqa: E402
 
 N, BATCH, EPOCHS = 512, 64, 3

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import keras_kd
-from keras_kd import _reweighting_backup as backup_lib
+from keras_kd.callbacks import backup as backup_lib
 from keras_kd.callbacks import BackupCorruptedError
 from tests.conftest import mlp
 

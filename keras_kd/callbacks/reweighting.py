@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_kd import _compat
-from keras_kd import _reweighting_backup
+from keras_kd.callbacks import backup as _reweighting_backup
 from keras_kd import targets as targets_lib
 
 BackupCorruptedError = _reweighting_backup.BackupCorruptedError
