@@ -2,7 +2,13 @@
 
 The user keeps their own ``compile`` and ``fit``; distillation enters through
 the dataset (teacher targets next to the labels) and the loss.
+
+``keras_kd.optimize`` (tfmot chains, TFLite) and ``keras_kd.tuning``
+(keras-tuner searches) are imported on first use, so a plain ``import
+keras_kd`` does not import tfmot or keras-tuner.
 """
+
+import importlib as _importlib
 
 from keras_kd.alignment import Aligned
 from keras_kd.alignment import align
@@ -10,6 +16,7 @@ from keras_kd.cache import CacheCorruptedError
 from keras_kd.cache import CacheMismatchError
 from keras_kd.cache import TeacherLogitCache
 from keras_kd.cache import cache_teacher_logits
+from keras_kd.callbacks import Callback
 from keras_kd.callbacks import DistillationScheduler
 from keras_kd.callbacks import HardSampleReweighting
 from keras_kd.callbacks import constant
@@ -29,14 +36,12 @@ from keras_kd.losses import soft_cross_entropy
 from keras_kd.metrics import loss_components
 from keras_kd.metrics import teacher_agreement
 from keras_kd.targets import TeacherTargets
-from keras_kd import tuning
-from keras_kd.tuning import DistillationHyperModel
-from keras_kd.tuning import distillation_hyperparameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Aligned",
+    "Callback",
     "CacheCorruptedError",
     "CacheMismatchError",
     "DIVERGENCES",
@@ -62,6 +67,27 @@ __all__ = [
     "reverse_kl",
     "soft_cross_entropy",
     "teacher_agreement",
+    "optimize",
     "tuning",
     "with_teacher",
 ]
+
+# Submodules imported on first use (they import tfmot / keras-tuner), and the
+# public names they provide at the top level.
+_LAZY_MODULES = ("optimize", "tuning")
+_LAZY_NAMES = {
+    "DistillationHyperModel": "tuning",
+    "distillation_hyperparameters": "tuning",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY_MODULES:
+        return _importlib.import_module(f"keras_kd.{name}")
+    if name in _LAZY_NAMES:
+        return getattr(_importlib.import_module(f"keras_kd.{_LAZY_NAMES[name]}"), name)
+    raise AttributeError(f"module 'keras_kd' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_MODULES) | set(_LAZY_NAMES))

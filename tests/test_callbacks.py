@@ -230,7 +230,7 @@ def test_with_backup_and_restore_resumes(K, tmp_path):
     x, y, ds = _ids_dataset(n=48)
     teacher = mlp(K)
 
-    class Crash(K.callbacks.Callback if K is not keras else keras_kd.callbacks._compat.callback_base()):
+    class Crash(K.callbacks.Callback if K is not keras else keras_kd.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 1:
                 raise RuntimeError("crash")
@@ -322,7 +322,7 @@ def test_scheduler_changes_loss_without_recompiling(K, toy_data):
     student.compile(K.optimizers.SGD(0.0), loss=kd)
     seen = []
 
-    class Probe(keras_kd.callbacks._compat.callback_base()):
+    class Probe(keras_kd.Callback):
         def on_epoch_end(self, epoch, logs=None):
             seen.append(logs["loss"])
 

@@ -10,6 +10,42 @@
   Keras 3 ``fit`` and tf_keras ``fit`` alike.
 """
 
-from keras_kd.callbacks.reweighting import *  # noqa: F401,F403 (transitional)
-from keras_kd.callbacks.reweighting import BackupCorruptedError  # noqa: F401
-from keras_kd.callbacks.reweighting import SIGNALS  # noqa: F401
+from keras_kd.callbacks.backup import BackupCorruptedError
+from keras_kd.callbacks.base import Callback
+from keras_kd.callbacks.reweighting import HardSampleReweighting
+from keras_kd.callbacks.scheduler import DistillationScheduler
+from keras_kd.callbacks.schedules import Schedule
+from keras_kd.callbacks.schedules import constant
+from keras_kd.callbacks.schedules import cosine
+from keras_kd.callbacks.schedules import linear
+from keras_kd.callbacks.schedules import step
+from keras_kd.callbacks.signals import SIGNALS
+from keras_kd.callbacks.signals import normalise
+from keras_kd.callbacks.signals import raw_weights
+from keras_kd.callbacks.signals import signal_kl
+from keras_kd.callbacks.signals import signal_student_ce
+from keras_kd.callbacks.signals import signal_teacher_ce
+from keras_kd.callbacks.signals import signal_teacher_entropy
+from keras_kd.callbacks.signals import signal_teacher_wrong
+from keras_kd.callbacks.signals import signal_wsld
+
+__all__ = [
+    "BackupCorruptedError",
+    "Callback",
+    "DistillationScheduler",
+    "HardSampleReweighting",
+    "SIGNALS",
+    "Schedule",
+    "constant",
+    "cosine",
+    "linear",
+    "normalise",
+    "raw_weights",
+    "signal_kl",
+    "signal_student_ce",
+    "signal_teacher_ce",
+    "signal_teacher_entropy",
+    "signal_teacher_wrong",
+    "signal_wsld",
+    "step",
+]

@@ -1,13 +1,7 @@
-"""Callbacks for distillation inside the user's own ``fit``.
+"""`HardSampleReweighting`: per-example sample weights from a difficulty signal.
 
-* `HardSampleReweighting`: per-example sample weights from a difficulty
-  signal, read from values the training step already computes.
-* `DistillationScheduler`: changes `DistillationLoss`'s temperature and alpha
-  over epochs without recompiling; `constant`, `linear`, `cosine` and `step`
-  schedules.
-
-Both are tf_keras callbacks, which run in Keras 3 ``fit`` and tf_keras ``fit``
-alike (a ``keras.callbacks.Callback`` crashes tf_keras ``fit``).
+The signals and the difficulty-to-weight map are in ``signals.py``; the
+crash-recovery file (``backup_dir=``) in ``backup.py``.
 """
 
 from __future__ import annotations
@@ -15,195 +9,26 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import os
 import warnings
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
 
 from keras_kd import _compat
-from keras_kd.callbacks import backup as _reweighting_backup
 from keras_kd import targets as targets_lib
-
-BackupCorruptedError = _reweighting_backup.BackupCorruptedError
-
-# ---------------------------------------------------------------------------
-# Difficulty signals: per-example values from labels and logits (pure TF).
-# Arguments: labels (class ids or one-hot), teacher logits, student logits,
-# and `soft`, the loss's per-example distillation term. A last dimension of 1
-# is one Bernoulli logit (binary model, 0/1 labels): cross-entropy is binary
-# cross-entropy, the predicted class is ``logit > 0``, the entropy is the
-# Bernoulli entropy. Each returns one
-# value per example (time steps are averaged).
-# ---------------------------------------------------------------------------
-
-
-def _per_example(values):
-    values = tf.cast(values, tf.float32)
-    if values.shape.rank is not None and values.shape.rank > 1:
-        values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
-    return values
-
-
-def _binary_labels(labels, logits):
-    """0/1 (or soft) labels of a one-logit model as float32 of the logits' shape."""
-    labels = tf.cast(labels, tf.float32)
-    if labels.shape.rank == logits.shape.rank - 1:
-        labels = labels[..., None]
-    return labels
-
-
-def _cross_entropy(labels, logits):
-    logits = tf.cast(logits, tf.float32)
-    labels = tf.convert_to_tensor(labels)
-    if logits.shape[-1] == 1:  # one Bernoulli logit: binary cross-entropy
-        ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=_binary_labels(labels, logits), logits=logits)
-        return tf.squeeze(ce, -1)
-    if labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1]:
-        return tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), logits)
-    if labels.shape.rank == logits.shape.rank:
-        labels = tf.squeeze(labels, -1)
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(labels, tf.int64), logits)
-
-
-def _class_ids(labels, logits):
-    labels, logits = tf.convert_to_tensor(labels), tf.convert_to_tensor(logits)
-    if logits.shape[-1] == 1:  # binary 0/1 labels
-        return tf.cast(tf.squeeze(_binary_labels(labels, logits), -1) > 0.5, tf.int64)
-    if labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1]:
-        return tf.argmax(labels, -1)
-    if labels.shape.rank == logits.shape.rank:
-        labels = tf.squeeze(labels, -1)
-    return tf.cast(labels, tf.int64)
-
-
-def _predicted_class(logits):
-    """argmax, or ``logit > 0`` for one (Bernoulli) logit."""
-    if logits.shape[-1] == 1:
-        return tf.cast(tf.squeeze(logits, -1) > 0, tf.int64)
-    return tf.argmax(logits, -1)
-
-
-def signal_kl(labels, teacher_logits, student_logits, soft):
-    """The loss's own teacher-student divergence term (``T^2 * D``): where the
-    student is furthest from the teacher. Emphasised (online hard example
-    mining, Shrivastava et al. 2016, applied to the distillation term)."""
-    return _per_example(soft)
-
-
-def signal_student_ce(labels, teacher_logits, student_logits, soft):
-    """Student cross-entropy on the label: the examples the student gets
-    wrong. Emphasised (OHEM, Shrivastava et al. 2016; focal loss, Lin et al.
-    2017)."""
-    return _per_example(_cross_entropy(labels, student_logits))
-
-
-def signal_teacher_ce(labels, teacher_logits, student_logits, soft):
-    """Teacher cross-entropy on the label: examples hard even for the teacher.
-    Emphasised with ``strength > 0``, de-emphasised with ``strength < 0``
-    (teacher-confidence weighting, e.g. Zhou et al. 2021)."""
-    return _per_example(_cross_entropy(labels, teacher_logits))
-
-
-def signal_wsld(labels, teacher_logits, student_logits, soft):
-    """WSLD weight ``1 - exp(-CE_student / CE_teacher)`` (Zhou et al., "Rethinking
-    Soft Labels for Knowledge Distillation: A Bias-Variance Tradeoff
-    Perspective", ICLR 2021): large where the teacher explains the label
-    better than the student, small where the teacher is worse than the
-    student (e.g. a wrong teacher or a wrong label)."""
-    ce_s = _cross_entropy(labels, student_logits)
-    ce_t = _cross_entropy(labels, teacher_logits)
-    return _per_example(1.0 - tf.exp(-ce_s / (ce_t + 1e-7)))
-
-
-def signal_teacher_wrong(labels, teacher_logits, student_logits, soft):
-    """1 where the teacher's argmax differs from the label, else 0.
-    De-emphasised: the teacher is an unreliable guide there, or the label is
-    wrong (label-noise cleaning by a trained model, e.g. Northcutt et al.,
-    "Confident Learning", 2021)."""
-    teacher_logits = tf.convert_to_tensor(teacher_logits)
-    wrong = tf.not_equal(_predicted_class(teacher_logits), _class_ids(labels, teacher_logits))
-    return _per_example(tf.cast(wrong, tf.float32))
-
-
-def signal_teacher_entropy(labels, teacher_logits, student_logits, soft):
-    """Entropy of the teacher's softmax: ambiguous examples. Emphasised
-    (uncertainty sampling, Settles 2009); no labels needed."""
-    logits = tf.cast(teacher_logits, tf.float32)
-    if logits.shape[-1] == 1:  # Bernoulli entropy: the softmax of the two-class logits [0, z]
-        logits = tf.concat([tf.zeros_like(logits), logits], axis=-1)
-    log_p = tf.nn.log_softmax(logits, -1)
-    return _per_example(-tf.reduce_sum(tf.math.multiply_no_nan(log_p, tf.exp(log_p)), -1))
-
-
-SIGNALS = {
-    "kl": signal_kl,
-    "student_ce": signal_student_ce,
-    "teacher_ce": signal_teacher_ce,
-    "wsld": signal_wsld,
-    "teacher_wrong": signal_teacher_wrong,
-    "teacher_entropy": signal_teacher_entropy,
-}
-_NEEDS_LABELS = {"student_ce", "teacher_ce", "wsld", "teacher_wrong"}
-
-
-def raw_weights(signal: str, difficulty: np.ndarray, strength: float) -> np.ndarray:
-    """Maps smoothed difficulties to un-normalised weights.
-
-    * ``wsld``: the WSLD weight itself, ``w ** strength``.
-    * ``teacher_wrong``: ``exp(-strength * d)`` (d is the smoothed share of
-      epochs in which the teacher was wrong on the example).
-    * the others: ``(d / mean(d)) ** strength``.
-    """
-    d = np.maximum(np.asarray(difficulty, np.float64), 0.0)
-    if signal == "wsld":
-        return np.power(d + 1e-6, strength)
-    if signal == "teacher_wrong":
-        return np.exp(-strength * d)
-    mean = d.mean() if d.size else 1.0
-    return np.power(d / (mean + 1e-12) + 1e-6, strength)
-
-
-def normalise(weights: np.ndarray, clip: Tuple[float, float]) -> np.ndarray:
-    """Scales to mean 1, then clips to ``clip``."""
-    weights = np.asarray(weights, np.float64)
-    mean = weights.mean() if weights.size else 1.0
-    weights = weights / mean if mean > 0 else np.ones_like(weights)
-    return np.clip(weights, clip[0], clip[1])
-
-
-class _Table:
-    """Per-example state shared by the callback and its dataset hook.
-
-    ``weights`` (read by the dataset hook) and ``stats``: one row per example
-    of (smoothed difficulty, smoothed teacher-wrong share), NaN until the
-    example is first seen, so a step reads and writes it with one gather and
-    one scatter.
-    """
-
-    def __init__(self, num_examples: int):
-        self.num_examples = num_examples
-        with tf.init_scope():
-            self.weights = tf.Variable(tf.ones([num_examples]), trainable=False, name="kd_example_weights")
-            self.stats = tf.Variable(tf.fill([num_examples, 2], np.nan), trainable=False, name="kd_example_stats")
-            self.recording = tf.Variable(False, trainable=False, name="kd_recording")
-
-    @property
-    def seen(self) -> np.ndarray:
-        return ~np.isnan(self.stats.numpy()[:, 0])
-
-    @property
-    def difficulty(self) -> np.ndarray:
-        return np.nan_to_num(self.stats.numpy()[:, 0])
-
-    @property
-    def teacher_wrong(self) -> np.ndarray:
-        return np.nan_to_num(self.stats.numpy()[:, 1])
+from keras_kd.callbacks import backup as backup_lib
+from keras_kd.callbacks import table as table_lib
+from keras_kd.callbacks.base import Callback
+from keras_kd.callbacks.signals import NEEDS_LABELS
+from keras_kd.callbacks.signals import SIGNALS
+from keras_kd.callbacks.signals import normalise
+from keras_kd.callbacks.signals import raw_weights
+from keras_kd.callbacks.signals import signal_teacher_wrong
 
 
 @_compat.register_serializable()
-class HardSampleReweighting(_compat.callback_base()):
+class HardSampleReweighting(Callback):
     """Difficult-sample mining for distillation, in any ``model.fit``.
 
     Keeps a per-example weight table indexed by example id. During training
@@ -319,12 +144,12 @@ class HardSampleReweighting(_compat.callback_base()):
         self.scoring_data = scoring_data
         self.backup_dir = backup_dir
         # Checks the path (a directory, valid UTF-8) before any training.
-        self._backup = _reweighting_backup.ReweightingBackup(backup_dir) if backup_dir else None
+        self._backup = backup_lib.ReweightingBackup(backup_dir) if backup_dir else None
         self._resume_checked = True  # reset by on_train_begin
         self.histogram_dir = histogram_dir
         self.verbose = verbose
         self._signal_fn = signal if callable(signal) else SIGNALS[signal]
-        self._table: Optional[_Table] = None
+        self._table: Optional[table_lib.Table] = None
         self._attached = False
         self._loss = None
 
@@ -352,7 +177,7 @@ class HardSampleReweighting(_compat.callback_base()):
     # -- the dataset hook ---------------------------------------------------
 
     @property
-    def table(self) -> _Table:
+    def table(self) -> table_lib.Table:
         if self._table is None:
             if self.num_examples is None:
                 raise ValueError(
@@ -360,7 +185,7 @@ class HardSampleReweighting(_compat.callback_base()):
                     "on the training dataset before `fit`, or pass `num_examples=` to apply the "
                     "weights inside the training step."
                 )
-            self._table = _Table(self.num_examples)
+            self._table = table_lib.Table(self.num_examples)
         return self._table
 
     def attach(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -390,7 +215,7 @@ class HardSampleReweighting(_compat.callback_base()):
                 "or use `keras_kd.cache_teacher_logits`, which adds them. "
                 f"Received element_spec={spec}."
             )
-        if not targets_spec.has_labels and self.signal in _NEEDS_LABELS:
+        if not targets_spec.has_labels and self.signal in NEEDS_LABELS:
             raise ValueError(
                 f"signal={self.signal!r} needs labels, but the dataset is unlabelled. "
                 "Use signal='kl' or 'teacher_entropy', or label the data."
@@ -412,7 +237,7 @@ class HardSampleReweighting(_compat.callback_base()):
                 "Pass `num_examples=` to HardSampleReweighting."
             )
         if self._table is None or self._table.num_examples != size:
-            self._table = _Table(size)
+            self._table = table_lib.Table(size)
         self.num_examples = size
         self._attached = True
         weights = self._table.weights
@@ -539,28 +364,10 @@ class HardSampleReweighting(_compat.callback_base()):
         self.table.recording.assign(self._loss is not None)
 
     def _sync_workers(self):
-        """Merges the tables of all workers (MultiWorkerMirroredStrategy).
-
-        Each worker records the examples of its own shard of every batch. At
-        the end of an epoch, the rows a worker changed since the last merge
-        are combined across workers (mean of the changes, for rows more than
-        one worker changed), so every worker continues from the same table.
-        Single-process strategies share one table: nothing to do.
-        """
+        """Merges the tables of all workers (see `table.merge_workers`)."""
         strategy = getattr(self.model, "distribute_strategy", None)
-        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            return
-        base = self._synced
-        local = self.table.stats.numpy()
-        changed = ~np.isnan(local) & ~((local == base) | (np.isnan(local) & np.isnan(base)))
-        delta = np.where(changed, np.nan_to_num(local) - np.nan_to_num(base), 0.0).astype(np.float32)
-        changed = changed.astype(np.float32)
-
-        local_values = strategy.run(lambda: (tf.constant(delta), tf.constant(changed)))
-        total, count = (strategy.reduce("sum", v, axis=None).numpy() for v in local_values)
-        merged = np.where(count > 0, np.nan_to_num(base) + total / np.maximum(count, 1.0), base)
-        self.table.stats.assign(merged.astype(np.float32))
-        self._synced = merged.astype(np.float32)
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            self._synced = table_lib.merge_workers(strategy, self.table, self._synced)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
@@ -628,7 +435,7 @@ class HardSampleReweighting(_compat.callback_base()):
             "clip": list(self.clip),
             "momentum": self.momentum,
         }
-        return _reweighting_backup.run_identity(config, self.table.num_examples, self.model)
+        return backup_lib.run_identity(config, self.table.num_examples, self.model)
 
     def _is_chief(self) -> bool:
         strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
@@ -662,126 +469,5 @@ class HardSampleReweighting(_compat.callback_base()):
             print(f"HardSampleReweighting: restored the table of epoch {epoch} from {self._backup.path}")
 
     def _save_histogram(self, epoch, weights):
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise ImportError("`histogram_dir` needs matplotlib: `pip install matplotlib`.") from e
-        os.makedirs(self.histogram_dir, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.hist(weights, bins=40, range=self.clip)
-        ax.set_xlabel("example weight")
-        ax.set_ylabel("examples")
-        ax.set_title(f"{self.signal if isinstance(self.signal, str) else 'custom'} weights, epoch {epoch + 1}")
-        fig.tight_layout()
-        fig.savefig(os.path.join(self.histogram_dir, f"weights_epoch_{epoch + 1:03d}.png"))
-        plt.close(fig)
-
-
-# ---------------------------------------------------------------------------
-# Schedules for temperature and alpha
-# ---------------------------------------------------------------------------
-
-Schedule = Callable[[int], float]
-
-
-def constant(value: float) -> Schedule:
-    """``epoch -> value``."""
-    return lambda epoch: float(value)
-
-
-def linear(start: float, end: float, epochs: int) -> Schedule:
-    """Linear from ``start`` (epoch 0) to ``end`` (epoch ``epochs - 1`` and later)."""
-    _check_epochs(epochs)
-    return lambda epoch: float(start + (end - start) * min(epoch, epochs - 1) / max(epochs - 1, 1))
-
-
-def cosine(start: float, end: float, epochs: int) -> Schedule:
-    """Half-cosine from ``start`` to ``end`` over ``epochs`` epochs."""
-    _check_epochs(epochs)
-
-    def schedule(epoch):
-        t = min(epoch, epochs - 1) / max(epochs - 1, 1)
-        return float(end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t)))
-
-    return schedule
-
-
-def step(boundaries: Sequence[int], values: Sequence[float]) -> Schedule:
-    """``values[i]`` from epoch ``boundaries[i - 1]`` on (``values[0]`` before
-    the first boundary); ``len(values) == len(boundaries) + 1``."""
-    if len(values) != len(boundaries) + 1 or list(boundaries) != sorted(boundaries):
-        raise ValueError(
-            "Expected sorted `boundaries` and len(values) == len(boundaries) + 1. "
-            f"Received: boundaries={list(boundaries)}, values={list(values)}"
-        )
-    return lambda epoch: float(values[sum(epoch >= b for b in boundaries)])
-
-
-def _check_epochs(epochs):
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"Expected `epochs` to be a positive int. Received: epochs={epochs!r}")
-
-
-class DistillationScheduler(_compat.callback_base()):
-    """Sets a `DistillationLoss`'s temperature and alpha at the start of each epoch.
-
-    The loss keeps them in variables, so no recompiling is needed. The values
-    used in the epoch are written to ``logs["kd_temperature"]`` and
-    ``logs["kd_alpha"]``.
-
-    Args:
-        temperature: ``None`` (leave as is), a number, or a schedule
-            ``epoch -> value`` (`constant`, `linear`, `cosine`, `step`, or any
-            callable).
-        alpha: same, for alpha.
-        loss: the `DistillationLoss`; defaults to the model's compiled loss.
-
-    Example:
-
-    ```python
-    sched = keras_kd.DistillationScheduler(temperature=keras_kd.linear(8.0, 2.0, epochs=20),
-                                           alpha=keras_kd.step([10], [0.0, 0.3]))
-    student.fit(train, epochs=20, callbacks=[sched])
-    ```
-    """
-
-    def __init__(self, temperature=None, alpha=None, loss=None):
-        super().__init__()
-        self.temperature = self._as_schedule(temperature, "temperature")
-        self.alpha = self._as_schedule(alpha, "alpha")
-        if self.temperature is None and self.alpha is None:
-            raise ValueError("DistillationScheduler needs a `temperature` or an `alpha` schedule.")
-        self.loss = loss
-
-    @staticmethod
-    def _as_schedule(value, argument):
-        if value is None or callable(value):
-            return value
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return constant(value)
-        raise ValueError(f"Expected `{argument}` to be None, a number or a callable schedule. Received: {value!r}")
-
-    def _target(self):
-        loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)
-        if not hasattr(loss, "temperature_variable"):
-            raise ValueError(
-                "DistillationScheduler needs a keras_kd.DistillationLoss: compile the model with one "
-                f"or pass `loss=`. Found {loss!r}."
-            )
-        return loss
-
-    def on_epoch_begin(self, epoch, logs=None):
-        loss = self._target()
-        if self.temperature is not None:
-            loss.temperature = self.temperature(epoch)  # validated by the setter
-        if self.alpha is not None:
-            loss.alpha = self.alpha(epoch)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            loss = self._target()
-            logs["kd_temperature"] = loss.temperature
-            logs["kd_alpha"] = loss.alpha
+        name = self.signal if isinstance(self.signal, str) else "custom"
+        table_lib.save_histogram(self.histogram_dir, epoch, weights, self.clip, name)

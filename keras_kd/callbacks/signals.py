@@ -1,0 +1,150 @@
+"""Difficulty signals of `HardSampleReweighting` and the difficulty-to-weight map.
+
+Each signal is ``fn(labels, teacher_logits, student_logits, soft)`` with
+labels (class ids or one-hot), teacher and student logits, and ``soft``, the
+loss's per-example distillation term; pure TF, one value per example (time
+steps are averaged). A last dimension of 1 is one Bernoulli logit (binary
+model, 0/1 labels): cross-entropy is binary cross-entropy, the predicted class
+is ``logit > 0``, the entropy is the Bernoulli entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import tensorflow as tf
+
+def _per_example(values):
+    values = tf.cast(values, tf.float32)
+    if values.shape.rank is not None and values.shape.rank > 1:
+        values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+    return values
+
+
+def _binary_labels(labels, logits):
+    """0/1 (or soft) labels of a one-logit model as float32 of the logits' shape."""
+    labels = tf.cast(labels, tf.float32)
+    if labels.shape.rank == logits.shape.rank - 1:
+        labels = labels[..., None]
+    return labels
+
+
+def _cross_entropy(labels, logits):
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.convert_to_tensor(labels)
+    if logits.shape[-1] == 1:  # one Bernoulli logit: binary cross-entropy
+        ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=_binary_labels(labels, logits), logits=logits)
+        return tf.squeeze(ce, -1)
+    if labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1]:
+        return tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), logits)
+    if labels.shape.rank == logits.shape.rank:
+        labels = tf.squeeze(labels, -1)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(labels, tf.int64), logits)
+
+
+def _class_ids(labels, logits):
+    labels, logits = tf.convert_to_tensor(labels), tf.convert_to_tensor(logits)
+    if logits.shape[-1] == 1:  # binary 0/1 labels
+        return tf.cast(tf.squeeze(_binary_labels(labels, logits), -1) > 0.5, tf.int64)
+    if labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1]:
+        return tf.argmax(labels, -1)
+    if labels.shape.rank == logits.shape.rank:
+        labels = tf.squeeze(labels, -1)
+    return tf.cast(labels, tf.int64)
+
+
+def _predicted_class(logits):
+    """argmax, or ``logit > 0`` for one (Bernoulli) logit."""
+    if logits.shape[-1] == 1:
+        return tf.cast(tf.squeeze(logits, -1) > 0, tf.int64)
+    return tf.argmax(logits, -1)
+
+
+def signal_kl(labels, teacher_logits, student_logits, soft):
+    """The loss's own teacher-student divergence term (``T^2 * D``): where the
+    student is furthest from the teacher. Emphasised (online hard example
+    mining, Shrivastava et al. 2016, applied to the distillation term)."""
+    return _per_example(soft)
+
+
+def signal_student_ce(labels, teacher_logits, student_logits, soft):
+    """Student cross-entropy on the label: the examples the student gets
+    wrong. Emphasised (OHEM, Shrivastava et al. 2016; focal loss, Lin et al.
+    2017)."""
+    return _per_example(_cross_entropy(labels, student_logits))
+
+
+def signal_teacher_ce(labels, teacher_logits, student_logits, soft):
+    """Teacher cross-entropy on the label: examples hard even for the teacher.
+    Emphasised with ``strength > 0``, de-emphasised with ``strength < 0``
+    (teacher-confidence weighting, e.g. Zhou et al. 2021)."""
+    return _per_example(_cross_entropy(labels, teacher_logits))
+
+
+def signal_wsld(labels, teacher_logits, student_logits, soft):
+    """WSLD weight ``1 - exp(-CE_student / CE_teacher)`` (Zhou et al., "Rethinking
+    Soft Labels for Knowledge Distillation: A Bias-Variance Tradeoff
+    Perspective", ICLR 2021): large where the teacher explains the label
+    better than the student, small where the teacher is worse than the
+    student (e.g. a wrong teacher or a wrong label)."""
+    ce_s = _cross_entropy(labels, student_logits)
+    ce_t = _cross_entropy(labels, teacher_logits)
+    return _per_example(1.0 - tf.exp(-ce_s / (ce_t + 1e-7)))
+
+
+def signal_teacher_wrong(labels, teacher_logits, student_logits, soft):
+    """1 where the teacher's argmax differs from the label, else 0.
+    De-emphasised: the teacher is an unreliable guide there, or the label is
+    wrong (label-noise cleaning by a trained model, e.g. Northcutt et al.,
+    "Confident Learning", 2021)."""
+    teacher_logits = tf.convert_to_tensor(teacher_logits)
+    wrong = tf.not_equal(_predicted_class(teacher_logits), _class_ids(labels, teacher_logits))
+    return _per_example(tf.cast(wrong, tf.float32))
+
+
+def signal_teacher_entropy(labels, teacher_logits, student_logits, soft):
+    """Entropy of the teacher's softmax: ambiguous examples. Emphasised
+    (uncertainty sampling, Settles 2009); no labels needed."""
+    logits = tf.cast(teacher_logits, tf.float32)
+    if logits.shape[-1] == 1:  # Bernoulli entropy: the softmax of the two-class logits [0, z]
+        logits = tf.concat([tf.zeros_like(logits), logits], axis=-1)
+    log_p = tf.nn.log_softmax(logits, -1)
+    return _per_example(-tf.reduce_sum(tf.math.multiply_no_nan(log_p, tf.exp(log_p)), -1))
+
+
+SIGNALS = {
+    "kl": signal_kl,
+    "student_ce": signal_student_ce,
+    "teacher_ce": signal_teacher_ce,
+    "wsld": signal_wsld,
+    "teacher_wrong": signal_teacher_wrong,
+    "teacher_entropy": signal_teacher_entropy,
+}
+NEEDS_LABELS = {"student_ce", "teacher_ce", "wsld", "teacher_wrong"}
+
+
+def raw_weights(signal: str, difficulty: np.ndarray, strength: float) -> np.ndarray:
+    """Maps smoothed difficulties to un-normalised weights.
+
+    * ``wsld``: the WSLD weight itself, ``w ** strength``.
+    * ``teacher_wrong``: ``exp(-strength * d)`` (d is the smoothed share of
+      epochs in which the teacher was wrong on the example).
+    * the others: ``(d / mean(d)) ** strength``.
+    """
+    d = np.maximum(np.asarray(difficulty, np.float64), 0.0)
+    if signal == "wsld":
+        return np.power(d + 1e-6, strength)
+    if signal == "teacher_wrong":
+        return np.exp(-strength * d)
+    mean = d.mean() if d.size else 1.0
+    return np.power(d / (mean + 1e-12) + 1e-6, strength)
+
+
+def normalise(weights: np.ndarray, clip: Tuple[float, float]) -> np.ndarray:
+    """Scales to mean 1, then clips to ``clip``."""
+    weights = np.asarray(weights, np.float64)
+    mean = weights.mean() if weights.size else 1.0
+    weights = weights / mean if mean > 0 else np.ones_like(weights)
+    return np.clip(weights, clip[0], clip[1])
+

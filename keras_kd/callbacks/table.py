@@ -1,0 +1,81 @@
+"""The per-example table of `HardSampleReweighting`: its variables, the merge
+across workers, the weight histogram."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+
+class Table:
+    """Per-example state shared by the callback and its dataset hook.
+
+    ``weights`` (read by the dataset hook) and ``stats``: one row per example
+    of (smoothed difficulty, smoothed teacher-wrong share), NaN until the
+    example is first seen, so a step reads and writes it with one gather and
+    one scatter.
+    """
+
+    def __init__(self, num_examples: int):
+        self.num_examples = num_examples
+        with tf.init_scope():
+            self.weights = tf.Variable(tf.ones([num_examples]), trainable=False, name="kd_example_weights")
+            self.stats = tf.Variable(tf.fill([num_examples, 2], np.nan), trainable=False, name="kd_example_stats")
+            self.recording = tf.Variable(False, trainable=False, name="kd_recording")
+
+    @property
+    def seen(self) -> np.ndarray:
+        return ~np.isnan(self.stats.numpy()[:, 0])
+
+    @property
+    def difficulty(self) -> np.ndarray:
+        return np.nan_to_num(self.stats.numpy()[:, 0])
+
+    @property
+    def teacher_wrong(self) -> np.ndarray:
+        return np.nan_to_num(self.stats.numpy()[:, 1])
+
+
+def merge_workers(strategy, table: Table, base: np.ndarray) -> np.ndarray:
+    """Merges the tables of all workers (MultiWorkerMirroredStrategy).
+
+    Each worker records the examples of its own shard of every batch. At the
+    end of an epoch, the rows a worker changed since the last merge (``base``)
+    are combined across workers (mean of the changes, for rows more than one
+    worker changed), so every worker continues from the same table.
+
+    Returns:
+        The merged statistics, also assigned to ``table.stats``.
+    """
+    local = table.stats.numpy()
+    changed = ~np.isnan(local) & ~((local == base) | (np.isnan(local) & np.isnan(base)))
+    delta = np.where(changed, np.nan_to_num(local) - np.nan_to_num(base), 0.0).astype(np.float32)
+    changed = changed.astype(np.float32)
+
+    local_values = strategy.run(lambda: (tf.constant(delta), tf.constant(changed)))
+    total, count = (strategy.reduce("sum", v, axis=None).numpy() for v in local_values)
+    merged = np.where(count > 0, np.nan_to_num(base) + total / np.maximum(count, 1.0), base).astype(np.float32)
+    table.stats.assign(merged)
+    return merged
+
+
+def save_histogram(directory: str, epoch: int, weights: np.ndarray, clip, signal_name: str):
+    """Writes ``weights_epoch_<epoch + 1>.png`` (a histogram of the weights) to ``directory``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("`histogram_dir` needs matplotlib: `pip install matplotlib`.") from e
+    os.makedirs(directory, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(weights, bins=40, range=clip)
+    ax.set_xlabel("example weight")
+    ax.set_ylabel("examples")
+    ax.set_title(f"{signal_name} weights, epoch {epoch + 1}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(directory, f"weights_epoch_{epoch + 1:03d}.png"))
+    plt.close(fig)
