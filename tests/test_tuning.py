@@ -8,12 +8,13 @@ import tensorflow as tf
 
 import keras_kd
 from keras_kd import tuning
+from keras_kd.tuning.hyperparameters import _distillation_choices
 
 
 def test_hyperparameters_declare_and_build_objects():
     hp = keras_tuner.HyperParameters()
     # What DistillationHyperModel declares (the public function refuses a reweighting).
-    choices = tuning._distillation_choices(
+    choices = _distillation_choices(
         hp,
         temperature=(1.0, 8.0),
         alpha=[0.1, 0.5],
@@ -39,7 +40,7 @@ def test_hyperparameters_follow_hp_values():
     hp = keras_tuner.HyperParameters()
     hp.Fixed("kd_temperature", 3.0)
     hp.Fixed("kd_reweighting", "wsld")
-    choices = tuning._distillation_choices(hp, reweighting_signal=["none", "wsld"])
+    choices = _distillation_choices(hp, reweighting_signal=["none", "wsld"])
     assert choices.loss.temperature == 3.0
     assert isinstance(choices.reweighting, keras_kd.HardSampleReweighting)
     assert choices.reweighting.signal == "wsld"

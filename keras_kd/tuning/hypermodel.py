@@ -1,0 +1,79 @@
+"""`DistillationHyperModel`: compiles your student with the searched choices."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import keras_tuner
+
+from keras_kd import _compat
+from keras_kd.metrics import teacher_agreement
+from keras_kd.tuning.hyperparameters import _distillation_choices
+
+class DistillationHyperModel(keras_tuner.HyperModel):
+    """Compiles your student with the searched distillation hyperparameters.
+
+    ``build(hp)`` calls ``build_student(hp)`` (which returns an uncompiled
+    Keras 3 or tf_keras student that outputs logits), declares the
+    distillation hyperparameters and compiles the student with Adam and a
+    `DistillationLoss`. ``fit`` attaches the reweighting callback when the
+    search chose one (the training dataset then needs example ids: the
+    teacher-logit cache provides them).
+
+    Args:
+        build_student: ``fn(hp) -> model``.
+        metrics: metrics to compile with. Defaults to
+            ``["accuracy", keras_kd.teacher_agreement]``.
+        **ranges: the ranges of `distillation_hyperparameters`, plus
+            ``reweighting_signal`` (a signal or a list to choose from, ``"none"``
+            allowed), ``reweighting_strength``, ``reweighting_warmup_epochs``
+            and ``reweighting_num_examples`` (the number of training examples,
+            needed when the training dataset is batched before ``fit``).
+
+    Raises:
+        ValueError: for a bad range (see `distillation_hyperparameters`).
+        keras_tuner.errors.FatalValueError: in ``fit``, when a chosen
+            reweighting cannot attach to the training data (no example ids,
+            or a batched dataset without ``reweighting_num_examples``).
+    """
+
+    def __init__(self, build_student: Callable, metrics=None, **ranges):
+        super().__init__()
+        if not callable(build_student):
+            raise ValueError(f"Expected `build_student` to be a callable. Received: {build_student!r}")
+        self.build_student = build_student
+        self.metrics = metrics
+        self.ranges = ranges
+        _distillation_choices(keras_tuner.HyperParameters(), **ranges)  # validate now
+
+    def build(self, hp):
+        choices = _distillation_choices(hp, **self.ranges)
+        student = self.build_student(hp)
+        _check_model(student)
+        metrics = list(self.metrics) if self.metrics is not None else ["accuracy", teacher_agreement]
+        student.compile(optimizer=choices.optimizer(_compat.flavour_of(student)), loss=choices.loss, metrics=metrics)
+        return student
+
+    def fit(self, hp, model, x=None, *args, callbacks=None, **kwargs):
+        choices = _distillation_choices(hp, **self.ranges)
+        callbacks = list(callbacks or [])
+        if choices.reweighting is not None:
+            try:
+                x = choices.reweighting.attach(x)
+            except ValueError as error:
+                hint = ""
+                if choices.reweighting.num_examples is None:
+                    hint = (" With DistillationHyperModel, pass the number of training examples as "
+                            "`DistillationHyperModel(..., reweighting_num_examples=N)`.")
+                # Fatal: every trial would fail the same way.
+                raise keras_tuner.errors.FatalValueError(f"{error}{hint}") from error
+            callbacks.append(choices.reweighting)
+        return model.fit(x, *args, callbacks=callbacks, **kwargs)
+
+
+def _check_model(model):
+    if not _compat.is_model(model):
+        raise keras_tuner.errors.FatalTypeError(
+            "Expected the model-building function, or HyperModel.build(), to return a Keras 3 "
+            f"or tf_keras Model. Received: {model!r} of type {type(model).__name__}."
+        )
