@@ -310,3 +310,36 @@ def teacher_output(outputs, output_index):
     if isinstance(outputs, dict):
         return outputs[output_index] if output_index in outputs else list(outputs.values())[0]
     return outputs
+
+
+ENSEMBLES = ("mean_logits", "mean_probs")
+
+
+def ensemble_logits(logits, ensemble: str = "mean_logits"):
+    """One set of teacher logits from several teachers' float32 logits.
+
+    ``"mean_logits"``: the mean of the teachers' logits.
+    ``"mean_probs"``: ``log(mean_i softmax(t_i))``, the log of the ensemble's
+    predictive distribution (a softmax of it gives that distribution back).
+    A one-logit (binary) teacher is a Bernoulli logit: ``"mean_probs"`` then
+    gives the logit of ``mean_i sigmoid(t_i)``. Shared by the online teacher
+    and the cache.
+
+    Args:
+        logits: a list of tensors of one shape ``(..., classes)``.
+        ensemble: ``"mean_logits"`` or ``"mean_probs"``.
+
+    Returns:
+        A tensor of that shape.
+    """
+    if len(logits) == 1:
+        return logits[0]
+    stacked = tf.stack(list(logits))
+    if ensemble == "mean_logits":
+        return tf.reduce_mean(stacked, 0)
+    log_n = tf.math.log(tf.cast(len(logits), stacked.dtype))
+    if stacked.shape[-1] == 1:  # Bernoulli logits: log p - log(1 - p) of the mean probability
+        log_p = tf.reduce_logsumexp(tf.math.log_sigmoid(stacked), 0) - log_n
+        log_q = tf.reduce_logsumexp(tf.math.log_sigmoid(-stacked), 0) - log_n
+        return log_p - log_q
+    return tf.reduce_logsumexp(tf.nn.log_softmax(stacked, -1), 0) - log_n
