@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine with python3 and make:
 #   make demo   - create .venv, install, run the end-to-end demo on bundled data
+#                 (examples/demo.py; `make demo-quick`, or `make demo DEMO_ARGS="--quick --no-plots"`)
 #   make test   - create .venv if missing, install, run the whole test suite
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
@@ -14,20 +15,23 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONHASHSEED ?= 0
 
-.PHONY: demo test venv bench clean
+.PHONY: demo demo-quick test venv bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,demo]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m keras_kd demo 2>&1 | $(QUIET)
+	$(PY) examples/demo.py $(DEMO_ARGS) 2>&1 | $(QUIET)
+
+demo-quick: $(STAMP)
+	$(PY) examples/demo.py --quick $(DEMO_ARGS) 2>&1 | $(QUIET)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile tests integration 2>&1 | $(QUIET)

@@ -19,7 +19,7 @@ import tf_keras as keras  # noqa: E402  (Keras 3.15's fit fails under MultiWorke
 
 import keras_kd  # noqa: E402
 from keras_kd.callbacks import backup as _reweighting_backup  # noqa: E402
-from keras_kd.demo import load_digits_split  # noqa: E402
+from digits import load_digits_split  # noqa: E402  (integration/digits.py, next to this script)
 
 N, BATCH, EPOCHS = 512, 64, 3
 

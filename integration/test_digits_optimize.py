@@ -31,7 +31,7 @@ import tf_keras
 import keras_kd
 from keras_kd import optimize
 from keras_kd.cache import cache_teacher_logits
-from keras_kd.demo import load_digits_split
+from integration.digits import load_digits_split
 
 pytestmark = pytest.mark.integration
 

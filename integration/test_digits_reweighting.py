@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import keras_kd
-from keras_kd.demo import load_digits_split
+from integration.digits import load_digits_split
 
 pytestmark = pytest.mark.integration
 

@@ -1,20 +1,28 @@
-"""`python -m keras_kd demo --quick`: every row, finite numbers, the plots."""
+"""The demo (examples/demo.py, `make demo`): every row, finite numbers, the plots;
+and `python -m keras_kd demo`, which points to it."""
 
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 
-from keras_kd import demo
+from examples import demo
+from examples import digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def test_demo_quick_table_and_plots(tmp_path):
+    # As `make demo-quick` runs it: a script, from the repository root.
     out = subprocess.run(
-        [sys.executable, "-m", "keras_kd", "demo", "--quick", "--output", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
+        [sys.executable, os.path.join("examples", "demo.py"), "--quick", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env=_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     table = (tmp_path / "demo_table.txt").read_text()
@@ -23,28 +31,69 @@ def test_demo_quick_table_and_plots(tmp_path):
     for line in table.splitlines()[2:]:
         name = line[:34].strip()
         rows[name] = [float(v) for v in line[34:].replace("+-", " ").split()]
-    assert list(rows) == list(demo.ROWS)
+    assert list(rows) == list(digits.ROWS)
     for name, numbers in rows.items():
         assert len(numbers) == 4 and all(math.isfinite(v) for v in numbers), (name, numbers)
         assert 0.0 < numbers[0] <= 100.0 and numbers[2] > 0 and numbers[3] > 0
     # The int8 TFLite student is smaller than the float student.
-    assert rows[demo.QAT][3] < rows[demo.CACHE][3]
+    assert rows[digits.QAT][3] < rows[digits.CACHE][3]
     for png in ("learning_curves.png", "agreement.png", "per_class_accuracy.png", "reweighting_histogram.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
+    # The MNIST-1D part ran after the digits part and wrote its own table.
+    assert (tmp_path / "mnist1d_table.txt").read_text().strip() in out.stdout
 
 
 def test_demo_rows_option(tmp_path):
-    results = demo.main(["--quick", "--rows", "scratch", "teacher", "--no-plots", "--output", str(tmp_path)])
-    assert list(results) == [demo.TEACHER, demo.SCRATCH]
+    results = demo.main(["--quick", "--datasets", "digits", "--rows", "scratch", "teacher", "--no-plots",
+                         "--output", str(tmp_path)])
+    assert list(results) == ["digits"]
+    assert list(results["digits"]) == [digits.TEACHER, digits.SCRATCH]
 
 
 def test_demo_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        demo.main(["--help"])
+        demo.parse_args(["--help"])
     assert exit_info.value.code == 0
-    assert "--quick" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    for option in ("--quick", "--output", "--rows", "--no-plots", "--datasets"):
+        assert option in help_text
     for bad in (["--label-fraction", "0"], ["--temperature", "0"], ["--alpha", "2"], ["--epochs", "0"],
-                ["--rows", "nope"]):
+                ["--rows", "nope"], ["--datasets", "cifar"]):
         with pytest.raises(SystemExit):
-            demo.main(bad)
+            demo.parse_args(bad)
         assert capsys.readouterr().err
+
+
+def test_module_command_points_to_the_example():
+    moved = subprocess.run([sys.executable, "-m", "keras_kd", "demo"], capture_output=True, text=True,
+                           timeout=120, env=_env())
+    assert moved.returncode == 2
+    assert "examples/demo.py" in moved.stderr and "keras-kd[demo]" in moved.stderr
+    usage = subprocess.run([sys.executable, "-m", "keras_kd", "--help"], capture_output=True, text=True,
+                           timeout=120, env=_env())
+    assert usage.returncode == 0 and "make demo" in usage.stdout
+
+
+def test_the_demo_uses_public_names_only():
+    """No `keras_kd._private` module or `._name` attribute of keras_kd in the examples."""
+    import ast
+
+    folder = os.path.join(ROOT, "examples")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(folder, name)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("keras_kd"):
+                assert not any(p.startswith("_") for p in node.module.split(".")), (name, node.module)
+                assert not any(a.name.startswith("_") for a in node.names), (name, node.lineno)
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("keras_kd"):
+                        assert not any(p.startswith("_") for p in alias.name.split(".")), (name, alias.name)
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                base = node.value
+                while isinstance(base, ast.Attribute):
+                    base = base.value
+                assert not (isinstance(base, ast.Name) and base.id in ("keras_kd", "optimize", "tuning")), (
+                    name, node.lineno, node.attr)

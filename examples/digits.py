@@ -1,4 +1,5 @@
-"""`python -m keras_kd demo`: every piece, side by side, on scikit-learn's digits.
+"""The digits part of the demo (`make demo`, ``python examples/demo.py``):
+every keras_kd piece, side by side, on scikit-learn's digits.
 
 Trains a teacher and builds its logit cache, then trains, with one student
 architecture, budget and seeds:
@@ -21,12 +22,12 @@ Prints one table (test accuracy mean +- std over seeds at the last epoch,
 median epoch time, model size) and writes PNG plots to the output folder:
 learning curves, per-class accuracy, the reweighting histogram and
 teacher-student agreement over epochs. Nothing is downloaded. This module only
-wires the library together.
+wires the library's public API together; it needs the demo extra
+(``pip install keras-kd[demo]``: scikit-learn and matplotlib).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -105,9 +106,9 @@ def _size_bytes(model) -> int:
 
 def _recorder(student, teacher_test_logits, x_test, y_test):
     """A callback (runs in both flavours) timing epochs and measuring the student."""
-    from keras_kd import _compat
+    import keras_kd
 
-    class Recorder(_compat.callback_base()):
+    class Recorder(keras_kd.Callback):
         def __init__(self):
             super().__init__()
             self.times, self.curve, self.agreement = [], [], []
@@ -137,6 +138,7 @@ def run(settings: Settings):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import tensorflow as tf
+    import tf_keras  # the quantization-aware student is a tf_keras model (tfmot wraps only those)
 
     import keras_kd
     from keras_kd import optimize
@@ -240,8 +242,7 @@ def run(settings: Settings):
             if QAT in results and distilled is not None:
                 # Keras 3 student -> tf_keras -> quantization-aware, fine-tuned with distillation -> int8.
                 qat = optimize.quantize_for_distillation(optimize.to_tf_keras(distilled))
-                tfk = keras_kd._compat.tf_keras()
-                qat.compile(tfk.optimizers.Adam(1e-3), loss=kd_loss())
+                qat.compile(tf_keras.optimizers.Adam(1e-3), loss=kd_loss())
                 recorder = _recorder(qat, t_test, x_test, y_test)
                 qat.fit(batches(cached), epochs=settings.qat_epochs, verbose=0, callbacks=[recorder])
                 tflite = optimize.to_tflite(qat, representative_data=raw(x_train, y_train).batch(64), int8=True)
@@ -322,52 +323,3 @@ def plot(results: Dict[str, Row], extras: dict, output: str) -> List[str]:
         ax.set_title("Hard-sample reweighting (signal 'kl', first seed)")
         save(fig, "reweighting_histogram.png")
     return paths
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m keras_kd demo",
-        description="Every keras_kd piece side by side with Keras's own Distiller, on scikit-learn's digits.",
-    )
-    parser.add_argument("--quick", action="store_true", help="one seed, few epochs (under a minute)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random seeds")
-    parser.add_argument("--epochs", type=int, default=40, help="student epochs")
-    parser.add_argument("--teacher-epochs", type=int, default=30)
-    parser.add_argument("--qat-epochs", type=int, default=5, help="quantization-aware fine-tuning epochs")
-    parser.add_argument("--low-data-epochs", type=int, default=150, help="student epochs in the low-data regime")
-    parser.add_argument("--label-fraction", type=float, default=0.1, help="share of labels in the low-data regime")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--student-width", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW",
-                        help=f"rows to run, among: {', '.join(repr(r) for r in ROWS)}")
-    parser.add_argument("--output", default="results", help="folder for the table and the plots")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    args = parser.parse_args(argv)
-    if not 0.0 < args.label_fraction <= 1.0:
-        parser.error(f"--label-fraction must be in (0, 1]. Received: {args.label_fraction}")
-    if min(args.epochs, args.teacher_epochs, args.low_data_epochs, args.qat_epochs, args.batch,
-           args.student_width) < 1:
-        parser.error("epochs, batch and width must be >= 1")
-    if args.temperature <= 0 or not 0.0 <= args.alpha <= 1.0:
-        parser.error("--temperature must be > 0 and --alpha in [0, 1]")
-    if args.quick:
-        args.seeds = args.seeds[:1]
-        args.epochs, args.teacher_epochs, args.qat_epochs, args.low_data_epochs = 3, 5, 1, 10
-    settings = Settings(
-        seeds=args.seeds, epochs=args.epochs, teacher_epochs=args.teacher_epochs, qat_epochs=args.qat_epochs,
-        low_data_epochs=args.low_data_epochs, label_fraction=args.label_fraction, batch=args.batch,
-        student_width=args.student_width, temperature=args.temperature, alpha=args.alpha,
-        rows=[r for r in ROWS if r in args.rows], output=args.output,
-    )
-    results, extras = run(settings)
-    table = format_table(results, settings)
-    print(table)
-    os.makedirs(settings.output, exist_ok=True)
-    with open(os.path.join(settings.output, "demo_table.txt"), "w") as f:
-        f.write(table + "\n")
-    if not args.no_plots:
-        for path in plot(results, extras, settings.output):
-            print(f"wrote {path}")
-    return results
