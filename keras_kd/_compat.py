@@ -3,13 +3,21 @@
 keras_kd supports both flavours in one process, with no environment variable:
 Keras 3 (what ``import keras`` gives) for keras-tuner and new projects, and
 tf_keras (Keras 2) for tensorflow-model-optimization. Every other module asks
-this one which flavour a model or object belongs to.
+this one which flavour a model or object belongs to, which base classes and
+serialization registry to use, and how to read a model's layer graph.
+
+It is also the one place that reads the dependencies' private attributes
+(layer graphs, masks, tfmot's registries): each read goes through
+`private_attribute`, which names the attribute and the installed version
+when a dependency drops it, and `PRIVATE_READS` lists them all for the
+canary test. The Keras 3 <-> tf_keras model bridge (layer-config
+translation) lives in `keras_kd.optimize.bridge`.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
+import importlib.metadata
 import os
 import sys
 from typing import Any
@@ -19,6 +27,85 @@ import tensorflow as tf
 
 KERAS3 = "keras"
 TF_KERAS = "tf_keras"
+
+
+# ---------------------------------------------------------------------------
+# Private attributes of the dependencies: every read goes through here
+# ---------------------------------------------------------------------------
+
+_DISTRIBUTIONS = {
+    "keras": "keras",
+    "tf_keras": "tf-keras",
+    "tensorflow": "tensorflow",
+    "tensorflow_model_optimization": "tensorflow-model-optimization",
+    "keras_tuner": "keras-tuner",
+}
+
+# Every private attribute (or private module) of a dependency that keras_kd
+# reads through this module: (package, owner, attribute). The canary test
+# checks each one against the installed versions.
+PRIVATE_READS = (
+    ("keras", "Functional", "_nodes_by_depth"),
+    ("keras", "Functional", "_inputs_struct"),
+    ("keras", "Functional", "_outputs_struct"),
+    ("keras", "Sequential", "_functional"),
+    ("keras", "KerasTensor", "_keras_history"),
+    ("keras", "KerasTensor", "_keras_mask"),
+    ("keras", "Layer", "_flatten_layers"),
+    ("keras", "Lambda", "_output_shape"),
+    ("tf_keras", "Functional", "_nodes_by_depth"),
+    ("tf_keras", "Functional", "_nested_inputs"),
+    ("tf_keras", "Functional", "_nested_outputs"),
+    ("tf_keras", "Functional", "_input_layers"),
+    ("tf_keras", "Model", "_is_graph_network"),
+    ("tf_keras", "InputLayer", "_outbound_nodes"),
+    ("tf_keras", "KerasTensor", "_keras_history"),
+    ("tf_keras", "Tensor", "_keras_mask"),
+    ("tf_keras", "Layer", "_flatten_layers"),
+    ("tf_keras", "Lambda", "_output_shape"),
+    ("tf_keras", "Loss", "_allow_sum_over_batch_size"),
+    ("tf_keras", "Loss", "_name_scope"),
+)
+
+
+class PrivateAPIError(RuntimeError):
+    """A private attribute keras_kd reads is gone from an installed dependency."""
+
+
+def dependency_version(package: str) -> str:
+    """The installed version of a dependency (``"keras"``, ``"tf_keras"``, ...)."""
+    try:
+        return importlib.metadata.version(_DISTRIBUTIONS.get(package, package))
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def private_attribute(obj: Any, attribute: str, package: str):
+    """``obj.<attribute>``, a private attribute of ``package`` that keras_kd reads.
+
+    Args:
+        obj: the object (or class) to read from.
+        attribute: the private attribute's name.
+        package: the dependency that defines it (``"keras"``, ``"tf_keras"``,
+            ``"tensorflow_model_optimization"``, ...).
+
+    Returns:
+        The attribute's value.
+
+    Raises:
+        PrivateAPIError: naming the attribute and the installed version of
+            ``package`` when the attribute is gone.
+    """
+    try:
+        return getattr(obj, attribute)
+    except AttributeError:
+        owner = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+        raise PrivateAPIError(
+            f"keras_kd reads the private attribute `{owner}.{attribute}` of {package}, and the "
+            f"installed {package} {dependency_version(package)} does not have it. Install the "
+            "versions keras_kd declares (setup.cfg `install_requires`), or report this with the "
+            "versions of keras, tf_keras and tensorflow-model-optimization."
+        ) from None
 
 
 def tf_keras():
@@ -109,7 +196,7 @@ def loss_base():
                 # What tf_keras's Loss.__init__ would set. tf_keras's compile
                 # sets `_allow_sum_over_batch_size = True` on the losses it
                 # manages (see `caller_scales_for_replicas`).
-                self._allow_sum_over_batch_size = False
+                self._allow_sum_over_batch_size = False  # PRIVATE_READS lists both
                 self._name_scope = self.name
 
             def caller_scales_for_replicas(self) -> bool:
@@ -164,7 +251,8 @@ def deserialize(config: Any):
 
 
 def get_keras_mask(tensor):
-    """The Keras mask carried by a tensor (both flavours use ``_keras_mask``)."""
+    """The Keras mask carried by a tensor, or None (both flavours use ``_keras_mask``;
+    a tensor without a mask has no such attribute)."""
     return getattr(tensor, "_keras_mask", None)
 
 
@@ -184,9 +272,10 @@ def graph_of(model: Any):
     flavour = flavour_of(model)
     if flavour == KERAS3:
         if isinstance(model, keras.Sequential):
-            return getattr(model, "_functional", None)
+            return private_attribute(model, "_functional", KERAS3)  # None until built
+        # Functional models (and only they) have a node graph.
         return model if hasattr(model, "_nodes_by_depth") else None
-    if flavour == TF_KERAS and getattr(model, "_is_graph_network", False):
+    if flavour == TF_KERAS and is_model(model) and private_attribute(model, "_is_graph_network", TF_KERAS):
         return model
     return None
 
@@ -210,7 +299,7 @@ def graph_calls(model: Any):
             "(a subclassed model, or a Sequential model that was never built)."
         )
     keras3 = flavour_of(model) == KERAS3
-    nodes_by_depth = graph._nodes_by_depth
+    nodes_by_depth = private_attribute(graph, "_nodes_by_depth", flavour_of(model))
     for depth in sorted(nodes_by_depth, reverse=True):
         for node in nodes_by_depth[depth]:
             if node.is_input:
@@ -245,114 +334,6 @@ def layer_mean_metric(layer: Any, name: str):
     return update
 
 
-# ---------------------------------------------------------------------------
-# Model-conversion primitives (used by `keras_kd.optimize.to_tf_keras` and
-# `to_keras3`): what a layer of one flavour is called in the other, and how
-# its config translates. Nothing here builds a whole model.
-# ---------------------------------------------------------------------------
-
-# Layer arguments that cannot change what a built layer computes in inference
-# (seeds, kernel implementation choices, shapes the rebuilt graph supplies);
-# dropped when the other flavour has no such argument.
-_OUTPUT_NEUTRAL_ARGUMENTS = frozenset(
-    {
-        "seed",
-        "implementation",
-        "use_cudnn",
-        "input_shape",
-        "batch_input_shape",
-        "batch_size",
-        "input_length",
-        "autocast",
-        "synchronized",
-        "fused",
-        "query_shape",
-        "key_shape",
-        "value_shape",
-    }
-)
-# Arguments renamed between the flavours: {class name: {Keras 3 name: tf_keras name}}.
-_RENAMED_ARGUMENTS = {"LeakyReLU": {"negative_slope": "alpha"}}
-_BASE_LAYER_ARGUMENTS = frozenset({"name", "trainable", "dtype", "activity_regularizer"})
-
-
-class UnconvertibleError(ValueError):
-    """A layer or config value that has no equivalent in the other flavour."""
-
-
-# Activation names both flavours know but define differently. Keras 3:
-# ``hard_sigmoid(x) = relu6(x + 3) / 6``; tf_keras: ``clip(0.2 x + 0.5, 0, 1)``.
-# Every other name the two share computes the same function (checked for
-# every shared name in tests/test_bridge.py). A converted layer gets a
-# function with the source's meaning, registered for serialization in both
-# flavours, so it also saves and loads (with keras_kd imported).
-
-
-@register_serializable()
-def keras3_hard_sigmoid(x):
-    """Keras 3's ``hard_sigmoid``, ``relu6(x + 3) / 6``, for tf_keras layers."""
-    x = tf.convert_to_tensor(x)
-    return tf.nn.relu6(x + tf.constant(3.0, x.dtype)) / tf.constant(6.0, x.dtype)
-
-
-@register_serializable()
-def tf_keras_hard_sigmoid(x):
-    """tf_keras's ``hard_sigmoid``, ``clip(0.2 x + 0.5, 0, 1)``, for Keras 3 layers."""
-    x = tf.convert_to_tensor(x)
-    x = tf.add(tf.multiply(x, tf.constant(0.2, x.dtype)), tf.constant(0.5, x.dtype))
-    return tf.clip_by_value(x, 0.0, 1.0)
-
-
-# {target flavour: {activation name in the source: what the target must use}}
-_ACTIVATIONS_BY_MEANING = {
-    TF_KERAS: {"hard_sigmoid": keras3_hard_sigmoid, "silu": "swish"},
-    KERAS3: {"hard_sigmoid": tf_keras_hard_sigmoid},
-}
-_ACTIVATION_FUNCTIONS = {
-    "keras3_hard_sigmoid": keras3_hard_sigmoid,
-    "tf_keras_hard_sigmoid": tf_keras_hard_sigmoid,
-}
-
-
-def _activation_name(value):
-    """The activation name of a config value (a string or a serialized function), or None."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and value.get("class_name") == "function":
-        return value["config"] if isinstance(value.get("config"), str) else None
-    return None
-
-
-def translate_activation(value, target: str):
-    """An activation config value of the other flavour, translated by meaning.
-
-    Names with the same meaning in both flavours pass through; ``hard_sigmoid``
-    (a different function in each) becomes a function with the source's
-    meaning, and keras_kd's translation functions become the built-in name
-    again in the flavour whose meaning they carry. Names the target lacks
-    raise `UnconvertibleError`.
-    """
-    name = _activation_name(value)
-    if name is None:
-        return translate_config(value, target)
-    function = _ACTIVATION_FUNCTIONS.get(name.split(">")[-1])
-    if function is not None:
-        native = KERAS3 if function is keras3_hard_sigmoid else TF_KERAS
-        return "hard_sigmoid" if native == target else function
-    if isinstance(value, dict):
-        mod = value.get("module") or ""
-        if mod.split(".")[0] not in (KERAS3, TF_KERAS):
-            return translate_config(value, target)  # a custom function: refused there
-    mapped = _ACTIVATIONS_BY_MEANING[target].get(name, name)
-    if isinstance(mapped, str) and not callable(getattr(module(target).activations, mapped, None)):
-        raise UnconvertibleError(
-            f"activation {name!r} has no equivalent in {module(target).__name__}.activations; "
-            "use an activation both Kerases have (e.g. 'relu', 'gelu', 'swish') or a layer "
-            "given in `custom_objects`"
-        )
-    return mapped
-
-
 def builtin_layer_class(flavour: str, class_name: str):
     """The built-in layer class ``class_name`` of a flavour, or ``None``."""
     klass = getattr(module(flavour).layers, class_name, None)
@@ -375,191 +356,21 @@ def is_builtin(obj: Any) -> bool:
     return type(obj).__module__.split(".", 1)[0] in (KERAS3, TF_KERAS)
 
 
-def _init_arguments(klass: type) -> set:
-    names = set(_BASE_LAYER_ARGUMENTS)
-    flavour = flavour_of_class(klass)
-    for base in klass.__mro__:
-        if flavour_of_class(base) != flavour or "__init__" not in vars(base):
-            continue
-        try:
-            params = inspect.signature(base.__init__).parameters
-        except (TypeError, ValueError):  # pragma: no cover - C-level __init__
-            continue
-        names.update(p for p in params if p != "self")
-    return names
+def producing_layer(tensor):
+    """The layer (or Keras 3 operation) that produced a symbolic Keras tensor, or None.
 
-
-def _init_defaults(klass: type) -> dict:
-    """Default values of the ``__init__`` arguments of a layer class (MRO included)."""
-    defaults = {}
-    flavour = flavour_of_class(klass)
-    for base in reversed(klass.__mro__):
-        if flavour_of_class(base) != flavour or "__init__" not in vars(base):
-            continue
-        try:
-            params = inspect.signature(base.__init__).parameters
-        except (TypeError, ValueError):  # pragma: no cover
-            continue
-        defaults.update({n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty})
-    return defaults
-
-
-def _same(a, b) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - e.g. arrays
-        return False
-
-
-def _dtype_name(value):
-    """A dtype or dtype-policy config reduced to the policy name both flavours take."""
-    if isinstance(value, dict) and "config" in value and isinstance(value["config"], dict):
-        name = value["config"].get("name")
-        if value.get("class_name") not in ("DTypePolicy", "FloatDTypePolicy", "Policy") or name is None:
-            raise UnconvertibleError(f"dtype policy {value.get('class_name')!r} has no equivalent")
-        return name
-    return value
-
-
-def translate_config(value: Any, target: str):
-    """Translates a serialized value (part of a layer config) for ``target``.
-
-    Serialized Keras objects (``{"module": "keras....", "class_name", "config"}``,
-    the form both flavours write) become the legacy ``{"class_name", "config"}``
-    form that both flavours read; nested layer configs are translated with
-    `translate_layer_config`. Objects from other modules (custom
-    initializers, activations, ...) raise `UnconvertibleError`.
+    Read from ``_keras_history`` (both flavours); tensors that no layer
+    produced (eager tensors, plain ``tf.Tensor``) have none.
     """
-    if isinstance(value, dict) and "class_name" in value and "config" in value:
-        mod = value.get("module")
-        if mod is not None and not (mod == "keras" or mod.startswith("keras.")):
-            name = value.get("registered_name") or value["class_name"]
-            raise UnconvertibleError(f"custom object {name!r} (module {mod!r}) has no built-in equivalent")
-        nested_layer = mod is not None and mod.startswith("keras.layers")
-        # A layer inside a tf_keras wrapper (Bidirectional, TimeDistributed) may
-        # come without a module.
-        nested_layer = nested_layer or (
-            mod is None
-            and target == KERAS3
-            and builtin_layer_class(TF_KERAS, value["class_name"]) is not None
-        )
-        if nested_layer and isinstance(value["config"], dict):
-            class_name, config = translate_layer_config(value["class_name"], value["config"], target)
-            if target == KERAS3:  # Keras 3 finds built-in classes by their module
-                return {
-                    "module": "keras.layers",
-                    "class_name": class_name,
-                    "config": config,
-                    "registered_name": None,
-                }
-            return {"class_name": class_name, "config": config}
-        if value["class_name"] in ("DTypePolicy", "FloatDTypePolicy", "Policy"):
-            return _dtype_name(value)
-        config = value["config"]
-        submodule = mod.split(".", 1)[1] if mod and "." in mod else None
-        klass = None
-        if submodule:
-            klass = getattr(getattr(module(target), submodule, None), value["class_name"], None)
-        if isinstance(config, dict) and isinstance(klass, type):
-            accepted = _init_arguments(klass)
-            dropped = {k: v for k, v in config.items() if k not in accepted}
-            for k, v in dropped.items():
-                if v is not None and v is not False:
-                    raise UnconvertibleError(
-                        f"{value['class_name']} argument `{k}={v!r}` has no equivalent in "
-                        f"{module(target).__name__}.{submodule}"
-                    )
-            config = {k: v for k, v in config.items() if k in accepted}
-        return {"class_name": value["class_name"], "config": translate_config(config, target)}
-    if isinstance(value, dict):
-        return {k: translate_config(v, target) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(translate_config(v, target) for v in value)
-    if isinstance(value, list) or type(value).__name__ == "ListWrapper":
-        return [translate_config(v, target) for v in value]
-    return value
+    history = getattr(tensor, "_keras_history", None)
+    if not history:
+        return None
+    return history[0] if isinstance(history, tuple) else getattr(history, "operation", None)
 
 
-def translate_layer_config(class_name: str, config: dict, target: str, klass: type | None = None):
-    """Translates a layer's config to the built-in layer of the same name in ``target``.
-
-    Returns ``(class_name, config)`` for ``target``'s ``from_config``. Arguments
-    the target class does not take are dropped when they cannot change the
-    layer's outputs (``None``/``False`` values, seeds, implementation
-    choices); any other raises `UnconvertibleError` naming the argument.
-
-    Args:
-        class_name: the layer's class name.
-        config: the layer's ``get_config()``.
-        target: ``"keras"`` or ``"tf_keras"``.
-        klass: the target class (defaults to the built-in class of that name).
-    """
-    klass = klass or builtin_layer_class(target, class_name)
-    if klass is None:
-        raise UnconvertibleError(f"{module(target).__name__}.layers has no {class_name!r} layer")
-    renames = _RENAMED_ARGUMENTS.get(class_name, {})
-    if target == KERAS3:
-        renames = {v: k for k, v in renames.items()}
-    accepted = _init_arguments(klass)
-    if any(base.__name__ == "RNN" for base in klass.__mro__):
-        accepted.add("zero_output_for_mask")  # tf_keras's RNN takes it through **kwargs
-    source = builtin_layer_class(TF_KERAS if target == KERAS3 else KERAS3, class_name)
-    source_defaults = _init_defaults(source) if source is not None else {}
-    if class_name == "SpectralNormalization":
-        raise UnconvertibleError(
-            "the bridge does not rebuild SpectralNormalization wrappers (the wrapped layer and "
-            "its power-iteration state `vector_u`). Convert the model without the wrapper and "
-            "wrap the layer again in the converted model"
-        )
-    out = {}
-    for key, value in config.items():
-        if key == "dtype":
-            out[key] = _dtype_name(value)
-            continue
-        if key == "activation" or key.endswith("_activation"):
-            out[key] = translate_activation(value, target)
-            continue
-        if key not in accepted and renames.get(key) in accepted:
-            key = renames[key]
-        if key not in accepted:
-            # Initializers only set initial values; converted layers get the weights.
-            neutral = key in _OUTPUT_NEUTRAL_ARGUMENTS or key.endswith("initializer")
-            neutral = neutral or value is None or value is False
-            neutral = neutral or (key == "data_format" and value == "channels_last")  # tf_keras's only layout
-            if neutral or (key in source_defaults and _same(source_defaults[key], value)):
-                continue
-            raise UnconvertibleError(
-                f"argument `{key}={value!r}` has no equivalent in "
-                f"{module(target).__name__}.layers.{class_name}"
-            )
-        if target == KERAS3 and class_name == "BatchNormalization" and key == "axis":
-            # tf_keras stores the (built) axis as a one-element list; Keras 3 takes an int.
-            if isinstance(value, (list, tuple)) or type(value).__name__ == "ListWrapper":
-                value = list(value)[0]
-        try:
-            out[key] = translate_config(value, target)
-        except UnconvertibleError:
-            if key.endswith("initializer"):
-                # Only the initial values depend on it, and converted layers
-                # get the source's weights: the target's default will do.
-                continue
-            raise
-    if target == TF_KERAS and class_name in ("BatchNormalization", "SyncBatchNormalization"):
-        # tf_keras picks its fused kernel on 4-D inputs, which updates the moving
-        # variance with the Bessel-corrected batch variance (n / (n - 1)); Keras 3
-        # uses the biased one. fused=False trains the same statistics.
-        if "fused" in accepted:
-            out["fused"] = False
-    return class_name, out
-
-
-def layer_from_config(klass: type, config: dict):
-    """``klass.from_config(config)``, for configs made by `translate_layer_config`."""
-    if klass.__name__ == "MultiHeadAttention" and flavour_of_class(klass) == TF_KERAS:
-        # tf_keras's from_config wants the build shapes of a saved layer and
-        # warns without them; the rebuilt layer is built by its first call.
-        return klass(**config)
-    return klass.from_config(config)
+def input_name(tensor) -> str | None:
+    """The name of the ``InputLayer`` that produced a symbolic input tensor."""
+    return getattr(producing_layer(tensor), "name", None)
 
 
 def make_input(flavour: str, like, name: str | None = None):
@@ -567,18 +378,8 @@ def make_input(flavour: str, like, name: str | None = None):
     dtype and sparseness of the symbolic tensor ``like`` (of either flavour)."""
     shape = tuple(like.shape)
     dtype = like.dtype if isinstance(like.dtype, str) else getattr(like.dtype, "name", str(like.dtype))
-    keras_module = module(flavour)
     sparse = bool(getattr(like, "sparse", False))
-    return keras_module.Input(shape=shape[1:], batch_size=shape[0], dtype=dtype, name=name, sparse=sparse)
-
-
-def input_name(tensor) -> str | None:
-    """The name of the ``InputLayer`` that produced a symbolic input tensor."""
-    history = getattr(tensor, "_keras_history", None)
-    if history is None:
-        return None
-    layer = history[0] if isinstance(history, tuple) else getattr(history, "operation", None)
-    return getattr(layer, "name", None)
+    return module(flavour).Input(shape=shape[1:], batch_size=shape[0], dtype=dtype, name=name, sparse=sparse)
 
 
 def is_sequential(model: Any) -> bool:
@@ -596,8 +397,30 @@ def is_input_layer(layer: Any) -> bool:
 def model_io(model: Any):
     """``(inputs, outputs)`` of a Functional model, in their nested structure."""
     if flavour_of(model) == KERAS3:
-        return model._inputs_struct, model._outputs_struct
-    return model._nested_inputs, model._nested_outputs
+        names = ("_inputs_struct", "_outputs_struct")
+    else:
+        names = ("_nested_inputs", "_nested_outputs")
+    flavour = flavour_of(model)
+    return tuple(private_attribute(model, name, flavour) for name in names)
+
+
+def input_consumers(model: Any) -> dict:
+    """``{input layer: names of the layers it feeds}`` of a tf_keras Functional model."""
+    return {
+        layer: [node.outbound_layer.name for node in private_attribute(layer, "_outbound_nodes", TF_KERAS)]
+        for layer in private_attribute(model, "_input_layers", TF_KERAS)
+    }
+
+
+def sublayers(layer: Any) -> list:
+    """``layer`` and every layer nested in it, recursively (both flavours)."""
+    flatten = private_attribute(layer, "_flatten_layers", flavour_of(layer))
+    return list(flatten(include_self=True, recursive=True))
+
+
+def lambda_output_shape(layer: Any):
+    """The ``output_shape`` a ``Lambda`` layer was built with (both flavours)."""
+    return private_attribute(layer, "_output_shape", flavour_of(layer))
 
 
 def import_tfmot():
