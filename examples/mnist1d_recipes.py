@@ -1,0 +1,320 @@
+"""The MNIST-1D recipes: one function per row of the results table.
+
+Every row trains one student (``"mlp"`` or ``"cnn"``) for one seed and returns
+it with its learning curve; `examples.mnist1d` runs the rows over students and
+seeds and prints the table. Only the public keras_kd API is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable, Dict, List, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_kd
+
+from examples import mnist1d_data
+from examples import mnist1d_models
+
+CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@dataclasses.dataclass
+class Settings:
+    """Every number the table depends on (chosen on the validation split)."""
+
+    seeds: List[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 50  # every row unless the row is about the budget
+    patient_epochs: int = 150  # the consistent-mixup row (Beyer et al.'s "patient")
+    teacher_epochs: int = 50
+    batch: int = 128
+    learning_rate: float = 1e-2  # Adam; 1e-2 beat 3e-3 on the validation split for teacher and both students
+    temperature: float = 2.0
+    alpha: float = 0.5
+    mixup_alpha: float = 0.2
+    transfer_count: int = 5000  # extra unlabelled inputs from the generator with another seed
+    noise: float = 0.2
+    reweighting_strength: float = 3.0  # teacher_wrong: weight exp(-3 d), d = share of epochs the teacher was wrong
+    tuner_epochs: int = 20
+    tuner_temperatures: List[float] = dataclasses.field(default_factory=lambda: [1.0, 4.0])
+    tuner_alphas: List[float] = dataclasses.field(default_factory=lambda: [0.1, 0.5, 1.0])
+    tuner_divergences: List[str] = dataclasses.field(default_factory=lambda: ["kl", "dkd"])
+
+    def key(self, *parts) -> str:
+        """A short digest of the settings and ``parts``, for work-folder names."""
+        text = json.dumps([dataclasses.asdict(self), parts], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+@dataclasses.dataclass
+class Trained:
+    model: keras.Model
+    curve: List[float]  # test accuracy per epoch (recorded for the first seed only)
+    epochs: int
+    note: str = ""  # e.g. the tuned search's choice
+
+
+class Context:
+    """Data, teachers and caches shared by the rows (built once, kept on disk)."""
+
+    def __init__(self, work: str, settings: Settings):
+        self.work, self.settings = work, settings
+        os.makedirs(work, exist_ok=True)
+        self.data = mnist1d_data.load(work)
+        self._teachers: Dict[str, keras.Model] = {}
+        self._caches: Dict[str, keras_kd.TeacherLogitCache] = {}
+        self.tuned: Dict[str, dict] = {}  # student kind -> the search's best choice
+
+    # -- teachers -------------------------------------------------------------
+
+    def teacher(self, seed: int = 0, labels: Optional[np.ndarray] = None, tag: str = "clean",
+                val_labels: Optional[np.ndarray] = None) -> keras.Model:
+        """A teacher trained on the training split (``labels`` if given), its
+        weights saved under the work folder and reloaded on later runs. The
+        weights kept are those of the epoch with the best validation accuracy
+        (against ``val_labels``: the noisy teacher only ever sees noisy labels)."""
+        s, d = self.settings, self.data
+        name = f"teacher_{tag}_{seed}_{s.key('teacher', s.teacher_epochs, s.batch, s.learning_rate)}"
+        if name in self._teachers:
+            return self._teachers[name]
+        path = os.path.join(self.work, "teachers", name + ".weights.h5")
+        keras.utils.set_random_seed(1000 + seed)
+        model = mnist1d_models.teacher(name=f"teacher_{tag}_{seed}")
+        if os.path.exists(path):
+            model.load_weights(path)
+        else:
+            model.compile(keras.optimizers.Adam(s.learning_rate), CE, metrics=["accuracy"], steps_per_execution=32)
+            y = d.y_train if labels is None else labels
+            y_val = d.y_val if val_labels is None else val_labels
+            best = keras.callbacks.EarlyStopping("val_accuracy", patience=s.teacher_epochs, restore_best_weights=True)
+            model.fit(batches(d.x_train, y, s.batch, seed), validation_data=(d.x_val, y_val),
+                      epochs=s.teacher_epochs, verbose=0, callbacks=[best])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            model.save_weights(path)
+        self._teachers[name] = model
+        return model
+
+    def ensemble(self) -> List[keras.Model]:
+        return [self.teacher(seed) for seed in range(3)]
+
+    def noisy(self):
+        """20% noisy training and validation labels and the teacher trained on them."""
+        s, d = self.settings, self.data
+        y = mnist1d_data.noisy_labels(d.y_train, s.noise, seed=0)
+        y_val = mnist1d_data.noisy_labels(d.y_val, s.noise, seed=1)
+        return y, self.teacher(0, labels=y, tag=f"noisy{int(s.noise * 100)}", val_labels=y_val)
+
+    # -- caches ---------------------------------------------------------------
+
+    def cached(self, name: str, teacher, dataset: tf.data.Dataset, **options) -> tf.data.Dataset:
+        """``dataset`` (unbatched) through a teacher-logit cache in the work folder."""
+        if name not in self._caches:
+            self._caches[name] = keras_kd.cache_teacher_logits(
+                teacher, os.path.join(self.work, "caches", name), verbose=0, on_mismatch="rebuild", **options)
+        return dataset.apply(self._caches[name])
+
+
+def batches(x, y, batch: int, seed: int) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).batch(batch)
+
+
+def accuracy(model, x, y) -> float:
+    return float((np.asarray(model(x, training=False)).argmax(-1) == y).mean())
+
+
+class _Curve(keras.callbacks.Callback):
+    """Test accuracy after every epoch (the learning curve)."""
+
+    def __init__(self, student, x_test, y_test):
+        super().__init__()
+        self.student, self.x_test, self.y_test, self.values = student, x_test, y_test, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.values.append(accuracy(self.student, self.x_test, self.y_test))
+
+
+def fit(ctx: Context, kind: str, seed: int, loss, train, *, epochs=None, length=40, callbacks=(), x_test=None,
+        curve=False, distiller_teacher=None) -> Trained:
+    """Builds the ``kind`` student with ``seed``, compiles it with Adam and
+    ``loss`` (or wraps it in Keras's Distiller) and fits ``train``."""
+    s = ctx.settings
+    epochs = epochs or s.epochs
+    keras.utils.set_random_seed(seed)
+    student = mnist1d_models.student(kind, length)
+    trainer = student
+    if distiller_teacher is not None:
+        trainer = keras.distillation.Distiller(
+            teacher=distiller_teacher,
+            student=student,
+            distillation_losses=keras.distillation.LogitsDistillation(
+                temperature=s.temperature, loss=keras.losses.KLDivergence()),
+            student_loss_weight=s.alpha,
+        )
+    trainer.compile(keras.optimizers.Adam(s.learning_rate), loss=loss, steps_per_execution=32)
+    recorder = [_Curve(student, ctx.data.x_test if x_test is None else x_test, ctx.data.y_test)] if curve else []
+    trainer.fit(train, epochs=epochs, verbose=0, callbacks=[*callbacks, *recorder])
+    return Trained(student, recorder[0].values if recorder else [], epochs)
+
+
+def kd_loss(settings: Settings, divergence="kl", temperature=None, alpha=None):
+    return keras_kd.DistillationLoss(
+        temperature=settings.temperature if temperature is None else temperature,
+        alpha=settings.alpha if alpha is None else alpha, divergence=divergence)
+
+
+def every_second_sample(x):
+    """The student's input in the different-inputs row: half the resolution."""
+    return x[..., ::2, :]
+
+
+# -- rows: fn(ctx, kind, seed, curve) -> Trained ---------------------------------
+
+def scratch(ctx, kind, seed, curve):
+    d, s = ctx.data, ctx.settings
+    return fit(ctx, kind, seed, CE, batches(d.x_train, d.y_train, s.batch, seed), curve=curve)
+
+
+def distiller(ctx, kind, seed, curve):
+    d, s = ctx.data, ctx.settings
+    return fit(ctx, kind, seed, CE, batches(d.x_train, d.y_train, s.batch, seed), curve=curve,
+               distiller_teacher=ctx.teacher(0))
+
+
+def _raw(ctx):
+    d = ctx.data
+    return tf.data.Dataset.from_tensor_slices((d.x_train, d.y_train))
+
+
+def kd_cache(ctx, kind, seed, curve, divergence="kl"):
+    s = ctx.settings
+    train = ctx.cached("teacher0", ctx.teacher(0), _raw(ctx)).shuffle(len(ctx.data.x_train), seed=seed).batch(s.batch)
+    return fit(ctx, kind, seed, kd_loss(s, divergence), train, curve=curve)
+
+
+def dkd(ctx, kind, seed, curve):
+    return kd_cache(ctx, kind, seed, curve, divergence="dkd")
+
+
+def ensemble(ctx, kind, seed, curve):
+    s = ctx.settings
+    train = ctx.cached("ensemble3", ctx.ensemble(), _raw(ctx), ensemble="mean_probs")
+    return fit(ctx, kind, seed, kd_loss(s), train.shuffle(len(ctx.data.x_train), seed=seed).batch(s.batch),
+               curve=curve)
+
+
+def mixup_patient(ctx, kind, seed, curve):
+    """Consistent teaching: mixup on each batch BEFORE the online teacher, so
+    teacher and student see the same mixed view; a long schedule."""
+    d, s = ctx.data, ctx.settings
+    mixed = batches(d.x_train, d.y_train, s.batch, seed).map(
+        keras_kd.mixup(alpha=s.mixup_alpha, num_classes=10, seed=seed))
+    train = keras_kd.with_teacher(mixed, ctx.teacher(0))
+    return fit(ctx, kind, seed, kd_loss(s), train, epochs=s.patient_epochs, curve=curve)
+
+
+def scratch_patient(ctx, kind, seed, curve):
+    d, s = ctx.data, ctx.settings
+    return fit(ctx, kind, seed, CE, batches(d.x_train, d.y_train, s.batch, seed), epochs=s.patient_epochs,
+               curve=curve)
+
+
+def transfer(ctx, kind, seed, curve):
+    """The labelled training set plus extra unlabelled inputs (a transfer set):
+    the hard term skips the unlabelled examples (NO_LABEL)."""
+    s = ctx.settings
+    extra = mnist1d_data.transfer_inputs(ctx.work, s.transfer_count)
+    unlabelled = keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(extra))
+    labelled = _raw(ctx).map(lambda x, y: (x, tf.cast(y, unlabelled.element_spec[1].dtype)))
+    train = ctx.cached(f"transfer{s.transfer_count}", ctx.teacher(0), labelled.concatenate(unlabelled))
+    size = len(ctx.data.x_train) + len(extra)
+    return fit(ctx, kind, seed, kd_loss(s), train.shuffle(size, seed=seed).batch(s.batch), curve=curve)
+
+
+def half_scratch(ctx, kind, seed, curve):
+    d, s = ctx.data, ctx.settings
+    return fit(ctx, kind, seed, CE, batches(every_second_sample(d.x_train), d.y_train, s.batch, seed), length=20,
+               x_test=every_second_sample(d.x_test), curve=curve)
+
+
+def half_kd(ctx, kind, seed, curve):
+    """Teacher on the 40-sample signal, student on every second sample."""
+    d, s = ctx.data, ctx.settings
+    train = ctx.cached("teacher0_half", ctx.teacher(0), _raw(ctx), student_inputs=every_second_sample)
+    return fit(ctx, kind, seed, kd_loss(s), train.shuffle(len(d.x_train), seed=seed).batch(s.batch), length=20,
+               x_test=every_second_sample(d.x_test), curve=curve)
+
+
+def noisy_scratch(ctx, kind, seed, curve):
+    d, s = ctx.data, ctx.settings
+    y, _ = ctx.noisy()
+    return fit(ctx, kind, seed, CE, batches(d.x_train, y, s.batch, seed), curve=curve)
+
+
+def _noisy_cached(ctx):
+    d = ctx.data
+    y, teacher = ctx.noisy()
+    return ctx.cached("teacher_noisy", teacher, tf.data.Dataset.from_tensor_slices((d.x_train, y)))
+
+
+def noisy_kd(ctx, kind, seed, curve):
+    s = ctx.settings
+    train = _noisy_cached(ctx).shuffle(len(ctx.data.x_train), seed=seed).batch(s.batch)
+    return fit(ctx, kind, seed, kd_loss(s), train, curve=curve)
+
+
+def noisy_kd_teacher_wrong(ctx, kind, seed, curve):
+    """Plus HardSampleReweighting's ``teacher_wrong`` signal: examples whose
+    (noisy) label the teacher disagrees with are down-weighted."""
+    s = ctx.settings
+    rew = keras_kd.HardSampleReweighting(signal="teacher_wrong", strength=s.reweighting_strength, warmup_epochs=1)
+    train = rew.attach(_noisy_cached(ctx)).shuffle(len(ctx.data.x_train), seed=seed).batch(s.batch)
+    return fit(ctx, kind, seed, kd_loss(s), train, callbacks=[rew], curve=curve)
+
+
+def tuned_choice(ctx: Context, kind: str) -> dict:
+    """keras-tuner's grid over T, alpha (1.0 = plain training) and divergence,
+    scored on the validation split; the search folder is in the work folder,
+    so a later run reuses finished trials."""
+    import keras_tuner
+
+    d, s = ctx.data, ctx.settings
+
+    def build(hp):
+        return mnist1d_models.student(kind)
+
+    hypermodel = keras_kd.DistillationHyperModel(
+        build, metrics=["accuracy"], temperature=list(s.tuner_temperatures), alpha=list(s.tuner_alphas),
+        divergence=list(s.tuner_divergences), learning_rate=s.learning_rate)
+    tuner = keras_tuner.GridSearch(
+        hypermodel, objective="val_accuracy", seed=0, directory=os.path.join(ctx.work, "tuner"),
+        project_name=f"{kind}_{s.key('tuner', kind)}")
+    train = ctx.cached("teacher0", ctx.teacher(0), _raw(ctx)).shuffle(len(d.x_train), seed=0).batch(s.batch)
+    keras.utils.set_random_seed(0)
+    tuner.search(train, validation_data=(d.x_val, d.y_val), epochs=s.tuner_epochs, verbose=0)
+    best = tuner.get_best_hyperparameters(1)[0].values
+    return {"temperature": float(best["kd_temperature"]), "alpha": float(best["kd_alpha"]),
+            "divergence": best["kd_divergence"]}
+
+
+def tuned(ctx, kind, seed, curve):
+    s = ctx.settings
+    if kind not in ctx.tuned:
+        ctx.tuned[kind] = tuned_choice(ctx, kind)
+    c = ctx.tuned[kind]
+    train = ctx.cached("teacher0", ctx.teacher(0), _raw(ctx)).shuffle(len(ctx.data.x_train), seed=seed).batch(s.batch)
+    trained = fit(ctx, kind, seed, kd_loss(s, c["divergence"], c["temperature"], c["alpha"]), train, curve=curve)
+    trained.note = f"T={c['temperature']:g}, alpha={c['alpha']:g}, {c['divergence']}"
+    return trained
+
+
+def teacher_row(ctx, kind, seed, curve):
+    return Trained(ctx.teacher(0), [], ctx.settings.teacher_epochs)
+
+
+Row = Callable[[Context, str, int, bool], Trained]

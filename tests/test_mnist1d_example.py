@@ -1,0 +1,103 @@
+"""The MNIST-1D example (examples/mnist1d.py): every row in quick mode, the
+plots, and a data generator that is deterministic and never downloads."""
+
+import math
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+
+from examples import mnist1d
+from examples import mnist1d_data
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach the network fails the test loudly."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:1]}")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    requests = pytest.importorskip("requests")  # mnist1d's own loader downloads with requests
+    monkeypatch.setattr(requests, "get", refuse)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("mnist1d_work"))
+
+
+def test_generator_is_deterministic_cached_and_offline(tmp_path, no_network):
+    state = np.random.get_state()
+    first = mnist1d_data.generate(str(tmp_path / "a.npz"), num_samples=300)
+    assert (tmp_path / "a.npz").exists()
+    again = mnist1d_data.generate(str(tmp_path / "b.npz"), num_samples=300)  # generated afresh
+    reloaded = mnist1d_data.generate(str(tmp_path / "a.npz"), num_samples=300)  # read back from the npz
+    # The generator seeds NumPy's global state; the caller's state is left alone.
+    assert np.array_equal(np.random.get_state()[1], state[1])
+    for other in (again, reloaded):
+        assert sorted(other) == ["x", "x_test", "y", "y_test"]
+        for key in other:
+            assert np.array_equal(first[key], other[key]), key
+    assert first["x"].shape == (240, 40) and first["x_test"].shape == (60, 40)  # the generator's 80/20 split
+    other_seed = mnist1d_data.generate(str(tmp_path / "c.npz"), num_samples=300, seed=7)
+    assert not np.allclose(first["x"], other_seed["x"])
+
+
+def test_default_split(work, no_network):
+    split = mnist1d_data.load(work)
+    # The generator's defaults: 4,000 train (3,600 + 400 validation) / 1,000 test, length 40, 10 classes.
+    assert split.x_train.shape == (3600, 40, 1) and split.x_val.shape == (400, 40, 1)
+    assert split.x_test.shape == (1000, 40, 1) and split.x_train.dtype == np.float32
+    assert sorted(np.unique(split.y_train)) == list(range(10))
+    assert np.bincount(split.y_val, minlength=10).min() >= 25  # every class in the validation split
+
+
+def test_transfer_inputs_are_new_signals_not_the_test_split(work, no_network):
+    split = mnist1d_data.load(work)
+    extra = mnist1d_data.transfer_inputs(work, 300)
+    assert extra.shape == (300, 40, 1)
+    assert np.array_equal(extra, mnist1d_data.transfer_inputs(work, 300))
+    known = np.concatenate([split.x_train, split.x_val, split.x_test]).reshape(-1, 40)
+    # No transfer input equals (or nearly equals) any training, validation or test signal.
+    distances = ((extra.reshape(-1, 1, 40) - known[None]) ** 2).sum(-1).min(1)
+    assert distances.min() > 1e-3
+    with pytest.raises(ValueError, match="count"):
+        mnist1d_data.transfer_inputs(work, 5001)
+
+
+def test_noisy_labels_flip_exactly_the_share_to_other_classes():
+    labels = np.repeat(np.arange(10), 50)
+    noisy = mnist1d_data.noisy_labels(labels, 0.2, seed=3)
+    changed = noisy != labels
+    assert changed.sum() == 100  # 20% of 500, every flipped label is another class
+    assert noisy.min() >= 0 and noisy.max() <= 9
+    assert np.array_equal(noisy, mnist1d_data.noisy_labels(labels, 0.2, seed=3))
+
+
+def test_quick_mode_every_row_finite_and_plots(tmp_path, no_network, capsys):
+    results = mnist1d.run(quick=True, output=str(tmp_path), plots=True)
+    expected = [f"{kind} | {name}" for kind in mnist1d.STUDENT_KINDS for name in mnist1d.ROW_NAMES]
+    assert list(results) == expected
+    for key, row in results.items():
+        assert row["accuracies"] and all(0.0 <= a <= 1.0 for a in row["accuracies"]), key
+        assert math.isfinite(row["mean"]) and math.isfinite(row["std"]), key
+        assert row["epochs"] >= 1, key
+    # The tuned row says what the search chose.
+    assert "alpha=" in results["cnn | keras_kd tuned (grid on validation)"]["note"]
+    table = (tmp_path / "mnist1d_table.txt").read_text()
+    assert table.strip() in capsys.readouterr().out
+    for name in mnist1d.ROW_NAMES:
+        assert name in table
+    for kind in mnist1d.STUDENT_KINDS:
+        for png in (f"mnist1d_curves_{kind}.png", f"mnist1d_methods_{kind}.png"):
+            assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
+
+
+def test_unknown_row_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Unknown rows"):
+        mnist1d.run(quick=True, output=str(tmp_path), plots=False, rows=["scratch", "nope"])
