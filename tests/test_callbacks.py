@@ -13,6 +13,8 @@ from keras_kd import callbacks as cb
 from tests import reference as ref
 from tests.conftest import mlp
 
+NO_LABEL = keras_kd.losses.NO_LABEL
+
 
 def _logits(seed, shape):
     return (np.random.default_rng(seed).normal(size=shape) * 2).astype("float32")
@@ -60,6 +62,103 @@ def test_raw_weights_and_normalise():
     w = cb.normalise(np.array([1.0, 1.0, 1.0, 9.0]), clip=(0.2, 2.0))
     # mean 3 -> [1/3, 1/3, 1/3, 3] -> clipped high at 2
     np.testing.assert_allclose(w, [1 / 3, 1 / 3, 1 / 3, 2.0])
+
+
+def test_signals_on_mixed_dense_labels():
+    """Mixed (mixup) labels (B, K): cross-entropies against the mixed
+    distribution, teacher_wrong against its argmax."""
+    t, s = _logits(5, (6, 4)), _logits(6, (6, 4))
+    y = np.random.default_rng(7).dirichlet(np.ones(4), size=6).astype("float32")
+    soft = np.arange(6, dtype="float32")
+    ce_s = -(y * ref.log_softmax(s)).sum(-1)
+    ce_t = -(y * ref.log_softmax(t)).sum(-1)
+    want = {
+        "student_ce": ce_s,
+        "teacher_ce": ce_t,
+        "wsld": 1 - np.exp(-ce_s / ce_t),
+        "teacher_wrong": (t.argmax(-1) != y.argmax(-1)).astype(float),
+    }
+    for name, value in want.items():
+        np.testing.assert_allclose(cb.SIGNALS[name](y, t, s, soft).numpy(), value, rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32", "float32"])
+def test_label_signals_skip_unlabelled_examples(dtype):
+    """NO_LABEL examples get NaN from the label-based signals (their rows stay
+    untouched), the others their usual value; label-free signals ignore labels."""
+    t, s = _logits(8, (5, 3)), _logits(9, (5, 3))
+    y = np.array([0, NO_LABEL, 2, NO_LABEL, 1]).astype(dtype)
+    has = y != NO_LABEL
+    ids = np.where(has, y, 0).astype(int)
+    soft = np.arange(5, dtype="float32")
+    ce_s, ce_t = ref.sparse_ce(ids, s), ref.sparse_ce(ids, t)
+    want = {
+        "student_ce": ce_s,
+        "teacher_ce": ce_t,
+        "wsld": 1 - np.exp(-ce_s / ce_t),
+        "teacher_wrong": (t.argmax(-1) != ids).astype(float),
+    }
+    for name in cb.SIGNALS:
+        got = cb.SIGNALS[name](y, t, s, soft).numpy()
+        if name in want:
+            assert np.isnan(got[~has]).all(), name
+            np.testing.assert_allclose(got[has], want[name][has], rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            assert np.isfinite(got).all(), name
+    # Binary (one logit): NO_LABEL is skipped too.
+    z_t, z_s = _logits(10, (4, 1)), _logits(11, (4, 1))
+    yb = np.array([1.0, NO_LABEL, 0.0, 1.0], "float32")
+    wrong = cb.signal_teacher_wrong(yb, z_t, z_s, None).numpy()
+    assert np.isnan(wrong[1])
+    np.testing.assert_array_equal(wrong[[0, 2, 3]], ((z_t[:, 0] > 0) != (yb > 0.5))[[0, 2, 3]].astype(float))
+
+
+def test_unlabelled_examples_keep_weight_one_in_fit(K):
+    """A labelled set mixed with NO_LABEL examples: student_ce reweights the
+    labelled ones only; the unlabelled keep weight 1 and stay out of the
+    teacher-wrong share."""
+    n = 48
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    y = rng.integers(0, 4, size=n)
+    y[::3] = NO_LABEL
+    has = y != NO_LABEL
+    ds = keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices((x, y)))
+    teacher, student = mlp(K), mlp(K)
+    student.compile(K.optimizers.SGD(0.0), loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.5))
+    rew = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=1, momentum=0.5, clip=(0.1, 10.0))
+    history = student.fit(keras_kd.with_teacher(rew.attach(ds).batch(16), teacher), epochs=2, verbose=0,
+                          callbacks=[rew])
+    np.testing.assert_array_equal(rew.table.seen, has)
+    d = ref.sparse_ce(y[has], student.predict(x[has], verbose=0))
+    np.testing.assert_allclose(rew.table.difficulty[has], d, rtol=1e-5)
+    weights = rew.table.weights.numpy()
+    np.testing.assert_array_equal(weights[~has], 1.0)
+    np.testing.assert_allclose(weights[has], cb.normalise(cb.raw_weights("student_ce", d, 1.0), (0.1, 10.0)),
+                               rtol=1e-5)
+    t = teacher.predict(x, verbose=0)
+    assert history.history["kd_teacher_wrong_share"][-1] == pytest.approx((t.argmax(-1) != y)[has].mean())
+
+
+def test_public_callback_base_runs_in_both_flavours(K, toy_data):
+    """keras_kd.Callback subclasses run in the fit of either flavour and write into logs."""
+    x, y, make = toy_data
+    student = mlp(K)
+    student.compile(K.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
+
+    class Epochs(keras_kd.Callback):
+        def on_train_begin(self, logs=None):
+            self.seen = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seen.append((epoch, self.model is student))
+            logs["seen_epoch"] = float(epoch)
+
+    probe = Epochs()
+    history = student.fit(make(batch=16), epochs=2, verbose=0, callbacks=[probe])
+    assert probe.seen == [(0, True), (1, True)]
+    assert history.history["seen_epoch"] == [0.0, 1.0]
 
 
 # --- the dataset hook -------------------------------------------------------------
@@ -144,6 +243,13 @@ def test_training_ids_outside_the_table_never_train_silently(K, jit):
         ({"clip": (0.1,)}, "clip"),
         ({"momentum": 1.0}, "momentum"),
         ({"num_examples": 0}, "num_examples"),
+        # bool is not an int (True == 1 would make a one-row table).
+        ({"num_examples": True}, "Expected `num_examples` to be None or a positive integer. Received: num_examples=True"),
+        ({"warmup_epochs": True}, "warmup_epochs"),
+        ({"warmup_epochs": 1.0}, "warmup_epochs"),
+        ({"strength": True}, "strength"),
+        ({"clip": ("0.1", 5.0)}, "clip"),
+        ({"clip": (0.2, float("inf"))}, "clip"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -313,6 +419,12 @@ def test_schedules():
         keras_kd.step([2], [1.0])
     with pytest.raises(ValueError, match="epochs"):
         keras_kd.linear(1.0, 2.0, 0)
+    with pytest.raises(ValueError, match="Expected `epochs` to be a positive integer. Received: epochs=True"):
+        keras_kd.cosine(1.0, 2.0, True)
+    with pytest.raises(ValueError, match="start"):
+        keras_kd.linear("8", 2.0, 3)
+    with pytest.raises(ValueError, match="alpha"):
+        keras_kd.DistillationScheduler(alpha=True)
 
 
 def test_scheduler_changes_loss_without_recompiling(K, toy_data):

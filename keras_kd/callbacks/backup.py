@@ -25,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 
+from keras_kd import _fingerprint
 from keras_kd import _storage
 
 FILE_NAME = "hard_sample_reweighting.npz"
@@ -38,30 +39,15 @@ class BackupCorruptedError(_storage.CacheCorruptedError):
     """The reweighting backup file is unreadable, damaged or does not fit the table."""
 
 
-def model_state_digest(model) -> str:
-    """A digest of a model's architecture and current weights.
-
-    Equal digests mean the same variables (in order, shapes, dtypes) with the
-    same values: what a model restored by ``BackupAndRestore`` has at the
-    start of the resumed epoch. Large weights are sampled (at most 4096
-    values each, evenly strided), so the cost stays small for any model.
-    """
-    h = hashlib.sha256()
-    for variable in model.weights:
-        value = np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
-        # Shapes and values, not names: layer names carry per-process counters.
-        h.update(f"{value.shape}|{value.dtype.str};".encode())
-        flat = value.reshape(-1)
-        if flat.size > 4096:
-            flat = flat[:: flat.size // 4096 + 1]
-        h.update(np.ascontiguousarray(flat).tobytes())
-    return h.hexdigest()
-
-
 def run_identity(config: dict, num_examples: int, model) -> str:
-    """The identity of a run at an epoch end: callback settings, table size, model state."""
+    """The identity of a run at an epoch end: callback settings, table size, model state.
+
+    The model state is the cache's own digest of every weight (dtypes, shapes,
+    values): what a model restored by ``BackupAndRestore`` has at the start of
+    the resumed epoch.
+    """
     settings = json.dumps({**config, "num_examples": int(num_examples)}, sort_keys=True, default=str)
-    return hashlib.sha256(f"{settings}|{model_state_digest(model)}".encode()).hexdigest()
+    return hashlib.sha256(f"{settings}|{_fingerprint.weights_digest(model)}".encode()).hexdigest()
 
 
 class ReweightingBackup:

@@ -7,14 +7,13 @@ crash-recovery file (``backup_dir=``) in ``backup.py``.
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import warnings
 from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
 
+from keras_kd import _checks
 from keras_kd import _compat
 from keras_kd import targets as targets_lib
 from keras_kd.callbacks import backup as backup_lib
@@ -25,6 +24,16 @@ from keras_kd.callbacks.signals import SIGNALS
 from keras_kd.callbacks.signals import normalise
 from keras_kd.callbacks.signals import raw_weights
 from keras_kd.callbacks.signals import signal_teacher_wrong
+
+
+def _clip_bounds(clip) -> Tuple[float, float]:
+    message = f"Expected `clip` = (low, high) with 0 <= low <= 1 <= high, both finite. Received: clip={clip!r}"
+    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+        raise ValueError(message)
+    try:
+        return _checks.number(clip[0], "clip", low=0.0, high=1.0), _checks.number(clip[1], "clip", low=1.0)
+    except ValueError:
+        raise ValueError(message) from None
 
 
 @_compat.register_serializable()
@@ -51,6 +60,13 @@ class HardSampleReweighting(Callback):
     ``"kl"``, ``"student_ce"``, ``"teacher_ce"``, ``"wsld"``,
     ``"teacher_wrong"`` (down-weights), ``"teacher_entropy"``, or a callable
     ``fn(labels, teacher_logits, student_logits, soft) -> per-example values``.
+    Labels may be class ids or dense one-hot / mixed (mixup) labels (the
+    cross-entropies use the mixed distribution, ``teacher_wrong`` its argmax).
+    Examples labelled `keras_kd.NO_LABEL` (unlabelled, e.g. a transfer set)
+    get no value from the label-based signals (``student_ce``,
+    ``teacher_ce``, ``wsld``, ``teacher_wrong``; a callable may return NaN
+    likewise): their rows are left untouched, so they keep weight 1, and
+    ``kd_teacher_wrong_share`` counts labelled examples only.
 
     Logs per epoch (into ``logs``, so History and TensorBoard placed after
     this callback see them): ``kd_weight_mean``, ``kd_weight_max``,
@@ -120,21 +136,11 @@ class HardSampleReweighting(Callback):
                 f"Unknown signal {signal!r}. Expected one of {sorted(SIGNALS)} or a callable "
                 "`fn(labels, teacher_logits, student_logits, soft) -> per-example values`."
             )
-        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
-            raise ValueError(f"Expected `strength` to be a finite number. Received: strength={strength!r}")
-        if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"Expected `warmup_epochs` >= 0. Received: warmup_epochs={warmup_epochs!r}")
-        if (
-            not isinstance(clip, (tuple, list))
-            or len(clip) != 2
-            or not 0 <= clip[0] <= 1 <= clip[1]
-            or not math.isfinite(clip[1])
-        ):
-            raise ValueError(f"Expected `clip` = (low, high) with 0 <= low <= 1 <= high. Received: clip={clip!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Expected `momentum` in [0, 1). Received: momentum={momentum!r}")
-        if num_examples is not None and (not isinstance(num_examples, int) or num_examples < 1):
-            raise ValueError(f"Expected `num_examples` to be a positive int. Received: num_examples={num_examples!r}")
+        strength = _checks.number(strength, "strength")
+        warmup_epochs = _checks.non_negative_int(warmup_epochs, "warmup_epochs")
+        clip = _clip_bounds(clip)
+        momentum = _checks.number(momentum, "momentum", low=0.0, high=1.0, high_open=True)
+        num_examples = _checks.positive_int(num_examples, "num_examples", allow_none=True)
         self.signal = signal
         self.strength = float(strength)
         self.warmup_epochs = warmup_epochs
@@ -280,6 +286,8 @@ class HardSampleReweighting(Callback):
         old = tf.gather(table.stats, ids)
         momenta = tf.constant([[self.momentum, 0.5]])
         new = tf.where(tf.math.is_nan(old), fresh, momenta * old + (1.0 - momenta) * fresh)
+        # No value (a label-based signal on an unlabelled example): the row stays as it was.
+        new = tf.where(tf.math.is_nan(fresh), old, new)
         table.stats.scatter_update(tf.IndexedSlices(tf.where(table.recording, new, old), ids))
 
     def score(self, dataset: tf.data.Dataset):
@@ -387,7 +395,8 @@ class HardSampleReweighting(Callback):
         logs["kd_weight_mean"] = float(weights.mean())
         logs["kd_weight_max"] = float(weights.max())
         logs["kd_weight_share_above_2"] = float((weights > 2.0).mean())
-        logs["kd_teacher_wrong_share"] = float((stats[seen, 1] >= 0.5).mean()) if any_seen else 0.0
+        judged = stats[:, 1][~np.isnan(stats[:, 1])]  # labelled examples seen so far
+        logs["kd_teacher_wrong_share"] = float((judged >= 0.5).mean()) if judged.size else 0.0
         if self.verbose:
             print(
                 f"HardSampleReweighting epoch {epoch + 1}: mean {logs['kd_weight_mean']:.3f} "

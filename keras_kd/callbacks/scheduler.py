@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
-
+from keras_kd import _checks
 from keras_kd.callbacks.base import Callback
 from keras_kd.callbacks.schedules import constant
 
@@ -43,9 +42,12 @@ class DistillationScheduler(Callback):
     def _as_schedule(value, argument):
         if value is None or callable(value):
             return value
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return constant(value)
-        raise ValueError(f"Expected `{argument}` to be None, a number or a callable schedule. Received: {value!r}")
+        try:
+            return constant(_checks.number(value, argument))
+        except ValueError:
+            raise ValueError(
+                f"Expected `{argument}` to be None, a number or a callable schedule. Received: {argument}={value!r}"
+            ) from None
 
     def _target(self):
         loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)

@@ -5,23 +5,26 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+from keras_kd import _checks
+
 Schedule = Callable[[int], float]
 
 
 def constant(value: float) -> Schedule:
     """``epoch -> value``."""
-    return lambda epoch: float(value)
+    value = _checks.number(value, "value")
+    return lambda epoch: value
 
 
 def linear(start: float, end: float, epochs: int) -> Schedule:
     """Linear from ``start`` (epoch 0) to ``end`` (epoch ``epochs - 1`` and later)."""
-    _check_epochs(epochs)
+    start, end, epochs = _check(start, end, epochs)
     return lambda epoch: float(start + (end - start) * min(epoch, epochs - 1) / max(epochs - 1, 1))
 
 
 def cosine(start: float, end: float, epochs: int) -> Schedule:
     """Half-cosine from ``start`` to ``end`` over ``epochs`` epochs."""
-    _check_epochs(epochs)
+    start, end, epochs = _check(start, end, epochs)
 
     def schedule(epoch):
         t = min(epoch, epochs - 1) / max(epochs - 1, 1)
@@ -41,7 +44,5 @@ def step(boundaries: Sequence[int], values: Sequence[float]) -> Schedule:
     return lambda epoch: float(values[sum(epoch >= b for b in boundaries)])
 
 
-def _check_epochs(epochs):
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"Expected `epochs` to be a positive int. Received: epochs={epochs!r}")
-
+def _check(start, end, epochs):
+    return _checks.number(start, "start"), _checks.number(end, "end"), _checks.positive_int(epochs, "epochs")

@@ -1,11 +1,22 @@
 """Difficulty signals of `HardSampleReweighting` and the difficulty-to-weight map.
 
-Each signal is ``fn(labels, teacher_logits, student_logits, soft)`` with
-labels (class ids or one-hot), teacher and student logits, and ``soft``, the
-loss's per-example distillation term; pure TF, one value per example (time
-steps are averaged). A last dimension of 1 is one Bernoulli logit (binary
-model, 0/1 labels): cross-entropy is binary cross-entropy, the predicted class
-is ``logit > 0``, the entropy is the Bernoulli entropy.
+Each signal is ``fn(labels, teacher_logits, student_logits, soft)``: labels,
+teacher and student logits, and ``soft``, the loss's per-example distillation
+term. Pure TF, one value per example (time steps are averaged).
+
+Labels are read by `keras_kd._labels` like everywhere else: sparse class ids
+of any integer or float dtype, or dense ``(batch, K)`` one-hot or mixed (mixup)
+labels. Cross-entropies use dense labels as they are (the cross-entropy
+against the mixed distribution); ``teacher_wrong`` compares the teacher's
+prediction with their argmax. A last dimension of 1 is one Bernoulli logit
+(binary model, 0/1 labels): cross-entropy is binary cross-entropy, the
+predicted class is ``logit > 0``, the entropy is the Bernoulli entropy.
+
+Unlabelled examples (label `keras_kd.NO_LABEL`, e.g. a transfer set mixed with
+the labelled data) have no value for the signals that need a label
+(`NEEDS_LABELS`): those return NaN there, and the reweighting leaves such
+examples' rows untouched (they keep weight 1 and do not count in
+``kd_teacher_wrong_share``).
 """
 
 from __future__ import annotations
@@ -15,56 +26,54 @@ from typing import Tuple
 import numpy as np
 import tensorflow as tf
 
+from keras_kd import _labels
+
+
 def _per_example(values):
+    """float32 per example: the mean over any further (time) axes, NaN (unlabelled) entries left out."""
     values = tf.cast(values, tf.float32)
     if values.shape.rank is not None and values.shape.rank > 1:
-        values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+        axes = list(range(1, values.shape.rank))
+        known = tf.logical_not(tf.math.is_nan(values))
+        total = tf.reduce_sum(tf.where(known, values, tf.zeros_like(values)), axis=axes)
+        count = tf.reduce_sum(tf.cast(known, tf.float32), axis=axes)
+        values = tf.where(count > 0, total / tf.maximum(count, 1.0), tf.fill(tf.shape(count), np.nan))
     return values
 
 
-def _binary_labels(labels, logits):
-    """0/1 (or soft) labels of a one-logit model as float32 of the logits' shape."""
-    labels = tf.cast(labels, tf.float32)
-    if labels.shape.rank == logits.shape.rank - 1:
-        labels = labels[..., None]
-    return labels
+def _class_ids(labels, logits):
+    """int64 class ids of the logits' batch shape; `NO_LABEL` kept."""
+    return _labels.class_ids(labels, logits.shape[-1], logits.shape.rank)
+
+
+def _unless_unlabelled(values, ids):
+    return tf.where(_labels.labelled(ids), values, tf.fill(tf.shape(values), np.nan))
 
 
 def _cross_entropy(labels, logits):
+    """Cross-entropy on the label per position; NaN where the label is `NO_LABEL`."""
     logits = tf.cast(logits, tf.float32)
     labels = tf.convert_to_tensor(labels)
-    if logits.shape[-1] == 1:  # one Bernoulli logit: binary cross-entropy
-        ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=_binary_labels(labels, logits), logits=logits)
-        return tf.squeeze(ce, -1)
-    if labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1]:
-        return tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), logits)
-    if labels.shape.rank == logits.shape.rank:
-        labels = tf.squeeze(labels, -1)
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(labels, tf.int64), logits)
-
-
-def _class_ids(labels, logits):
-    labels, logits = tf.convert_to_tensor(labels), tf.convert_to_tensor(logits)
-    if logits.shape[-1] == 1:  # binary 0/1 labels
-        return tf.cast(tf.squeeze(_binary_labels(labels, logits), -1) > 0.5, tf.int64)
-    if labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1]:
-        return tf.argmax(labels, -1)
-    if labels.shape.rank == logits.shape.rank:
-        labels = tf.squeeze(labels, -1)
-    return tf.cast(labels, tf.int64)
-
-
-def _predicted_class(logits):
-    """argmax, or ``logit > 0`` for one (Bernoulli) logit."""
-    if logits.shape[-1] == 1:
-        return tf.cast(tf.squeeze(logits, -1) > 0, tf.int64)
-    return tf.argmax(logits, -1)
+    ids = _class_ids(labels, logits)
+    labelled = _labels.labelled(ids)
+    if logits.shape[-1] == 1:  # one Bernoulli logit: binary cross-entropy on 0/1 (or soft) labels
+        binary = tf.cast(labels, tf.float32)
+        if binary.shape.rank == logits.shape.rank - 1:
+            binary = binary[..., None]
+        binary = tf.where(labelled[..., None], binary, tf.zeros_like(binary))
+        ce = tf.squeeze(tf.nn.sigmoid_cross_entropy_with_logits(labels=binary, logits=logits), -1)
+    elif _labels.is_dense(labels, logits.shape[-1], logits.shape.rank):
+        ce = tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), logits)
+    else:
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(labelled, ids, tf.zeros_like(ids)), logits)
+    return _unless_unlabelled(ce, ids)
 
 
 def signal_kl(labels, teacher_logits, student_logits, soft):
     """The loss's own teacher-student divergence term (``T^2 * D``): where the
     student is furthest from the teacher. Emphasised (online hard example
-    mining, Shrivastava et al. 2016, applied to the distillation term)."""
+    mining, Shrivastava et al. 2016, applied to the distillation term). No
+    labels needed."""
     return _per_example(soft)
 
 
@@ -94,13 +103,14 @@ def signal_wsld(labels, teacher_logits, student_logits, soft):
 
 
 def signal_teacher_wrong(labels, teacher_logits, student_logits, soft):
-    """1 where the teacher's argmax differs from the label, else 0.
-    De-emphasised: the teacher is an unreliable guide there, or the label is
-    wrong (label-noise cleaning by a trained model, e.g. Northcutt et al.,
-    "Confident Learning", 2021)."""
+    """1 where the teacher's prediction differs from the label (the argmax of
+    dense labels), else 0. De-emphasised: the teacher is an unreliable guide
+    there, or the label is wrong (label-noise cleaning by a trained model, e.g.
+    Northcutt et al., "Confident Learning", 2021)."""
     teacher_logits = tf.convert_to_tensor(teacher_logits)
-    wrong = tf.not_equal(_predicted_class(teacher_logits), _class_ids(labels, teacher_logits))
-    return _per_example(tf.cast(wrong, tf.float32))
+    ids = _class_ids(labels, teacher_logits)
+    wrong = tf.cast(tf.not_equal(_labels.predicted_class(teacher_logits), ids), tf.float32)
+    return _per_example(_unless_unlabelled(wrong, ids))
 
 
 def signal_teacher_entropy(labels, teacher_logits, student_logits, soft):
@@ -108,7 +118,7 @@ def signal_teacher_entropy(labels, teacher_logits, student_logits, soft):
     (uncertainty sampling, Settles 2009); no labels needed."""
     logits = tf.cast(teacher_logits, tf.float32)
     if logits.shape[-1] == 1:  # Bernoulli entropy: the softmax of the two-class logits [0, z]
-        logits = tf.concat([tf.zeros_like(logits), logits], axis=-1)
+        logits = _labels.two_class_logits(logits)
     log_p = tf.nn.log_softmax(logits, -1)
     return _per_example(-tf.reduce_sum(tf.math.multiply_no_nan(log_p, tf.exp(log_p)), -1))
 
@@ -147,4 +157,3 @@ def normalise(weights: np.ndarray, clip: Tuple[float, float]) -> np.ndarray:
     mean = weights.mean() if weights.size else 1.0
     weights = weights / mean if mean > 0 else np.ones_like(weights)
     return np.clip(weights, clip[0], clip[1])
-
