@@ -212,6 +212,15 @@ def test_feature_losses_hand_values():
     np.testing.assert_allclose(alignment.feature_cosine(t, s), [1 - 9 / np.sqrt(85), 1.0], atol=1e-6)
 
 
+def test_feature_loss_docstring_examples_run():
+    import doctest
+
+    from keras_kd.alignment import feature_losses
+
+    result = doctest.testmod(feature_losses, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 3 and result.failed == 0
+
+
 @pytest.mark.parametrize("shape", [(3, 4, 4, 5), (3, 6, 7)])
 def test_feature_losses_match_numpy(shape):
     rng = np.random.default_rng(1)

@@ -326,10 +326,11 @@ class Aligned:
         ]
         if wrapped:
             raise ValueError(
-                f"The student has tensorflow-model-optimization wrappers ({wrapped[:3]}): `export()` rebuilds a "
-                "plain float student. Deploy a pruned student with `keras_kd.optimize.strip(model)` and a "
-                "quantization-aware one with `keras_kd.optimize.to_tflite(model)`; or align first, export, "
-                "then prune or quantize the exported student."
+                f"The student has tensorflow-model-optimization wrappers ({wrapped[:3]}): `export()` "
+                "rebuilds a plain float student. Deploy a pruned student with "
+                "`keras_kd.optimize.strip(model)` and a quantization-aware one with "
+                "`keras_kd.optimize.to_tflite(model)`; or align first, export, then prune or quantize "
+                "the exported student."
             )
         clean = type(self.student).from_config(self.student.get_config(), custom_objects=custom_objects)
         clean.set_weights(self.student.get_weights())

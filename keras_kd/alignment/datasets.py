@@ -70,7 +70,9 @@ def check_cache_options(directory, dtype, batch_size, on_mismatch, in_memory):
     """Checks `Aligned.cache_features`'s options; returns the resolved directory (or None)."""
     _checks.one_of(dtype, "dtype", ("float16", "float32"))
     if _checks.positive_int(batch_size, "batch_size") > _storage.MAX_BLOCK_ROWS:
-        raise ValueError(f"Expected `batch_size` <= {_storage.MAX_BLOCK_ROWS}. Received: batch_size={batch_size!r}")
+        raise ValueError(
+            f"Expected `batch_size` <= {_storage.MAX_BLOCK_ROWS}. Received: batch_size={batch_size!r}"
+        )
     _checks.one_of(on_mismatch, "on_mismatch", ("error", "rebuild"))
     _checks.one_of(in_memory, "in_memory", (None, True, False))
     return None if directory is None else _storage.resolve_directory(directory, "feature cache")
@@ -92,7 +94,9 @@ def cache_transform(aligned, directory, dtype, batch_size, on_mismatch, in_memor
                 "`cache_features` received an infinite dataset (e.g. after `.repeat()`). Apply it "
                 "before `.repeat()`."
             )
-        table = _feature_cache.FeatureTable.get(aligned, dataset, directory, dtype, batch_size, on_mismatch, in_memory)
+        table = _feature_cache.FeatureTable.get(
+            aligned, dataset, directory, dtype, batch_size, on_mismatch, in_memory
+        )
         if cardinality < 0:
             # Unknown size: fail loudly rather than pair a longer or shorter dataset.
             dataset = dataset.apply(tf.data.experimental.assert_cardinality(table.count))

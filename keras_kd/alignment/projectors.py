@@ -255,6 +255,7 @@ def project(flavour, i, tensor, t_shape, projector, resample, init, channels_nee
     if not fits:
         raise ValueError(
             f"Cannot align {pair_text}: the projector ({steps_text}) turns student features "
-            f"{fmt_shape(s_shape)} into {fmt_shape(out_shape)}, but the teacher features are {fmt_shape(t_shape)}."
+            f"{fmt_shape(s_shape)} into {fmt_shape(out_shape)}, but the teacher features are "
+            f"{fmt_shape(t_shape)}."
         )
     return out, steps_text, used_init

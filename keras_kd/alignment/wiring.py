@@ -174,7 +174,9 @@ def check_same_inputs(student, teacher):
 
 
 def warn_trainable_teacher(teacher, t_paths):
-    trainable = ["/".join(names) for names, path in t_paths if all(layer.trainable for layer in (teacher, *path))]
+    trainable = [
+        "/".join(names) for names, path in t_paths if all(layer.trainable for layer in (teacher, *path))
+    ]
     if trainable and teacher.trainable_weights:
         warnings.warn(
             f"The teacher's tapped layers {trainable} are trainable. keras_kd runs the teacher "
@@ -251,9 +253,8 @@ def build(student, teacher, pairs, options: Options) -> Wiring:
         )  # fmt: skip
         projected.append(out)
         if t_layer_shapes[i] != t_shape:
-            steps_text += (
-                f" (teacher average-pooled by {options.teacher_pool_size} from {fmt_shape(t_layer_shapes[i])})"
-            )
+            pooled_from = fmt_shape(t_layer_shapes[i])
+            steps_text += f" (teacher average-pooled by {options.teacher_pool_size} from {pooled_from})"
         described.append(
             AlignmentPair(
                 student_layer="/".join(s_paths[i][0]),
