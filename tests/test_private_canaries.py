@@ -680,11 +680,13 @@ _ATTRIBUTE = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)\s*\.\s*(_[A-Za-z][A-Za-z0-9
 _GETATTR = re.compile(
     r"\b(?:getattr|hasattr|setattr|delattr)\(\s*[^,()]+,\s*[\"'](_[A-Za-z][A-Za-z0-9_]*)[\"']"
 )
+_NAME = re.compile(r"_[A-Za-z][A-Za-z0-9_]*")
 _INTERNAL = re.compile(r"\btf\.__internal__\.([A-Za-z_][A-Za-z0-9_.]*)")
 
 # Reads that are not of a dependency's private parts.
 ALLOWED = {
     "_getframe": "sys._getframe: the Python standard library (warning stack levels)",
+    "_activation": "optimize/bridge: the suffix of layer-config keys such as `recurrent_activation`",
 }
 # keras_kd's own marks on foreign objects carry one of these prefixes.
 _OWN_PREFIXES = ("_kd_", "_keras_kd_")
@@ -742,7 +744,18 @@ def private_reads(paths=None) -> dict:
         text = path.read_text()
         tree = ast.parse(text, str(path))
         own_aliases = _own_import_aliases(tree) | {"self", "cls", "keras_kd"}
+        in_fstrings = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
         for node in ast.walk(tree):
+            # A private name as a string: getattr/hasattr, `_compat.private_attribute(obj, "_x", ...)`, tables
+            # (not the literal parts of f-strings, e.g. f"{name}_pool").
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and _NAME.fullmatch(node.value)
+                and id(node) not in in_fstrings
+            ):
+                if node.value not in own and not node.value.startswith(_OWN_PREFIXES):
+                    add(node.value, path, node.lineno)
             if isinstance(node, ast.ImportFrom) and node.module and _PRIVATE_MODULES.match(node.module):
                 for alias in node.names:
                     add(f"{node.module}.{alias.name}", path, node.lineno)
@@ -790,6 +803,15 @@ def test_the_scan_finds_known_reads():
         assert name in found, f"the private-read scan no longer finds {name!r}: fix the scan's patterns"
 
 
+def test_compat_private_reads_table_has_canaries():
+    # keras_kd._compat lists the private attributes it reads through `private_attribute`.
+    from keras_kd import _compat
+
+    table = getattr(_compat, "PRIVATE_READS", ())
+    missing = [entry for entry in table if entry[-1] not in CANARIES]
+    assert not missing, f"keras_kd._compat.PRIVATE_READS entries without a canary here: {missing}"
+
+
 def test_the_scan_finds_new_reads(tmp_path):
     # A new private read in any of the forms the scan knows is reported under its name.
     source = tmp_path / "new_module.py"
@@ -799,6 +821,7 @@ def test_the_scan_finds_new_reads(tmp_path):
         "def f(model, tensor):\n"
         "    a = model._brand_new_private\n"
         "    b = getattr(tensor, '_hidden_thing', None)\n"
+        "    e = private_attribute(tensor, '_read_via_helper', 'keras')\n"
         "    c = tf.__internal__.nest.flatten\n"
         "    d = self._own_state  # self is never reported\n"
         "    return model._keras_kd_mark  # keras_kd's own marks are not either\n"
@@ -809,6 +832,7 @@ def test_the_scan_finds_new_reads(tmp_path):
         "tensorflow.python.ops.gen_math_ops",
         "_brand_new_private",
         "_hidden_thing",
+        "_read_via_helper",
         "tf.__internal__.nest.flatten",
     }, found
     assert found["_brand_new_private"] == [f"{source}:4"]
