@@ -10,9 +10,10 @@ import warnings
 
 import numpy as np
 import pytest
+import keras
 import tensorflow as tf
 
-from keras_kd import _compat
+from integration.digits import load_digits_split
 from keras_kd import data as data_lib
 from keras_kd import losses as losses_lib
 from keras_kd.alignment import align
@@ -32,13 +33,9 @@ TOLERANCE = 0.010
 
 
 def digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    x = (bunch.images / 16.0).astype("float32")[..., None]
-    y = bunch.target.astype("int64")
-    return train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    """The shared digits split (`integration/digits.py`) as 8x8x1 images."""
+    x_train, x_test, y_train, y_test = load_digits_split()
+    return x_train.reshape(-1, 8, 8, 1), x_test.reshape(-1, 8, 8, 1), y_train, y_test
 
 
 def teacher_model(K):
@@ -66,7 +63,7 @@ def accuracy(model, x, y):
 
 
 def test_alignment_plus_kd_at_least_as_accurate_as_kd_alone():
-    K = _compat.module("keras")
+    K = keras
     start = time.time()
     x_train, x_test, y_train, y_test = digits()
     K.utils.set_random_seed(0)
