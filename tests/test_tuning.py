@@ -223,3 +223,37 @@ def test_distillation_hypermodel_reweighting_on_batched_data_names_the_argument(
         tuner.search(train, epochs=1, verbose=0)
     with pytest.raises(ValueError, match=r"reweighting_num_examples=0"):
         tuning.DistillationHyperModel(lambda hp: None, reweighting_signal="kl", reweighting_num_examples=0)
+
+
+def test_plain_import_does_not_import_keras_tuner_or_tfmot():
+    """`import keras_kd` leaves keras-tuner and tfmot alone; `keras_kd.tuning`,
+    `keras_kd.optimize` and the top-level tuning names import them on first use."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import sys",
+        "import keras_kd",
+        "heavy = ('keras_tuner', 'tensorflow_model_optimization')",
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))",
+        "assert 'tuning' in dir(keras_kd) and 'optimize' in dir(keras_kd)",
+        "print(keras_kd.DistillationHyperModel.__module__, keras_kd.distillation_hyperparameters.__module__)",
+        "print('keras_tuner' in sys.modules, keras_kd.tuning.RandomSearch.__name__)",
+        "print(keras_kd.optimize.to_tflite.__name__)",
+        "from keras_kd import tuning, optimize",
+        "print(tuning is keras_kd.tuning, optimize is keras_kd.optimize)",
+        "try:",
+        "    keras_kd.no_such_name",
+        "except AttributeError as e:",
+        "    print('AttributeError', e)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(__import__("os").environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "[]"  # nothing of keras-tuner or tfmot after a plain import
+    assert lines[1] == "keras_kd.tuning.hypermodel keras_kd.tuning.hyperparameters"
+    assert lines[2] == "True RandomSearch"
+    assert lines[3] == "to_tflite"
+    assert lines[4] == "True True"
+    assert lines[5] == "AttributeError module 'keras_kd' has no attribute 'no_such_name'"

@@ -37,7 +37,7 @@ def _hypermodel(K, **ranges):
     return tuning.DistillationHyperModel(build_student, **ranges)
 
 
-class _Record(_compat.callback_base()):
+class _Record(keras_kd.Callback):
     """Records every epoch's logs; in the chosen executions (counted across the
     deep copies keras-tuner makes, hence class attributes) or epochs, sets the
     weights to zero after every batch, so that epoch's model is the constant 0."""
@@ -159,7 +159,7 @@ def test_memory_stays_flat_over_trials(K, tmp_path):
     train, _ = _data()
     counts, graph_ops = [], []
 
-    class Count(_compat.callback_base()):
+    class Count(keras_kd.Callback):
         def on_train_begin(self, logs=None):
             counts.append(_live_layers())
             graph_ops.append(len(tf_keras.src.backend.get_graph().get_operations()))

@@ -16,22 +16,35 @@ class DistillationHyperModel(keras_tuner.HyperModel):
     ``build(hp)`` calls ``build_student(hp)`` (which returns an uncompiled
     Keras 3 or tf_keras student that outputs logits), declares the
     distillation hyperparameters and compiles the student with Adam and a
-    `DistillationLoss`. ``fit`` attaches the reweighting callback when the
-    search chose one (the training dataset then needs example ids: the
-    teacher-logit cache provides them).
+    `DistillationLoss`. ``fit`` adds the `DistillationScheduler` of the
+    chosen schedule and attaches the reweighting callback when the search
+    chose one (the training dataset then needs example ids: the teacher-logit
+    cache provides them).
+
+    With ``alpha`` a list that contains 1.0, plain training (the student from
+    scratch) is one of the candidates; see `distillation_hyperparameters`.
 
     Args:
         build_student: ``fn(hp) -> model``.
         metrics: metrics to compile with. Defaults to
             ``["accuracy", keras_kd.teacher_agreement]``.
         **ranges: the ranges of `distillation_hyperparameters`, plus
-            ``reweighting_signal`` (a signal or a list to choose from, ``"none"``
-            allowed), ``reweighting_strength``, ``reweighting_warmup_epochs``
-            and ``reweighting_num_examples`` (the number of training examples,
-            needed when the training dataset is batched before ``fit``).
+            ``schedule`` (``"constant"``, ``"linear"``, ``"cosine"`` or a list
+            of them: the temperature goes from ``kd_temperature`` at epoch 0
+            to ``kd_final_temperature`` at epoch ``schedule_epochs - 1``, and
+            alpha likewise to ``kd_final_alpha`` when ``final_alpha`` is
+            given), ``schedule_epochs`` (a positive int, needed by a schedule
+            other than constant), ``final_temperature`` (range, > 0; defaults
+            to 1.0), ``final_alpha`` (range in [0, 1] or None: alpha stays
+            constant), ``reweighting_signal`` (a signal or a list to choose
+            from, ``"none"`` allowed), ``reweighting_strength``,
+            ``reweighting_warmup_epochs`` and ``reweighting_num_examples``
+            (the number of training examples, needed when the training
+            dataset is batched before ``fit``).
 
     Raises:
-        ValueError: for a bad range (see `distillation_hyperparameters`).
+        ValueError: for a bad range (see `distillation_hyperparameters`), an
+            unknown schedule, or a schedule without ``schedule_epochs``.
         keras_tuner.errors.FatalValueError: in ``fit``, when a chosen
             reweighting cannot attach to the training data (no example ids,
             or a batched dataset without ``reweighting_num_examples``).
@@ -57,6 +70,9 @@ class DistillationHyperModel(keras_tuner.HyperModel):
     def fit(self, hp, model, x=None, *args, callbacks=None, **kwargs):
         choices = _distillation_choices(hp, **self.ranges)
         callbacks = list(callbacks or [])
+        if choices.scheduler is not None:
+            # First, so that later callbacks (and History) see this epoch's values in `logs`.
+            callbacks.insert(0, choices.scheduler)
         if choices.reweighting is not None:
             try:
                 x = choices.reweighting.attach(x)

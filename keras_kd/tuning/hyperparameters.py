@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
-import numbers
 from typing import Optional, Sequence, Union
 
 import keras_tuner
 
+from keras_kd import _checks
 from keras_kd import _compat
 from keras_kd.callbacks import SIGNALS
+from keras_kd.callbacks import DistillationScheduler
 from keras_kd.callbacks import HardSampleReweighting
+from keras_kd.callbacks import schedules
 from keras_kd.losses import DIVERGENCES
+from keras_kd.losses import DecoupledKD
 from keras_kd.losses import DistillationLoss
+
+SCHEDULES = ("constant", "linear", "cosine")
+"""The schedules of temperature (and alpha) a search can choose (``kd_schedule``)."""
 
 Range = Union[float, Sequence, None]
 
@@ -28,12 +34,25 @@ class DistillationChoices:
         learning_rate: the chosen learning rate.
         reweighting: a `HardSampleReweighting` or ``None``.
         alignment_weight: the chosen feature-alignment weight or ``None``.
+        scheduler: a `DistillationScheduler` for the chosen schedule, acting
+            on the compiled loss of the model it is given to (``fit``'s
+            callbacks; `DistillationHyperModel` does that), or ``None`` for a
+            constant schedule and for plain training.
+        plain_training: True when the chosen alpha is 1 (the hard-label loss
+            alone: training from scratch).
     """
 
     loss: DistillationLoss
     learning_rate: float
     reweighting: Optional[HardSampleReweighting] = None
     alignment_weight: Optional[float] = None
+    scheduler: Optional[DistillationScheduler] = None
+    plain_training: bool = False
+
+    @property
+    def callbacks(self) -> list:
+        """The callbacks ``fit`` needs for these choices (the scheduler and the reweighting)."""
+        return [c for c in (self.scheduler, self.reweighting) if c is not None]
 
     def optimizer(self, flavour: str = "keras"):
         """An Adam optimizer with the chosen learning rate, for a model of
@@ -46,17 +65,19 @@ def _declare(hp, name, value, *, low=None, high=None, log=False, argument=None):
     argument = argument or name
 
     def check(v):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"Expected numbers in `{argument}`. Received: {argument}={value!r}")
-        if (low is not None and (v <= low if log else v < low)) or (high is not None and v > high):
+        try:
+            _checks.number(v, argument, low=low, high=high, low_open=log)
+        except ValueError:
             bound = f"> {low}" if log else f"in [{low}, {high if high is not None else 'inf'}]"
-            raise ValueError(f"Expected `{argument}` values {bound}. Received: {argument}={value!r}")
+            raise ValueError(f"Expected `{argument}` values {bound}. Received: {argument}={value!r}") from None
 
     if isinstance(value, tuple):
-        if len(value) != 2 or value[0] >= value[1]:
+        if len(value) != 2:
             raise ValueError(f"Expected `{argument}` = (low, high) with low < high. Received: {argument}={value!r}")
         check(value[0])
         check(value[1])
+        if value[0] >= value[1]:
+            raise ValueError(f"Expected `{argument}` = (low, high) with low < high. Received: {argument}={value!r}")
         return hp.Float(name, value[0], value[1], sampling="log" if log else "linear")
     if isinstance(value, list):
         if not value:
@@ -83,6 +104,11 @@ def distillation_hyperparameters(
     alpha: Range = (0.0, 1.0),
     divergence: Union[str, Sequence[str]] = "kl",
     learning_rate: Range = (1e-4, 1e-2),
+    dkd_non_target_weight: Range = None,
+    schedule: Union[None, str, Sequence[str]] = None,
+    schedule_epochs: Optional[int] = None,
+    final_temperature: Range = 1.0,
+    final_alpha: Range = None,
     reweighting_signal: Union[None, str, Sequence[str]] = None,
     reweighting_strength: Range = None,
     reweighting_warmup_epochs: Optional[int] = None,
@@ -93,16 +119,39 @@ def distillation_hyperparameters(
     Each range is a number (fixed), a ``(low, high)`` tuple (a float range;
     temperature and learning rate are sampled on a log scale) or a list (a
     choice). Names: ``kd_temperature``, ``kd_alpha``, ``kd_divergence``,
-    ``learning_rate``, ``kd_alignment_weight`` (and, through
-    `DistillationHyperModel`, ``kd_reweighting``: ``"none"`` or a signal, and
-    ``kd_reweighting_strength``).
+    ``kd_dkd_non_target_weight``, ``kd_schedule`` (with
+    ``kd_final_temperature``, ``kd_final_alpha``), ``learning_rate``,
+    ``kd_alignment_weight`` (and, through `DistillationHyperModel`,
+    ``kd_reweighting``: ``"none"`` or a signal, and ``kd_reweighting_strength``).
+
+    **Plain training is a candidate.** ``alpha = 1`` is the hard-label loss
+    alone: the student trained from scratch (the soft term has weight 0).
+    List it among the choices, e.g. ``alpha=[0.0, 0.5, 1.0]``: the
+    temperature, divergence and schedule are then declared only for the other
+    alphas (keras-tuner conditions), so a grid tries plain training once. A
+    search that tries every choice (``keras_tuner.GridSearch``, or a random
+    search whose ``max_trials`` covers the space) therefore includes the
+    scratch student, and its best trial is never worse than scratch on the
+    objective it ranks by: make that a validation metric, never the test set.
+    A ``(low, high)`` float range for alpha does not contain 1 as a sample.
 
     Args:
         hp: a ``keras_tuner.HyperParameters``.
         temperature: range of the temperature, > 0. Defaults to (1.0, 10.0).
-        alpha: range of the hard-label weight, in [0, 1]. Defaults to (0.0, 1.0).
-        divergence: a divergence name or a list to choose from. Defaults to "kl".
+        alpha: range of the hard-label weight, in [0, 1] (1: plain training).
+            Defaults to (0.0, 1.0).
+        divergence: a divergence name (see ``keras_kd.losses.DIVERGENCES``,
+            including the label-aware ``"dkd"``, decoupled KD) or a list to
+            choose from. Defaults to "kl".
         learning_rate: range of the learning rate, > 0. Defaults to (1e-4, 1e-2).
+        dkd_non_target_weight: ``None`` (`keras_kd.DecoupledKD`'s default,
+            8.0) or the range of its ``non_target_weight`` (>= 0), searched
+            when ``"dkd"`` is chosen.
+        schedule: ``None`` or ``"constant"`` here (see below); the
+            `DistillationHyperModel` argument of the same name searches
+            ``"linear"`` and ``"cosine"`` too.
+        schedule_epochs, final_temperature, final_alpha: refused here with a
+            schedule other than constant, like ``schedule``.
         reweighting_signal: ``None`` or ``"none"`` (no reweighting) here.
             A reweighting is a `HardSampleReweighting` callback that only
             applies where ``fit`` receives it and its dataset is attached,
@@ -115,6 +164,11 @@ def distillation_hyperparameters(
         alignment_weight: ``None`` or the range of the feature-alignment weight
             (for `keras_kd.align`), >= 0.
 
+    A schedule (a `DistillationScheduler` callback) and a reweighting only act
+    where ``fit`` receives them, which a build function cannot arrange: this
+    function refuses them rather than let the choice be silently ignored.
+    `DistillationHyperModel` searches both and applies them in ``fit``.
+
     Returns:
         A `DistillationChoices`.
 
@@ -122,14 +176,15 @@ def distillation_hyperparameters(
         ValueError: for a temperature <= 0, alpha outside [0, 1], a learning
             rate <= 0, an empty or inverted range, or an unknown name.
         keras_tuner.errors.FatalValueError: (a ``ValueError``) for a
-            reweighting signal other than ``"none"``, which this call could not
-            apply; the message says how to search it.
+            reweighting or a schedule other than constant, which this call
+            could not apply; the message says how to search it.
 
     Example:
 
     ```python
     def build(hp):
-        kd = keras_kd.tuning.distillation_hyperparameters(hp, temperature=(1.0, 8.0))
+        kd = keras_kd.tuning.distillation_hyperparameters(
+            hp, temperature=[1.0, 4.0], alpha=[0.0, 0.5, 1.0], divergence=["kl", "dkd"])
         student = make_student()
         student.compile(kd.optimizer(), loss=kd.loss, metrics=["accuracy"])
         return student
@@ -154,10 +209,36 @@ def distillation_hyperparameters(
             "compiles the student and applies the reweighting in `fit` (subclass it and call "
             "`super().fit(hp, model, x, ...)` to customise `fit`); or drop the reweighting arguments."
         )
+    names = schedule if isinstance(schedule, (list, tuple)) else [schedule]
+    if any(n not in (None, "constant") for n in names) or schedule_epochs is not None or final_alpha is not None:
+        _choice(keras_tuner.HyperParameters(), "kd_schedule", [n for n in names if n is not None] or ["constant"],
+                set(SCHEDULES), "schedule")
+        raise keras_tuner.errors.FatalValueError(
+            f"`distillation_hyperparameters` cannot apply a schedule (received schedule={schedule!r}, "
+            f"schedule_epochs={schedule_epochs!r}, final_alpha={final_alpha!r}): the schedule is a "
+            "`DistillationScheduler` callback that must be given to `fit`, which a build function (or "
+            "`HyperModel.build`) cannot do, so the choice would be silently ignored. Search it with "
+            "`keras_kd.tuning.DistillationHyperModel(build_student, schedule=[...], schedule_epochs=N)`, "
+            "which applies the scheduler in `fit`; or drop the schedule arguments."
+        )
     return _distillation_choices(
         hp, temperature=temperature, alpha=alpha, divergence=divergence, learning_rate=learning_rate,
-        alignment_weight=alignment_weight,
+        dkd_non_target_weight=dkd_non_target_weight, alignment_weight=alignment_weight,
     )
+
+
+def _inactive_when_plain(hp, alpha):
+    """A keras-tuner condition: the distillation hyperparameters exist only for
+    alphas below 1 when 1 (plain training) is one of the choices; else no condition."""
+    if isinstance(alpha, list) and any(a == 1.0 for a in alpha):
+        distilling = [a for a in alpha if a != 1.0]
+        if distilling:
+            return hp.conditional_scope("kd_alpha", distilling)
+    return contextlib.nullcontext()
+
+
+def _schedule_values(kind, start, end, epochs):
+    return {"linear": schedules.linear, "cosine": schedules.cosine}[kind](start, end, epochs)
 
 
 def _distillation_choices(
@@ -167,30 +248,66 @@ def _distillation_choices(
     alpha: Range = (0.0, 1.0),
     divergence: Union[str, Sequence[str]] = "kl",
     learning_rate: Range = (1e-4, 1e-2),
+    dkd_non_target_weight: Range = None,
+    schedule: Union[None, str, Sequence[str]] = None,
+    schedule_epochs: Optional[int] = None,
+    final_temperature: Range = 1.0,
+    final_alpha: Range = None,
     reweighting_signal: Union[None, str, Sequence[str]] = None,
     reweighting_strength: Range = (0.5, 3.0),
     reweighting_warmup_epochs: int = 1,
     reweighting_num_examples: Optional[int] = None,
     alignment_weight: Range = None,
 ) -> DistillationChoices:
-    """`distillation_hyperparameters` with the reweighting too: only for
-    callers that apply it in ``fit`` (`DistillationHyperModel`)."""
-    if reweighting_num_examples is not None and (
-        isinstance(reweighting_num_examples, bool) or not isinstance(reweighting_num_examples, int)
-        or reweighting_num_examples <= 0
-    ):
+    """`distillation_hyperparameters` with the schedule and the reweighting too:
+    only for callers that apply them in ``fit`` (`DistillationHyperModel`)."""
+    try:
+        _checks.positive_int(reweighting_num_examples, "reweighting_num_examples", allow_none=True)
+    except ValueError:
         raise ValueError(
             "Expected `reweighting_num_examples` to be a positive int (the number of training "
             f"examples). Received: reweighting_num_examples={reweighting_num_examples!r}"
+        ) from None
+    schedule_names = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule or "constant"]
+    _checks.positive_int(schedule_epochs, "schedule_epochs", allow_none=True)
+    if schedule_epochs is None and any(n != "constant" for n in schedule_names):
+        raise ValueError(
+            f"A schedule other than constant needs `schedule_epochs` (the epochs over which the temperature "
+            f"goes from `kd_temperature` to `final_temperature`). Received: schedule={schedule!r}, "
+            "schedule_epochs=None"
         )
-    t = _declare(hp, "kd_temperature", temperature, low=0.0, log=True, argument="temperature")
     a = _declare(hp, "kd_alpha", alpha, low=0.0, high=1.0, argument="alpha")
-    d = _choice(hp, "kd_divergence", list(divergence) if not isinstance(divergence, str) else divergence,
-                set(DIVERGENCES), "divergence")
     lr = _declare(hp, "learning_rate", learning_rate, low=0.0, log=True, argument="learning_rate")
+    with _inactive_when_plain(hp, alpha):
+        # None when inactive (alpha = 1): plain training has no distillation hyperparameters.
+        t = _declare(hp, "kd_temperature", temperature, low=0.0, log=True, argument="temperature")
+        d = _choice(hp, "kd_divergence", list(divergence) if not isinstance(divergence, str) else divergence,
+                    set(DIVERGENCES), "divergence")
+        kind = _choice(hp, "kd_schedule", schedule_names, set(SCHEDULES), "schedule")
+        if dkd_non_target_weight is not None:
+            with hp.conditional_scope("kd_divergence", ["dkd"]):
+                w = _declare(hp, "kd_dkd_non_target_weight", dkd_non_target_weight, low=0.0,
+                             argument="dkd_non_target_weight")
+            if d == "dkd":
+                d = DecoupledKD(non_target_weight=float(w))
+        if any(n != "constant" for n in schedule_names):
+            with hp.conditional_scope("kd_schedule", [n for n in schedule_names if n != "constant"]):
+                final_t = _declare(hp, "kd_final_temperature", final_temperature, low=0.0, log=True,
+                                   argument="final_temperature")
+                final_a = None
+                if final_alpha is not None:
+                    final_a = _declare(hp, "kd_final_alpha", final_alpha, low=0.0, high=1.0, argument="final_alpha")
+    plain = a == 1.0
+    if plain:  # the distillation choices do not apply; the loss is the hard term alone
+        t, d, kind = 1.0, "kl", "constant"
     choices = DistillationChoices(
-        loss=DistillationLoss(temperature=t, alpha=a, divergence=d), learning_rate=float(lr)
+        loss=DistillationLoss(temperature=t, alpha=a, divergence=d), learning_rate=float(lr), plain_training=plain
     )
+    if kind != "constant":
+        choices.scheduler = DistillationScheduler(
+            temperature=_schedule_values(kind, float(t), float(final_t), schedule_epochs),
+            alpha=_schedule_values(kind, float(a), float(final_a), schedule_epochs) if final_a is not None else None,
+        )  # acts on the model's compiled loss
     if reweighting_signal is not None:
         signals = reweighting_signal if isinstance(reweighting_signal, (list, tuple)) else [reweighting_signal]
         signal = _choice(hp, "kd_reweighting", list(signals), set(SIGNALS) | {"none"}, "reweighting_signal")
