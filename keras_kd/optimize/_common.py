@@ -12,6 +12,7 @@ import numbers
 import os
 from typing import Iterable, Optional
 
+from keras_kd import _checks
 from keras_kd import _compat
 
 PRUNE_WRAPPERS = ("PruneLowMagnitude",)
@@ -184,17 +185,6 @@ def element_x(element):
 # ---------------------------------------------------------------------------
 
 
-def _model_classes(model) -> Optional[int]:
-    outputs = getattr(model, "outputs", None)
-    if not outputs:
-        return None
-    try:
-        last = tuple(outputs[0].shape)[-1]  # TensorShape (tf_keras) or tuple (Keras 3)
-    except (TypeError, ValueError, IndexError):  # unknown rank
-        return None
-    return None if last is None else int(last)
-
-
 def check_num_classes(student, teacher):
     """Checks that the student outputs as many classes as the teacher.
 
@@ -205,9 +195,10 @@ def check_num_classes(student, teacher):
 
     Args:
         student: a Keras 3 or tf_keras model (its first output is the logits).
-        teacher: the teacher model, a teacher-logit cache (the object returned
-            by `keras_kd.cache_teacher_logits`, or its directory; the cache's
-            manifest records the class count), or an int class count.
+        teacher: the teacher model, a list of teacher models (an ensemble,
+            whose members must agree), a teacher-logit cache (the object
+            returned by `keras_kd.cache_teacher_logits`, or its directory; the
+            cache's manifest records the class count), or an int class count.
 
     Returns:
         The class count.
@@ -225,16 +216,19 @@ def check_num_classes(student, teacher):
     ```
     """
     _compat.check_model(student, "student")
-    student_classes = _model_classes(student)
-    where = None
+    student_classes = _checks.num_classes_of(student)
     if isinstance(teacher, bool):
         raise TypeError(
             f"Expected `teacher` to be a model, a cache or a class count. Received: teacher={teacher!r}"
         )
     if isinstance(teacher, numbers.Integral):
-        teacher_classes, where = int(teacher), "the teacher"
+        teacher_classes, where = _checks.positive_int(teacher, "teacher"), "the teacher"
     elif _compat.is_model(teacher):
-        teacher_classes, where = _model_classes(teacher), f"the teacher {teacher.name!r}"
+        teacher_classes, where = _checks.num_classes_of(teacher), f"the teacher {teacher.name!r}"
+    elif isinstance(teacher, (list, tuple)) and teacher and all(_compat.is_model(t) for t in teacher):
+        members = _checks.teacher_list(teacher)  # the members agree with each other
+        teacher_classes = next((c for c in map(_checks.num_classes_of, members) if c is not None), None)
+        where = f"the teachers {[t.name for t in members]}"
     elif isinstance(teacher, (str, os.PathLike)) or hasattr(teacher, "directory"):
         directory = teacher if isinstance(teacher, (str, os.PathLike)) else teacher.directory
         teacher_classes = getattr(teacher, "num_classes", None)
@@ -252,8 +246,8 @@ def check_num_classes(student, teacher):
         where = f"the teacher-logit cache at {os.fspath(directory)!r}"
     else:
         raise TypeError(
-            "Expected `teacher` to be a Keras model, a teacher-logit cache (or its directory) or an "
-            f"int class count. Received: teacher={teacher!r} of type {type(teacher).__name__}."
+            "Expected `teacher` to be a Keras model, a list of models, a teacher-logit cache (or its "
+            f"directory) or an int class count. Received: teacher={teacher!r} of type {type(teacher).__name__}."
         )
     if student_classes is not None and teacher_classes is not None and student_classes != teacher_classes:
         raise ValueError(

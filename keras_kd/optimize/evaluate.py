@@ -8,11 +8,13 @@ one-logit binary model; `keras_kd.NO_LABEL` examples are left out.
 from __future__ import annotations
 
 import os
+import types
 from typing import Optional, Union
 
 import numpy as np
 import tensorflow as tf
 
+from keras_kd import _checks
 from keras_kd import _labels
 from keras_kd import targets as targets_lib
 from keras_kd.optimize import _common
@@ -73,7 +75,7 @@ def _output_index(interpreter, output) -> int:
 
 
 def _labels_of(y):
-    if targets_lib.is_targets(y):
+    if isinstance(y, targets_lib.TeacherTargets):
         return y.labels
     return y
 
@@ -183,6 +185,8 @@ def evaluate_tflite(
     acc = keras_kd.optimize.evaluate_tflite("student_int8.tflite", test_ds)
     ```
     """
+    batch_size = _checks.positive_int(batch_size, "batch_size")
+    num_threads = _checks.positive_int(num_threads, "num_threads", allow_none=True)
     interpreter = _interpreter(tflite, num_threads)
     inputs = interpreter.get_input_details()
     if len(inputs) != 1:
@@ -203,10 +207,11 @@ def evaluate_tflite(
         raise ValueError(
             f"Expected elements whose x is one tensor. Received element_spec={dataset.element_spec}."
         )
-    if x_spec.shape.rank == rank - 1:
+    signature = [int(d) for d in inputs[0]["shape_signature"]]
+    # The one batched-ness rule, against the TFLite input's rank (batch axis included).
+    if _checks.is_batched(x_spec, types.SimpleNamespace(inputs=[tf.TensorSpec([None] * rank)])) is False:
         dataset = dataset.batch(batch_size)
         x_spec = _common.element_x(dataset.element_spec)
-    signature = [int(d) for d in inputs[0]["shape_signature"]]
     dims = x_spec.shape.as_list()[1:] if x_spec.shape.rank == rank else []
     mismatch = any(s not in (-1, d) and d is not None for s, d in zip(signature[1:], dims))
     if x_spec.shape.rank != rank or mismatch:

@@ -8,7 +8,6 @@ tfmot's own registry, so `sparsity` counts exactly those weights.
 
 from __future__ import annotations
 
-import numbers
 import os
 import re
 import warnings
@@ -17,6 +16,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
+from keras_kd import _checks
 from keras_kd import _compat
 from keras_kd.optimize import _common
 from keras_kd.optimize._common import check_num_classes
@@ -83,8 +83,7 @@ def _schedule_steps(begin_step, end_step, frequency):
     if frequency is None:
         frequency = max(1, span // 16)
         return begin_step + span % frequency, frequency
-    if isinstance(frequency, bool) or not isinstance(frequency, numbers.Integral) or frequency < 1:
-        raise ValueError(f"Expected `frequency` to be an int >= 1. Received: frequency={frequency!r}")
+    frequency = _checks.positive_int(frequency, "frequency")
     if span % frequency:
         raise ValueError(
             "Expected `end_step - begin_step` to be a multiple of `frequency`: tfmot updates the "
@@ -184,24 +183,19 @@ def prune_for_distillation(
         pruning for model compression", 2017.
     """
     _common.require_tf_keras_graph(student, "student", "prune_for_distillation")
-    for value, argument, low, high, closed_high in (
-        (target_sparsity, "target_sparsity", 0.0, 1.0, False),
-        (initial_sparsity, "initial_sparsity", 0.0, 1.0, False),
-    ):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value < high:
-            raise ValueError(f"Expected `{argument}` in [0, 1). Received: {argument}={value!r}")
+    for value, argument in ((target_sparsity, "target_sparsity"), (initial_sparsity, "initial_sparsity")):
+        _checks.number(value, argument, low=0, high=1, high_open=True, finite=False)
     if initial_sparsity > target_sparsity:
         raise ValueError(
             "Expected `initial_sparsity` <= `target_sparsity`. Received: "
             f"initial_sparsity={initial_sparsity}, target_sparsity={target_sparsity}"
         )
     for value, argument in ((begin_step, "begin_step"), (end_step, "end_step")):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"Expected `{argument}` to be an int >= 0. Received: {argument}={value!r}")
+        _checks.integer(value, argument)
         if value < 0:
             raise ValueError(
-                f"Expected `{argument}` to be an int >= 0. Received: {argument}={value!r}. A negative "
-                "step count usually comes from `dataset.cardinality()`, which is -1 "
+                f"Expected `{argument}` to be a non-negative integer. Received: {argument}={value!r}. "
+                "A negative step count usually comes from `dataset.cardinality()`, which is -1 "
                 "(tf.data.INFINITE_CARDINALITY) for a repeated dataset and -2 "
                 "(tf.data.UNKNOWN_CARDINALITY) after `filter`, `flat_map` and the like. Count the "
                 "batches once (`steps_per_epoch = sum(1 for _ in dataset)`) or declare them "
@@ -212,13 +206,11 @@ def prune_for_distillation(
         raise ValueError(
             f"Expected `end_step` > `begin_step`. Received: begin_step={begin_step}, end_step={end_step}"
         )
-    if isinstance(power, bool) or not isinstance(power, numbers.Real) or power <= 0:
-        raise ValueError(f"Expected `power` > 0. Received: power={power!r}")
-    if block_pooling_type not in ("AVG", "MAX"):
-        raise ValueError(
-            "Expected `block_pooling_type` to be 'AVG' or 'MAX'. "
-            f"Received: block_pooling_type={block_pooling_type!r}"
-        )
+    _checks.number(power, "power", low=0, low_open=True)
+    _checks.one_of(block_pooling_type, "block_pooling_type", ("AVG", "MAX"))
+    if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
+        raise ValueError(f"Expected `block_size` to be a (height, width) pair. Received: block_size={block_size!r}")
+    block_size = tuple(_checks.positive_int(v, "block_size") for v in block_size)
     schedule_begin, frequency = _schedule_steps(begin_step, end_step, frequency)
     if teacher is not None:
         check_num_classes(student, teacher)

@@ -19,6 +19,7 @@ from typing import Optional, Union
 import numpy as np
 import tensorflow as tf
 
+from keras_kd import _checks
 from keras_kd import _compat
 from keras_kd.optimize import _common
 
@@ -59,16 +60,15 @@ def _representative(data, model, limit):
                 f"Received element_spec={data.element_spec}."
             )
         expected = [None if d is None else int(d) for d in inputs[0].shape[1:]]
-        dims = spec.shape.as_list()[1:] if spec.shape.rank == rank else spec.shape.as_list()
-        if spec.shape.rank not in (rank, rank - 1) or any(
-            e is not None and d is not None and e != d for e, d in zip(expected, dims)
-        ):
+        batched = _checks.is_batched(spec, model)
+        dims = spec.shape.as_list()[1:] if batched else spec.shape.as_list()
+        if batched is None or any(e is not None and d is not None and e != d for e, d in zip(expected, dims)):
             raise ValueError(
                 f"The model takes inputs of shape {[None] + expected}; `representative_data`'s x has "
                 f"shape {spec.shape} (batched or not). Pass the model's training inputs."
             )
         ds = data.map(lambda *e: _common.element_x(e) if len(e) > 1 else e[0])
-        if spec.shape.rank == rank:
+        if batched:
             ds = ds.unbatch()
 
         def generate():
@@ -176,17 +176,12 @@ def to_tflite(
     ```
     """
     _compat.check_model(model, "model")
-    if io_dtype not in _IO_DTYPES:
-        raise ValueError(f"Expected `io_dtype` in {sorted(_IO_DTYPES)}. Received: io_dtype={io_dtype!r}")
+    _checks.one_of(io_dtype, "io_dtype", tuple(_IO_DTYPES))
     if not int8 and io_dtype != "float32":
         raise ValueError(
             f"`io_dtype={io_dtype!r}` needs int8=True: a float model has float inputs and outputs."
         )
-    count = num_calibration_examples
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(
-            f"Expected `num_calibration_examples` >= 1. Received: num_calibration_examples={count!r}"
-        )
+    count = _checks.positive_int(num_calibration_examples, "num_calibration_examples")
     flavour = _compat.flavour_of(model)
     qat = False
     if flavour == _compat.TF_KERAS:
