@@ -65,6 +65,15 @@ def integer(value, name: str, *, allow_none: bool = False) -> Optional[int]:
     return int(value)
 
 
+def _int_at_least(value, name, low, what, allow_none):
+    if value is None and allow_none:
+        return None
+    if not _is_int(value) or value < low:
+        none = "None or " if allow_none else ""
+        raise ValueError(f"Expected `{name}` to be {none}{what}. Received: {name}={value!r}")
+    return int(value)
+
+
 def positive_int(value, name: str, *, allow_none: bool = False) -> Optional[int]:
     """``value`` as an ``int`` >= 1 (``None`` passes when ``allow_none``).
 
@@ -77,12 +86,7 @@ def positive_int(value, name: str, *, allow_none: bool = False) -> Optional[int]
     views = positive_int(views, "views")
     ```
     """
-    if value is None and allow_none:
-        return None
-    if not _is_int(value) or value < 1:
-        none = "None or " if allow_none else ""
-        raise ValueError(f"Expected `{name}` to be {none}a positive integer. Received: {name}={value!r}")
-    return int(value)
+    return _int_at_least(value, name, 1, "a positive integer", allow_none)
 
 
 def non_negative_int(value, name: str, *, allow_none: bool = False) -> Optional[int]:
@@ -91,12 +95,7 @@ def non_negative_int(value, name: str, *, allow_none: bool = False) -> Optional[
     Raises:
         ValueError: for a bool, a non-integer or a negative value.
     """
-    if value is None and allow_none:
-        return None
-    if not _is_int(value) or value < 0:
-        none = "None or " if allow_none else ""
-        raise ValueError(f"Expected `{name}` to be {none}a non-negative integer. Received: {name}={value!r}")
-    return int(value)
+    return _int_at_least(value, name, 0, "a non-negative integer", allow_none)
 
 
 def _bounds_text(low, high, low_open, high_open) -> str:
@@ -230,16 +229,22 @@ def fixed_shapes(spec) -> bool:
     return all(isinstance(s, tf.TensorSpec) and s.shape.is_fully_defined() for s in tf.nest.flatten(spec))
 
 
+def _symbolic(model, attribute: str) -> list:
+    """A model's flat symbolic ``inputs``/``outputs``; empty for callables and unbuilt models."""
+    try:
+        tensors = getattr(model, attribute, None)
+    except (AttributeError, ValueError):  # an unbuilt Keras 3 Sequential raises
+        return []
+    return tf.nest.flatten(tensors) if tensors else []
+
+
 def model_input_ranks(model) -> Optional[Tuple[int, ...]]:
     """Ranks (batch axis included) of a model's symbolic inputs; None for callables/unbuilt models."""
-    try:
-        inputs = getattr(model, "inputs", None)
-    except (AttributeError, ValueError):  # an unbuilt Keras 3 Sequential raises
-        return None
+    inputs = _symbolic(model, "inputs")
     if not inputs:
         return None
     ranks = []
-    for tensor in tf.nest.flatten(inputs):
+    for tensor in inputs:
         try:
             ranks.append(len(tensor.shape))
         except (TypeError, AttributeError, ValueError):  # unknown rank
@@ -288,13 +293,9 @@ def batch_dim(x_spec) -> Optional[int]:
 
 def num_classes_of(model, output_index: int = 0) -> Optional[int]:
     """The last axis of a model's selected output (None when unknown or for callables)."""
-    try:
-        outputs = getattr(model, "outputs", None)
-    except (AttributeError, ValueError):
-        return None
+    outputs = _symbolic(model, "outputs")
     if not outputs:
         return None
-    outputs = tf.nest.flatten(outputs)
     if len(outputs) == 1:
         tensor = outputs[0]
     elif _is_int(output_index) and -len(outputs) <= output_index < len(outputs):
@@ -332,14 +333,11 @@ def check_num_classes(counts: Mapping[str, Optional[int]], fix: str = "") -> Opt
 
 
 def _input_shapes(model) -> Optional[Tuple[Tuple[Optional[int], ...], ...]]:
-    try:
-        inputs = getattr(model, "inputs", None)
-    except (AttributeError, ValueError):
-        return None
+    inputs = _symbolic(model, "inputs")
     if not inputs:
         return None
     try:
-        return tuple(tuple(t.shape)[1:] for t in tf.nest.flatten(inputs))
+        return tuple(tuple(t.shape)[1:] for t in inputs)
     except (TypeError, ValueError):
         return None
 

@@ -63,6 +63,13 @@ def require(condition, dist: str, attribute: str, relied_on: str):
         )
 
 
+def require_parameters(fn, parameters: list, dist: str, attribute: str):
+    """Fails unless ``fn`` takes exactly ``parameters``, in this order."""
+    require(
+        list(inspect.signature(fn).parameters) == parameters, dist, attribute, f"the parameters {parameters}"
+    )
+
+
 def _get(obj, attribute: str, dist: str, relied_on: str):
     require(hasattr(obj, attribute), dist, attribute, relied_on)
     return getattr(obj, attribute)
@@ -256,35 +263,20 @@ def canary_is_graph_network():
     require(not getattr(Sub(), "_is_graph_network", False), TF_KERAS, "_is_graph_network", relied_on)
 
 
-def canary_inputs_outputs_struct():
-    """_compat.model_io: Keras 3's ``_inputs_struct``/``_outputs_struct`` keep the nesting the user gave."""
-    a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b")
-    out = keras.layers.Dense(1)(keras.layers.Concatenate()([a, b]))
-    model = keras.Model({"a": a, "b": b}, {"y": out})
-    relied_on = "`model._inputs_struct` / `_outputs_struct` holding the nested inputs/outputs as given"
-    inputs = _get(model, "_inputs_struct", KERAS, relied_on)
-    outputs = _get(model, "_outputs_struct", KERAS, relied_on)
-    require(
-        isinstance(inputs, dict) and inputs["a"] is a and inputs["b"] is b, KERAS, "_inputs_struct", relied_on
-    )
-    require(isinstance(outputs, dict) and outputs["y"] is out, KERAS, "_outputs_struct", relied_on)
-
-
-def canary_nested_inputs_outputs():
-    """_compat.model_io: tf_keras's ``_nested_inputs``/``_nested_outputs`` keep the nesting the user gave."""
-    a, b = tf_keras.Input((2,), name="a"), tf_keras.Input((3,), name="b")
-    out = tf_keras.layers.Dense(1)(tf_keras.layers.Concatenate()([a, b]))
-    model = tf_keras.Model({"a": a, "b": b}, {"y": out})
-    relied_on = "`model._nested_inputs` / `_nested_outputs` holding the nested inputs/outputs as given"
-    inputs = _get(model, "_nested_inputs", TF_KERAS, relied_on)
-    outputs = _get(model, "_nested_outputs", TF_KERAS, relied_on)
-    require(
-        isinstance(inputs, dict) and inputs["a"] is a and inputs["b"] is b,
-        TF_KERAS,
-        "_nested_inputs",
-        relied_on,
-    )
-    require(isinstance(outputs, dict) and outputs["y"] is out, TF_KERAS, "_nested_outputs", relied_on)
+def canary_model_io_structs():
+    """_compat.model_io: Keras 3's ``_inputs_struct``/``_outputs_struct`` and tf_keras's
+    ``_nested_inputs``/``_nested_outputs`` keep the nesting the user gave."""
+    for K, dist, names in (
+        (keras, KERAS, ("_inputs_struct", "_outputs_struct")),
+        (tf_keras, TF_KERAS, ("_nested_inputs", "_nested_outputs")),
+    ):
+        a, b = K.Input((2,), name="a"), K.Input((3,), name="b")
+        out = K.layers.Dense(1)(K.layers.Concatenate()([a, b]))
+        model = K.Model({"a": a, "b": b}, {"y": out})
+        relied_on = f"`model.{names[0]}` / `{names[1]}` holding the nested inputs/outputs as given"
+        inputs, outputs = (_get(model, name, dist, relied_on) for name in names)
+        ok = isinstance(inputs, dict) and inputs["a"] is a and inputs["b"] is b
+        require(ok and isinstance(outputs, dict) and outputs["y"] is out, dist, "/".join(names), relied_on)
 
 
 def canary_input_layers_outbound_nodes():
@@ -499,11 +491,8 @@ def canary_tuner_utils():
     validate = _get(
         module, "validate_trial_results", TUNER, "validate_trial_results(results, objective, func_name)"
     )
-    require(
-        list(inspect.signature(validate).parameters) == ["results", "objective", "func_name"],
-        TUNER,
-        "tuner_utils.validate_trial_results",
-        "the parameters (results, objective, func_name)",
+    require_parameters(
+        validate, ["results", "objective", "func_name"], TUNER, "tuner_utils.validate_trial_results"
     )
 
 
@@ -511,12 +500,7 @@ def canary_tuner_save_json():
     """tuning: ``keras_tuner.src.utils.save_json(path, obj)`` (saves the build config like keras-tuner)."""
     module = _import("keras_tuner.src.utils", TUNER)
     save_json = _get(module, "save_json", TUNER, "save_json(path, obj)")
-    require(
-        list(inspect.signature(save_json).parameters) == ["path", "obj"],
-        TUNER,
-        "keras_tuner.src.utils.save_json",
-        "the parameters (path, obj)",
-    )
+    require_parameters(save_json, ["path", "obj"], TUNER, "keras_tuner.src.utils.save_json")
 
 
 def canary_tuner_private_methods():
@@ -531,12 +515,8 @@ def canary_tuner_private_methods():
         ("_build_and_fit_model", ["self", "trial", "args", "kwargs"]),
         ("_get_build_config_fname", ["self", "trial_id"]),
     ):
-        method = _get(tuner, name, TUNER, f"the method Tuner.{name}")
-        require(
-            list(inspect.signature(method).parameters) == params,
-            TUNER,
-            f"Tuner.{name}",
-            f"the parameters {params}",
+        require_parameters(
+            _get(tuner, name, TUNER, f"the method Tuner.{name}"), params, TUNER, f"Tuner.{name}"
         )
     require(
         "self._build_and_fit_model(" in inspect.getsource(tuner.run_trial),
@@ -581,10 +561,10 @@ CANARIES = {
     "_nodes_by_depth": canary_nodes_by_depth,
     "_functional": canary_functional,
     "_is_graph_network": canary_is_graph_network,
-    "_inputs_struct": canary_inputs_outputs_struct,
-    "_outputs_struct": canary_inputs_outputs_struct,
-    "_nested_inputs": canary_nested_inputs_outputs,
-    "_nested_outputs": canary_nested_inputs_outputs,
+    "_inputs_struct": canary_model_io_structs,
+    "_outputs_struct": canary_model_io_structs,
+    "_nested_inputs": canary_model_io_structs,
+    "_nested_outputs": canary_model_io_structs,
     "_input_layers": canary_input_layers_outbound_nodes,
     "_outbound_nodes": canary_input_layers_outbound_nodes,
     "_output_shape": canary_lambda_output_shape,
