@@ -23,10 +23,13 @@ Nothing here knows about disk or models.
 
 import collections
 import typing
+import weakref
 
 import tensorflow as tf
 
-Nested = typing.Union[tf.Tensor, typing.Tuple[tf.Tensor, ...], typing.Mapping[str, tf.Tensor]]
+# Tuples and mappings first: tried in order, a tuple of same-shaped tensors
+# would otherwise be stacked into one tensor (with the batch on axis 1).
+Nested = typing.Union[typing.Tuple[tf.Tensor, ...], typing.Mapping[str, tf.Tensor], tf.Tensor]
 
 
 class TeacherTargets(tf.experimental.BatchableExtensionType):
@@ -166,6 +169,92 @@ _FIELDS = (
 def is_targets(y) -> bool:
     """Whether ``y`` is a `TeacherTargets`."""
     return isinstance(y, TeacherTargets)
+
+
+class _Decoder:
+    """Rebuilds a `TeacherTargets` of one spec from its flat tensor list.
+
+    For specs whose tensor fields are plain ``tf.TensorSpec`` (possibly nested
+    in ``inputs``), the flat list holds one tensor per spec leaf, in
+    ``tf.nest.flatten`` order of the fields: each field is a constant, one
+    tensor, or a nest packed from a slice. ``plan`` is None for specs with a
+    composite field (ragged, sparse, ...): those take TensorFlow's generic path.
+    """
+
+    def __init__(self, spec):
+        self.ref = weakref.ref(spec)
+        self.plan, self.flat_specs = None, None
+        plan, flat_specs = [], []
+        for name, value in spec.__dict__.items():
+            leaves = tf.nest.flatten(value)
+            specs = [leaf for leaf in leaves if isinstance(leaf, tf.TypeSpec)]
+            if any(type(leaf) is not tf.TensorSpec for leaf in specs):
+                return
+            start = len(flat_specs)
+            if not specs:
+                plan.append((name, "constant", value, 0, 0))
+            elif isinstance(value, tf.TensorSpec):
+                plan.append((name, "tensor", None, start, 0))
+            elif len(specs) == len(leaves):
+                plan.append((name, "nest", value, start, start + len(specs)))
+            else:  # a nest that mixes specs and constants
+                return
+            flat_specs.extend(specs)
+        self.plan, self.flat_specs = tuple(plan), flat_specs
+
+    def decode(self, tensor_list):
+        if len(tensor_list) != len(self.flat_specs):
+            raise ValueError(f"Expected {len(self.flat_specs)} tensors for TeacherTargets, got {len(tensor_list)}.")
+        fields = {}
+        for name, kind, value, start, stop in self.plan:
+            if kind == "tensor":
+                fields[name] = tensor_list[start]
+            elif kind == "nest":
+                fields[name] = tf.nest.pack_sequence_as(value, list(tensor_list[start:stop]))
+            else:
+                fields[name] = value
+        targets = object.__new__(TeacherTargets)
+        targets.__dict__.update(fields)
+        return targets
+
+
+_DECODERS: "dict[int, _Decoder]" = {}
+
+
+def _decoder(spec):
+    """The cached `_Decoder` of ``spec``, or None (use TensorFlow's generic decoding)."""
+    key = id(spec)
+    decoder = _DECODERS.get(key)
+    if decoder is None or decoder.ref() is not spec:
+        decoder = _DECODERS[key] = _Decoder(spec)
+        weakref.finalize(spec, _DECODERS.pop, key, None)
+    return decoder if decoder.plan is not None else None
+
+
+# Decoding (installed on the spec class after its creation: TensorFlow
+# reserves these names in an ExtensionType's class body): every eager `next()` of a dataset iterator rebuilds the
+# targets from their flat tensors. TensorFlow's generic decoder walks
+# the nested specs with `tf.nest` on every batch, which costs more than
+# reading the batch; the specs are immutable, so the mapping from flat
+# tensors to fields is worked out once per spec (`_decoder`). The
+# components were validated when the value was built (and tf.data
+# checked their dtypes and shapes), so the value is rebuilt without
+# `__init__`, exactly as TensorFlow's own `_from_components` does.
+def _spec_from_compatible_tensor_list(self, tensor_list):
+    decoder = _decoder(self)
+    if decoder is None:
+        return _GENERIC_FROM_TENSOR_LIST(self, tensor_list)
+    return decoder.decode(tensor_list)
+
+def _spec_flat_tensor_specs(self):
+    decoder = _decoder(self)
+    return _GENERIC_FLAT_SPECS.fget(self) if decoder is None else decoder.flat_specs
+
+
+_GENERIC_FROM_TENSOR_LIST = TeacherTargets.Spec._from_compatible_tensor_list
+_GENERIC_FLAT_SPECS = TeacherTargets.Spec._flat_tensor_specs
+TeacherTargets.Spec._from_compatible_tensor_list = _spec_from_compatible_tensor_list
+TeacherTargets.Spec._flat_tensor_specs = property(_spec_flat_tensor_specs)
 
 
 # Ops that Keras applies to y_true before calling the loss or a metric: they act

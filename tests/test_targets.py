@@ -53,3 +53,96 @@ def test_dense_teacher_logits_bad_inputs():
         dense_teacher_logits(t, 4, topk_fill="zero")
     with pytest.raises(ValueError, match="k=2 but the student has 1"):
         dense_teacher_logits(t, 1)
+
+
+# --- the fast decoder (eager iteration) equals TensorFlow's generic one ----------------
+
+
+def _variants(n=6):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 3)).astype("float32")
+    return {
+        "dense": TeacherTargets(labels=np.arange(n), logits=rng.normal(size=(n, 4)).astype("float16"),
+                                example_id=np.arange(n) + 7),
+        "topk": TeacherTargets(labels=np.eye(n, 4, dtype="float32"), topk_indices=np.zeros((n, 2), "int32"),
+                               topk_values=rng.normal(size=(n, 2)).astype("float32"),
+                               topk_logsumexp=np.ones(n, "float32")),
+        "inputs": TeacherTargets(labels=np.arange(n), inputs=x, teacher_key="k"),
+        "tuple_inputs": TeacherTargets(labels=np.arange(n), inputs=(x, x[:, :1]), teacher_key="k2"),
+        "dict_inputs": TeacherTargets(labels=np.arange(n), inputs={"b": x, "a": x[:, :2] * 2}, teacher_key="k3"),
+        "unlabelled": TeacherTargets(labels=np.zeros(n, "int64"), has_labels=False, example_id=np.arange(n)),
+    }
+
+
+def _fields(t):
+    from keras_kd.targets import _FIELDS
+
+    return {name: tf.nest.map_structure(lambda v: v.numpy() if hasattr(v, "numpy") else v, getattr(t, name))
+            for name in _FIELDS}
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk", "inputs", "tuple_inputs", "dict_inputs", "unlabelled"])
+def test_fast_decoding_equals_tensorflows_generic_decoding(kind):
+    from tensorflow.python.data.util import structure
+
+    from keras_kd import targets as targets_lib
+
+    value = _variants()[kind]
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(6), value)).shuffle(6, seed=2).batch(4)
+    calls = []
+    original = targets_lib.TeacherTargets.Spec._from_compatible_tensor_list
+
+    def counting(self, tensor_list):
+        calls.append(1)
+        return original(self, tensor_list)
+
+    targets_lib.TeacherTargets.Spec._from_compatible_tensor_list = counting
+    try:
+        batches = list(ds)  # eager iteration: decodes every batch
+    finally:
+        targets_lib.TeacherTargets.Spec._from_compatible_tensor_list = original
+    # Canary: TensorFlow's iterator still decodes through the spec's method (else the fast path is unused).
+    assert len(calls) == len(batches) == 2
+    spec = ds.element_spec[1]
+    assert spec._flat_tensor_specs == targets_lib._GENERIC_FLAT_SPECS.fget(spec)
+    for i, (ids, fast) in enumerate(batches):
+        flat = structure.to_tensor_list(ds.element_spec, (ids, fast))[1:]
+        generic = targets_lib._GENERIC_FROM_TENSOR_LIST(spec, flat)
+        assert type(fast) is TeacherTargets
+        got, want = _fields(fast), _fields(generic)
+        assert tf.nest.map_structure(lambda v: type(v).__name__, got) == tf.nest.map_structure(
+            lambda v: type(v).__name__, want)
+        for a, b in zip(tf.nest.flatten(got), tf.nest.flatten(want)):
+            np.testing.assert_array_equal(a, b)
+        # The rebuilt value is a full TeacherTargets: its spec and its ops work.
+        assert fast._type_spec == generic._type_spec
+        np.testing.assert_array_equal(tf.cast(fast, tf.float32).labels.numpy(), tf.cast(generic, tf.float32).labels)
+
+
+def test_fast_decoding_inside_tf_function_and_fit_structures():
+    """Graph-mode iteration (what fit does) decodes through the same method."""
+    value = _variants()["dict_inputs"]
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(6), value)).batch(4)
+
+    @tf.function
+    def total(dataset):
+        s = tf.constant(0.0)
+        for _, t in dataset:
+            s += tf.reduce_sum(t.inputs["b"]) + tf.reduce_sum(t.inputs["a"])
+        return s
+
+    b, a = value.inputs["b"].numpy(), value.inputs["a"].numpy()
+    assert float(total(ds)) == pytest.approx(float(np.sum(b) + np.sum(a)), rel=1e-5)
+
+
+def test_tuple_inputs_of_one_shape_stay_a_tuple_batched_on_axis_0():
+    """Two same-shaped model inputs are two tensors, never stacked into one (batch on axis 1)."""
+    a, b = np.ones((4, 3), "float32"), np.zeros((4, 3), "float32")
+    t = TeacherTargets(labels=np.zeros(4), inputs=(a, b), teacher_key="k")
+    assert isinstance(t.inputs, tuple) and [v.shape for v in t.inputs] == [(4, 3), (4, 3)]
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(4), t)).batch(3)
+    assert [s.shape.as_list() for s in ds.element_spec[1].inputs] == [[None, 3], [None, 3]]
+    _, first = next(iter(ds))
+    np.testing.assert_array_equal(first.inputs[1].numpy(), b[:3])
+    single = TeacherTargets(labels=np.zeros(4), inputs=a, teacher_key="k")
+    assert isinstance(single.inputs, tf.Tensor)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import tensorflow as tf
 
+from keras_kd import _checks
 from keras_kd import targets as targets_lib
+from keras_kd.data import teachers as teachers_lib
 from keras_kd.data.softmax import warn_if_softmax
 
 _PLACEMENTS = ("auto", "pipeline", "step")
@@ -24,39 +26,6 @@ _NON_FINITE = (
 )
 
 
-def _split_element(element_spec):
-    if not isinstance(element_spec, tuple) or len(element_spec) not in (2, 3):
-        raise ValueError(
-            "Expected a dataset of `(x, y)` or `(x, y, sample_weight)` elements, as "
-            f"`model.fit` takes. Received element_spec={element_spec}."
-        )
-
-
-def _teacher_fn(teacher, output_index):
-    def run(inputs):
-        return tf.cast(targets_lib.teacher_output(teacher(inputs, training=False), output_index), tf.float32)
-
-    return run
-
-
-def _check_batched(teacher, x_spec):
-    """The teacher's inputs are batched; so must be the dataset elements."""
-    inputs = getattr(teacher, "inputs", None)
-    if not inputs:
-        return
-    try:
-        rank = len(inputs[0].shape)
-    except (TypeError, AttributeError):
-        return
-    specs = tf.nest.flatten(x_spec)
-    if specs and specs[0].shape.rank is not None and specs[0].shape.rank == rank - 1:
-        raise ValueError(
-            f"`with_teacher` received unbatched elements (x of shape {specs[0].shape}, "
-            f"the teacher expects {tuple(inputs[0].shape)}). It runs the teacher on the "
-            "batch the student sees: apply it after `.batch(...)`."
-        )
-
-
 def with_teacher(
     dataset: tf.data.Dataset,
     teacher,
@@ -64,6 +33,9 @@ def with_teacher(
     placement: str = "auto",
     output_index=0,
     num_parallel_calls: Optional[int] = tf.data.AUTOTUNE,
+    ensemble: str = "mean_logits",
+    teacher_inputs: Optional[Callable] = None,
+    student_inputs: Optional[Callable] = None,
 ) -> tf.data.Dataset:
     """Attaches the online teacher's logits to every batch of a dataset.
 
@@ -73,6 +45,21 @@ def with_teacher(
     so shuffling and augmentation before this transform stay consistent.
     ``x`` and ``sample_weight`` are passed through unchanged, and the user's
     metrics still see ``y``.
+
+    Several teachers (an ensemble, Hinton et al. 2015): pass a list of models.
+    Each runs on the same batch; ``ensemble="mean_logits"`` attaches the mean
+    of their logits, ``"mean_probs"`` attaches ``log(mean_i softmax(t_i))``,
+    the ensemble's predictive distribution as logits.
+
+    Teacher and student on different inputs (a teacher at a higher resolution,
+    or with privileged features, Lopez-Paz et al. 2016): the teacher(s) receive
+    ``teacher_inputs(x)`` and the element's model input becomes
+    ``student_inputs(x)``. Both run in the tf.data pipeline (so they may be any
+    TensorFlow function of the batch) in either placement: with
+    ``placement="step"`` the step receives ``student_inputs(x)`` as its model
+    input and ``teacher_inputs(x)`` inside the targets, where the in-step
+    teacher reads it. Augment (e.g. `keras_kd.mixup`) before this transform
+    and both views come from the same augmented ``x``.
 
     Where the teacher runs (``placement``):
 
@@ -117,7 +104,8 @@ def with_teacher(
         dataset: a **batched** ``tf.data.Dataset`` of ``(x, y)`` or
             ``(x, y, sample_weight)``.
         teacher: a Keras 3 or tf_keras model that outputs logits (or any
-            callable ``teacher(x, training=False)``).
+            callable ``teacher(x, training=False)``), or a non-empty list or
+            tuple of them (an ensemble: same classes, same input shapes).
         placement: ``"auto"``, ``"step"`` or ``"pipeline"``, see above.
             Defaults to "auto".
         output_index: which output holds the logits when the teacher has
@@ -127,13 +115,24 @@ def with_teacher(
             step placement's map only packs tensors and always runs
             sequentially. Defaults to ``tf.data.AUTOTUNE``: the next batches
             are prepared while the student trains.
+        ensemble: how an ensemble's logits combine: ``"mean_logits"`` or
+            ``"mean_probs"``. Ignored for one teacher. Defaults to
+            "mean_logits".
+        teacher_inputs: a function ``x -> inputs`` of the teacher(s), or
+            None for ``x`` itself. Defaults to None.
+        student_inputs: a function ``x -> inputs`` of the student (the
+            element's new ``x``), or None for ``x`` itself. Defaults to None.
 
     Returns:
         A dataset for ``student.fit`` with `keras_kd.DistillationLoss`.
 
     Raises:
         ValueError: for elements that are not ``(x, y[, sample_weight])``, an
-            unbatched dataset, or an unknown placement.
+            unbatched dataset, an unknown placement or ensemble rule, an empty
+            list of teachers, or ensemble members with different class counts
+            or input shapes.
+        TypeError: for a teacher, ``teacher_inputs`` or ``student_inputs``
+            that is not callable, or a ``dataset`` that is not a tf.data.Dataset.
         tf.errors.InvalidArgumentError: while iterating, with
             ``placement="pipeline"``, for teacher logits with NaN or Inf.
 
@@ -145,27 +144,44 @@ def with_teacher(
     ```python
     student.compile("adam", loss=keras_kd.DistillationLoss(), metrics=["accuracy"])
     student.fit(keras_kd.with_teacher(train_ds.batch(64), teacher), epochs=10)
+
+    # Three teachers; the student sees every second sample of the signal.
+    ds = keras_kd.with_teacher(train_ds.batch(64), [t1, t2, t3], ensemble="mean_probs",
+                               student_inputs=lambda x: x[:, ::2])
     ```
     """
-    if not isinstance(dataset, tf.data.Dataset):
-        raise TypeError(
-            f"Expected `dataset` to be a tf.data.Dataset. Received: {type(dataset).__name__}. "
-            "Wrap arrays with tf.data.Dataset.from_tensor_slices((x, y)).batch(n)."
-        )
-    if placement not in _PLACEMENTS:
-        raise ValueError(f"Expected `placement` in {_PLACEMENTS}. Received: placement={placement!r}")
-    if not callable(teacher):
-        raise TypeError(f"Expected `teacher` to be a Keras model or callable. Received: {teacher!r}")
-    _split_element(dataset.element_spec)
-    y_spec = dataset.element_spec[1]
+    _checks.require_dataset(dataset, hint="Wrap arrays with tf.data.Dataset.from_tensor_slices((x, y)).batch(n).")
+    placement = _checks.one_of(placement, "placement", _PLACEMENTS)
+    teachers, ensemble = teachers_lib.teacher_members(teacher, output_index, ensemble)
+    for name, fn in (("teacher_inputs", teacher_inputs), ("student_inputs", student_inputs)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"Expected `{name}` to be None or a function of x. Received: {name}={fn!r}")
+    x_spec, y_spec, _ = _checks.split_element(dataset.element_spec)
     has_targets = isinstance(y_spec, targets_lib.TeacherTargets.Spec)
     if has_targets and (y_spec.logits is not None or y_spec.topk_values is not None or y_spec.inputs is not None):
         raise ValueError("The dataset already carries teacher targets; apply `with_teacher` once.")
-    _check_batched(teacher, dataset.element_spec[0])
+
+    teacher_view = teacher_inputs or (lambda x: x)
+    student_view = student_inputs or (lambda x: x)
+    views = dataset.map(lambda x, *rest: teacher_view(x)) if teacher_inputs is not None else None
+    t_spec = views.element_spec if views is not None else x_spec
+    if _checks.is_batched(t_spec, teachers[0]) is False:
+        shapes = ", ".join(str(s.shape) for s in tf.nest.flatten(t_spec))
+        raise ValueError(
+            f"`with_teacher` received unbatched elements (the teacher's inputs have shapes {shapes}, one "
+            "axis less than the teacher's own inputs). It runs the teacher on the batch the student "
+            "sees: apply it after `.batch(...)`."
+        )
     if placement == "auto":
         placement = "step"
-    run = _teacher_fn(teacher, output_index)
-    warn_if_softmax(teacher, output_index, run, dataset)
+    run = teachers_lib.teacher_function(teachers, output_index, ensemble)
+
+    def first_inputs():
+        first = next(iter((views if views is not None else dataset).take(1)), None)
+        return None if first is None else (first if views is not None else first[0])
+
+    warn_if_softmax(teachers, output_index, lambda t, inputs: teachers_lib.member_logits(t, inputs, output_index),
+                    first_inputs)
 
     def as_targets(y):
         # Keep what an earlier transform attached (example ids, has_labels).
@@ -176,13 +192,13 @@ def with_teacher(
         def attach(x, y, *sample_weight):
             # tf.data runs outside the (possibly XLA-compiled) step, so this
             # check always runs; CheckNumerics costs one pass over the logits.
-            logits = tf.debugging.assert_all_finite(run(x), _NON_FINITE)
-            return (x, as_targets(y).replace(logits=logits), *sample_weight)
+            logits = tf.debugging.assert_all_finite(run(teacher_view(x)), _NON_FINITE)
+            return (student_view(x), as_targets(y).replace(logits=logits), *sample_weight)
 
     else:
-        # The targets carry x flattened (any nesting: dicts, tuples), and the
-        # teacher gets it back in the dataset's own structure.
-        structure = dataset.element_spec[0]
+        # The targets carry the teacher's inputs flattened (any nesting:
+        # dicts, tuples), and the teacher gets them back in their structure.
+        structure = t_spec
         nested = tf.nest.is_nested(structure)
 
         def run_step(inputs):
@@ -190,12 +206,13 @@ def with_teacher(
                 inputs = tf.nest.pack_sequence_as(structure, list(inputs))
             return run(inputs)
 
-        key = f"teacher-{next(_keys)}-{id(teacher)}"
+        key = f"teacher-{next(_keys)}-{id(teachers[0])}"
         targets_lib.register_teacher(run_step, key)
 
         def attach(x, y, *sample_weight):
-            inputs = tuple(tf.nest.flatten(x)) if nested else x
-            return (x, as_targets(y).replace(inputs=inputs, teacher_key=key), *sample_weight)
+            t_x = teacher_view(x)
+            inputs = tuple(tf.nest.flatten(t_x)) if nested else t_x
+            return (student_view(x), as_targets(y).replace(inputs=inputs, teacher_key=key), *sample_weight)
 
     if num_parallel_calls is None or placement == "step":
         # In the step placement the map only packs tensors: a sequential map

@@ -57,25 +57,39 @@ def _looks_like_probabilities(values: np.ndarray) -> bool:
     return bool(values.min() >= 0.0 and values.max() <= 1.0 and np.all(np.abs(values.sum(-1) - 1.0) < 1e-3))
 
 
-def warn_if_softmax(teacher, output_index, run, dataset):
-    """Warns once when the teacher outputs probabilities instead of logits.
+def warn_if_softmax(teachers, output_index, run_one, first_inputs):
+    """Warns once when a teacher outputs probabilities instead of logits.
 
     A Keras model is judged by the activation of its output layer (free); any
-    other teacher by its output on the first batch of ``dataset`` (one batch,
-    once, when `with_teacher` is called).
+    other teacher by its output on the first batch (one batch, once, when
+    `with_teacher` is called).
+
+    Args:
+        teachers: the teacher, or an ensemble's members, as a list.
+        output_index: which output holds the logits.
+        run_one: ``run_one(teacher, inputs)`` -> that teacher's logits.
+        first_inputs: ``() -> inputs`` of the first batch, as the teachers
+            receive them, or None for an empty dataset.
     """
-    kind = _final_activation(teacher, output_index)
-    if kind == "softmax":
-        warnings.warn(f"The teacher's output layer applies a softmax. {_SOFTMAX_ADVICE}", stacklevel=3)
+    which = (lambda i: "The teacher's") if len(teachers) == 1 else (lambda i: f"Teacher {i} of the ensemble's")
+    unknown = []
+    for i, teacher in enumerate(teachers):
+        kind = _final_activation(teacher, output_index)
+        if kind == "softmax":
+            warnings.warn(f"{which(i)} output layer applies a softmax. {_SOFTMAX_ADVICE}", stacklevel=3)
+            return
+        if kind is None:
+            unknown.append(i)
+    if not unknown:
         return
-    if kind == "other":
+    inputs = first_inputs()
+    if inputs is None:
         return
-    first = next(iter(dataset.take(1)), None)
-    if first is None:
-        return
-    if _looks_like_probabilities(run(first[0]).numpy()):
-        warnings.warn(
-            "The teacher's outputs on the first batch look like probabilities (in [0, 1], rows "
-            f"summing to 1). {_SOFTMAX_ADVICE}",
-            stacklevel=3,
-        )
+    for i in unknown:
+        if _looks_like_probabilities(run_one(teachers[i], inputs).numpy()):
+            warnings.warn(
+                f"{which(i)} outputs on the first batch look like probabilities (in [0, 1], rows "
+                f"summing to 1). {_SOFTMAX_ADVICE}",
+                stacklevel=3,
+            )
+            return
