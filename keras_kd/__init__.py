@@ -24,6 +24,8 @@ from keras_kd.callbacks import cosine
 from keras_kd.callbacks import linear
 from keras_kd.callbacks import step
 from keras_kd.data import add_example_ids
+from keras_kd.data import mixup
+from keras_kd.data import unlabelled
 from keras_kd.data import with_teacher
 from keras_kd.losses import DIVERGENCES
 from keras_kd.losses import DistillationLoss
@@ -50,6 +52,8 @@ __all__ = [
     "DistillationScheduler",
     "HardSampleReweighting",
     "add_example_ids",
+    "mixup",
+    "unlabelled",
     "align",
     "cache_teacher_logits",
     "distillation_hyperparameters",

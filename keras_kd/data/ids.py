@@ -1,7 +1,9 @@
-"""Example ids: number the examples of a dataset for per-example reweighting."""
+"""Example ids and unlabelled data: what each example carries besides its inputs."""
 
 import tensorflow as tf
 
+from keras_kd import _checks
+from keras_kd import _labels
 from keras_kd import targets as targets_lib
 
 
@@ -24,8 +26,7 @@ def add_example_ids(dataset: tf.data.Dataset) -> tf.data.Dataset:
     student.fit(keras_kd.with_teacher(ds, teacher), callbacks=[rew])
     ```
     """
-    if not isinstance(dataset, tf.data.Dataset):
-        raise TypeError(f"Expected `dataset` to be a tf.data.Dataset. Received: {type(dataset).__name__}.")
+    _checks.require_dataset(dataset)
     spec = dataset.element_spec
     if isinstance(spec, tuple) and len(spec) in (2, 3):
         if isinstance(spec[1], targets_lib.TeacherTargets.Spec):
@@ -42,3 +43,41 @@ def add_example_ids(dataset: tf.data.Dataset) -> tf.data.Dataset:
             return x, targets_lib.TeacherTargets(labels=placeholder, example_id=i, has_labels=False)
 
     return dataset.enumerate().map(number)
+
+
+def unlabelled(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Marks every example of a dataset of inputs as unlabelled: ``x -> (x, NO_LABEL)``.
+
+    For transfer sets (Hinton et al. 2015; Ba & Caruana 2014): extra inputs
+    without labels that the student learns from through the teacher alone.
+    `keras_kd.DistillationLoss` gives such examples no hard-label term (only
+    the distillation term), so they can be mixed with labelled data, e.g. with
+    ``tf.data.Dataset.sample_from_datasets``. Each element is taken as ``x``
+    whatever its structure (a tuple is a multi-input ``x``); to drop the
+    labels of ``(x, y)`` elements, map first: ``ds.map(lambda x, y: x)``.
+
+    The label is the scalar `keras_kd.NO_LABEL` (``-1``, ``int64``), one per
+    element: apply this **before** ``.batch(...)``, and give the labelled data
+    ``int64`` labels too to mix the two (``tf.cast(y, tf.int64)``).
+
+    Args:
+        dataset: an unbatched ``tf.data.Dataset`` of inputs ``x``.
+
+    Returns:
+        A dataset of ``(x, NO_LABEL)``.
+
+    Raises:
+        TypeError: if ``dataset`` is not a tf.data.Dataset.
+
+    Example:
+
+    ```python
+    extra = keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x_extra))
+    labelled = tf.data.Dataset.from_tensor_slices((x, y.astype("int64")))
+    mixed = tf.data.Dataset.sample_from_datasets([labelled, extra], seed=0)
+    ds = keras_kd.with_teacher(mixed.shuffle(10_000).batch(64), teacher)
+    ```
+    """
+    _checks.require_dataset(dataset)
+    return dataset.map(lambda *x: (x[0] if len(x) == 1 else x, tf.constant(_labels.NO_LABEL, tf.int64)))
+
