@@ -381,6 +381,29 @@ def canary_extension_type_decoding():
     )
 
 
+def canary_layer_tracked_metric():
+    """_compat.layer_mean_metric: Keras 3 logs a metric a layer holds as an attribute (alignment's
+    ``feature_loss``); keras_kd sets it as ``layer._kd_mean_metric``."""
+    relied_on = (
+        "a `keras.metrics.Mean` assigned to a layer attribute being tracked and logged by fit/evaluate"
+    )
+
+    class Logged(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self._kd_mean_metric = keras.metrics.Mean(name="feature_loss")
+
+        def call(self, x):
+            self._kd_mean_metric.update_state(tf.reduce_mean(x))
+            return x
+
+    inp = keras.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(2)(Logged()(inp)))
+    model.compile("sgd", "mse")
+    logs = model.evaluate(np.ones((4, 3), "float32"), np.ones((4, 2), "float32"), verbose=0, return_dict=True)
+    require(logs.get("feature_loss") == 1.0, KERAS, "layer-tracked metrics", relied_on)
+
+
 _PRUNE_REGISTRY = "tensorflow_model_optimization.python.core.sparsity.keras.prune_registry"
 _QUANT_ACTIVATION = "tensorflow_model_optimization.python.core.quantization.keras.quantize_aware_activation"
 
@@ -581,6 +604,7 @@ CANARIES = {
     "_PRE_QUANT_ACTIVATIONS": canary_quantize_aware_activations,
     "_POST_QUANT_ACTIVATIONS": canary_quantize_aware_activations,
     "tfmot wrapper class names": canary_tfmot_wrapper_names,
+    "_kd_mean_metric (Keras 3 logs layer-tracked metrics)": canary_layer_tracked_metric,
     "keras_tuner.src.engine.tuner_utils": canary_tuner_utils,
     "keras_tuner.src.utils": canary_tuner_save_json,
     "_try_build": canary_tuner_private_methods,
