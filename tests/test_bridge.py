@@ -294,6 +294,25 @@ def test_explicit_masks_are_kept_or_refused():
         optimize.to_tf_keras(keras.Model(tok, pooled))
 
 
+def test_mask_analysis_runs_once_per_model(monkeypatch):
+    # The explicit-mask set is computed once per rebuilt model, not once per op
+    # (it was O(ops^2)); the outputs of a deep masked model still match.
+    from keras_kd.optimize import bridge
+
+    calls = []
+    original = bridge._explicit_masks
+    monkeypatch.setattr(bridge, "_explicit_masks", lambda *a: calls.append(1) or original(*a))
+    tok = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(10, 4, mask_zero=True)(tok)
+    for _ in range(8):
+        h = keras.layers.Dense(4)(h)
+    model = keras.Model(tok, keras.layers.GlobalAveragePooling1D()(h))
+    converted = optimize.to_tf_keras(model)
+    assert len(calls) == 1
+    tokens = np.array([[1, 2, 0, 0, 0, 0], [3, 4, 5, 6, 7, 8]], "int32")
+    np.testing.assert_allclose(np.asarray(converted(tokens)), np.asarray(model(tokens)), atol=1e-6)
+
+
 def test_batch_normalization_moving_variance_by_hand():
     # One training step, momentum 0.5, on 4 examples of a 4-D input: the
     # moving variance becomes 0.5 * 1 + 0.5 * biased batch variance (Keras 3's
@@ -318,6 +337,34 @@ def test_fused_tf_keras_batch_normalization_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimize.to_keras3(model)
+
+
+def test_batch_normalization_over_several_axes_is_refused_by_name():
+    # tf_keras normalizes over a list of axes; Keras 3 takes one. Taking the
+    # first axis would normalize differently: refused, naming the argument.
+    inp = tf_keras.Input((3, 4, 2))
+    model = tf_keras.Model(inp, tf_keras.layers.BatchNormalization(axis=[1, 3], name="bn2")(inp))
+    with pytest.raises(ValueError, match=r"bn2 \(BatchNormalization\): argument `axis=\[1, 3\]`.*one axis"):
+        optimize.to_keras3(model)
+
+
+def test_translator_table_entries_apply_to_subclasses():
+    # LSTM, GRU and SimpleRNN take the "RNN" entry by their MRO; a layer class
+    # without an entry is translated generically.
+    from keras_kd.optimize import bridge
+
+    for name in ("LSTM", "GRU", "SimpleRNN"):
+        for K in (keras, tf_keras):
+            assert bridge.translator(getattr(K.layers, name)) is bridge.TRANSLATORS["RNN"]
+    assert bridge.translator(keras.layers.Dense) == bridge.LayerTranslator()
+    inp = keras.Input((5, 3))
+    lstm = keras.layers.LSTM(2, zero_output_for_mask=True, name="lstm")
+    model = keras.Model(inp, lstm(keras.layers.Masking()(inp)))
+    converted = optimize.to_tf_keras(model)
+    assert converted.get_layer("lstm").zero_output_for_mask is True
+    x = RNG.normal(size=(2, 5, 3)).astype("float32")
+    x[0, 3:] = 0.0  # masked time steps
+    np.testing.assert_allclose(np.asarray(converted(x)), np.asarray(model(x)), atol=1e-6)
 
 
 def test_masking_and_spectral_normalization_errors():

@@ -342,24 +342,34 @@ def test_tfmot_refusals_name_the_layer_and_the_fix():
 
 def test_student_class_count_must_match_teacher(teacher, tmp_path):
     student = mlp(tf_keras, classes=5)
-    with pytest.raises(ValueError, match=r"outputs 5 classes but the teacher 'teacher' has 4 classes"):
+    pattern = r"Received: the student 'student': 5, the teacher 'teacher': 4\. Give the student a 4-unit"
+    with pytest.raises(ValueError, match=pattern):
         optimize.prune_for_distillation(student, 0.5, end_step=10, teacher=teacher)
     cache = cache_teacher_logits(teacher, str(tmp_path / "cache"), verbose=0)
     with pytest.raises(ValueError, match="has not been built yet"):
         optimize.check_num_classes(student, cache)
     tf.data.Dataset.from_tensor_slices((X, Y)).apply(cache)
-    pattern = r"outputs 5 classes but the teacher-logit cache at .* has 4 classes"
+    pattern = r"Received: the student 'student': 5, the teacher-logit cache at .*: 4\."
     with pytest.raises(ValueError, match=pattern):
         optimize.quantize_for_distillation(student, teacher=cache)
     with pytest.raises(ValueError, match=pattern):
         optimize.check_num_classes(student, str(tmp_path / "cache"))  # the directory alone
     assert optimize.check_num_classes(mlp(tf_keras), cache) == 4
     # Either flavour on either side: counts come from the output shapes.
-    with pytest.raises(ValueError, match=r"outputs 4 classes but the teacher 'k3' has 10 classes"):
+    with pytest.raises(ValueError, match=r"Received: the student 'student': 4, the teacher 'k3': 10\."):
         optimize.check_num_classes(mlp(tf_keras), mlp(keras, classes=10, name="k3"))
     assert optimize.check_num_classes(mlp(keras), 4) == 4
     with pytest.raises(TypeError, match="Expected `teacher` to be a Keras model"):
         optimize.check_num_classes(student, 4.5)
+    with pytest.raises(ValueError, match=r"Expected `teacher` to be a positive integer. Received: teacher=0"):
+        optimize.check_num_classes(student, 0)
+    # An ensemble (issue 17): its members must agree, and the student with them.
+    ensemble = [mlp(keras, name="a"), mlp(tf_keras, name="b")]
+    assert optimize.check_num_classes(mlp(tf_keras), ensemble) == 4
+    with pytest.raises(ValueError, match=r"the student 'student': 5, the teachers \['a', 'b'\]: 4"):
+        optimize.check_num_classes(student, ensemble)
+    with pytest.raises(ValueError, match=r"teacher 1 \('c'\): 5"):
+        optimize.check_num_classes(student, [mlp(keras, name="a"), mlp(keras, classes=5, name="c")])
 
 
 # ---------------------------------------------------------------------------
@@ -598,9 +608,44 @@ def test_importing_tfmot_leaves_the_environment_alone():
     import sys
 
     code = (
-        "import os, tensorflow as tf; from keras_kd import optimize, _compat; _compat.import_tfmot(); "
+        "import os, tensorflow as tf, tf_keras; from keras_kd import optimize; "
+        "optimize.sparsity(tf_keras.Sequential([tf_keras.Input((2,)), tf_keras.layers.Dense(1)])); "
+        "import sys; assert 'tensorflow_model_optimization' in sys.modules; "
         "print(os.environ.get('TF_USE_LEGACY_KERAS'), tf.keras.version()[0])"
     )
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.split()[-2:] == ["None", "3"]
+
+
+def test_optimize_is_reachable_without_importing_tfmot():
+    # Issue 16: `keras_kd.optimize` after a plain `import keras_kd`, and every
+    # module of the package, without importing tfmot (it comes on first use).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, keras_kd; o = keras_kd.optimize; "
+        "from keras_kd.optimize import bridge, pruning, qat, tflite, evaluate; "
+        "assert o.to_tf_keras is bridge.to_tf_keras; "
+        "print('tensorflow_model_optimization' in sys.modules, 'keras_tuner' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split()[-2:] == ["False", "False"]
+
+
+def test_a_missing_private_attribute_names_it_and_the_version():
+    from keras_kd import _compat
+
+    class Graph:
+        pass
+
+    pattern = (
+        rf"private attribute `Graph._nodes_by_depth` of tf_keras, and the installed tf_keras "
+        rf"{re.escape(tf_keras.__version__)} does not have it"
+    )
+    with pytest.raises(_compat.PrivateAPIError, match=pattern):
+        _compat.private_attribute(Graph(), "_nodes_by_depth", "tf_keras")
+    # Each read the library relies on is there in the installed versions.
+    assert _compat.private_attribute(tf_keras.layers.Dense(1), "_flatten_layers", "tf_keras")
+

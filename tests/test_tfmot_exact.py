@@ -15,14 +15,16 @@ import tensorflow as tf
 import tf_keras
 
 import keras_kd
-from keras_kd import _compat
 from keras_kd import optimize
 
 RNG = np.random.default_rng(0)
 
 
 def tfmot():
-    return _compat.import_tfmot()
+    optimize.sparsity(_dense_model())  # keras_kd imports tfmot on first use, keeping tf.keras
+    import tensorflow_model_optimization
+
+    return tensorflow_model_optimization
 
 
 # ---------------------------------------------------------------------------
@@ -272,6 +274,22 @@ def test_evaluate_tflite_refuses_labels_that_do_not_fit_the_output():
     logits = _hand_litert_predictions(flatbuffer, x)
     soft = np.eye(3)[y] * 0.9 + 0.1 / 3
     assert optimize.evaluate_tflite(flatbuffer, (x, soft)) == pytest.approx(np.mean(logits.argmax(-1) == y))
+
+
+def test_evaluate_tflite_leaves_no_label_examples_out():
+    # keras_kd.NO_LABEL (-1) marks an unlabelled example: it is not scored
+    # (it used to be refused as a class id out of range).
+    x = RNG.normal(size=(12, 6)).astype("float32")
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    flatbuffer = optimize.to_tflite(model, int8=False)
+    predicted = _hand_litert_predictions(flatbuffer, x).argmax(-1)
+    y = np.where(np.arange(12) % 3 == 0, -1, predicted)  # the labelled 8 are right ...
+    y[1] = (predicted[1] + 1) % 3  # ... but one: 7 of 8 by hand
+    assert optimize.evaluate_tflite(flatbuffer, (x, y), batch_size=5) == pytest.approx(7 / 8)
+    with pytest.raises(ValueError, match=r"Every label of `dataset` \(12 examples\) is keras_kd.NO_LABEL"):
+        optimize.evaluate_tflite(flatbuffer, (x, np.full(12, -1)))
+    accuracy, logits = optimize.evaluate_tflite(flatbuffer, (x, np.full(12, -1)), return_logits=True)
+    assert accuracy is None and logits.shape == (12, 3)
 
 
 def test_evaluate_tflite_refuses_unlabelled_keras_kd_data():

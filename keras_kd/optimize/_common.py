@@ -249,11 +249,8 @@ def check_num_classes(student, teacher):
             "Expected `teacher` to be a Keras model, a list of models, a teacher-logit cache (or its "
             f"directory) or an int class count. Received: teacher={teacher!r} of type {type(teacher).__name__}."
         )
-    if student_classes is not None and teacher_classes is not None and student_classes != teacher_classes:
-        raise ValueError(
-            f"The student {student.name!r} outputs {student_classes} classes but {where} has "
-            f"{teacher_classes} classes: distillation compares logits class by class. Give the "
-            f"student a {teacher_classes}-unit logit layer (or distill from a teacher with "
-            f"{student_classes} classes)."
-        )
-    return teacher_classes if teacher_classes is not None else student_classes
+    return _checks.check_num_classes(
+        {f"the student {student.name!r}": student_classes, where: teacher_classes},
+        fix=f"Give the student a {teacher_classes}-unit logit layer (or distill from a teacher with "
+        f"{student_classes} classes).",
+    )

@@ -196,11 +196,7 @@ def evaluate_tflite(
         )
     if isinstance(dataset, tuple) and len(dataset) == 2 and not isinstance(dataset, tf.data.Dataset):
         dataset = tf.data.Dataset.from_tensor_slices(dataset)
-    if not isinstance(dataset, tf.data.Dataset):
-        raise TypeError(
-            "Expected `dataset` to be a tf.data.Dataset or an (x, y) tuple. "
-            f"Received: {type(dataset).__name__}."
-        )
+    _checks.require_dataset(dataset, "dataset", hint="Or pass an (x, y) tuple of arrays.")
     rank = len(inputs[0]["shape_signature"])
     x_spec = _common.element_x(dataset.element_spec)
     if not isinstance(x_spec, tf.TensorSpec):

@@ -11,6 +11,7 @@ import re
 import warnings
 from typing import Optional
 
+from keras_kd import _checks
 from keras_kd import _compat
 from keras_kd.optimize import _common
 from keras_kd.optimize._common import check_num_classes
@@ -126,10 +127,7 @@ def quantize_for_distillation(
             f"`student` ({student.name!r}) is already quantization-aware ({quantized[:3]}): "
             "quantize the float student once."
         )
-    if not isinstance(preserve_sparsity, bool):
-        raise ValueError(
-            f"Expected `preserve_sparsity` to be a bool. Received: preserve_sparsity={preserve_sparsity!r}"
-        )
+    _checks.one_of(preserve_sparsity, "preserve_sparsity", (True, False))
     if teacher is not None:
         check_num_classes(student, teacher)
     tfmot = _common.tfmot()
