@@ -21,8 +21,9 @@ from sklearn.datasets import load_digits
 
 import keras_kd
 from keras_kd import _compat
-from keras_kd import _storage
 from keras_kd import cache as cache_lib
+from keras_kd.cache import build as cache_build
+from keras_kd.cache import files as cache_files
 from keras_kd.cache import CacheCorruptedError
 from keras_kd.cache import CacheMismatchError
 from keras_kd.cache import cache_teacher_logits
@@ -262,7 +263,8 @@ CHILD = textwrap.dedent(
     import numpy as np, tensorflow as tf
     from sklearn.datasets import load_digits
     from keras_kd import _compat
-    from keras_kd import _storage, cache as cache_lib
+    from keras_kd import cache as cache_lib
+    from keras_kd.cache import files as cache_files
 
     flavour, directory, weights = sys.argv[1], sys.argv[2], sys.argv[3]
     k = _compat.module(flavour)
@@ -271,7 +273,7 @@ CHILD = textwrap.dedent(
     x, y = load_digits(return_X_y=True)
     x, y = (x[:640] / 16.0).astype("float32"), y[:640].astype("int32")
 
-    real_open = _storage._open_for_write
+    real_open = cache_files._open_for_write
 
     class Slow:  # a slow disk, so the parent can kill the build mid-way
         def __init__(self, f):
@@ -282,7 +284,7 @@ CHILD = textwrap.dedent(
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    _storage._open_for_write = lambda path: Slow(real_open(path))
+    cache_files._open_for_write = lambda path: Slow(real_open(path))
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     ds.apply(cache_lib.cache_teacher_logits(teacher, directory, batch_size=32, shard_size=32, verbose=0))
     print("FINISHED", flush=True)
@@ -638,8 +640,8 @@ def test_full_disk_fails_cleanly_and_resumes(digits, tmp_path, monkeypatch):
     teacher = make_model("keras", (), 10, seed=9)
     x, y = digits[0][:200], digits[1][:200]
     raw = raw_dataset(x, y)
-    real_open = _storage._open_for_write
-    monkeypatch.setattr(_storage, "_open_for_write", lambda path: _FullDisk(real_open(path)))
+    real_open = cache_files._open_for_write
+    monkeypatch.setattr(cache_files, "_open_for_write", lambda path: _FullDisk(real_open(path)))
     _FullDisk.budget = 3000  # a couple of blocks and a journal, then the disk is full
     with pytest.raises(
         OSError, match=r"disk is full: could not write the teacher-logit cache file .*(logits|part)-00000-"
@@ -647,7 +649,7 @@ def test_full_disk_fails_cleanly_and_resumes(digits, tmp_path, monkeypatch):
         raw.apply(cache_teacher_logits(teacher, tmp_path, batch_size=32, shard_size=32, verbose=0))
     assert not (tmp_path / "manifest.json").exists()
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
-    monkeypatch.setattr(_storage, "_open_for_write", real_open)
+    monkeypatch.setattr(cache_files, "_open_for_write", real_open)
     got = collect(
         raw.apply(cache_teacher_logits(teacher, tmp_path, batch_size=32, shard_size=32, verbose=0)).batch(200)
     )
@@ -658,7 +660,7 @@ def test_full_disk_fails_cleanly_and_resumes(digits, tmp_path, monkeypatch):
 
 def test_not_enough_free_space_is_refused_up_front(digits, tmp_path, monkeypatch):
     teacher = make_model("keras", (), 10, seed=9)
-    monkeypatch.setattr(cache_lib.shutil, "disk_usage", lambda path: type("U", (), {"free": 100})())
+    monkeypatch.setattr(cache_build.shutil, "disk_usage", lambda path: type("U", (), {"free": 100})())
     with pytest.raises(OSError, match="only 0.0 MiB are free"):
         raw_dataset(*[a[:200] for a in digits]).apply(cache_teacher_logits(teacher, tmp_path, verbose=0))
 

@@ -16,8 +16,10 @@ import pytest
 import tensorflow as tf
 
 import keras_kd
-from keras_kd import _storage
 from keras_kd import cache as cache_lib
+from keras_kd.cache import build as cache_build
+from keras_kd.cache import files as cache_files
+from keras_kd.cache import fingerprint as cache_fingerprint
 from keras_kd.cache import CacheCorruptedError
 from keras_kd.cache import CacheMismatchError
 from keras_kd.cache import cache_teacher_logits
@@ -403,7 +405,7 @@ def test_free_space_is_checked_for_the_whole_cache(K, tmp_path, monkeypatch):
     teacher = teacher_model(K)
     whole = 256 * 4 * 2  # bytes of the whole cache: 256 examples x 4 float16 logits
     monkeypatch.setattr(
-        cache_lib.shutil, "disk_usage", lambda path: type("U", (), {"free": whole * 3 // 4})()
+        cache_build.shutil, "disk_usage", lambda path: type("U", (), {"free": whole * 3 // 4})()
     )
     # Half the cache would fit; both workers write to one filesystem, the whole does not.
     with pytest.raises(OSError, match="disk is full: the teacher-logit cache needs"):
@@ -417,7 +419,7 @@ def test_feature_cache_full_disk_is_clear_and_leaves_nothing(K, tmp_path, monkey
 
     aligned = keras_kd.align(net(K, (4, 4, 8), "s"), net(K, (4, 4, 16), "t", frozen=True), [("feat", "feat")])
     images = tf.data.Dataset.from_tensor_slices((np.ones((64, 8, 8, 1), "float32"), np.arange(64) % 3))
-    real_open = _storage._open_for_write
+    real_open = cache_files._open_for_write
 
     class Full:
         def __init__(self, f):
@@ -435,7 +437,7 @@ def test_feature_cache_full_disk_is_clear_and_leaves_nothing(K, tmp_path, monkey
         calls.append(path)
         return Full(real_open(path)) if ".bin.tmp-" in path else real_open(path)
 
-    monkeypatch.setattr(_storage, "_open_for_write", opener)
+    monkeypatch.setattr(cache_files, "_open_for_write", opener)
     with pytest.raises(OSError, match="disk is full: could not write the feature cache file"):
         images.apply(aligned.cache_features(str(tmp_path / "f"), batch_size=16))
     assert not [n for n in os.listdir(tmp_path / "f") if ".tmp-" in n or n.endswith(".bin")]
@@ -501,7 +503,7 @@ def test_damaged_feature_cache_is_named_and_repaired(K, tmp_path, damage):
 def test_a_rebuild_after_a_probe_mismatch_never_rewrites_the_files_a_reader_streams(K, tmp_path, monkeypatch):
     """Same fingerprint, same layout: the rebuild still writes new names (a new generation)."""
     teacher = teacher_model(K, 0)
-    monkeypatch.setattr(cache_lib._fingerprint, "weights_digest", lambda model: "same")  # noqa: SLF001
+    monkeypatch.setattr(cache_fingerprint, "weights_digest", lambda model: "same")
     old_reader = raw().apply(cache_teacher_logits(teacher, tmp_path, batch_size=64, in_memory=False, verbose=0))
     old_files = {f["name"] for f in read_manifest(tmp_path)["files"]}
     other = teacher_model(K, 5)

@@ -5,7 +5,7 @@ table, the per-example statistics, the epoch after which it was written and
 the identity of the run that wrote it. The guarantees:
 
 * **Written whole or not at all.** It is written through a fresh temporary
-  name (`keras_kd._storage.AtomicFile`: ``O_EXCL``, fsync, atomic rename), so
+  name (`keras_kd.cache.files.AtomicFile`: ``O_EXCL``, fsync, atomic rename), so
   concurrent writers never collide and readers never see a partial file.
 * **Validated when read.** A file that is not a keras_kd backup, truncated,
   damaged, for another table size, with non-finite weights or weights outside
@@ -25,8 +25,8 @@ from typing import Optional
 
 import numpy as np
 
-from keras_kd import _fingerprint
-from keras_kd import _storage
+from keras_kd.cache import files as _storage
+from keras_kd.cache import fingerprint as _fingerprint
 
 FILE_NAME = "hard_sample_reweighting.npz"
 FORMAT = "keras_kd.reweighting_backup/1"

@@ -1,11 +1,17 @@
-"""Digests that fingerprint a teacher and a dataset (shared by the logit cache
-and the alignment feature cache)."""
+"""What a cache is a cache of: digests of teachers and datasets, and the
+detection of datasets that change from one pass to the next.
+
+Shared by the teacher-logit cache and the alignment feature cache.
+"""
 
 import hashlib
 import json
 
+import keras
 import numpy as np
 import tensorflow as tf
+
+from keras_kd import _checks
 
 _DIGEST_BATCH = 256  # fixed, so the digest does not depend on the caller's batch size
 
@@ -97,10 +103,6 @@ def sample_digest(dataset: tf.data.Dataset, n: int) -> str:
     return h.hexdigest()
 
 
-def _batchable(spec) -> bool:
-    return all(isinstance(s, tf.TensorSpec) and s.shape.is_fully_defined() for s in tf.nest.flatten(spec))
-
-
 def inputs_digest(dataset: tf.data.Dataset):
     """``(digest, count)``: a digest of every element's inputs ``x``, in order.
 
@@ -112,7 +114,7 @@ def inputs_digest(dataset: tf.data.Dataset):
     x_spec = dataset.element_spec[0]
     count = 0
     # No `map` (tracing a function costs more than hashing a small dataset).
-    if _batchable(dataset.element_spec):
+    if _checks.fixed_shapes(dataset.element_spec):
         numeric = all(s.dtype.is_numpy_compatible and s.dtype != tf.string for s in tf.nest.flatten(x_spec))
         for batch in dataset.batch(_DIGEST_BATCH).prefetch(2):
             flat = tf.nest.flatten(batch[0])
@@ -128,3 +130,107 @@ def inputs_digest(dataset: tf.data.Dataset):
             hash_element(h, element[0])
             count += 1
     return h.hexdigest(), count
+
+
+def describe_spec(spec) -> list:
+    """One line per component: path, type, shape and dtype (JSON-able)."""
+    out = []
+    for path, s in keras.tree.flatten_with_path(spec):
+        shape = getattr(s, "shape", None)
+        if shape is not None:
+            shape = shape.as_list() if shape.rank is not None else "?"
+        dtype = getattr(getattr(s, "dtype", None), "name", None)
+        where = "/".join(str(p) for p in path) or "."
+        out.append(f"{where}: {type(s).__name__} shape={shape} dtype={dtype}")
+    return out
+
+
+
+# Ops that make a tf.data pipeline yield different elements on each pass.
+_RANDOM_OPS = frozenset(
+    {
+        "RandomUniform",
+        "RandomUniformInt",
+        "RandomStandardNormal",
+        "TruncatedNormal",
+        "ParameterizedTruncatedNormal",
+        "RandomShuffle",
+        "RandomCrop",
+        "Multinomial",
+        "RandomGamma",
+        "RandomPoisson",
+        "RandomPoissonV2",
+        "StatefulUniform",
+        "StatefulUniformInt",
+        "StatefulUniformFullInt",
+        "StatefulStandardNormal",
+        "StatefulStandardNormalV2",
+        "StatefulTruncatedNormal",
+        "StatefulRandomBinomial",
+        "RngReadAndSkip",
+        "RngSkip",
+        "SampleDistortedBoundingBox",
+        "SampleDistortedBoundingBoxV2",
+        "RandomDataset",
+        "RandomDatasetV2",
+        "ExperimentalRandomDataset",
+        "ShuffleDatasetV2",
+        "ShuffleAndRepeatDatasetV2",
+        # A map function that assigns a variable (e.g. a Keras random layer's
+        # seed generator) changes its output from one pass to the next.
+        "AssignVariableOp",
+        "AssignAddVariableOp",
+        "AssignSubVariableOp",
+    }
+)
+
+
+
+def random_ops(dataset) -> list:
+    """What makes the dataset differ from pass to pass: random ops, reshuffles.
+
+    Walks the dataset's inputs and the graphs of their functions in Python
+    (serializing the dataset would copy all in-memory data).
+    """
+    found, seen, stack = set(), set(), [dataset]
+    while stack:
+        ds = stack.pop()
+        if id(ds) in seen:
+            continue
+        seen.add(id(ds))
+        name = type(ds).__name__
+        if "Random" in name:
+            found.add("Dataset.random")
+        if "Shuffle" in name and getattr(ds, "_reshuffle_each_iteration", False) is True:
+            found.add("shuffle(reshuffle_each_iteration=True)")
+        if str(getattr(ds, "_deterministic", "")).lower() == "false":
+            found.add(f"{name.strip('_')}(deterministic=False)")
+        for value in vars(ds).values():
+            graph = getattr(getattr(value, "function", None), "graph", None)
+            if graph is not None and hasattr(graph, "as_graph_def"):
+                found.update(graph_random_ops(graph))
+        try:
+            stack.extend(ds._inputs())  # noqa: SLF001
+        except Exception:  # pragma: no cover - datasets without inputs
+            pass
+    try:
+        if dataset.options().deterministic is False:
+            found.add("options.deterministic=False")
+    except Exception:  # pragma: no cover
+        pass
+    return sorted(found)
+
+
+def graph_random_ops(graph) -> set:
+    try:
+        graph_def = graph.as_graph_def()
+    except Exception:  # pragma: no cover
+        return set()
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes.extend(function.node_def)
+    found = {node.op for node in nodes if node.op in _RANDOM_OPS}
+    for node in nodes:
+        if node.op.startswith("ShuffleDataset") and node.attr["reshuffle_each_iteration"].b:
+            found.add("shuffle(reshuffle_each_iteration=True)")
+    return found

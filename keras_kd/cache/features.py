@@ -1,44 +1,55 @@
 """The alignment feature cache (`keras_kd.Aligned.cache_features`) on keras_kd's
-one storage engine (`keras_kd._storage`, `keras_kd._build`).
+one storage engine.
 
 Row ``n`` holds the teacher's logits (field ``logits``, float32) and its
 tapped features (fields ``feature_0 ... feature_{P-1}``, float16 or float32)
-for the ``n``-th example. On disk it has every guarantee of the teacher-logit
-cache: own names and marker, locks, fresh generation names with an atomic
-manifest switch, schema-validated manifest, CRC32 of every file, a
-fingerprint of the teacher's function (architecture and weights) and of every
-element's inputs, and a re-run of the teacher on the first examples when an
-existing cache is opened.
-"""
+for the ``n``-th example. It is built and opened by the same flow as the
+teacher-logit cache (`keras_kd.cache.build.Build.ensure`), with every one of
+its guarantees: own names and marker, locks, fresh generation names with an
+atomic manifest switch, a schema-validated manifest, CRC32 of every file, a
+fingerprint of the teacher's function (architecture and weights) and of
+every element's inputs, and a re-run of the teacher on the first examples
+when an existing cache is opened.
 
-from __future__ import annotations
+Used by `keras_kd.alignment` through `FeatureTable.get`, `resolve_directory`
+and `MAX_BATCH_SIZE`.
+"""
 
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-from keras_kd import _build
-from keras_kd import _fingerprint
-from keras_kd import _storage
-from keras_kd._storage import CacheCorruptedError
-from keras_kd._storage import CacheMismatchError
+from keras_kd import _checks
+from keras_kd.cache import build as build_lib
+from keras_kd.cache import fingerprint
+from keras_kd.cache.files import resolve_directory  # noqa: F401 - part of this module's API
+from keras_kd.cache.format import MAX_BLOCK_ROWS
+from keras_kd.cache.format import MAX_ROWS
+from keras_kd.cache.format import Layout
+from keras_kd.cache.store import Store
+from keras_kd.cache.store import Stored
 
 FORMAT = "keras_kd.feature_cache"
+MAX_BATCH_SIZE = MAX_BLOCK_ROWS  # a build batch is one stored block
 _DTYPES = {"float16": "<f2", "float32": "<f4"}
 _SAMPLE = 4  # first examples read twice to detect a dataset that changes between passes
 _PROBE_ROWS = 64
 _TARGET_FILE_BYTES = 64 << 20
 
 
-def store(directory: str) -> _storage.Store:
-    return _storage.Store(directory, "feature_cache", FORMAT, "features", "feature cache")
+def store(directory: str) -> Store:
+    return Store(directory, "feature_cache", FORMAT, "features", "feature cache")
 
 
-def _layout(block_rows, logits_shape, feature_shapes, dtype) -> _storage.Layout:
+def _layout(block_rows, logits_shape, feature_shapes, dtype) -> Layout:
     fields = [("logits", "<f4", tuple(logits_shape))]
     fields += [(f"feature_{i}", _DTYPES[dtype], tuple(s)) for i, s in enumerate(feature_shapes)]
-    return _storage.Layout(block_rows, fields)
+    return Layout(block_rows, fields)
+
+
+def _names(num_features: int) -> list:
+    return ["logits"] + [f"feature_{i}" for i in range(num_features)]
 
 
 def _validate_extra(schema, m):
@@ -46,7 +57,7 @@ def _validate_extra(schema, m):
     dtype = schema.get(m, "dtype", str)
     if dtype not in _DTYPES or fp.get("dtype") != dtype:
         schema.fail("dtype", f"must be 'float16' or 'float32' and match the fingerprint, got {dtype!r:.80}")
-    if schema.int(m, "count", 1, _storage.MAX_ROWS) != m["num_examples"]:
+    if schema.int(m, "count", 1, MAX_ROWS) != m["num_examples"]:
         schema.fail("count", f"must equal num_examples={m['num_examples']}")
     try:
         expected = _layout(m["layout"]["block_rows"], fp["logits_shape"], [p[2] for p in fp["pairs"]], dtype)
@@ -92,22 +103,19 @@ class FeatureTable:
         self.rows, self.count = rows, count
 
     @classmethod
-    def of(cls, stored: _storage.Stored, num_features: int) -> "FeatureTable":
-        names = ["logits"] + [f"feature_{i}" for i in range(num_features)]
-        select = lambda fields: tuple(fields[n] for n in names)  # noqa: E731
+    def of(cls, stored: Stored, num_features: int) -> "FeatureTable":
+        select = lambda fields: tuple(fields[n] for n in _names(num_features))  # noqa: E731
         return cls(stored.rows(select, select), stored.count)
 
     def dataset(self) -> tf.data.Dataset:
         """Unbatched ``(logits, feature_0, ...)`` rows, exactly ``count`` of them."""
         return self.rows.apply(tf.data.experimental.assert_cardinality(self.count))
 
-    # -- building and opening ---------------------------------------------------
-
     @classmethod
     def get(cls, aligned, dataset, directory: Optional[str], dtype, batch_size, on_mismatch, in_memory=None):
         """The table for ``dataset``: read from ``directory`` if it matches, else computed (and stored)."""
-        first = _fingerprint.sample_digest(dataset, _SAMPLE)
-        if _fingerprint.sample_digest(dataset, _SAMPLE) != first:
+        first = fingerprint.sample_digest(dataset, _SAMPLE)
+        if fingerprint.sample_digest(dataset, _SAMPLE) != first:
             raise ValueError(
                 "The dataset given to `cache_features` yields different examples each time it is "
                 "read (shuffling or random augmentation before the transform?). Cache the raw, "
@@ -117,12 +125,12 @@ class FeatureTable:
         extractor = aligned.feature_extractor
         logits_shape = [int(d) for d in extractor.outputs[0].shape[1:]]
         feature_shapes = [[int(d) for d in t.shape[1:]] for t in extractor.outputs[1:]]
-        digest, count = _fingerprint.inputs_digest(dataset)
+        digest, count = fingerprint.inputs_digest(dataset)
         if count == 0:
             raise ValueError("`cache_features` received an empty dataset.")
         fp = {
-            "teacher_weights": _fingerprint.weights_digest(aligned.teacher),
-            "teacher_architecture": _fingerprint.architecture_digest(extractor),
+            "teacher_weights": fingerprint.weights_digest(aligned.teacher),
+            "teacher_architecture": fingerprint.architecture_digest(extractor),
             "pairs": [[p.student_layer, p.teacher_layer, list(p.teacher_shape)] for p in aligned.pairs],
             "logits_shape": logits_shape,
             "dtype": dtype,
@@ -130,18 +138,18 @@ class FeatureTable:
             "count": count,
             "inputs_digest": digest,
         }
-        layout = _layout(batch_size, logits_shape, feature_shapes, dtype)
         step = _extract_step(extractor, dataset)
+        names = _names(len(feature_shapes))
         if directory is None:
-            arrays = _collect(_produce(step, dataset, 0, count, batch_size, dtype), layout)
-            names = ["logits"] + [f"feature_{i}" for i in range(len(feature_shapes))]
-            return cls(tf.data.Dataset.from_tensor_slices(tuple(arrays[n] for n in names)), count)
+            chunks = list(_produce(step, dataset, 0, count, batch_size, dtype))
+            arrays = tuple(np.concatenate([c[n] for c in chunks]) for n in names)
+            return cls(tf.data.Dataset.from_tensor_slices(arrays), count)
         st = store(directory)
         st.owned()
-        build = _build.Build(
+        build = build_lib.Build(
             st,
             fp,
-            layout,
+            _layout(batch_size, logits_shape, feature_shapes, dtype),
             count,
             0,
             1,
@@ -151,88 +159,28 @@ class FeatureTable:
             checksum=True,
             say=lambda message: None,
         )
-        stored, problem = cls._open(build, dataset, step, in_memory)
-        if stored is None:
-            if problem is not None and on_mismatch == "error":
-                raise problem
-            st.claim(refuse_foreign_files=True)
-            fresh = isinstance(problem, _ProbeMismatch)
-            if fresh:
-                try:
-                    build = build.replacing(st.read_manifest(_validate_extra))
-                except (CacheCorruptedError, CacheMismatchError):
-                    pass
 
-            def recheck():
-                if problem is not None:
-                    return None
-                found, why = build.open()
-                if found is not None and build.verify(found) is None:
-                    return found
-                if found is None and why is not None and on_mismatch == "error":
-                    raise why
-                return None
+        def probe(stored, manifest):
+            rows = min(_PROBE_ROWS, manifest["num_examples"], manifest["layout"]["block_rows"])
+            x = next(iter(dataset.map(lambda x, *rest: x).take(rows).batch(rows)))
+            fresh = dict(zip(names, (np.asarray(o, np.float32) for o in step(x))))
+            return build_lib.probe_mismatch(fresh, stored.first_rows(rows), "feature cache", st.directory, rows)
 
-            blocks_per_file = max(1, _TARGET_FILE_BYTES // max(1, layout.block_bytes))
-            found, _ = build.build_part(
-                lambda start, rows, writer: _produce(step, dataset, start, rows, batch_size, dtype),
-                blocks_per_file,
-                fresh=fresh,
-                recheck=recheck,
-            )
-            manifest = found or build.assemble()
-            stored = _reader(st, manifest, in_memory)
+        _, stored = build.ensure(
+            probe=probe,
+            produce=lambda start, rows, layout: _produce(step, dataset, start, rows, layout.block_rows, dtype),
+            blocks_per_file=lambda layout: max(1, _TARGET_FILE_BYTES // max(1, layout.block_bytes)),
+            on_mismatch=on_mismatch,
+            in_memory=in_memory,
+            refuse_foreign_files=True,
+        )
         return cls.of(stored, len(feature_shapes))
-
-    @classmethod
-    def _open(cls, build, dataset, step, in_memory):
-        manifest, problem = build.open()
-        if manifest is None:
-            return None, problem
-        if not _build.choose_in_memory(in_memory, manifest):
-            problem = build.verify(manifest)
-            if problem is not None:
-                return None, problem
-        try:
-            stored = _reader(build.store, manifest, in_memory)
-        except CacheCorruptedError as e:
-            return None, CacheCorruptedError(
-                f"The feature cache at {build.store.directory!r} is damaged: {e}. Pass "
-                "on_mismatch='rebuild' to rebuild it, or use another `directory`."
-            )
-        rows = min(_PROBE_ROWS, manifest["num_examples"], manifest["layout"]["block_rows"])
-        x = next(iter(dataset.map(lambda x, *rest: x).take(rows).batch(rows)))
-        fresh = [np.asarray(o, np.float32) for o in step(x)]
-        first = stored.first_rows(len(fresh[0]))
-        names = ["logits"] + [f"feature_{i}" for i in range(len(fresh) - 1)]
-        for name, a in zip(names, fresh):
-            b = np.asarray(first[name], np.float32)
-            worst = (
-                float(np.max(np.abs(a - b) / (1.0 + np.abs(a)))) if a.shape == b.shape and a.size else np.inf
-            )
-            if not np.isfinite(worst) or worst > 1e-2:
-                return None, _ProbeMismatch(
-                    f"The feature cache at {build.store.directory!r} was built by a teacher that computes "
-                    f"something else: re-run on the first {rows} examples, its `{name}` differ from the stored "
-                    f"ones (max relative difference {worst:.3g}). Pass on_mismatch='rebuild' to rebuild it, or "
-                    "use another `directory`."
-                )
-        return stored, None
-
-
-class _ProbeMismatch(CacheMismatchError):
-    """The teacher, re-run on the first examples, disagrees with the stored features."""
 
 
 def _check_fixed_shapes(dataset):
     """Refuses inputs whose shape varies between examples (rows are stored in fixed-shape blocks)."""
     x_spec = dataset.element_spec[0]
-    loose = [
-        s
-        for s in tf.nest.flatten(x_spec, expand_composites=False)
-        if not isinstance(s, tf.TensorSpec) or not s.shape.is_fully_defined()
-    ]
-    if loose:
+    if not _checks.fixed_shapes(x_spec):
         raise ValueError(
             "`cache_features` needs inputs `x` of one known, fixed shape per example (its rows are "
             f"stored and batched in fixed-shape blocks). Received: x spec={x_spec}. If every example has "
@@ -240,10 +188,6 @@ def _check_fixed_shapes(dataset):
             "if shapes vary (sequences, images of several sizes), pad or crop each example to one shape "
             "first, or distil logits only with `keras_kd.cache_teacher_logits`, which handles varying shapes."
         )
-
-
-def _reader(st, manifest, in_memory) -> _storage.Stored:
-    return _storage.Stored(st, manifest, _build.choose_in_memory(in_memory, manifest), checksum=True)
 
 
 def _extract_step(extractor, dataset):
@@ -273,11 +217,3 @@ def _produce(step, dataset, start, rows, batch_size, dtype):
         arrays = {"logits": outputs[0].astype(np.float32)}
         arrays.update({f"feature_{i}": o.astype(dtype) for i, o in enumerate(outputs[1:])})
         yield arrays
-
-
-def _collect(chunks, layout) -> dict:
-    out = {}
-    for arrays in chunks:
-        for k, v in arrays.items():
-            out.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in out.items()}

@@ -1,13 +1,13 @@
-"""Building, assembling and opening a cache in a `keras_kd._storage.Store`.
+"""The one build flow of keras_kd's caches: open what matches, else build it.
 
-Shared by the teacher-logit cache and the alignment feature cache. A build
-part is written under the lock of its part (``fcntl.flock``), a journal
-first, then whole-block data files under fresh generation names; the
-manifest is written by whoever finds every part complete, after verifying
-every file, under the directory lock.
+Shared by the teacher-logit cache and the alignment feature cache
+(`Build.ensure`). A build part is written under the lock of its part
+(``fcntl.flock``), a journal first, then whole-block data files under fresh
+generation names; the manifest is written by whoever finds every part
+complete, after verifying every file, under the directory lock. A build
+writes a new generation under fresh names and files under live names are
+never rewritten in place, so a reader never sees a mix of two builds.
 """
-
-from __future__ import annotations
 
 import errno
 import math
@@ -18,9 +18,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from keras_kd import _storage
-from keras_kd._storage import CacheCorruptedError
-from keras_kd._storage import CacheMismatchError
+from keras_kd.cache import files as fs
+from keras_kd.cache.errors import CacheCorruptedError
+from keras_kd.cache.errors import CacheMismatchError
+from keras_kd.cache.errors import ProbeMismatch
+from keras_kd.cache.format import VERSION
+from keras_kd.cache.format import Layout
+from keras_kd.cache.store import Stored
 
 SMALL_CACHE_BYTES = 32 << 20  # caches up to this size are held in memory by default
 
@@ -64,7 +68,7 @@ class PartWriter:
         self.pending_rows -= rows
         if self.current is None:
             name = self.store.data_name(self.gen, self.journal["part"], self.file_index)
-            self.current = [_storage.AtomicFile(self.store.path(name), self.store.what), name, self.block, 0]
+            self.current = [fs.AtomicFile(self.store.path(name), self.store.what), name, self.block, 0]
         self.current[0].write(self.layout.encode(block, rows))
         self.current[3] += 1
         self.block += 1
@@ -77,7 +81,7 @@ class PartWriter:
         self.journal["files"].append(
             {"name": name, "bytes": f.size, "crc32": f.crc, "first_block": first_block, "blocks": blocks}
         )
-        _storage.write_json(
+        fs.write_json(
             self.store.journal_path(self.journal["part"], self.journal["num_parts"]),
             self.journal,
             self.store.what,
@@ -120,7 +124,7 @@ class Build:
         self.part, self.num_parts = part, num_parts
         self.diff, self.extra, self.validate_extra = diff, extra, validate_extra
         self.checksum, self.say = checksum, say
-        self.gen = _storage.generation(fingerprint, layout.to_json(), num_parts)
+        self.gen = fs.generation(fingerprint, layout.to_json(), num_parts)
 
     def with_layout(self, layout):
         return Build(
@@ -149,7 +153,7 @@ class Build:
         if isinstance(old, str):
             # Derived from the replaced build, not only when it equals ours: an
             # older reader may still stream this fingerprint's plain name.
-            new.gen = _storage.generation(self.fp, self.layout.to_json(), self.num_parts, "after", old)
+            new.gen = fs.generation(self.fp, self.layout.to_json(), self.num_parts, "after", old)
         return new
 
     # -- opening -------------------------------------------------------------
@@ -182,7 +186,7 @@ class Build:
 
     def verify(self, manifest) -> Optional[CacheCorruptedError]:
         for entry in manifest["files"]:
-            why = _storage.check_file(
+            why = fs.check_file(
                 self.store.path(entry["name"]), entry["bytes"], entry["crc32"], self.checksum
             )
             if why is not None:
@@ -192,13 +196,130 @@ class Build:
                 )
         return None
 
+    def read(self, manifest, in_memory) -> Stored:
+        """The rows of ``manifest`` (verified files), held in memory or streamed."""
+        return Stored(self.store, manifest, choose_in_memory(in_memory, manifest), checksum=self.checksum)
+
+    def open_rows(self, manifest, in_memory):
+        """``(stored, problem)``: the rows of an opened manifest, or why they cannot be read.
+
+        Streaming readers verify every file first; an in-memory read checks
+        each file's CRC32 in the one read it makes.
+        """
+        if not choose_in_memory(in_memory, manifest):
+            problem = self.verify(manifest)
+            if problem is not None:
+                return None, problem
+        try:
+            return self.read(manifest, in_memory), None
+        except CacheCorruptedError as e:
+            return None, CacheCorruptedError(
+                f"The {self.store.what} at {self.store.directory!r} is damaged: {e}. Pass "
+                "on_mismatch='rebuild' to rebuild it, or use another `directory`."
+            )
+
+    def resume_layout(self) -> Layout:
+        """The layout of an interrupted build of this part with the same fingerprint (to resume it), else ours."""
+        old = self.store.read_journal(self.part, self.num_parts)
+        if old is None or old["fingerprint"] != self.fp:
+            return self.layout
+        rows = old["layout"]["block_rows"]
+        if rows > max(self.count, self.layout.block_rows):  # never more rows than this build needs
+            return self.layout
+        candidate = Layout(rows, self.layout.specs)
+        return candidate if candidate.to_json() == old["layout"] else self.layout
+
+    def ensure(
+        self,
+        *,
+        probe: Callable,
+        produce: Callable,
+        blocks_per_file: Callable,
+        on_mismatch: str,
+        in_memory=None,
+        refuse_foreign_files: bool = False,
+        before_build: Optional[Callable] = None,
+        wait: bool = True,
+        wait_timeout: Optional[float] = None,
+        read: bool = True,
+    ):
+        """Opens the matching cache, else builds this part (and waits for the others).
+
+        Args:
+            probe: ``probe(stored, manifest) -> ProbeMismatch or None``: re-runs
+                the teacher on the first rows of an opened cache.
+            produce: ``produce(start_row, rows, layout)`` yields dicts of row arrays.
+            blocks_per_file: ``blocks_per_file(layout) -> int``.
+            on_mismatch: ``"error"`` raises what is wrong with an existing
+                cache; ``"rebuild"`` rebuilds it.
+            in_memory: None (automatic), True or False, for the rows returned.
+            refuse_foreign_files: refuse a non-empty directory keras_kd did
+                not create (not only a foreign manifest).
+            before_build: called once before a build that no problem
+                triggered (e.g. to refuse a dataset that reshuffles).
+            wait: wait for the other parts of a sharded build.
+            wait_timeout: seconds to wait, None for ever.
+            read: return the rows (`Stored`) of a cache this call built.
+
+        Returns:
+            ``(manifest, stored)``; ``(journal, None)`` when the other parts
+            are missing and ``wait`` is False; ``stored`` is None when this
+            call built the cache and ``read`` is False.
+        """
+        manifest, problem = self.open()
+        if manifest is not None:
+            stored, problem = self.open_rows(manifest, in_memory)
+            if problem is None:
+                problem = probe(stored, manifest)
+            if problem is None:
+                return manifest, stored
+        fresh = isinstance(problem, ProbeMismatch)
+        if problem is not None:
+            if on_mismatch == "error":
+                raise problem
+            self.say(f"rebuilding: {problem}")
+        elif before_build is not None:
+            before_build()
+        self.store.claim(refuse_foreign_files=refuse_foreign_files)
+        build = self.with_layout(self.resume_layout())
+        if fresh:
+            # The same fingerprint and layout: take names no reader of the old build uses.
+            try:
+                build = build.replacing(self.store.read_manifest(self.validate_extra))
+            except (CacheCorruptedError, CacheMismatchError):
+                pass
+
+        def recheck():
+            # Another job may have finished the cache while this one waited for the lock.
+            if problem is not None:
+                return None  # rebuilding what was found wrong
+            found, why = build.open()
+            if found is not None and found["generation"] == build.gen and build.verify(found) is None:
+                return found
+            if found is None and why is not None and on_mismatch == "error":
+                raise why  # e.g. another job's cache for another teacher: never served, never replaced
+            return None
+
+        found, part = build.build_part(
+            lambda start, rows, writer: produce(start, rows, build.layout),
+            blocks_per_file(build.layout),
+            fresh=fresh,
+            recheck=recheck,
+        )
+        manifest = found or build.assemble()
+        if manifest is None and wait:
+            manifest = build.wait_for_parts(wait_timeout)
+        if manifest is None:
+            return part, None
+        return manifest, (build.read(manifest, in_memory) if read else None)
+
     # -- building ------------------------------------------------------------
 
     def journal(self):
         b0, b1 = block_range(self.count, self.layout.block_rows, self.part, self.num_parts)
         return {
             "format": self.store.format,
-            "version": _storage.VERSION,
+            "version": VERSION,
             "generation": self.gen,
             "fingerprint": self.fp,
             "layout": self.layout.to_json(),
@@ -241,7 +362,7 @@ class Build:
             ``(manifest, None)`` from ``recheck``, else ``(None, journal)``.
         """
         store = self.store
-        with _storage.locked(store.part_lock(self.part, self.num_parts)):
+        with fs.locked(store.part_lock(self.part, self.num_parts)):
             if recheck is not None:
                 manifest = recheck()
                 if manifest is not None:
@@ -255,7 +376,7 @@ class Build:
             if same:
                 kept = []
                 for entry in old["files"]:
-                    if _storage.check_file(store.path(entry["name"]), entry["bytes"], entry["crc32"], True):
+                    if fs.check_file(store.path(entry["name"]), entry["bytes"], entry["crc32"], True):
                         break
                     kept.append(entry)
                 if old["complete"] and len(kept) == len(old["files"]):
@@ -266,7 +387,7 @@ class Build:
             store.remove_part_files(self.part, self.gen, {e["name"] for e in journal["files"]})
             self.check_space()
             journal_path = store.journal_path(self.part, self.num_parts)
-            _storage.write_json(
+            fs.write_json(
                 journal_path, journal, store.what
             )  # before any data file (see collect_garbage)
             done = sum(e["blocks"] for e in journal["files"])
@@ -288,7 +409,7 @@ class Build:
                     f"{journal['end_block'] - journal['first_block']}: the dataset changed while it was read."
                 )
             journal["complete"] = True
-            _storage.write_json(journal_path, journal, store.what)
+            fs.write_json(journal_path, journal, store.what)
             return None, journal
 
     def assemble(self) -> Optional[dict]:
@@ -298,7 +419,7 @@ class Build:
         if any(j is None or j["generation"] != self.gen or not j["complete"] for j in journals):
             return None
         files = [entry for j in journals for entry in j["files"]]
-        with _storage.locked(store.dir_lock):
+        with fs.locked(store.dir_lock):
             try:
                 current = store.read_manifest(self.validate_extra)
             except (CacheCorruptedError, CacheMismatchError):
@@ -308,7 +429,7 @@ class Build:
             else:
                 manifest = {
                     "format": store.format,
-                    "version": _storage.VERSION,
+                    "version": VERSION,
                     "generation": self.gen,
                     "fingerprint": self.fp,
                     "num_examples": self.count,
@@ -383,3 +504,30 @@ def choose_in_memory(in_memory, manifest) -> bool:
     if in_memory is not None:
         return bool(in_memory)
     return manifest["num_blocks"] * manifest["block_bytes"] <= SMALL_CACHE_BYTES
+
+
+def probe_mismatch(fresh: dict, stored: dict, what: str, directory: str, rows: int) -> Optional[ProbeMismatch]:
+    """Compares the teacher's fresh outputs on the first ``rows`` rows with the stored ones.
+
+    A cheap guard against a teacher whose function changed in a way the
+    fingerprint cannot see (e.g. a subclassed model without a config).
+
+    Args:
+        fresh: ``{field: array}`` just computed.
+        stored: ``{field: array}`` read from the cache (at least ``rows`` rows).
+    """
+    for name, a in fresh.items():
+        a = np.asarray(a, np.float32)
+        b = np.asarray(stored[name], np.float32)[: len(a)]
+        if a.shape != b.shape:
+            worst = np.inf
+        else:
+            worst = float(np.max(np.abs(a - b) / (1.0 + np.abs(a)))) if a.size else 0.0
+        if not np.isfinite(worst) or worst > 1e-2:
+            return ProbeMismatch(
+                f"The {what} at {directory!r} was built by a teacher that computes something else: "
+                f"re-run on the first {rows} examples, its `{name}` differ from the stored ones "
+                f"(shapes {a.shape[1:]} and {b.shape[1:]}, max relative difference {worst:.3g}) although "
+                "its fingerprint matches. Pass on_mismatch='rebuild' to rebuild it, or use another `directory`."
+            )
+    return None
