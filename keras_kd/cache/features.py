@@ -77,6 +77,7 @@ def _diff(old: dict, new: dict, num_examples) -> list:
         "logits_shape": "the teacher's logits shape",
         "dtype": "the feature dtype",
         "element_spec": "the dataset's element_spec",
+        "student_inputs_digest": "the student's inputs (student_inputs)",
     }
     for key, label in labels.items():
         if old.get(key) != new.get(key):
@@ -112,8 +113,23 @@ class FeatureTable:
         return self.rows.apply(tf.data.experimental.assert_cardinality(self.count))
 
     @classmethod
-    def get(cls, aligned, dataset, directory: Optional[str], dtype, batch_size, on_mismatch, in_memory=None):
-        """The table for ``dataset``: read from ``directory`` if it matches, else computed (and stored)."""
+    def get(
+        cls,
+        aligned,
+        dataset,
+        directory: Optional[str],
+        dtype,
+        batch_size,
+        on_mismatch,
+        in_memory=None,
+        student_digest_dataset=None,
+    ):
+        """The table for ``dataset``: read from ``directory`` if it matches, else computed (and stored).
+
+        ``dataset`` yields the teacher's view ``(x, ...)``; ``student_digest_dataset``
+        (optional) yields the student's ``(x, ...)``: its inputs digest joins
+        the fingerprint, so a changed ``student_inputs`` is refused.
+        """
         first = fingerprint.sample_digest(dataset, _SAMPLE)
         if fingerprint.sample_digest(dataset, _SAMPLE) != first:
             raise ValueError(
@@ -138,6 +154,8 @@ class FeatureTable:
             "count": count,
             "inputs_digest": digest,
         }
+        if student_digest_dataset is not None:
+            fp["student_inputs_digest"] = fingerprint.inputs_digest(student_digest_dataset)[0]
         step = _extract_step(extractor, dataset)
         names = _names(len(feature_shapes))
         if directory is None:
