@@ -18,7 +18,7 @@ from keras_kd import _compat
 PRUNE_WRAPPERS = ("PruneLowMagnitude",)
 QUANT_WRAPPERS = ("QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer", "QuantizeAnnotate")
 QAT_LAYERS = ("QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer")
-_TFMOT = "tensorflow_model_optimization"
+TFMOT = _TFMOT = "tensorflow_model_optimization"
 
 
 def tfmot():
@@ -71,6 +71,7 @@ PRIVATE_READS = (
      "_PRE_QUANT_ACTIVATIONS"),
     (_TFMOT, "python.core.quantization.keras.quantize_aware_activation.QuantizeAwareActivation",
      "_POST_QUANT_ACTIVATIONS"),
+    (_TFMOT, "python.core.sparsity.keras.pruning_wrapper.PruneLowMagnitude", "pruning_vars"),
 )
 
 

@@ -313,7 +313,8 @@ def _prunable_weights(layer) -> Optional[list]:
     """The weights tfmot prunes in ``layer`` (either flavour), by tfmot's own
     registry; ``None`` for layers tfmot cannot prune."""
     if _common.is_tfmot_layer(layer, _common.PRUNE_WRAPPERS):
-        return [weight for weight, _, _ in getattr(layer, "pruning_vars", [])]
+        # Undocumented: a renamed attribute must not silently drop the layer from the report.
+        return [weight for weight, _, _ in _compat.private_attribute(layer, "pruning_vars", _common.TFMOT)]
     inner = _common.unwrapped(layer)
     found = _prunable_attributes(inner)
     if found is None or inner is layer:
