@@ -809,3 +809,151 @@ def test_saved_aligned_model_loads_in_a_fresh_process(K, tmp_path):
         assert got["feature_loss"] == pytest.approx(want["feature_loss"], rel=1e-5), path
         np.testing.assert_allclose(got["logits"], s.predict(X, verbose=0), rtol=1e-5, atol=1e-6)
         assert got["trained"], path
+
+
+# ---------------------------------------------------------------------------
+# Teacher and student on different inputs (teacher_inputs / student_inputs)
+# ---------------------------------------------------------------------------
+
+SIGNAL = np.random.default_rng(5).normal(size=(8, 40, 1)).astype("float32")
+SIGNAL_Y = np.arange(8) % 3
+
+
+def every_second(x):
+    # `...` indexing: the same function works on a batch (attach) and on one example (cache).
+    return x[..., ::2, :]
+
+
+def signal_net(K, length, name, frozen=False):
+    """(length, 1) signal -> Conv1D(4) "feat" -> Flatten -> Dense(3) logits."""
+    inp = K.Input((length, 1))
+    feat = K.layers.Conv1D(4, 3, padding="same", name="feat")(inp)
+    model = K.Model(inp, K.layers.Dense(3, name="logits")(K.layers.Flatten()(feat)), name=name)
+    model.trainable = not frozen
+    return model
+
+
+def signal_pair(K):
+    """A teacher on the full 40-sample signal, a student on every second sample."""
+    student, teacher = signal_net(K, 20, "s"), signal_net(K, 40, "t", frozen=True)
+    aligned = align(student, teacher, [("feat", "feat")], teacher_pool_size=2, weight=0.4,
+                    student_inputs=every_second)
+    return student, teacher, aligned
+
+
+def pooled_teacher_features(K, teacher, x):
+    # teacher_pool_size=2 on a (40, 4) sequence: the mean of consecutive pairs of positions.
+    return feature_of(K, teacher).predict(x, verbose=0).reshape(len(x), 20, 2, 4).mean(axis=2)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_different_inputs_online_match_numpy(K, jit_compile):
+    s, t, a = signal_pair(K)
+    assert a.pairs[0].student_shape == (20, 4) and a.pairs[0].teacher_shape == (20, 4)
+    lines = []
+    a.summary(print_fn=lines.append)
+    assert "inputs: the teacher sees x, the student every_second(x)" in "\n".join(lines)
+    ds = tf.data.Dataset.from_tensor_slices((SIGNAL, SIGNAL_Y)).batch(8)
+    (x, f), targets = next(iter(a.attach(ds)))
+    np.testing.assert_array_equal(x, SIGNAL[:, ::2])  # the student's view, by NumPy slicing
+    np.testing.assert_allclose(f, pooled_teacher_features(K, t, SIGNAL), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(targets.logits, t.predict(SIGNAL, verbose=0), rtol=1e-5, atol=1e-6)
+    kd = losses_lib.DistillationLoss(temperature=2.0, alpha=0.5)
+    a.model.compile(optimizer="sgd", loss=a.loss(kd), jit_compile=jit_compile)
+    result = a.model.evaluate(a.attach(ds), verbose=0, return_dict=True)
+    # Identity projector (shapes match): 0.4 * mean((f_s - pooled f_t)^2) over batch and positions.
+    f_s = feature_of(K, s).predict(SIGNAL[:, ::2], verbose=0)
+    feature = 0.4 * np.mean((f_s - pooled_teacher_features(K, t, SIGNAL)) ** 2)
+    kd_value = float(kd(targets_lib.TeacherTargets(labels=tf.constant(SIGNAL_Y), logits=t.predict(SIGNAL, verbose=0)),
+                        s.predict(SIGNAL[:, ::2], verbose=0)))
+    np.testing.assert_allclose(result["feature_loss"], feature, rtol=1e-4)
+    np.testing.assert_allclose(result["loss"], kd_value + feature, rtol=1e-4)
+
+
+def test_different_inputs_through_the_feature_cache(K, tmp_path):
+    s, t, a = signal_pair(K)
+    raw = tf.data.Dataset.from_tensor_slices((SIGNAL, SIGNAL_Y))
+    directory = str(tmp_path / "views")
+    pooled, logits = pooled_teacher_features(K, t, SIGNAL), t.predict(SIGNAL, verbose=0)
+    for _ in range(2):  # built, then reused
+        seen = 0
+        for (x, f), targets in raw.apply(a.cache_features(directory)).shuffle(8, seed=4).batch(3):
+            for i in range(len(x)):
+                n = int(targets.example_id[i])
+                np.testing.assert_array_equal(x[i], SIGNAL[n, ::2])
+                np.testing.assert_allclose(f[i], pooled[n], rtol=2e-3, atol=2e-3)  # float16 storage
+                np.testing.assert_allclose(targets.logits[i], logits[n], rtol=1e-5, atol=1e-6)
+                seen += 1
+        assert seen == 8
+    # The stored features belong to the teacher's view: another view is refused, not reused.
+    reversed_view = align(s, t, [("feat", "feat")], teacher_pool_size=2, student_inputs=every_second,
+                          teacher_inputs=lambda x: x[..., ::-1, :])
+    with pytest.raises(ValueError, match="contents changed"):
+        raw.apply(reversed_view.cache_features(directory))
+    # The student's view is in the fingerprint too: the odd samples instead of the even ones are refused.
+    odd = align(s, t, [("feat", "feat")], teacher_pool_size=2, student_inputs=lambda x: x[..., 1::2, :])
+    with pytest.raises(ValueError, match=r"student_inputs_digest changed \(the student's inputs"):
+        raw.apply(odd.cache_features(directory))
+    # A random teacher view would store features of inputs the student never pairs with.
+    # (A generator's state advances across passes; a seeded op would repeat the same noise each pass.)
+    noise = tf.random.Generator.from_seed(1)
+    noisy = align(s, t, [("feat", "feat")], teacher_pool_size=2, student_inputs=every_second,
+                  teacher_inputs=lambda x: x + noise.normal(tf.shape(x)))
+    with pytest.raises(ValueError, match="different examples each time"):
+        raw.apply(noisy.cache_features())
+    # A random student view could never match its own fingerprint: refused with the fix.
+    jitter = align(s, t, [("feat", "feat")], teacher_pool_size=2,
+                   student_inputs=lambda x: every_second(x) + noise.normal(tf.shape(every_second(x))))
+    with pytest.raises(ValueError, match=r"`student_inputs` gives different inputs each time.*after the transform"):
+        raw.apply(jitter.cache_features())
+
+
+def test_privileged_teacher_inputs(K):
+    # The teacher reads x and a privileged channel; the student reads x only.
+    rng = np.random.default_rng(6)
+    x = {"signal": SIGNAL, "extra": rng.normal(size=(8, 40, 1)).astype("float32")}
+    teacher = signal_net(K, 40, "t", frozen=True)
+    student = signal_net(K, 40, "s")
+    a = align(student, teacher, [("feat", "feat")],
+              teacher_inputs=lambda x: x["signal"] + x["extra"], student_inputs=lambda x: x["signal"])
+    (xs, f), targets = next(iter(a.attach(tf.data.Dataset.from_tensor_slices((x, SIGNAL_Y)).batch(8))))
+    np.testing.assert_array_equal(xs, SIGNAL)
+    privileged = SIGNAL + x["extra"]
+    np.testing.assert_allclose(f, feature_of(K, teacher).predict(privileged, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(targets.logits, teacher.predict(privileged, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_different_inputs_bad_input(K):
+    s, t = signal_net(K, 20, "s"), signal_net(K, 40, "t", frozen=True)
+    ds = tf.data.Dataset.from_tensor_slices((SIGNAL, SIGNAL_Y))
+    with pytest.raises(ValueError, match=r"input shape \(batch, 20, 1\) differs.*pass `teacher_inputs=fn`"):
+        align(s, t, [("feat", "feat")], teacher_pool_size=2)
+    with pytest.raises(TypeError, match=r"`student_inputs` to be None or a function.*Received: student_inputs=3"):
+        align(s, t, [("feat", "feat")], teacher_pool_size=2, student_inputs=3)
+    with pytest.raises(TypeError, match=r"one Keras model.*list of 2.*with_teacher\(dataset, teachers, ensemble="):
+        align(s, [t, t], [("feat", "feat")])
+    # The student's view does not fit the student: x itself for a student on 20 samples.
+    wrong = align(s, t, [("feat", "feat")], teacher_pool_size=2, teacher_inputs=lambda x: x)
+    message = (r"`x` itself \(no `student_inputs` given\) gives inputs of shape \(40, 1\) per example, "
+               r"but the student 's' takes \(20, 1\). Pass `student_inputs=fn`")
+    with pytest.raises(ValueError, match=message):
+        wrong.attach(ds.batch(4))
+    with pytest.raises(ValueError, match=message):
+        ds.apply(wrong.cache_features())
+    wrong = align(s, t, [("feat", "feat")], teacher_pool_size=2, student_inputs=lambda x: x[..., :10, :])
+    with pytest.raises(ValueError, match=r"`student_inputs\(x\)` gives inputs of shape \(10, 1\) per example"):
+        wrong.attach(ds.batch(4))
+    # The teacher's view does not fit the teacher.
+    halved = align(s, t, [("feat", "feat")], teacher_pool_size=2, teacher_inputs=every_second,
+                   student_inputs=every_second)
+    with pytest.raises(ValueError, match=r"`teacher_inputs\(x\)` gives inputs of shape \(20, 1\) per example"):
+        halved.attach(ds.batch(4))
+    # A function that fails on x says which one, and what it receives.
+    broken = align(s, t, [("feat", "feat")], teacher_pool_size=2, student_inputs=lambda x: x["signal"])
+    with pytest.raises(ValueError, match=r"(?s)`student_inputs` failed on the dataset's `x`.*a batch \(in `attach`\)"):
+        broken.attach(ds.batch(4))
+    a = align(s, t, [("feat", "feat")], teacher_pool_size=2, student_inputs=every_second)
+    with pytest.raises(ValueError, match="unbatched elements"):
+        a.attach(ds)
+    with pytest.raises(ValueError, match="batched elements"):
+        ds.batch(4).apply(a.cache_features())

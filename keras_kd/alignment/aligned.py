@@ -49,6 +49,9 @@ class Aligned:
             with `model`.
         feature_extractor: the teacher's feature model, outputs
             ``[logits, f_1, ..., f_P]``.
+        teacher_inputs: the teacher's input function given to `align`
+            (None: ``x`` itself).
+        student_inputs: the student's input function (None: ``x`` itself).
     """
 
     def __init__(
@@ -63,7 +66,10 @@ class Aligned:
         init="auto",
         resample="auto",
         teacher_pool_size=None,
+        teacher_inputs=None,
+        student_inputs=None,
     ):
+        wiring.check_one_teacher(teacher)
         check_graph_model(student, "student")
         check_graph_model(teacher, "teacher")
         self.student, self.teacher = student, teacher
@@ -72,7 +78,10 @@ class Aligned:
         options = wiring.check_options(
             len(pairs), projector, feature_loss, weight, init, resample, teacher_pool_size
         )
-        wiring.check_same_inputs(student, teacher)
+        self.teacher_inputs = wiring.check_input_function(teacher_inputs, "teacher_inputs")
+        self.student_inputs = wiring.check_input_function(student_inputs, "student_inputs")
+        if teacher_inputs is None and student_inputs is None:
+            wiring.check_same_inputs(student, teacher)
         built = wiring.build(student, teacher, pairs, options)
         self.feature_extractor = built.feature_extractor
         self.pairs = built.pairs
@@ -111,7 +120,9 @@ class Aligned:
         augmentation before this transform stay consistent: the teacher sees
         exactly the batch the student sees. Use it for validation data too.
         A ``y`` that is already a `TeacherTargets` without teacher (example
-        ids from `keras_kd.add_example_ids`) keeps its fields.
+        ids from `keras_kd.add_example_ids`) keeps its fields. With
+        ``teacher_inputs``/``student_inputs`` (see `align`), the teacher runs
+        on ``teacher_inputs(x)`` and ``x`` above is ``student_inputs(x)``.
 
         Args:
             dataset: a **batched** dataset of ``(x, y)`` or
@@ -125,7 +136,9 @@ class Aligned:
         Raises:
             TypeError: if ``dataset`` is not a ``tf.data.Dataset``.
             ValueError: for elements that are not ``(x, y[, sample_weight])``,
-                an unbatched dataset, or one that already carries teacher targets.
+                an unbatched dataset, one that already carries teacher targets,
+                or input functions that fail on ``x`` or whose outputs do not
+                fit the teacher's or the student's inputs.
 
         Example:
 
@@ -280,6 +293,10 @@ class Aligned:
             f"Feature alignment: student {self.student.name!r} ({_compat.flavour_of(self.student)}) <- "
             f"teacher {self.teacher.name!r} ({_compat.flavour_of(self.teacher)}), {len(self.pairs)} pair(s)"
         )
+        if self.teacher_inputs is not None or self.student_inputs is not None:
+            view = lambda fn: "x" if fn is None else f"{getattr(fn, '__name__', 'fn')}(x)"  # noqa: E731
+            teacher_view, student_view = view(self.teacher_inputs), view(self.student_inputs)
+            print_fn(f"  inputs: the teacher sees {teacher_view}, the student {student_view}")
         for i, pair in enumerate(self.pairs):
             print_fn(
                 f"  [{i}] {pair.student_layer} {fmt_shape(pair.student_shape)} -> "
@@ -348,6 +365,8 @@ def align(
     init="auto",
     resample="auto",
     teacher_pool_size: Optional[int] = None,
+    teacher_inputs: Optional[Callable] = None,
+    student_inputs: Optional[Callable] = None,
 ) -> Aligned:
     """Wires a student to learn a teacher's intermediate features (FitNets, AT).
 
@@ -399,12 +418,34 @@ def align(
         teacher_pool_size: average-pool teacher maps and sequences by this
             factor before comparing (bounds the size of cached features).
             Defaults to None.
+        teacher_inputs: a function ``x -> inputs`` of the teacher (and so of
+            its tapped features), or None for ``x`` itself. Defaults to None.
+        student_inputs: a function ``x -> inputs`` of the student (the
+            inputs `Aligned.model` receives), or None for ``x`` itself.
+            Defaults to None.
+
+    Teacher and student on different inputs (a teacher at a higher
+    resolution, or one that reads privileged features the student never has;
+    Lopez-Paz et al. 2016): with ``teacher_inputs`` and/or ``student_inputs``
+    the teacher and its tapped layers see ``teacher_inputs(x)`` and the
+    student sees ``student_inputs(x)``, as in `keras_kd.with_teacher` and
+    `keras_kd.cache_teacher_logits`. They receive ``x`` as the dataset holds
+    it: a batch in `Aligned.attach`, one example in `Aligned.cache_features`
+    (write them with ``...`` indexing, e.g. ``lambda x: x[..., ::2, :]``, to
+    use both). Their outputs are checked against the models' inputs when the
+    dataset is attached. With the cache, the fingerprint digests both views
+    of every element (a changed function is refused), the teacher re-runs on
+    its view when a stored cache is opened, and both must be deterministic
+    (augment after the transform). Without them the student and the teacher
+    must take inputs of the same shapes.
 
     Returns:
         An `Aligned`.
 
     Raises:
-        TypeError: for a subclassed model or a non-model.
+        TypeError: for a subclassed model or a non-model, a list of teachers
+            (`align` taps one teacher; the message names the ensemble
+            alternatives), or input functions that are not callable.
         ValueError: for an unknown layer name (with the closest names), an
             ambiguous name, a pair whose shapes cannot be aligned (with both
             shapes and the projector tried), a shared layer, or a bad argument.
@@ -432,6 +473,8 @@ def align(
     References:
         Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
         Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017.
+        Lopez-Paz, Bottou, Schoelkopf & Vapnik, "Unifying Distillation and
+        Privileged Information", ICLR 2016.
     """
     return Aligned(
         student,
@@ -443,4 +486,6 @@ def align(
         init=init,
         resample=resample,
         teacher_pool_size=teacher_pool_size,
+        teacher_inputs=teacher_inputs,
+        student_inputs=student_inputs,
     )

@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from keras_kd import _compat
+from keras_kd.alignment.taps import compatible_shapes
 from keras_kd.alignment.taps import feature_shape
 from keras_kd.alignment.taps import fmt_shape
 from keras_kd.alignment.taps import is_layer
@@ -247,9 +248,7 @@ def project(flavour, i, tensor, t_shape, projector, resample, init, channels_nee
             set_identity(mapper)
         steps_text = describe(steps)
     out_shape = feature_shape(out)
-    fits = len(out_shape) == len(t_shape) and all(
-        a is None or b is None or a == b for a, b in zip(out_shape[:-1], t_shape[:-1])
-    )
+    fits = len(out_shape) == len(t_shape) and compatible_shapes(out_shape[:-1], t_shape[:-1])
     if fits and channels_needed:
         fits = out_shape[-1] == t_shape[-1]
     if not fits:

@@ -46,9 +46,15 @@ def feature_shape(tensor) -> tuple:
     return tuple(None if d is None else int(d) for d in tuple(tensor.shape)[1:])
 
 
-def fmt_shape(shape) -> str:
-    """``(batch, 4, 4, 8)`` for error messages and summaries."""
-    return "(batch, " + ", ".join("None" if d is None else str(d) for d in shape) + ")"
+def fmt_shape(shape, batch=True) -> str:
+    """``(batch, 4, 4, 8)`` (or ``(4, 4, 8)`` with ``batch=False``) for messages and summaries."""
+    dims = (["batch"] if batch else []) + ["None" if d is None else str(d) for d in shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def compatible_shapes(a, b) -> bool:
+    """Same rank, and equal sizes wherever both are known."""
+    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
 
 
 # -- finding layers, by name, path ("outer/inner") or object, in nested models

@@ -19,6 +19,7 @@ from keras_kd.alignment.feature_losses import get_feature_loss
 from keras_kd.alignment.feature_losses import is_attention
 from keras_kd.alignment.loss_layer import is_loss_layer
 from keras_kd.alignment.loss_layer import loss_layer_class
+from keras_kd.alignment.taps import compatible_shapes
 from keras_kd.alignment.taps import feature_shape
 from keras_kd.alignment.taps import fmt_shape
 
@@ -135,6 +136,28 @@ def check_options(count, projector, feature_loss, weight, init, resample, teache
     return Options(projectors, feature_losses, weights, inits, resamples, teacher_pool_size)
 
 
+def check_one_teacher(teacher):
+    """`align` taps one teacher's layers: a list of teachers gets the alternatives."""
+    if isinstance(teacher, (list, tuple)):
+        raise TypeError(
+            f"Expected `teacher` to be one Keras model: `align` taps the layers of one teacher. Received a "
+            f"{type(teacher).__name__} of {len(teacher)}. To distil the logits of an ensemble, use "
+            "`keras_kd.with_teacher(dataset, teachers, ensemble='mean_logits')` or "
+            "`keras_kd.cache_teacher_logits(teachers, directory, ensemble=...)`; to align features, pick "
+            "one teacher (e.g. the best) and pass it alone."
+        )
+
+
+def check_input_function(fn, argument):
+    """``None`` (the identity) or a callable ``x -> model inputs``."""
+    if fn is not None and not callable(fn):
+        raise TypeError(
+            f"Expected `{argument}` to be None or a function of the dataset's `x`. "
+            f"Received: {argument}={fn!r}"
+        )
+    return fn
+
+
 def check_student(student):
     """One output (the logits), and not already an alignment training model."""
     for layer in student.layers:
@@ -164,9 +187,7 @@ def check_same_inputs(student, teacher):
         )
     for s, t in zip(s_inputs, t_inputs):
         s_shape, t_shape = feature_shape(s), feature_shape(t)
-        if len(s_shape) != len(t_shape) or any(
-            a is not None and b is not None and a != b for a, b in zip(s_shape, t_shape)
-        ):
+        if not compatible_shapes(s_shape, t_shape):
             raise ValueError(
                 f"The student's input shape {fmt_shape(s_shape)} differs from the teacher's "
                 f"{fmt_shape(t_shape)}; alignment feeds both the same `x`." + hint
