@@ -194,6 +194,12 @@ class Aligned:
         the cached features would then belong to other pixels or examples.
         The first examples are read twice to detect that.
 
+        With ``teacher_inputs``/``student_inputs`` (see `align`), both run on
+        each example: the teacher (and its re-run on the first examples) on
+        ``teacher_inputs(x)``, and the element's ``x`` above is
+        ``student_inputs(x)``; the fingerprint digests both views, and both
+        must be deterministic.
+
         Args:
             directory: where to store the cache, or ``None`` for memory.
             dtype: ``"float16"`` (default, half the bytes) or ``"float32"``
@@ -212,7 +218,9 @@ class Aligned:
 
         Raises:
             ValueError: (when applied) for a batched, infinite, empty or
-                non-deterministic dataset, or teacher outputs with NaN/Inf.
+                non-deterministic dataset (or input function), input functions
+                whose outputs do not fit the models, or teacher outputs with
+                NaN/Inf.
             keras_kd.CacheMismatchError: a stored cache built for something
                 else (``on_mismatch="error"``), or a directory keras_kd did not
                 create that is not empty (always).
