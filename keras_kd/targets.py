@@ -171,6 +171,13 @@ def is_targets(y) -> bool:
     return isinstance(y, TeacherTargets)
 
 
+def carries_teacher(y_spec) -> bool:
+    """Whether a ``y`` spec already holds teacher targets (logits, top-k or in-step inputs)."""
+    return isinstance(y_spec, TeacherTargets.Spec) and (
+        y_spec.logits is not None or y_spec.topk_values is not None or y_spec.inputs is not None
+    )
+
+
 class _Decoder:
     """Rebuilds a `TeacherTargets` of one spec from its flat tensor list.
 

@@ -26,9 +26,7 @@ def check_elements(dataset, argument="dataset"):
     _checks.require_dataset(dataset, argument)
     spec = dataset.element_spec
     _, y_spec, _ = _checks.split_element(spec)
-    if isinstance(y_spec, targets_lib.TeacherTargets.Spec) and (
-        y_spec.logits is not None or y_spec.topk_values is not None or y_spec.inputs is not None
-    ):
+    if targets_lib.carries_teacher(y_spec):
         raise ValueError(
             "The dataset already carries teacher targets. Give `attach`/`cache_features` the "
             "dataset without teacher (plain (x, y), or with example ids only): they add the "
