@@ -28,6 +28,8 @@ from keras_kd.data import mixup
 from keras_kd.data import unlabelled
 from keras_kd.data import with_teacher
 from keras_kd.losses import DIVERGENCES
+from keras_kd.losses import NO_LABEL
+from keras_kd.losses import DecoupledKD
 from keras_kd.losses import DistillationLoss
 from keras_kd.losses import forward_kl
 from keras_kd.losses import jensen_shannon
@@ -47,6 +49,8 @@ __all__ = [
     "CacheCorruptedError",
     "CacheMismatchError",
     "DIVERGENCES",
+    "DecoupledKD",
+    "NO_LABEL",
     "DistillationLoss",
     "DistillationHyperModel",
     "DistillationScheduler",

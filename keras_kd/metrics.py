@@ -10,30 +10,13 @@ from __future__ import annotations
 import tensorflow as tf
 
 from keras_kd import _compat
+from keras_kd import _labels
 from keras_kd import targets as targets_lib
-
-
-def _predicted_class(logits):
-    """Class ids from logits: argmax, or ``logit > 0`` for one logit (binary)."""
-    if logits.shape[-1] == 1:
-        return tf.cast(tf.squeeze(logits, -1) > 0, tf.int64)
-    return tf.argmax(logits, axis=-1, output_type=tf.int64)
 
 
 def _label_class(labels, y_pred):
     """Class ids from sparse ids (any dtype), one-hot/soft labels (argmax) or binary 0/1 labels."""
-    labels = tf.convert_to_tensor(labels)
-    rank, classes = y_pred.shape.rank, y_pred.shape[-1]
-    if classes == 1:
-        labels = tf.cast(labels, tf.float32)
-        if labels.shape.rank == rank:
-            labels = tf.squeeze(labels, -1)
-        return tf.cast(labels > 0.5, tf.int64)
-    if labels.shape.rank == rank and labels.shape[-1] == classes:
-        return tf.argmax(labels, axis=-1, output_type=tf.int64)
-    if labels.shape.rank == rank and labels.shape[-1] == 1:
-        labels = tf.squeeze(labels, -1)
-    return tf.cast(labels, tf.int64)
+    return _labels.class_ids(labels, y_pred.shape[-1], y_pred.shape.rank)
 
 
 @_compat.register_serializable()
@@ -53,17 +36,17 @@ def teacher_agreement(y_true, y_pred):
             data without teacher), where no agreement can be measured.
     """
     y_pred = tf.convert_to_tensor(y_pred)
-    student = _predicted_class(y_pred)
+    student = _labels.predicted_class(y_pred)
     if not targets_lib.is_targets(y_true):
         return tf.cast(tf.equal(student, _label_class(y_true, y_pred)), tf.float32)
     y_true = targets_lib.materialize(y_true)
     if y_true.logits is not None:
-        teacher = _predicted_class(tf.cast(y_true.logits, tf.float32))
+        teacher = _labels.predicted_class(tf.cast(y_true.logits, tf.float32))
     elif y_true.topk_values is not None:
         best = tf.argmax(y_true.topk_values, axis=-1, output_type=tf.int32)
         teacher = tf.cast(tf.gather(y_true.topk_indices, best, batch_dims=best.shape.rank), tf.int64)
         if y_pred.shape[-1] == 1:  # one class: the single top-1 logit decides
-            teacher = _predicted_class(tf.cast(y_true.topk_values, tf.float32))
+            teacher = _labels.predicted_class(tf.cast(y_true.topk_values, tf.float32))
     elif y_true.has_labels:
         teacher = _label_class(y_true.labels, y_pred)
     else:

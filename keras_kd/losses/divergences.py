@@ -1,0 +1,145 @@
+"""Divergences between temperature-scaled logits, and the registry of their names.
+
+Arguments are logits already divided by the temperature, teacher first, as in
+``D(teacher || student)``; each returns the divergence over the last (class)
+axis, one value per example (or per example and time step). Label-aware
+divergences (`keras_kd.DecoupledKD`) also read the labels: see
+`keras_kd.losses.label_aware`.
+
+To add a divergence: write ``fn(teacher_logits, student_logits)`` here and add
+it to `DIVERGENCES` (plus `ZERO_MASS_SAFE` if it stays finite where the
+teacher gives a class no mass).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Union
+
+import tensorflow as tf
+
+from keras_kd.losses import label_aware
+
+Divergence = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+def _xlogy_ratio(probs, log_probs, other_log_probs):
+    """sum p * (log p - log q) with 0 * log 0 = 0 (p may be exactly 0).
+
+    ``multiply_no_nan`` drops only exact zeros of ``p``: NaN probabilities
+    (from NaN or Inf logits) propagate, so a broken teacher never yields a
+    finite loss, with or without the eager checks (XLA drops ``tf.debugging``
+    assertions). One op, where three ``tf.where`` used to be.
+    """
+    return tf.reduce_sum(tf.math.multiply_no_nan(log_probs - other_log_probs, probs), axis=-1)
+
+
+def forward_kl(teacher_logits, student_logits):
+    """KL(teacher || student) between the softmaxes of the logits.
+
+    Formula: ``sum_c p_t[c] * (log p_t[c] - log p_s[c])``, with
+    ``p = softmax(logits)`` and ``0 * log 0 = 0`` (teacher logits may be
+    ``-inf`` for classes it gives no mass).
+
+    Reference: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
+    Network", 2015.
+    """
+    t_log = tf.nn.log_softmax(teacher_logits, axis=-1)
+    s_log = tf.nn.log_softmax(student_logits, axis=-1)
+    return _xlogy_ratio(tf.exp(t_log), t_log, s_log)
+
+
+def reverse_kl(teacher_logits, student_logits):
+    """KL(student || teacher), the mode-seeking direction.
+
+    Reference: Gu et al., "MiniLLM: Knowledge Distillation of Large Language
+    Models", 2024.
+    """
+    t_log = tf.nn.log_softmax(teacher_logits, axis=-1)
+    s_log = tf.nn.log_softmax(student_logits, axis=-1)
+    return _xlogy_ratio(tf.exp(s_log), s_log, t_log)
+
+
+def jensen_shannon(teacher_logits, student_logits):
+    """Jensen-Shannon divergence: ``(KL(p_t || m) + KL(p_s || m)) / 2``,
+    ``m = (p_t + p_s) / 2``. Symmetric and bounded by ``log 2``.
+    """
+    t_log = tf.nn.log_softmax(teacher_logits, axis=-1)
+    s_log = tf.nn.log_softmax(student_logits, axis=-1)
+    m_log = tf.reduce_logsumexp(tf.stack([t_log, s_log]), axis=0) - math.log(2.0)
+    return 0.5 * (_xlogy_ratio(tf.exp(t_log), t_log, m_log) + _xlogy_ratio(tf.exp(s_log), s_log, m_log))
+
+
+def soft_cross_entropy(teacher_logits, student_logits):
+    """Cross-entropy of the student's softmax against the teacher's:
+    ``-sum_c p_t[c] log p_s[c]``. Equals `forward_kl` plus the teacher's
+    entropy, which has no gradient for the student.
+    """
+    t_probs = tf.nn.softmax(teacher_logits, axis=-1)
+    s_log = tf.nn.log_softmax(student_logits, axis=-1)
+    return -tf.reduce_sum(tf.math.multiply_no_nan(s_log, t_probs), axis=-1)
+
+
+def logit_mse(teacher_logits, student_logits):
+    """Mean squared difference of the (temperature-scaled) logits over classes.
+
+    With the T^2 factor the result does not depend on the temperature:
+    ``T^2 * mean((s/T - t/T)^2) = mean((s - t)^2)``.
+
+    Reference: Ba & Caruana, "Do Deep Nets Really Need to be Deep?", 2014.
+    """
+    return tf.reduce_mean(tf.square(student_logits - teacher_logits), axis=-1)
+
+
+def logit_huber(teacher_logits, student_logits, delta: float = 1.0):
+    """Huber loss (``delta=1``) of the logit differences, mean over classes."""
+    err = tf.abs(student_logits - teacher_logits)
+    quad = tf.minimum(err, delta)
+    return tf.reduce_mean(0.5 * tf.square(quad) + delta * (err - quad), axis=-1)
+
+
+DIVERGENCES = {
+    "kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "js": jensen_shannon,
+    "soft_cross_entropy": soft_cross_entropy,
+    "mse": logit_mse,
+    "huber": logit_huber,
+    # label-aware: called as fn(teacher_logits, student_logits, class_ids)
+    "dkd": label_aware.DecoupledKD(),
+}
+# The name of each built-in divergence function (so that passing the function
+# serialises and is checked exactly like passing its name).
+_DIVERGENCE_NAMES = {fn: name for name, fn in DIVERGENCES.items()}
+# Divergences that stay finite when the teacher gives a class no mass.
+ZERO_MASS_SAFE = {"kl", "js", "soft_cross_entropy"}
+
+
+def divergence_name(divergence):
+    """The name of a built-in divergence (given by name, as the function or as the
+    default label-aware instance, e.g. ``DecoupledKD()`` is "dkd"), else None."""
+    if isinstance(divergence, str):
+        return divergence
+    try:
+        return _DIVERGENCE_NAMES.get(divergence)
+    except TypeError:  # unhashable callable
+        return None
+
+
+def get_divergence(identifier: Union[str, Divergence]) -> Divergence:
+    """Resolves a divergence name (see `DIVERGENCES`) or passes a callable through.
+
+    Label-aware divergences (`keras_kd.DecoupledKD`, ``"dkd"``) are callables
+    too, called with the class ids as a third argument.
+    """
+    if callable(identifier):
+        return identifier
+    if identifier in DIVERGENCES:
+        return DIVERGENCES[identifier]
+    raise ValueError(
+        f"Unknown divergence {identifier!r}. Expected one of "
+        f"{sorted(DIVERGENCES)}, a callable "
+        "`fn(teacher_logits, student_logits) -> per-example values`, or a label-aware divergence "
+        "such as keras_kd.DecoupledKD()."
+    )
+
