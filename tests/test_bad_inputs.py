@@ -181,10 +181,12 @@ def test_binary_labels_out_of_range(K, jit, placement):
 
 
 @JIT
-def test_label_shape_that_fits_no_convention(K, jit):
+@PLACEMENT
+def test_label_shape_that_fits_no_convention(K, jit, placement):
+    # Dense (one-hot or mixed) labels with 5 columns for a 4-class student.
     x, y = _data()
     ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, np.eye(5, dtype="float32")[y])).batch(16),
-                               mlp(K), placement="pipeline")
+                               mlp(K), placement=placement)
     with pytest.raises(ValueError, match="do not fit the student's logits"):
         _fit(K, mlp(K), ds, jit)
 
@@ -359,3 +361,165 @@ def test_per_sequence_teacher_for_a_sequence_student_in_fit(K, jit):
     student.compile("sgd", loss=keras_kd.DistillationLoss(), jit_compile=jit)
     with pytest.raises(ValueError, match=r"agree on every axis but the last"):
         student.fit(ds, epochs=1, verbose=0)
+
+
+# --- issue 17: ensembles, label-aware divergences, transfer sets, mixup -----------------
+
+
+def _batched(x, y, batch=16):
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def _as_callable(model):
+    """A teacher without declared shapes: the checks that need them run while tracing."""
+    return lambda inputs, training=False: model(inputs, training=training)
+
+
+@PLACEMENT
+@pytest.mark.parametrize("empty", [[], ()], ids=["list", "tuple"])
+def test_empty_list_of_teachers(K, placement, empty):
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"Expected `teacher` to be a Keras model or a non-empty list of models"):
+        keras_kd.with_teacher(_batched(x, y), empty, placement=placement)
+
+
+@PLACEMENT
+def test_ensemble_member_that_is_not_a_model(K, placement):
+    x, y = _data()
+    with pytest.raises(TypeError, match=r"Expected `teacher\[1\]` to be a Keras model or callable"):
+        keras_kd.with_teacher(_batched(x, y), [mlp(K), "teacher.keras"], placement=placement)
+
+
+@PLACEMENT
+def test_ensemble_with_different_class_counts(K, placement):
+    x, y = _data()
+    teachers = [mlp(K, classes=4, name="four"), mlp(K, classes=5, name="five")]
+    with pytest.raises(ValueError, match=r"teacher 0 \('four'\): 4, teacher 1 \('five'\): 5"):
+        keras_kd.with_teacher(_batched(x, y), teachers, placement=placement)
+
+
+@JIT
+@PLACEMENT
+def test_ensemble_of_callables_with_different_class_counts(K, jit, placement):
+    # Callables declare no shapes: refused while tracing (the pipeline map or the step), in every mode.
+    x, y = _data()
+    teachers = [_as_callable(mlp(K, classes=4)), _as_callable(mlp(K, classes=5))]
+    with pytest.raises(ValueError, match=r"same shape \(the same classes\)"):
+        ds = keras_kd.with_teacher(_batched(x, y), teachers, placement=placement)
+        _fit(K, mlp(K), ds, jit)
+
+
+@PLACEMENT
+def test_ensemble_with_different_input_shapes(K, placement):
+    x, y = _data()
+    teachers = [mlp(K, inputs=8, name="narrow"), mlp(K, inputs=9, name="wide")]
+    with pytest.raises(ValueError, match=r"teacher 0 \('narrow'\): \(8,\), teacher 1 \('wide'\): \(9,\)"):
+        keras_kd.with_teacher(_batched(x, y), teachers, placement=placement)
+
+
+@PLACEMENT
+@pytest.mark.parametrize("ensemble", ["mean", "Mean_Logits", None, 1])
+def test_unknown_ensemble(K, placement, ensemble):
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"Expected `ensemble` to be one of \('mean_logits', 'mean_probs'\)"):
+        keras_kd.with_teacher(_batched(x, y), [mlp(K), mlp(K)], placement=placement, ensemble=ensemble)
+
+
+@JIT
+@PLACEMENT
+def test_dkd_on_unlabelled_examples(K, jit, placement):
+    # A transfer set (x, NO_LABEL): DKD has no target class there. Refused (NaN under XLA).
+    x, _ = _data()
+    ds = keras_kd.with_teacher(keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x)).batch(16), mlp(K),
+                               placement=placement)
+    _assert_refused(_fit(K, mlp(K), ds, jit, keras_kd.DistillationLoss(divergence="dkd")), jit, "label")
+
+
+@JIT
+@PLACEMENT
+def test_dkd_on_a_mix_of_labelled_and_unlabelled_examples(K, jit, placement):
+    x, y = _data()
+    labelled = tf.data.Dataset.from_tensor_slices((x, y.astype("int64")))
+    transfer = keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x)).map(lambda a, b: (a, tf.cast(b, tf.int64)))
+    ds = keras_kd.with_teacher(labelled.concatenate(transfer).shuffle(64, seed=0).batch(16), mlp(K),
+                               placement=placement)
+    _assert_refused(_fit(K, mlp(K), ds, jit, keras_kd.DistillationLoss(divergence="dkd")), jit, "label")
+
+
+@JIT
+def test_dkd_on_unlabelled_cache(K, jit, tmp_path):
+    # The cache of x alone marks the targets unlabelled (has_labels=False): DKD refuses while tracing.
+    x, _ = _data()
+    teacher = mlp(K)
+    cached = tf.data.Dataset.from_tensor_slices(x).apply(keras_kd.cache_teacher_logits(teacher, str(tmp_path)))
+    with pytest.raises(ValueError, match="label"):
+        _fit(K, mlp(K), cached.batch(16), jit, keras_kd.DistillationLoss(divergence="dkd"))
+
+
+@JIT
+@PLACEMENT
+def test_dkd_with_dense_labels_of_the_wrong_class_count(K, jit, placement):
+    x, y = _data()
+    ds = keras_kd.with_teacher(_batched(x, np.eye(5, dtype="float32")[y]), mlp(K), placement=placement)
+    with pytest.raises(ValueError, match="do not fit the student's logits"):
+        _fit(K, mlp(K), ds, jit, keras_kd.DistillationLoss(divergence="dkd"))
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixup_of_sparse_labels_without_num_classes(kind):
+    x, y = _data()
+    with pytest.raises(ValueError, match="num_classes"):
+        _batched(x, y).map(keras_kd.mixup(0.2, kind=kind))
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixup_num_classes_that_disagree_with_dense_labels(kind):
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"dense labels with 4 classes but num_classes=5"):
+        _batched(x, np.eye(4, dtype="float32")[y]).map(keras_kd.mixup(0.2, num_classes=5, kind=kind))
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+@pytest.mark.parametrize("bad", [4, -1], ids=["too-large", "NO_LABEL"])  # keras_kd.NO_LABEL == -1
+def test_mixup_of_class_ids_outside_num_classes(kind, bad):
+    # tf.one_hot would give such a label an all-zero row: no hard term, silently.
+    x, y = _data()
+    y = y.copy()
+    y[5] = bad
+    ds = _batched(x, y).map(keras_kd.mixup(0.2, num_classes=4, kind=kind, seed=0))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"class ids must be in \[0, 4\)"):
+        list(ds)
+
+
+@JIT
+@PLACEMENT
+def test_mixup_with_num_classes_other_than_the_students(K, jit, placement):
+    # mixup(num_classes=5) for a 4-class student: the mixed (B, 5) labels fit no convention.
+    x, y = _data()
+    ds = _batched(x, y).map(keras_kd.mixup(0.2, num_classes=5, seed=0))
+    with pytest.raises(ValueError, match="do not fit the student's logits"):
+        _fit(K, mlp(K), keras_kd.with_teacher(ds, mlp(K), placement=placement), jit)
+
+
+@JIT
+@PLACEMENT
+def test_mixup_after_with_teacher(K, jit, placement):
+    # The teacher must see the mixed batch: mixup after with_teacher is refused.
+    x, y = _data()
+    ds = keras_kd.with_teacher(_batched(x, y), mlp(K), placement=placement)
+    with pytest.raises(ValueError, match="already carry teacher targets"):
+        ds.map(keras_kd.mixup(0.2, num_classes=4))
+
+
+@PLACEMENT
+@pytest.mark.parametrize("argument", ["teacher_inputs", "student_inputs"])
+def test_input_transforms_that_are_not_functions(K, placement, argument):
+    x, y = _data()
+    with pytest.raises(TypeError, match=rf"Expected `{argument}` to be None or a function of x"):
+        keras_kd.with_teacher(_batched(x, y), mlp(K), placement=placement, **{argument: "x[:, ::2]"})
+
+
+def test_dkd_with_renormalized_topk_targets():
+    # DKD is infinite where the teacher gives a class no mass: refused at construction.
+    with pytest.raises(ValueError, match=r"divergence='dkd' is infinite or undefined .* topk_fill='renormalize'"):
+        keras_kd.DistillationLoss(divergence="dkd", topk_fill="renormalize")
