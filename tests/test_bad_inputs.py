@@ -523,3 +523,45 @@ def test_dkd_with_renormalized_topk_targets():
     # DKD is infinite where the teacher gives a class no mass: refused at construction.
     with pytest.raises(ValueError, match=r"divergence='dkd' is infinite or undefined .* topk_fill='renormalize'"):
         keras_kd.DistillationLoss(divergence="dkd", topk_fill="renormalize")
+
+
+# --- the same refusals from the teacher-logit cache ---------------------------------------
+
+
+def _cache(teacher, tmp_path, **kwargs):
+    x, y = _data()
+    return list(tf.data.Dataset.from_tensor_slices((x, y)).apply(
+        keras_kd.cache_teacher_logits(teacher, str(tmp_path / "cache"), verbose=0, **kwargs)))
+
+
+@pytest.mark.parametrize("empty", [[], ()], ids=["list", "tuple"])
+def test_cache_of_an_empty_list_of_teachers(empty, tmp_path):
+    with pytest.raises(ValueError, match=r"Expected `teacher` to be a Keras model or a non-empty list of models"):
+        _cache(empty, tmp_path)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cache_of_teachers_with_different_class_counts(K, tmp_path):
+    teachers = [mlp(K, classes=4, name="four"), mlp(K, classes=5, name="five")]
+    with pytest.raises(ValueError, match=r"teacher 0 \('four'\): 4, teacher 1 \('five'\): 5"):
+        _cache(teachers, tmp_path)
+
+
+def test_cache_of_teachers_with_different_input_shapes(K, tmp_path):
+    teachers = [mlp(K, inputs=8, name="narrow"), mlp(K, inputs=9, name="wide")]
+    with pytest.raises(ValueError, match=r"teacher 0 \('narrow'\): \(8,\), teacher 1 \('wide'\): \(9,\)"):
+        _cache(teachers, tmp_path)
+
+
+@pytest.mark.parametrize("ensemble", ["mean", None])
+def test_cache_with_an_unknown_ensemble(K, ensemble, tmp_path):
+    with pytest.raises(ValueError, match=r"Expected `ensemble` to be one of \('mean_logits', 'mean_probs'\)"):
+        _cache([mlp(K), mlp(K)], tmp_path, ensemble=ensemble)
+
+
+def test_cache_refuses_an_ensemble_with_one_changed_member(K, tmp_path):
+    a, b = mlp(K, name="a"), mlp(K, name="b")
+    _cache([a, b], tmp_path)
+    b.layers[-1].kernel.assign(b.layers[-1].kernel + 1.0)
+    with pytest.raises(keras_kd.CacheMismatchError, match=r"teacher\[1\]'s weights changed"):
+        _cache([a, b], tmp_path)
