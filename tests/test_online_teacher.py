@@ -278,3 +278,118 @@ def test_step_non_finite_teacher_logits_never_train_silently(K, toy_data, jit_co
         assert "teacher logits" in str(e)
     else:
         assert not np.isfinite(history.history["loss"]).any()
+
+
+# --- ensembles (issue 17): one student from several teachers ------------------------
+
+
+def _ensemble_reference(logits, ensemble):
+    """NumPy: mean of the logits, or log of the mean of the softmaxes (Hinton et al. 2015)."""
+    stacked = np.stack([np.asarray(z, np.float64) for z in logits])
+    if ensemble == "mean_logits":
+        return stacked.mean(0)
+    probs = np.exp(stacked - stacked.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.log(probs.mean(0))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("ensemble", ["mean_logits", "mean_probs"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_ensemble_targets_and_loss_equal_numpy(K, toy_data, placement, ensemble, jit_compile):
+    x, y, make = toy_data
+    teachers = [mlp(K, hidden=h) for h in (8, 16, 32)]
+    student = mlp(K)
+    student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.3), jit_compile=jit_compile)
+    ds = keras_kd.with_teacher(make(), teachers, placement=placement, ensemble=ensemble)
+    want = _ensemble_reference([t.predict(x, verbose=0) for t in teachers], ensemble)
+    got = np.concatenate([targets_lib.materialize(t).logits.numpy() for _, t in ds])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    value = student.evaluate(ds, verbose=0)
+    assert value == pytest.approx(ref.distillation_loss(y, student.predict(x, verbose=0), want, 2.0, 0.3), rel=1e-5)
+    history = student.fit(ds, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_one_teacher_in_a_list_is_that_teacher(K, toy_data):
+    x, y, make = toy_data
+    teacher = mlp(K)
+    for ensemble in ("mean_logits", "mean_probs"):
+        ds = keras_kd.with_teacher(make(), (teacher,), placement="pipeline", ensemble=ensemble)
+        got = np.concatenate([t.logits.numpy() for _, t in ds])
+        np.testing.assert_allclose(got, teacher.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_ensemble_bad_inputs(K, toy_data, placement):
+    x, y, make = toy_data
+    with pytest.raises(ValueError, match="non-empty list"):
+        keras_kd.with_teacher(make(), [], placement=placement)
+    with pytest.raises(ValueError, match=r"same number of classes.*: 4.*: 5"):
+        keras_kd.with_teacher(make(), [mlp(K), mlp(K, classes=5)], placement=placement)
+    with pytest.raises(ValueError, match="inputs of the same shapes"):
+        keras_kd.with_teacher(make(), [mlp(K), mlp(K, inputs=6)], placement=placement)
+    with pytest.raises(ValueError, match=r"Expected `ensemble` to be one of .*Did you mean 'mean_probs'"):
+        keras_kd.with_teacher(make(), [mlp(K), mlp(K)], placement=placement, ensemble="mean_prob")
+    with pytest.raises(TypeError, match=r"`teacher\[1\]`"):
+        keras_kd.with_teacher(make(), [mlp(K), "teacher.keras"], placement=placement)
+    with pytest.raises(TypeError, match="teacher_inputs"):
+        keras_kd.with_teacher(make(), mlp(K), placement=placement, teacher_inputs="x[:, ::2]")
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_ensemble_of_callables_with_different_class_counts_is_refused(K, toy_data, placement, jit_compile):
+    """Callables declare no class count: refused when traced, never broadcast (4 vs 1 class)."""
+    x, y, make = toy_data
+    four, one = mlp(K), mlp(K, classes=1)
+    teachers = [lambda v, training=False: four(v, training=training),
+                lambda v, training=False: one(v, training=training)]
+    student = mlp(K)
+    student.compile("sgd", loss=keras_kd.DistillationLoss(), jit_compile=jit_compile)
+    with pytest.raises(ValueError, match=r"same shape.*teacher 0: \(4,\), teacher 1: \(1,\)"):
+        student.fit(keras_kd.with_teacher(make(), teachers, placement=placement), epochs=1, verbose=0)
+
+
+# --- teacher and student on different inputs (issue 17) -----------------------------
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_student_sees_less_than_the_teacher(K, toy_data, placement, jit_compile):
+    """Teacher on all 8 features, student on every second one (a lower resolution)."""
+    x, y, make = toy_data
+    teacher, student = mlp(K, hidden=32), mlp(K, inputs=4)
+    student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=3.0, alpha=0.2), jit_compile=jit_compile)
+    ds = keras_kd.with_teacher(make(), teacher, placement=placement, student_inputs=lambda v: v[:, ::2])
+    xb, _ = next(iter(ds))
+    np.testing.assert_array_equal(xb.numpy(), x[:32, ::2])
+    value = student.evaluate(ds, verbose=0)
+    s, t = student.predict(x[:, ::2], verbose=0), teacher.predict(x, verbose=0)
+    assert value == pytest.approx(ref.distillation_loss(y, s, t, 3.0, 0.2), rel=1e-5)
+    assert np.isfinite(student.fit(ds, epochs=1, verbose=0).history["loss"]).all()
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_teacher_reads_privileged_features(K, placement, jit_compile):
+    """x = {"signal", "privileged"}: the teacher gets both (concatenated), the student the signal only."""
+    rng = np.random.default_rng(3)
+    x = {"signal": rng.normal(size=(40, 6)).astype("float32"), "privileged": rng.normal(size=(40, 2)).astype("float32")}
+    y = rng.integers(0, 4, size=40)
+    teacher, student = mlp(K, inputs=8), mlp(K, inputs=6)
+    student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.5), jit_compile=jit_compile)
+    ds = keras_kd.with_teacher(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(16), [teacher, teacher], placement=placement,
+        teacher_inputs=lambda v: tf.concat([v["signal"], v["privileged"]], -1),
+        student_inputs=lambda v: v["signal"])
+    value = student.evaluate(ds, verbose=0)
+    s = student.predict(x["signal"], verbose=0)
+    t = teacher.predict(np.concatenate([x["signal"], x["privileged"]], -1), verbose=0)
+    assert value == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.5), rel=1e-5)
+
+
+def test_teacher_inputs_unbatched_is_refused(K, toy_data):
+    x, y, make = toy_data
+    with pytest.raises(ValueError, match="after `.batch"):
+        keras_kd.with_teacher(make().unbatch(), mlp(K, inputs=4), teacher_inputs=lambda v: v[::2])

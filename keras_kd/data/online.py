@@ -158,7 +158,7 @@ def with_teacher(
             raise TypeError(f"Expected `{name}` to be None or a function of x. Received: {name}={fn!r}")
     x_spec, y_spec, _ = _checks.split_element(dataset.element_spec)
     has_targets = isinstance(y_spec, targets_lib.TeacherTargets.Spec)
-    if has_targets and (y_spec.logits is not None or y_spec.topk_values is not None or y_spec.inputs is not None):
+    if targets_lib.carries_teacher(y_spec):
         raise ValueError("The dataset already carries teacher targets; apply `with_teacher` once.")
 
     teacher_view = teacher_inputs or (lambda x: x)
