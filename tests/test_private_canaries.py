@@ -438,6 +438,27 @@ def canary_prune_registry():
     )
 
 
+def canary_pruning_vars():
+    """optimize.sparsity: a built ``PruneLowMagnitude`` wrapper lists ``pruning_vars`` (no underscore, undocumented)
+    as (weight, mask, threshold) triples."""
+    import tensorflow_model_optimization as tfmot
+
+    relied_on = "`PruneLowMagnitude.pruning_vars`: [(weight, mask, threshold)] of a built wrapper"
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(
+        tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(2)])
+    )
+    wrapper = next(layer for layer in pruned.layers if type(layer).__name__ == "PruneLowMagnitude")
+    triples = _get(wrapper, "pruning_vars", TFMOT, relied_on)
+    require(len(triples) == 1 and len(triples[0]) == 3, TFMOT, "PruneLowMagnitude.pruning_vars", relied_on)
+    weight, mask, _ = triples[0]
+    require(
+        weight is wrapper.layer.kernel and tuple(mask.shape) == (3, 2),
+        TFMOT,
+        "PruneLowMagnitude.pruning_vars",
+        relied_on,
+    )
+
+
 def canary_quantize_aware_activations():
     """optimize (QAT activation message): ``QuantizeAwareActivation._PRE/_POST_QUANT_ACTIVATIONS``."""
     aware = _get(_import(_QUANT_ACTIVATION, TFMOT), "QuantizeAwareActivation", TFMOT, "the class")
@@ -601,6 +622,9 @@ CANARIES = {
     "_RNN_LAYERS": canary_prune_registry,
     "_RNN_CELLS_WEIGHTS_MAP": canary_prune_registry,
     _QUANT_ACTIVATION: canary_quantize_aware_activations,
+    "private module sparsity.keras.prune_registry": canary_prune_registry,
+    "private module quantization.keras.quantize_aware_activation": canary_quantize_aware_activations,
+    "pruning_vars": canary_pruning_vars,
     "_PRE_QUANT_ACTIVATIONS": canary_quantize_aware_activations,
     "_POST_QUANT_ACTIVATIONS": canary_quantize_aware_activations,
     "tfmot wrapper class names": canary_tfmot_wrapper_names,
@@ -685,6 +709,10 @@ _GETATTR = re.compile(
     r"\b(?:getattr|hasattr|setattr|delattr)\(\s*[^,()]+,\s*[\"'](_[A-Za-z][A-Za-z0-9_]*)[\"']"
 )
 _NAME = re.compile(r"_[A-Za-z][A-Za-z0-9_]*")
+# keras_kd's guarded readers: `_compat.private_attribute(obj, "name", package)` (any name, underscore or
+# not) and `optimize._common._tfmot_private_module("dotted.path")`.
+_PRIVATE_ATTRIBUTE_CALL = re.compile(r"\bprivate_attribute\(\s*[^,()]+,\s*[\"']([A-Za-z_]\w*)[\"']")
+_PRIVATE_MODULE_CALL = re.compile(r"\b\w*private_module\(\s*[\"']([\w.]+)[\"']")
 _INTERNAL = re.compile(r"\btf\.__internal__\.([A-Za-z_][A-Za-z0-9_.]*)")
 
 # Reads that are not of a dependency's private parts.
@@ -778,6 +806,10 @@ def private_reads(paths=None) -> dict:
             for name in _GETATTR.findall(code):
                 if not name.startswith(_OWN_PREFIXES) and not name.startswith("__"):
                     add(name, path, number)
+            for name in _PRIVATE_ATTRIBUTE_CALL.findall(code):
+                add(name, path, number)
+            for name in _PRIVATE_MODULE_CALL.findall(code):
+                add(f"private module {name}", path, number)
             for name in _INTERNAL.findall(code):
                 add(f"tf.__internal__.{name}", path, number)
     return found
@@ -807,13 +839,13 @@ def test_the_scan_finds_known_reads():
         assert name in found, f"the private-read scan no longer finds {name!r}: fix the scan's patterns"
 
 
-def test_compat_private_reads_table_has_canaries():
-    # keras_kd._compat lists the private attributes it reads through `private_attribute`.
-    from keras_kd import _compat
-
-    table = getattr(_compat, "PRIVATE_READS", ())
+@pytest.mark.parametrize("module", ["keras_kd._compat", "keras_kd.optimize._common"])
+def test_private_reads_tables_have_canaries(module):
+    # keras_kd lists the private attributes it reads through `private_attribute` in `PRIVATE_READS`
+    # tables of (package, owner, attribute).
+    table = getattr(importlib.import_module(module), "PRIVATE_READS", ())
     missing = [entry for entry in table if entry[-1] not in CANARIES]
-    assert not missing, f"keras_kd._compat.PRIVATE_READS entries without a canary here: {missing}"
+    assert not missing, f"{module}.PRIVATE_READS entries without a canary here: {missing}"
 
 
 def test_the_scan_finds_new_reads(tmp_path):
@@ -826,6 +858,8 @@ def test_the_scan_finds_new_reads(tmp_path):
         "    a = model._brand_new_private\n"
         "    b = getattr(tensor, '_hidden_thing', None)\n"
         "    e = private_attribute(tensor, '_read_via_helper', 'keras')\n"
+        "    g = _compat.private_attribute(layer, 'public_looking', 'tfmot')\n"
+        "    h = _tfmot_private_module('sparsity.keras.new_module')\n"
         "    c = tf.__internal__.nest.flatten\n"
         "    d = self._own_state  # self is never reported\n"
         "    return model._keras_kd_mark  # keras_kd's own marks are not either\n"
@@ -837,6 +871,8 @@ def test_the_scan_finds_new_reads(tmp_path):
         "_brand_new_private",
         "_hidden_thing",
         "_read_via_helper",
+        "public_looking",
+        "private module sparsity.keras.new_module",
         "tf.__internal__.nest.flatten",
     }, found
     assert found["_brand_new_private"] == [f"{source}:4"]
