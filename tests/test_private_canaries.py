@@ -439,7 +439,7 @@ def canary_prune_registry():
 
 
 def canary_pruning_vars():
-    """optimize.sparsity: a built ``PruneLowMagnitude`` wrapper lists ``pruning_vars`` (no underscore, undocumented)
+    """optimize.sparsity: a built ``PruneLowMagnitude`` lists ``pruning_vars`` (undocumented, no underscore)
     as (weight, mask, threshold) triples."""
     import tensorflow_model_optimization as tfmot
 
