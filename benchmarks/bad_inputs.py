@@ -21,6 +21,12 @@ def case(name, fn):
             ours = [l[l.index("keras_kd"):] for l in lines if "keras_kd:" in l or "keras_kd.with_teacher:" in l]
             ours = [o.rstrip("]").rstrip() for o in ours]
             text = ours[0] if ours else " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+            # Errors raised inside a tf.data function: the message, not the traceback.
+            raised = [l.split(": ", 1)[1] for l in lines if l.split(": ", 1)[0].endswith("Error") and ": " in l]
+            if "assertion failed: [" in str(e):
+                text = str(e).split("assertion failed: [", 1)[1].split("]", 1)[0]
+            elif "in user code" in str(e) and raised:
+                text = raised[-1]
             msg = f"{type(e).__name__}: {text}"
     msg = msg.replace("|", "\\|")
     rows.append((name, msg[:230]))
@@ -116,5 +122,31 @@ case("`to_tflite` of a float model without representative data", lambda: optimiz
 case("`distillation_hyperparameters(temperature=(0, 4))`", lambda: tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), temperature=(0.0, 4.0)))
 case("`distillation_hyperparameters(alpha=(0, 1.5))`", lambda: tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), alpha=(0.0, 1.5)))
 case("build function that returns no model", lambda: tuning.RandomSearch(tuning.DistillationHyperModel(lambda hp: "nope"), objective="val_accuracy", max_trials=1, directory=tempfile.mkdtemp()))
+# Issue 17: ensembles, DKD, transfer sets, mixup, different inputs.
+case("`with_teacher(ds, [])` (empty list of teachers)", lambda: keras_kd.with_teacher(ds.batch(16), []))
+case("ensemble of a 4-class and a 5-class teacher", lambda: keras_kd.with_teacher(ds.batch(16), [t4, t5]))
+t9 = keras.Sequential([keras.Input((9,)), keras.layers.Dense(4)])
+case("ensemble of teachers with inputs (8,) and (9,)", lambda: keras_kd.with_teacher(ds.batch(16), [t4, t9]))
+case("`with_teacher(..., ensemble='mean')`", lambda: keras_kd.with_teacher(ds.batch(16), [t4, mlp(4)], ensemble="mean"))
+case("`cache_teacher_logits([], directory)`", lambda: keras_kd.cache_teacher_logits([], d + "/empty"))
+e1, e2 = mlp(4), mlp(4)
+list(ds.apply(keras_kd.cache_teacher_logits([e1, e2], d + "/ens", verbose=0)))
+e2.layers[-1].kernel.assign(e2.layers[-1].kernel + 1.0)
+case("ensemble cache reused after one teacher changed", lambda: list(ds.apply(keras_kd.cache_teacher_logits([e1, e2], d + "/ens", verbose=0))))
+def dkd_fit(data, jit=False):
+    s = mlp(4); s.compile("sgd", keras_kd.DistillationLoss(divergence="dkd"), jit_compile=jit)
+    loss = s.fit(data, verbose=0).history["loss"][0]
+    return f"(XLA drops assertions) training loss {loss}: training visibly fails" if jit else f"(no error) loss {loss}"
+transfer = keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x)).batch(16)
+case("DKD on a transfer set (`keras_kd.unlabelled`, NO_LABEL)", lambda: dkd_fit(keras_kd.with_teacher(transfer, t4)))
+case("DKD on a transfer set, `jit_compile=True`", lambda: dkd_fit(keras_kd.with_teacher(transfer, t4), jit=True))
+case("DKD on the cache of unlabelled `x`", lambda: dkd_fit(tf.data.Dataset.from_tensor_slices(x).apply(keras_kd.cache_teacher_logits(t4, d + "/unl", verbose=0)).batch(16)))
+case("`DistillationLoss(divergence='dkd', topk_fill='renormalize')`", lambda: keras_kd.DistillationLoss(divergence="dkd", topk_fill="renormalize"))
+case("`mixup` of class ids without `num_classes`", lambda: ds.batch(16).map(keras_kd.mixup(0.2)))
+case("`mixup(num_classes=4)` of a label 7", lambda: list(tf.data.Dataset.from_tensor_slices((x, y + 7 * (y == 0))).batch(16).map(keras_kd.mixup(0.2, num_classes=4))))
+case("`mixup(num_classes=5)` for a 4-class student", lambda: fit(t4, keras_kd.with_teacher(ds.batch(16).map(keras_kd.mixup(0.2, num_classes=5)), t4)))
+case("`mixup` after `with_teacher`", lambda: keras_kd.with_teacher(ds.batch(16), t4).map(keras_kd.mixup(0.2, num_classes=4)))
+case("`with_teacher(..., teacher_inputs='x[:, ::2]')`", lambda: keras_kd.with_teacher(ds.batch(16), t4, teacher_inputs="x[:, ::2]"))
+case("`keras_kd.unlabelled` applied after `.batch()`", lambda: fit(t4, keras_kd.with_teacher(keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x).batch(16)), t4)))
 print("| bad input | what you see |\n|---|---|")
 for n, m in rows: print(f"| {n} | {m} |")
