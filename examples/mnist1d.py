@@ -135,7 +135,9 @@ def format_table(results: Dict[str, Dict[str, Result]], settings) -> str:
     names = [name for name in ROW_NAMES if any(name in results[k] for k in kinds)]
     lines = [
         f"MNIST-1D (3,600 train / 400 validation / 1,000 test), Adam lr {settings.learning_rate:g}, batch "
-        f"{settings.batch}, seeds {settings.seeds}; KD rows T={settings.temperature:g} alpha={settings.alpha:g}; "
+        f"{settings.batch}, seeds {settings.seeds}; KD rows T={settings.temperature:g} alpha={settings.alpha:g} "
+        f"(mixup row: Beta({settings.mixup_alpha:g}) mixup, T={settings.mixup_temperature:g} "
+        f"alpha={settings.mixup_kd_alpha:g}); "
         "test accuracy % at the last epoch, mean +- std",
         "| row | epochs | " + " | ".join(mnist1d_models.STUDENT_NAMES[k] for k in kinds) + " |",
         "|---|---|" + "---|" * len(kinds),

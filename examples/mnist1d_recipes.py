@@ -31,13 +31,16 @@ class Settings:
 
     seeds: List[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     epochs: int = 50  # every row unless the row is about the budget
-    patient_epochs: int = 150  # the consistent-mixup row (Beyer et al.'s "patient")
+    patient_epochs: int = 100  # the consistent-mixup row (Beyer et al.'s "patient") and its scratch twin
     teacher_epochs: int = 50
     batch: int = 128
-    learning_rate: float = 1e-2  # Adam; 1e-2 beat 3e-3 on the validation split for teacher and both students
-    temperature: float = 2.0
-    alpha: float = 0.5
-    mixup_alpha: float = 0.2
+    # Choices made on the validation split (seed 0, see the README):
+    learning_rate: float = 1e-2  # Adam; 1e-2 beat 3e-3 for the teacher and both students
+    temperature: float = 1.0  # KD rows: T=1, alpha=0.5 had the best summed validation accuracy of
+    alpha: float = 0.5  # T in {1, 2, 4} x alpha in {0.1, 0.5} (MLP 62.0 vs 58.0 scratch; CNN 87.8 vs 86.8)
+    mixup_alpha: float = 0.2  # consistent mixup: Beta(0.2, 0.2) mixing, with KD at T=1, alpha=0.1
+    mixup_temperature: float = 1.0
+    mixup_kd_alpha: float = 0.1
     transfer_count: int = 5000  # extra unlabelled inputs from the generator with another seed
     noise: float = 0.2
     reweighting_strength: float = 3.0  # teacher_wrong: weight exp(-3 d), d = share of epochs the teacher was wrong
@@ -116,7 +119,8 @@ class Context:
         """``dataset`` (unbatched) through a teacher-logit cache in the work folder."""
         if name not in self._caches:
             self._caches[name] = keras_kd.cache_teacher_logits(
-                teacher, os.path.join(self.work, "caches", name), verbose=0, on_mismatch="rebuild", **options)
+                teacher, os.path.join(self.work, "caches", name), verbose=0, on_mismatch="rebuild",
+                in_memory=True, **options)
         return dataset.apply(self._caches[name])
 
 
@@ -213,9 +217,10 @@ def mixup_patient(ctx, kind, seed, curve):
     teacher and student see the same mixed view; a long schedule."""
     d, s = ctx.data, ctx.settings
     mixed = batches(d.x_train, d.y_train, s.batch, seed).map(
-        keras_kd.mixup(alpha=s.mixup_alpha, num_classes=10, seed=seed))
+        keras_kd.mixup(alpha=s.mixup_alpha, num_classes=10, seed=seed), num_parallel_calls=tf.data.AUTOTUNE)
     train = keras_kd.with_teacher(mixed, ctx.teacher(0))
-    return fit(ctx, kind, seed, kd_loss(s), train, epochs=s.patient_epochs, curve=curve)
+    loss = kd_loss(s, temperature=s.mixup_temperature, alpha=s.mixup_kd_alpha)
+    return fit(ctx, kind, seed, loss, train, epochs=s.patient_epochs, curve=curve)
 
 
 def scratch_patient(ctx, kind, seed, curve):
@@ -243,11 +248,12 @@ def half_scratch(ctx, kind, seed, curve):
 
 
 def half_kd(ctx, kind, seed, curve):
-    """Teacher on the 40-sample signal, student on every second sample."""
+    """Teacher on the 40-sample signal, student on every second sample
+    (online: the teacher runs in the student's step on the full batch)."""
     d, s = ctx.data, ctx.settings
-    train = ctx.cached("teacher0_half", ctx.teacher(0), _raw(ctx), student_inputs=every_second_sample)
-    return fit(ctx, kind, seed, kd_loss(s), train.shuffle(len(d.x_train), seed=seed).batch(s.batch), length=20,
-               x_test=every_second_sample(d.x_test), curve=curve)
+    train = keras_kd.with_teacher(batches(d.x_train, d.y_train, s.batch, seed), ctx.teacher(0),
+                                  student_inputs=every_second_sample)
+    return fit(ctx, kind, seed, kd_loss(s), train, length=20, x_test=every_second_sample(d.x_test), curve=curve)
 
 
 def noisy_scratch(ctx, kind, seed, curve):
@@ -298,8 +304,9 @@ def tuned_choice(ctx: Context, kind: str) -> dict:
     keras.utils.set_random_seed(0)
     tuner.search(train, validation_data=(d.x_val, d.y_val), epochs=s.tuner_epochs, verbose=0)
     best = tuner.get_best_hyperparameters(1)[0].values
-    return {"temperature": float(best["kd_temperature"]), "alpha": float(best["kd_alpha"]),
-            "divergence": best["kd_divergence"]}
+    # With alpha = 1 (plain training) the search declares no temperature or divergence.
+    return {"temperature": float(best.get("kd_temperature", 1.0)), "alpha": float(best["kd_alpha"]),
+            "divergence": best.get("kd_divergence", "kl")}
 
 
 def tuned(ctx, kind, seed, curve):
@@ -309,7 +316,8 @@ def tuned(ctx, kind, seed, curve):
     c = ctx.tuned[kind]
     train = ctx.cached("teacher0", ctx.teacher(0), _raw(ctx)).shuffle(len(ctx.data.x_train), seed=seed).batch(s.batch)
     trained = fit(ctx, kind, seed, kd_loss(s, c["divergence"], c["temperature"], c["alpha"]), train, curve=curve)
-    trained.note = f"T={c['temperature']:g}, alpha={c['alpha']:g}, {c['divergence']}"
+    trained.note = ("alpha=1 (plain training)" if c["alpha"] == 1.0
+                    else f"T={c['temperature']:g}, alpha={c['alpha']:g}, {c['divergence']}")
     return trained
 
 
