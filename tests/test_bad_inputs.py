@@ -565,3 +565,20 @@ def test_cache_refuses_an_ensemble_with_one_changed_member(K, tmp_path):
     b.layers[-1].kernel.assign(b.layers[-1].kernel + 1.0)
     with pytest.raises(keras_kd.CacheMismatchError, match=r"teacher\[1\]'s weights changed"):
         _cache([a, b], tmp_path)
+
+
+def _tapped(K, name):
+    inp = K.Input((8,))
+    return K.Model(inp, K.layers.Dense(4)(K.layers.Dense(16, name="h")(inp)), name=name)
+
+
+@pytest.mark.parametrize("argument", ["teacher_inputs", "student_inputs"])
+def test_align_input_transforms_that_are_not_functions(K, argument):
+    with pytest.raises(TypeError, match=rf"Expected `{argument}` to be None or a function of the dataset's `x`"):
+        keras_kd.align(_tapped(K, "s"), _tapped(K, "t"), pairs=[("h", "h")], **{argument: "x[:, ::2]"})
+
+
+def test_align_with_an_ensemble_of_teachers(K):
+    # Features are tapped from one teacher: a list is refused with the ensemble alternatives named.
+    with pytest.raises(TypeError, match=r"Expected `teacher` to be one Keras model.*ensemble="):
+        keras_kd.align(_tapped(K, "s"), [_tapped(K, "t1"), _tapped(K, "t2")], pairs=[("h", "h")])
