@@ -4,7 +4,7 @@
 (layout reshape, position resampling, channel mapping) that fits; `project`
 builds those layers on a student tensor, or applies a custom projector, and
 checks the result against the teacher's shape. To add a projector kind, add
-it to `PROJECTORS`, plan it in `plan`, name it in `describe` and build it in
+it to `PROJECTORS`, plan it in `plan`, name it in `_WORDS` and build it in
 `build_steps`.
 """
 
@@ -117,31 +117,25 @@ def plan(s, t, projector, resample, channels_needed):
     return steps
 
 
+# Each planned step in words, for `Aligned.summary` and error messages.
+_WORDS = {
+    "to_tokens": lambda step: f"reshape map to {step[1]} tokens",
+    "to_map": lambda step: ("drop the class token, " if step[2] else "")
+    + f"reshape tokens to a {step[1]}x{step[1]} map",
+    "pool2d": lambda step: f"average-pool {step[1][0]}x{step[1][1]}",
+    "resize2d": lambda step: f"bilinear resize to {step[1][0]}x{step[1][1]}",
+    "pool1d": lambda step: f"average-pool the sequence by {step[1]}",
+    "resize1d": lambda step: f"linear interpolation to length {step[1]}",
+    "dense": lambda step: f"Dense {step[1]} -> {step[2]}",
+    "conv": lambda step: f"{step[1]}x{step[1]} conv {step[2]} -> {step[3]} channels",
+}
+
+
 def describe(steps):
+    """The planned steps in words ("identity" when there are none)."""
     if not steps:
         return "identity (shapes already match)"
-    words = []
-    for step in steps:
-        kind = step[0]
-        if kind == "to_tokens":
-            words.append(f"reshape map to {step[1]} tokens")
-        elif kind == "to_map":
-            words.append(
-                ("drop the class token, " if step[2] else "") + f"reshape tokens to a {step[1]}x{step[1]} map"
-            )
-        elif kind == "pool2d":
-            words.append(f"average-pool {step[1][0]}x{step[1][1]}")
-        elif kind == "resize2d":
-            words.append(f"bilinear resize to {step[1][0]}x{step[1][1]}")
-        elif kind == "pool1d":
-            words.append(f"average-pool the sequence by {step[1]}")
-        elif kind == "resize1d":
-            words.append(f"linear interpolation to length {step[1]}")
-        elif kind == "dense":
-            words.append(f"Dense {step[1]} -> {step[2]}")
-        elif kind == "conv":
-            words.append(f"{step[1]}x{step[1]} conv {step[2]} -> {step[3]} channels")
-    return ", then ".join(words)
+    return ", then ".join(_WORDS[step[0]](step) for step in steps)
 
 
 def build_steps(keras_module, steps, tensor, prefix, init):
