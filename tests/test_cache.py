@@ -21,7 +21,6 @@ from sklearn.datasets import load_digits
 
 import keras_kd
 from keras_kd import _compat
-from keras_kd import cache as cache_lib
 from keras_kd.cache import build as cache_build
 from keras_kd.cache import files as cache_files
 from keras_kd.cache import CacheCorruptedError

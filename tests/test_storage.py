@@ -16,7 +16,6 @@ import pytest
 import tensorflow as tf
 
 import keras_kd
-from keras_kd import cache as cache_lib
 from keras_kd.cache import build as cache_build
 from keras_kd.cache import files as cache_files
 from keras_kd.cache import fingerprint as cache_fingerprint

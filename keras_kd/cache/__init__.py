@@ -29,10 +29,10 @@ and the offsets in the manifest.
 
 from keras_kd.cache.errors import CacheCorruptedError
 from keras_kd.cache.errors import CacheMismatchError
-from keras_kd.cache.format import MANIFEST
-from keras_kd.cache.format import VERSION
+from keras_kd.cache.format import MANIFEST  # noqa: F401 - the manifest's file name
+from keras_kd.cache.format import VERSION  # noqa: F401 - the storage format version
 from keras_kd.cache.logits import cache_teacher_logits
-from keras_kd.cache.manifest import FORMAT
+from keras_kd.cache.manifest import FORMAT  # noqa: F401 - the manifest's `format`
 from keras_kd.cache.manifest import read_manifest
 from keras_kd.cache.transform import TeacherLogitCache
 

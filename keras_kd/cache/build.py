@@ -29,6 +29,20 @@ from keras_kd.cache.store import Stored
 SMALL_CACHE_BYTES = 32 << 20  # caches up to this size are held in memory by default
 
 
+PROBE_ROWS = 64  # examples the teacher re-runs when an existing cache is opened
+TARGET_FILE_BYTES = 64 << 20  # default size of one data file
+
+
+def files_of(layout) -> int:
+    """Blocks per data file for files of about `TARGET_FILE_BYTES`."""
+    return max(1, TARGET_FILE_BYTES // max(1, layout.block_bytes))
+
+
+def probe_rows(manifest) -> int:
+    """How many rows the teacher re-runs when ``manifest``'s cache is opened (at most one block)."""
+    return min(PROBE_ROWS, manifest["num_examples"], manifest["layout"]["block_rows"])
+
+
 def block_range(count: int, block_rows: int, part: int, num_parts: int):
     blocks = math.ceil(count / block_rows)
     return blocks * part // num_parts, blocks * (part + 1) // num_parts

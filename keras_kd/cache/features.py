@@ -24,6 +24,8 @@ from keras_kd import _checks
 from keras_kd.cache import build as build_lib
 from keras_kd.cache import fingerprint
 from keras_kd.cache.files import resolve_directory  # noqa: F401 - part of this module's API
+from keras_kd.cache.format import FLOAT16_MAX
+from keras_kd.cache.format import FLOAT_DTYPES as _DTYPES
 from keras_kd.cache.format import MAX_BLOCK_ROWS
 from keras_kd.cache.format import MAX_ROWS
 from keras_kd.cache.format import Layout
@@ -32,10 +34,7 @@ from keras_kd.cache.store import Stored
 
 FORMAT = "keras_kd.feature_cache"
 MAX_BATCH_SIZE = MAX_BLOCK_ROWS  # a build batch is one stored block
-_DTYPES = {"float16": "<f2", "float32": "<f4"}
 _SAMPLE = 4  # first examples read twice to detect a dataset that changes between passes
-_PROBE_ROWS = 64
-_TARGET_FILE_BYTES = 64 << 20
 
 
 def store(directory: str) -> Store:
@@ -130,8 +129,7 @@ class FeatureTable:
         (optional) yields the student's ``(x, ...)``: its inputs digest joins
         the fingerprint, so a changed ``student_inputs`` is refused.
         """
-        first = fingerprint.sample_digest(dataset, _SAMPLE)
-        if fingerprint.sample_digest(dataset, _SAMPLE) != first:
+        if fingerprint.changes_between_passes(dataset, _SAMPLE):
             raise ValueError(
                 "The dataset given to `cache_features` yields different examples each time it is "
                 "read (shuffling or random augmentation before the transform?). Cache the raw, "
@@ -179,7 +177,7 @@ class FeatureTable:
         )
 
         def probe(stored, manifest):
-            rows = min(_PROBE_ROWS, manifest["num_examples"], manifest["layout"]["block_rows"])
+            rows = build_lib.probe_rows(manifest)
             x = next(iter(dataset.map(lambda x, *rest: x).take(rows).batch(rows)))
             fresh = dict(zip(names, (np.asarray(o, np.float32) for o in step(x))))
             return build_lib.probe_mismatch(fresh, stored.first_rows(rows), "feature cache", st.directory, rows)
@@ -187,7 +185,7 @@ class FeatureTable:
         _, stored = build.ensure(
             probe=probe,
             produce=lambda start, rows, layout: _produce(step, dataset, start, rows, layout.block_rows, dtype),
-            blocks_per_file=lambda layout: max(1, _TARGET_FILE_BYTES // max(1, layout.block_bytes)),
+            blocks_per_file=build_lib.files_of,
             on_mismatch=on_mismatch,
             in_memory=in_memory,
             refuse_foreign_files=True,
@@ -230,8 +228,8 @@ def _produce(step, dataset, start, rows, batch_size, dtype):
                 "The teacher's inputs, logits or features contain NaN or Inf; refusing to cache them. "
                 "Check the dataset and the teacher."
             )
-        if dtype == "float16" and any(np.abs(o).max(initial=0.0) > 65504.0 for o in outputs[1:]):
-            raise ValueError("The teacher's features exceed float16's range (65504). Use dtype='float32'.")
+        if dtype == "float16" and any(np.abs(o).max(initial=0.0) > FLOAT16_MAX for o in outputs[1:]):
+            raise ValueError(f"The teacher's features exceed float16's range ({FLOAT16_MAX:g}). Use dtype='float32'.")
         arrays = {"logits": outputs[0].astype(np.float32)}
         arrays.update({f"feature_{i}": o.astype(dtype) for i, o in enumerate(outputs[1:])})
         yield arrays

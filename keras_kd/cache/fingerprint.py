@@ -103,6 +103,11 @@ def sample_digest(dataset: tf.data.Dataset, n: int) -> str:
     return h.hexdigest()
 
 
+def changes_between_passes(dataset: tf.data.Dataset, n: int) -> bool:
+    """Whether two passes over the first ``n`` elements yield different tensors."""
+    return sample_digest(dataset, n) != sample_digest(dataset, n)
+
+
 def inputs_digest(dataset: tf.data.Dataset):
     """``(digest, count)``: a digest of every element's inputs ``x``, in order.
 

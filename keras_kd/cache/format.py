@@ -22,6 +22,9 @@ MAX_BLOCK_BYTES = 1 << 30
 MAX_PARTS = 1 << 14
 MAX_ROWS = 1 << 48
 DTYPES = ("<f2", "<f4", "<i2", "<i4", "<i8")
+# How a cache stores floats (its `dtype` setting), and float16's largest value.
+FLOAT_DTYPES = {"float16": "<f2", "float32": "<f4"}
+FLOAT16_MAX = 65504.0
 _FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 

@@ -13,12 +13,12 @@ from typing import Optional
 
 from keras_kd.cache import files as fs
 from keras_kd.cache.errors import CacheMismatchError
+from keras_kd.cache.format import FLOAT_DTYPES as DTYPES
 from keras_kd.cache.format import MANIFEST
 from keras_kd.cache.format import Layout
 from keras_kd.cache.store import Store
 
 FORMAT = "keras_kd.teacher_logit_cache"
-DTYPES = {"float16": "<f2", "float32": "<f4"}
 
 
 def store(directory: str) -> Store:

@@ -12,15 +12,26 @@ seed, so the student sees exactly what the teacher saw.
 import numpy as np
 import tensorflow as tf
 
+from keras_kd import _checks
 from keras_kd import targets as targets_lib
 from keras_kd.cache.teacher import seed_of
 
+# A dataset whose elements (inputs, labels, weights) total at most this many
+# bytes is held whole in memory with its targets when its rows are.
+SMALL_ELEMENTS_BYTES = 64 << 20
+_READ_BATCH = 1024
 
-def _targets(labels, fields, top_k, example_id):
+
+def _targets(labels, fields, top_k, example_id, labelled):
     if top_k is None:
-        return targets_lib.TeacherTargets(labels=labels, logits=fields[0], example_id=example_id)
+        return targets_lib.TeacherTargets(labels=labels, logits=fields[0], example_id=example_id, has_labels=labelled)
     return targets_lib.TeacherTargets(
-        labels=labels, topk_values=fields[0], topk_indices=fields[1], topk_logsumexp=fields[2], example_id=example_id
+        labels=labels,
+        topk_values=fields[0],
+        topk_indices=fields[1],
+        topk_logsumexp=fields[2],
+        example_id=example_id,
+        has_labels=labelled,
     )
 
 
@@ -31,44 +42,86 @@ def _view0(top_k, cast_indices):
     return lambda a: (a["values"][:, 0], cast_indices(a["indices"][:, 0]), a["logsumexp"][:, 0])
 
 
-def read(dataset, manifest, stored, teachers) -> tf.data.Dataset:
+def read(dataset, manifest, stored, teachers, labelled=True) -> tf.data.Dataset:
     """``(x, TeacherTargets[, sample_weight])`` for every element of ``dataset``, in order.
+
+    Three readers, chosen automatically:
+
+    - without augmentation, rows held in memory and elements of fixed shapes
+      totalling at most `SMALL_ELEMENTS_BYTES`: the elements are read once and
+      the output is ``from_tensor_slices`` of them with their targets (an
+      epoch then costs what iterating in-memory arrays costs);
+    - without augmentation otherwise: the stored rows zipped with the elements;
+    - with augmentation: one stored view per example and pass, its inputs replayed.
 
     Args:
         dataset: the labelled dataset given to the transform.
         manifest: the cache's validated manifest.
         stored: its `keras_kd.cache.store.Stored` rows.
         teachers: the `keras_kd.cache.teacher.Teachers` (augmentation and input transforms).
+        labelled: False for unlabelled data (targets with ``has_labels=False``).
     """
     top_k = manifest["top_k"]
     n = int(manifest["num_examples"])
     if int(dataset.cardinality()) < 0:
         # Unknown size: fail loudly rather than pair a longer or shorter dataset.
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(n))
-    if teachers.augment is None:
-        out = _rows(dataset, stored, top_k, n, teachers)
+    if teachers.augment is not None:
+        rows = int(manifest["layout"]["block_rows"])
+        out = _views(dataset, stored, top_k, n, rows, int(manifest["views"]), teachers, labelled)
     else:
-        out = _views(dataset, stored, top_k, n, int(manifest["layout"]["block_rows"]), int(manifest["views"]), teachers)
+        if teachers.student_inputs is not None:
+            student_inputs = teachers.student_inputs
+            dataset = dataset.map(lambda x, *rest: (student_inputs(x), *rest))
+        out = None
+        if stored.in_memory and _small(dataset.element_spec, n):
+            out = _in_memory(dataset, stored, top_k, n, labelled)
+        if out is None:
+            out = _rows(dataset, stored, top_k, n, labelled)
     return out.apply(tf.data.experimental.assert_cardinality(n))
 
 
-def _rows(dataset, stored, top_k, n, teachers):
+def _small(spec, n) -> bool:
+    """Whether elements of this spec are plain numeric tensors of fixed shapes, `SMALL_ELEMENTS_BYTES` in all."""
+    if not _checks.fixed_shapes(spec):
+        return False
+    flat = tf.nest.flatten(spec)
+    if not all(s.dtype.is_numpy_compatible and s.dtype != tf.string for s in flat):
+        return False
+    per_example = sum(s.shape.num_elements() * s.dtype.size for s in flat)
+    return per_example * n <= SMALL_ELEMENTS_BYTES
+
+
+def _in_memory(dataset, stored, top_k, n, labelled):
+    """The whole output from memory: the elements read once, sliced with their targets."""
+    spec = dataset.element_spec
+    parts = [[] for _ in tf.nest.flatten(spec)]
+    for batch in dataset.batch(_READ_BATCH).prefetch(2):
+        for part, t in zip(parts, tf.nest.flatten(batch)):
+            part.append(t.numpy())
+    arrays = [np.concatenate(p) for p in parts]
+    if len(arrays[0]) != n:
+        return None  # the size changed since the fingerprint pass: the zip reader asserts it
+    x, y, *sample_weight = tf.nest.pack_sequence_as(spec, arrays)
+    fields = _view0(top_k, lambda i: i.astype(np.int32))(stored.arrays)
+    targets = _targets(y, fields, top_k, np.arange(n, dtype=np.int64), labelled)
+    return tf.data.Dataset.from_tensor_slices((x, targets, *sample_weight))
+
+
+def _rows(dataset, stored, top_k, n, labelled):
     # Measured (1,257 x 64, shuffle + batch 64): as fast as TeacherTargets
     # sliced from memory; any op per element (even an index) or splitting
     # dataset batches (batch -> zip -> unbatch) was 2.5-5x slower.
     rows = stored.rows(_view0(top_k, lambda i: i.astype(np.int32)), _view0(top_k, lambda i: tf.cast(i, tf.int32)))
-    student_inputs = teachers.student_inputs
 
     def pair(element, fields, example_id):
         x, y, *sample_weight = element
-        if student_inputs is not None:
-            x = student_inputs(x)
-        return (x, _targets(y, fields, top_k, example_id), *sample_weight)
+        return (x, _targets(y, fields, top_k, example_id, labelled), *sample_weight)
 
     return tf.data.Dataset.zip((dataset, rows, tf.data.Dataset.range(n))).map(pair)
 
 
-def _views(dataset, stored, top_k, n, rows, views, teachers):
+def _views(dataset, stored, top_k, n, rows, views, teachers, labelled):
     seed = teachers.seed
     blocks = tf.data.Dataset.zip((tf.data.Dataset.range(stored.num_blocks), stored.blocks()))
     # One key per block and pass: a new choice of views on every pass (epoch), reproducible from `seed`.
@@ -93,7 +146,7 @@ def _views(dataset, stored, top_k, n, rows, views, teachers):
 
     def replay(element, chosen):
         (x, y, *sample_weight), (fields, example_id, view_seed) = element, chosen
-        return (teachers.student_view(x, view_seed), _targets(y, fields, top_k, example_id), *sample_weight)
+        return (teachers.student_view(x, view_seed), _targets(y, fields, top_k, example_id, labelled), *sample_weight)
 
     return tf.data.Dataset.zip((dataset, per_example)).map(
         replay, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True

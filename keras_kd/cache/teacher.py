@@ -21,8 +21,7 @@ from keras_kd import _checks
 from keras_kd import targets as targets_lib
 from keras_kd.cache import fingerprint
 from keras_kd.cache.errors import warn
-
-FLOAT16_MAX = 65504.0
+from keras_kd.cache.format import FLOAT16_MAX
 _TRANSFORM_SAMPLE = 4  # elements whose transformed inputs are hashed
 
 # Traced teacher steps, per first teacher model (see `Teachers.step`).

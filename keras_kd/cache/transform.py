@@ -24,8 +24,6 @@ from keras_kd.cache.errors import warn
 from keras_kd.cache.teacher import Teachers
 
 _SAMPLE_SIZE = 64  # elements read twice to detect a dataset that changes between passes
-_PROBE_ROWS = 64  # examples the teacher re-runs when an existing cache is opened
-_TARGET_FILE_BYTES = 64 << 20  # default size of one data file
 
 
 def _with_labels(dataset):
@@ -162,12 +160,8 @@ class TeacherLogitCache:
         """
         dataset, labelled = _with_labels(dataset)
         manifest, stored = self._ensure(dataset, wait=True, read=True)
-        out = reader.read(dataset, manifest, stored, self.teachers)
-        if labelled:
-            return out
         # Unlabelled data, as `keras_kd.add_example_ids` marks it: no hard-label term.
-        out = out.map(lambda x, targets: (x, targets.replace(has_labels=False)))
-        return out.apply(tf.data.experimental.assert_cardinality(int(manifest["num_examples"])))
+        return reader.read(dataset, manifest, stored, self.teachers, labelled)
 
     def build(self, dataset: tf.data.Dataset) -> dict:
         """Writes this worker's part of the cache (all of it without sharding).
@@ -326,7 +320,7 @@ class TeacherLogitCache:
 
     def _refuse_changing(self, dataset, suspicious):
         """Before a build: a dataset that differs between two passes is refused (reshuffles) or warned about."""
-        if fingerprint.sample_digest(dataset, _SAMPLE_SIZE) == fingerprint.sample_digest(dataset, _SAMPLE_SIZE):
+        if not fingerprint.changes_between_passes(dataset, _SAMPLE_SIZE):
             return
         reshuffles = [s for s in suspicious if "shuffle" in s or "Dataset.random" in s]
         if reshuffles:
@@ -348,7 +342,7 @@ class TeacherLogitCache:
 
     def _probe(self, dataset, manifest, stored):
         """Re-runs the teachers on the first examples; a `ProbeMismatch` if they disagree with the stored rows."""
-        rows = min(_PROBE_ROWS, manifest["num_examples"], manifest["layout"]["block_rows"])
+        rows = build_lib.probe_rows(manifest)
         x = next(iter(self.teachers.build_inputs(dataset, 0, rows, rows)))
         fresh, _ = self.teachers.step()(x)
         fresh = {k: v.numpy() for k, v in fresh.items() if k in ("values", "logsumexp")}
@@ -383,4 +377,4 @@ class TeacherLogitCache:
     def _blocks_per_file(self, layout):
         if self.shard_size is not None:
             return max(1, math.ceil(self.shard_size / layout.block_rows))
-        return max(1, _TARGET_FILE_BYTES // layout.block_bytes)
+        return build_lib.files_of(layout)
