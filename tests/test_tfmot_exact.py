@@ -162,7 +162,10 @@ def test_layer_tfmot_refuses_is_named_with_the_fix():
     copy = tf_keras.models.clone_model(model)
     with pytest.raises(RuntimeError, match="lonely_bn"):
         tfmot().quantization.keras.quantize_model(copy)  # tfmot refuses it too
-    pattern = r"lonely_bn \(BatchNormalization\): tfmot.s 8-bit[\s\S]*layers=\[\.\.\.\]"
+    pattern = (
+        r"lonely_bn \(BatchNormalization\): tfmot quantizes a BatchNormalization only together "
+        r"with the Conv2D, DepthwiseConv2D or Dense layer right before it[\s\S]*layers=\[\.\.\.\]"
+    )
     with pytest.raises(ValueError, match=pattern):
         optimize.quantize_for_distillation(model)
 

@@ -126,6 +126,43 @@ def require_tf_keras_graph(model, argument: str, what: str):
         )
 
 
+_FLOAT32_FIX = (
+    "Rebuild the student in float32 and copy the weights:\n"
+    "  float_student = tf_keras.models.clone_model(student, clone_function=lambda layer: "
+    "layer.__class__.from_config({**layer.get_config(), 'dtype': 'float32'}))\n"
+    "  float_student.set_weights(student.get_weights())\n"
+    "(`keras.models.clone_model` for a Keras 3 student)."
+)
+
+
+_OTHER_FLOATS = ("float16", "bfloat16", "float64")
+
+
+def require_float32(model, argument: str, what: str, why: str, *, mixed_only: bool = False):
+    """Raises `ValueError` listing the layers of ``model`` that do not compute in float32.
+
+    Args:
+        model: the model to check.
+        argument: its argument name, for the message.
+        what: the function that needs float32 layers.
+        why: why it does, for the message.
+        mixed_only: refuse only mixed-precision layers (compute dtype other
+            than the variables' dtype), e.g. for pruning, which takes float16.
+    """
+    found = [
+        f"{path} ({getattr(layer.dtype_policy, 'name', layer.dtype_policy)})"
+        for path, layer in walk_layers(model)
+        if not _compat.is_model(layer) and not _compat.is_input_layer(layer)
+        and (layer.compute_dtype != layer.variable_dtype if mixed_only else layer.compute_dtype in _OTHER_FLOATS)
+    ]
+    if found:
+        raise ValueError(
+            f"`{what}` needs the layers of `{argument}` ({model.name!r}) to compute in "
+            f"{'one dtype' if mixed_only else 'float32'}: {why}. These do not: "
+            f"{found[:5]}{' ...' if len(found) > 5 else ''}. {_FLOAT32_FIX}"
+        )
+
+
 def custom_objects(model, extra=None) -> dict:
     """The model's own custom layer classes by name (tfmot rebuilds models from
     their config, which needs them), plus the user's ``custom_objects``."""

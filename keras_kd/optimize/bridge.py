@@ -20,6 +20,7 @@ import inspect
 import warnings
 from typing import Any, Callable, Mapping, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from keras_kd import _compat
@@ -33,9 +34,7 @@ class UnconvertibleError(ValueError):
     """A layer or config value that has no equivalent in the other flavour."""
 
 
-# ---------------------------------------------------------------------------
-# The per-layer-class translator table
-# ---------------------------------------------------------------------------
+# --- The per-layer-class translator table ---
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +146,7 @@ def translator(klass: type) -> LayerTranslator:
     return next((TRANSLATORS[b.__name__] for b in klass.__mro__ if b.__name__ in TRANSLATORS), _GENERIC)
 
 
-# ---------------------------------------------------------------------------
-# Activations, translated by meaning
-# ---------------------------------------------------------------------------
+# --- Activations, translated by meaning ---
 
 # Activation names both flavours know but define differently. Keras 3:
 # ``hard_sigmoid(x) = relu6(x + 3) / 6``; tf_keras: ``clip(0.2 x + 0.5, 0, 1)``.
@@ -220,9 +217,7 @@ def translate_activation(value, target: str):
     return mapped
 
 
-# ---------------------------------------------------------------------------
-# Generic config translation
-# ---------------------------------------------------------------------------
+# --- Generic config translation ---
 
 # Layer arguments that cannot change what a built layer computes in inference
 # (seeds, kernel implementation choices, shapes the rebuilt graph supplies);
@@ -397,9 +392,7 @@ def layer_from_config(klass: type, config: dict, target: str):
     return build(klass, config, target) if build is not None else klass.from_config(config)
 
 
-# ---------------------------------------------------------------------------
-# Rebuilding a model
-# ---------------------------------------------------------------------------
+# --- Rebuilding a model ---
 
 
 def _layer_types():
@@ -576,6 +569,7 @@ class _Converter:
         return self.keras.Model(new_inputs, new_outputs, name=model.name)
 
     def copy_weights(self):
+        rounded = []
         for path, old, new in self.pairs:
             values = old.get_weights()
             shapes = [tuple(w.shape) for w in new.weights]
@@ -587,6 +581,8 @@ class _Converter:
                 )
                 continue
             new.set_weights(values)
+            rounded += [f"{path} ({v.dtype} -> {w.dtype})" for v, w in zip(values, new.get_weights())
+                        if v.dtype.kind == "f" and not np.array_equal(w.astype(v.dtype), v)][:1]
             # State derived from weights (an adapted Normalization's mean and
             # variance, lookup tables, ...) is computed when a layer is built;
             # recompute it from the copied weights, as loading weights does.
@@ -597,6 +593,13 @@ class _Converter:
             after_copy = translator(type(old)).after_copy
             if after_copy is not None:
                 after_copy(path, old, self.target)
+        if rounded:
+            warnings.warn(
+                f"Weights rounded to the rebuilt layers' variable dtype: {rounded[:5]}. (tf_keras keeps "
+                "e.g. a float16 BatchNormalization's variables in float32, Keras 3 in float16.) Outputs "
+                "differ by that rounding; convert a float32 model for equal outputs.",
+                stacklevel=4,
+            )
 
 
 def _implicit_mask_ops(calls):
@@ -706,11 +709,10 @@ def to_tf_keras(model, *, custom_objects: Optional[dict] = None):
     dropped. ``Dropout`` draws its own random masks in each flavour.
 
     Convertible: Functional and built Sequential models (nested ones too) of
-    built-in layers that exist in both Kerases, and ``Lambda`` layers (the
-    same Python function is reused). Not convertible, and listed all at once
-    in the error: subclassed models, custom layer classes (unless given in
-    ``custom_objects``), layers tf_keras lacks (e.g. ``RMSNormalization``),
-    layer arguments tf_keras lacks with a non-default value, and
+    built-in layers both Kerases have, and ``Lambda`` layers (the same Python
+    function). Not convertible, all listed in one error: subclassed models,
+    custom layers (unless in ``custom_objects``), layers tf_keras lacks (e.g.
+    ``RMSNormalization``), arguments it lacks with non-default values, and
     ``keras.ops`` calls in the graph.
 
     Args:
@@ -732,7 +734,6 @@ def to_tf_keras(model, *, custom_objects: Optional[dict] = None):
 
     ```python
     student_tfk = keras_kd.optimize.to_tf_keras(keras3_student)
-    np.testing.assert_allclose(student_tfk.predict(x), keras3_student.predict(x), atol=1e-5)
     qat = keras_kd.optimize.quantize_for_distillation(student_tfk)
     ```
     """

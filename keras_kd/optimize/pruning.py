@@ -183,6 +183,11 @@ def prune_for_distillation(
         pruning for model compression", 2017.
     """
     _common.require_tf_keras_graph(student, "student", "prune_for_distillation")
+    _common.require_float32(
+        student, "student", "prune_for_distillation",
+        "tfmot's pruning wrappers call the wrapped layer without its mixed-precision autocast",
+        mixed_only=True,
+    )
     for value, argument in ((target_sparsity, "target_sparsity"), (initial_sparsity, "initial_sparsity")):
         _checks.number(value, argument, low=0, high=1, high_open=True, finite=False)
     if initial_sparsity > target_sparsity:

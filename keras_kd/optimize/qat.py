@@ -24,18 +24,41 @@ _NESTED_QAT = (
 )
 
 
+# Built-in layers tfmot 0.8's 8-bit registry leaves out (commented out upstream, "not verified").
+_ONE_D = ("Conv1D", "MaxPooling1D", "UpSampling1D", "LocallyConnected1D")
+_PTQ = (
+    "For an int8 model without QAT, train the float student and use post-training "
+    "quantization: `keras_kd.optimize.to_tflite(student, representative_data=x_train)`"
+)
+
+
 def _quantize_reason(layer) -> str:
+    name = type(layer).__name__
     if not _compat.is_builtin(layer):
         return (
             f"custom layer class `{_common.qualname(layer)}`: tfmot's 8-bit scheme quantizes the built-in "
             "layers it knows; give this layer a `tfmot.quantization.keras.QuantizeConfig` "
             "(`quantize_annotate_layer(layer, quantize_config=...)` inside `quantize_scope`)"
         )
+    if name == "BatchNormalization":
+        return (
+            "tfmot quantizes a BatchNormalization only together with the Conv2D, DepthwiseConv2D "
+            "or Dense layer right before it, when that layer has no activation of its own "
+            "(`activation=None`; put a ReLU after the BatchNormalization instead), and this one has "
+            "no such layer before it (tfmot's `quantize_model` refuses it too). Quantize the other "
+            "layers (`layers=[...]`) or move or remove it"
+        )
+    if name in _ONE_D:
+        return (
+            f"tfmot's 8-bit quantization registry has no `{name}` (tfmot leaves 1-D convolution and "
+            "pooling layers out as not verified; `quantize_model` refuses it too). Write it as the "
+            "2-D layer on inputs of shape (steps, 1, channels) (e.g. `Conv2D(f, (k, 1))`), or give "
+            "it a `tfmot.quantization.keras.QuantizeConfig`"
+        )
     return (
-        f"tfmot's 8-bit quantization registry does not support the built-in layer "
-        f"`{type(layer).__name__}` in this position or configuration (tfmot's `quantize_model` "
-        "refuses it too); quantize the other layers, or give it a "
-        "`tfmot.quantization.keras.QuantizeConfig`"
+        f"tfmot's 8-bit quantization registry does not support the built-in layer `{name}` in "
+        "this position or configuration (tfmot's `quantize_model` refuses it too); quantize the "
+        "other layers, or give it a `tfmot.quantization.keras.QuantizeConfig`"
     )
 
 
@@ -114,6 +137,11 @@ def quantize_for_distillation(
         Efficient Integer-Arithmetic-Only Inference", CVPR 2018.
     """
     _common.require_tf_keras_graph(student, "student", "quantize_for_distillation")
+    _common.require_float32(
+        student, "student", "quantize_for_distillation",
+        "tfmot's fake-quantization wrappers compute in float32 (they fail on float16 and "
+        "mixed-precision layers)",
+    )
     pruned = _common.has_wrappers(student, _common.PRUNE_WRAPPERS)
     if pruned:
         raise ValueError(
@@ -162,7 +190,21 @@ def quantize_for_distillation(
             f"tfmot cannot quantize {len(nested)} layer(s) of `student` ({student.name!r}):\n"
             + "\n".join(nested)
         )
+    if preserve_sparsity and select is not None:
+        kept_float = [
+            f"{name}: {value:.2f}" for name, value in sparsity(student).items()
+            if value >= 0.3 and not select(student.get_layer(name))
+        ]
+        if kept_float:
+            warnings.warn(
+                f"`student` ({student.name!r}) has sparse kernels in layers that stay float "
+                f"({', '.join(kept_float[:5])} zeros): the prune-preserving scheme keeps the zeros "
+                "only in the quantized layers, so training fills these in again. Quantize them too, "
+                "or freeze them (`layer.trainable = False` before compiling).",
+                stacklevel=2,
+            )
     hint = "" if select is not None else "\nQuantize only the other layers with `layers=[...]`."
+    hint += f"\n{_PTQ}."
     scope = qk.quantize_scope(_common.custom_objects(student, custom_objects))
     copy = _common.clone(student)
     with scope:
@@ -200,6 +242,14 @@ def quantize_for_distillation(
         except ValueError as e:
             if "activations" in str(e):
                 raise ValueError(_activation_refusal(copy, student) + hint) from e
+            match = re.search(r"unsupported layer <class '[\w.]*?(\w+)'>", str(e))
+            refused = [x for x in copy.layers if match and type(x).__name__ == match.group(1)]
+            if refused:  # "`get_quantize_config()` called on an unsupported layer <class ...>"
+                listing = "\n".join(f"  - {x.name} ({type(x).__name__}): {_quantize_reason(x)}" for x in refused)
+                raise ValueError(
+                    f"tfmot cannot quantize {len(refused)} layer(s) of `student` ({student.name!r}):\n"
+                    f"{listing}{hint}"
+                ) from e
             raise ValueError(f"tfmot could not quantize `student` ({student.name!r}): {e}") from e
 
 
@@ -245,13 +295,18 @@ def _quantize_problems(model, select, scheme) -> list:
         if any(name in layer_map for name in consumers):
             layer_map[input_layer.name] = {}
     transformed, layer_map = scheme.get_layout_transformer().apply(model, layer_map)
-    registry = scheme.get_quantize_registry()
+    registries = [scheme.get_quantize_registry()]
+    qk = _common.tfmot().quantization.keras
+    if isinstance(scheme, qk.collab_opts.Default8BitPrunePreserveQuantizeScheme):
+        # Its registry "supports" every layer without trainable weights but takes the
+        # quantize configs from the default 8-bit registry, which may refuse them.
+        registries.append(qk.default_8bit.Default8BitQuantizeScheme().get_quantize_registry())
     problems = []
     for layer in transformed.layers:
         if _compat.is_input_layer(layer) or layer.name not in layer_map:
             continue
         if _common.is_tfmot_layer(layer, _common.QUANT_WRAPPERS) or layer_map[layer.name].get("quantize_config"):
             continue
-        if not registry.supports(layer):
+        if not all(registry.supports(layer) for registry in registries):
             problems.append(f"  - {layer.name} ({type(layer).__name__}): {_quantize_reason(layer)}")
     return problems

@@ -182,6 +182,12 @@ def to_tflite(
             f"`io_dtype={io_dtype!r}` needs int8=True: a float model has float inputs and outputs."
         )
     count = _checks.positive_int(num_calibration_examples, "num_calibration_examples")
+    _common.require_float32(
+        model, "model", "to_tflite",
+        "TFLite's builtin kernels compute in float32 or int8, so float16 ops would fail to convert "
+        "(for float16 weights in the file, convert a float32 model with "
+        "`tf.lite.TFLiteConverter` and `target_spec.supported_types = [tf.float16]`)",
+    )
     flavour = _compat.flavour_of(model)
     qat = False
     if flavour == _compat.TF_KERAS:
