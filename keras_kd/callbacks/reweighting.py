@@ -26,6 +26,19 @@ from keras_kd.callbacks.signals import raw_weights
 from keras_kd.callbacks.signals import signal_teacher_wrong
 
 
+def _flat(values):
+    return values if values.shape.rank == 1 else tf.reshape(values, [-1])
+
+
+def _table_rows(example_id, size: int):
+    """``(rows, outside)``: int64 table rows of a batch's ids, 0 where an id
+    lies outside ``[0, size)``, and the mask of those ids (one unsigned
+    comparison finds negative ids too)."""
+    ids = _flat(tf.cast(example_id, tf.int64))
+    outside = tf.cast(ids, tf.uint64) >= size
+    return tf.where(outside, np.int64(0), ids), outside
+
+
 def _clip_bounds(clip) -> Tuple[float, float]:
     message = f"Expected `clip` = (low, high) with 0 <= low <= 1 <= high, both finite. Received: clip={clip!r}"
     if not isinstance(clip, (tuple, list)) or len(clip) != 2:
@@ -271,24 +284,24 @@ class HardSampleReweighting(Callback):
         table = self._table
         teacher_logits = tf.cast(targets.logits, tf.float32)
         student_logits = tf.cast(student_logits, tf.float32)
-
-        # No branch in the step: when not recording (validation), the same rows
-        # are written back unchanged; ids are clipped so validation ids beyond
-        # the table cannot fail.
-        ids = tf.clip_by_value(tf.reshape(tf.cast(targets.example_id, tf.int64), [-1]), 0, table.num_examples - 1)
-        d = tf.reshape(self._signal_fn(targets.labels, teacher_logits, student_logits, soft), [-1])
-        if targets.has_labels:
-            wrong = tf.reshape(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft), [-1])
-        else:
-            wrong = tf.zeros_like(d)
-        fresh = tf.stack([d, wrong], axis=1)
-        # tf.gather (ResourceGather) compiles under XLA; gather_nd on a variable does not.
-        old = tf.gather(table.stats, ids)
-        momenta = tf.constant([[self.momentum, 0.5]])
-        new = tf.where(tf.math.is_nan(old), fresh, momenta * old + (1.0 - momenta) * fresh)
-        # No value (a label-based signal on an unlabelled example): the row stays as it was.
-        new = tf.where(tf.math.is_nan(fresh), old, new)
-        table.stats.scatter_update(tf.IndexedSlices(tf.where(table.recording, new, old), ids))
+        with tf.name_scope("kd_reweighting_record"):
+            # No branch in the step: when not recording (validation), the same rows
+            # are written back unchanged; validation ids beyond the table read row 0.
+            ids, _ = _table_rows(targets.example_id, table.num_examples)
+            d = _flat(self._signal_fn(targets.labels, teacher_logits, student_logits, soft))
+            if targets.has_labels:
+                wrong = _flat(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft))
+            else:
+                wrong = tf.fill(tf.shape(d), np.float32(np.nan))  # unlabelled data: never judged
+            fresh = tf.stack([d, wrong], axis=1)
+            # tf.gather (ResourceGather) compiles under XLA; gather_nd on a variable does not.
+            old = tf.gather(table.stats, ids)
+            rate = tf.constant([[1.0 - self.momentum, 0.5]])
+            new = tf.where(tf.math.is_nan(old), fresh, old + rate * (fresh - old))
+            # Unchanged rows: validation steps, and no value (a label-based
+            # signal on an unlabelled example).
+            keep = tf.logical_or(tf.math.is_nan(fresh), tf.logical_not(table.recording))
+            table.stats.scatter_update(tf.IndexedSlices(tf.where(keep, old, new), ids))
 
     def score(self, dataset: tf.data.Dataset):
         """Scores every example of ``dataset`` with the current student and
@@ -331,22 +344,22 @@ class HardSampleReweighting(Callback):
 
     def _weigh(self, targets):
         size = self.table.num_examples
-        raw = tf.cast(targets.example_id, tf.int64)
-        ids = tf.clip_by_value(raw, 0, size - 1)  # validation ids may lie beyond the table
-        w = tf.gather(self.table.weights, ids)
-        training = self.table.recording
-        # A training id outside the table means a wrong `num_examples` (or other data):
-        # never weigh it with another example's row. An error without XLA; under XLA,
-        # where assertions vanish, the weight (and so the loss) is NaN.
-        bad = tf.logical_and(training, tf.logical_or(raw < 0, raw >= size))
-        check = tf.debugging.Assert(
-            tf.logical_not(tf.reduce_any(bad)),
-            [f"keras_kd: training example ids outside the HardSampleReweighting table of {size} examples. "
-             "Pass the size of the training dataset as `num_examples=`, or use `rew.attach(train_ds)`."],
-        )
-        with tf.control_dependencies([check]):
-            w = tf.where(training, w, tf.ones_like(w))  # validation steps: unweighted
-            return tf.where(bad, tf.constant(float("nan"), w.dtype), w)
+        with tf.name_scope("kd_reweighting_weigh"):
+            ids, outside = _table_rows(targets.example_id, size)
+            w = tf.gather(self.table.weights, ids)
+            training = self.table.recording
+            # A training id outside the table means a wrong `num_examples` (or other data):
+            # never weigh it with another example's row. An error without XLA; under XLA,
+            # where assertions vanish, the weight (and so the loss) is NaN.
+            bad = tf.logical_and(training, outside)
+            check = tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(bad)),
+                [f"keras_kd: training example ids outside the HardSampleReweighting table of {size} examples. "
+                 "Pass the size of the training dataset as `num_examples=`, or use `rew.attach(train_ds)`."],
+            )
+            with tf.control_dependencies([check]):
+                w = tf.where(bad, np.float32(np.nan), w)
+                return tf.where(training, w, np.float32(1.0))  # validation steps: unweighted
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._resume_checked:

@@ -37,7 +37,7 @@ def _per_example(values):
         known = tf.logical_not(tf.math.is_nan(values))
         total = tf.reduce_sum(tf.where(known, values, tf.zeros_like(values)), axis=axes)
         count = tf.reduce_sum(tf.cast(known, tf.float32), axis=axes)
-        values = tf.where(count > 0, total / tf.maximum(count, 1.0), tf.fill(tf.shape(count), np.nan))
+        values = tf.where(count > 0, total / tf.maximum(count, 1.0), np.float32(np.nan))
     return values
 
 
@@ -47,7 +47,7 @@ def _class_ids(labels, logits):
 
 
 def _unless_unlabelled(values, ids):
-    return tf.where(_labels.labelled(ids), values, tf.fill(tf.shape(values), np.nan))
+    return tf.where(_labels.labelled(ids), values, np.float32(np.nan))
 
 
 def _cross_entropy(labels, logits):
