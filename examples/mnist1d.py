@@ -44,6 +44,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(_HERE))
 
 STUDENT_KINDS = ("mlp", "cnn")
+QUICK_STUDENTS = ("cnn",)
 
 # (row name, recipe function name in mnist1d_recipes, budget: "epochs" or "patient_epochs" or "teacher_epochs")
 ROWS = (
@@ -90,9 +91,9 @@ class Result:
 def quick_settings():
     from examples import mnist1d_recipes as recipes
 
-    return recipes.Settings(seeds=[0], epochs=2, patient_epochs=3, teacher_epochs=3, transfer_count=500,
+    return recipes.Settings(seeds=[0], epochs=2, patient_epochs=3, teacher_epochs=2, transfer_count=256,
                             tuner_epochs=1, tuner_temperatures=[4.0], tuner_alphas=[0.5, 1.0],
-                            tuner_divergences=["dkd"])
+                            tuner_divergences=["dkd"], train_limit=512)
 
 
 def train_rows(settings, work: str, rows: Sequence[str] = ROW_NAMES, students: Sequence[str] = STUDENT_KINDS,
@@ -163,11 +164,14 @@ def format_table(results: Dict[str, Dict[str, Result]], settings) -> str:
 
 
 def run(quick: bool = False, output: str = "results", plots: bool = True, *, work: Optional[str] = None,
-        rows: Sequence[str] = ROW_NAMES, settings=None, students: Sequence[str] = STUDENT_KINDS) -> dict:
+        rows: Sequence[str] = ROW_NAMES, settings=None, students: Optional[Sequence[str]] = None) -> dict:
     """The MNIST-1D part of the demo: trains every row, prints the table and
     writes ``mnist1d_table.txt`` (and the PNG plots when ``plots``) into
     ``output``. Data, teachers, caches and the tuner's folder are kept in
     ``work`` (default ``<output>/mnist1d_work``) and reused by later runs.
+    ``quick``: every row for the CNN student only (unless ``students`` says
+    otherwise), one seed, 512 training examples, a few epochs: a smoke test
+    whose numbers mean nothing.
 
     Returns:
         ``{"<student> | <row>": {"mean", "std", "accuracies", "epochs",
@@ -181,6 +185,7 @@ def run(quick: bool = False, output: str = "results", plots: bool = True, *, wor
     tf.get_logger().setLevel("ERROR")
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
     settings = settings or (quick_settings() if quick else recipes.Settings())
+    students = list(students or (QUICK_STUDENTS if quick else STUDENT_KINDS))
     work = work or os.path.join(output, "mnist1d_work" + ("_quick" if quick else ""))
     os.makedirs(output, exist_ok=True)
     start = time.perf_counter()
@@ -204,7 +209,8 @@ def main(argv=None):
     parser.add_argument("--output", default="results", help="folder for the table and the plots")
     parser.add_argument("--work", default=None, help="folder for data, teachers, caches (default: in --output)")
     parser.add_argument("--rows", nargs="+", default=list(ROW_NAMES), choices=ROW_NAMES, metavar="ROW")
-    parser.add_argument("--students", nargs="+", default=list(STUDENT_KINDS), choices=STUDENT_KINDS)
+    parser.add_argument("--students", nargs="+", default=None, choices=STUDENT_KINDS,
+                        help="default: both (--quick: the CNN only)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     return run(args.quick, args.output, not args.no_plots, work=args.work, rows=args.rows, students=args.students)

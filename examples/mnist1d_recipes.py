@@ -48,6 +48,7 @@ class Settings:
     tuner_temperatures: List[float] = dataclasses.field(default_factory=lambda: [1.0, 4.0])
     tuner_alphas: List[float] = dataclasses.field(default_factory=lambda: [0.1, 0.5, 1.0])
     tuner_divergences: List[str] = dataclasses.field(default_factory=lambda: ["kl", "dkd"])
+    train_limit: Optional[int] = None  # quick mode: train on the first N training examples only
 
     def key(self, *parts) -> str:
         """A short digest of the settings and ``parts``, for work-folder names."""
@@ -70,6 +71,9 @@ class Context:
         self.work, self.settings = work, settings
         os.makedirs(work, exist_ok=True)
         self.data = mnist1d_data.load(work)
+        if settings.train_limit is not None:
+            self.data.x_train = self.data.x_train[: settings.train_limit]
+            self.data.y_train = self.data.y_train[: settings.train_limit]
         self._teachers: Dict[str, keras.Model] = {}
         self._caches: Dict[str, keras_kd.TeacherLogitCache] = {}
         self.tuned: Dict[str, dict] = {}  # student kind -> the search's best choice
@@ -124,8 +128,17 @@ class Context:
         return dataset.apply(self._caches[name])
 
 
+def shuffle_batch(dataset: tf.data.Dataset, seed: int, batch: int) -> tf.data.Dataset:
+    """Shuffled (a new order every epoch) and batched, in an order that depends
+    on ``seed`` alone: tf.data combines the op's seed with the global seed set
+    when the op is made, so that is set here too."""
+    tf.random.set_seed(seed)
+    size = int(dataset.cardinality())
+    return dataset.shuffle(size if size > 0 else 10_000, seed=seed).batch(batch)
+
+
 def batches(x, y, batch: int, seed: int) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).batch(batch)
+    return shuffle_batch(tf.data.Dataset.from_tensor_slices((x, y)), seed, batch)
 
 
 def accuracy(model, x, y) -> float:
@@ -197,7 +210,7 @@ def _raw(ctx):
 
 def kd_cache(ctx, kind, seed, curve, divergence="kl"):
     s = ctx.settings
-    train = ctx.cached("teacher0", ctx.teacher(0), _raw(ctx)).shuffle(len(ctx.data.x_train), seed=seed).batch(s.batch)
+    train = shuffle_batch(ctx.cached("teacher0", ctx.teacher(0), _raw(ctx)), seed, s.batch)
     return fit(ctx, kind, seed, kd_loss(s, divergence), train, curve=curve)
 
 
@@ -208,7 +221,7 @@ def dkd(ctx, kind, seed, curve):
 def ensemble(ctx, kind, seed, curve):
     s = ctx.settings
     train = ctx.cached("ensemble3", ctx.ensemble(), _raw(ctx), ensemble="mean_probs")
-    return fit(ctx, kind, seed, kd_loss(s), train.shuffle(len(ctx.data.x_train), seed=seed).batch(s.batch),
+    return fit(ctx, kind, seed, kd_loss(s), shuffle_batch(train, seed, s.batch),
                curve=curve)
 
 
@@ -237,8 +250,7 @@ def transfer(ctx, kind, seed, curve):
     unlabelled = keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(extra))
     labelled = _raw(ctx).map(lambda x, y: (x, tf.cast(y, unlabelled.element_spec[1].dtype)))
     train = ctx.cached(f"transfer{s.transfer_count}", ctx.teacher(0), labelled.concatenate(unlabelled))
-    size = len(ctx.data.x_train) + len(extra)
-    return fit(ctx, kind, seed, kd_loss(s), train.shuffle(size, seed=seed).batch(s.batch), curve=curve)
+    return fit(ctx, kind, seed, kd_loss(s), shuffle_batch(train, seed, s.batch), curve=curve)
 
 
 def half_scratch(ctx, kind, seed, curve):
@@ -270,7 +282,7 @@ def _noisy_cached(ctx):
 
 def noisy_kd(ctx, kind, seed, curve):
     s = ctx.settings
-    train = _noisy_cached(ctx).shuffle(len(ctx.data.x_train), seed=seed).batch(s.batch)
+    train = shuffle_batch(_noisy_cached(ctx), seed, s.batch)
     return fit(ctx, kind, seed, kd_loss(s), train, curve=curve)
 
 
@@ -279,7 +291,7 @@ def noisy_kd_teacher_wrong(ctx, kind, seed, curve):
     (noisy) label the teacher disagrees with are down-weighted."""
     s = ctx.settings
     rew = keras_kd.HardSampleReweighting(signal="teacher_wrong", strength=s.reweighting_strength, warmup_epochs=1)
-    train = rew.attach(_noisy_cached(ctx)).shuffle(len(ctx.data.x_train), seed=seed).batch(s.batch)
+    train = shuffle_batch(rew.attach(_noisy_cached(ctx)), seed, s.batch)
     return fit(ctx, kind, seed, kd_loss(s), train, callbacks=[rew], curve=curve)
 
 
@@ -300,7 +312,7 @@ def tuned_choice(ctx: Context, kind: str) -> dict:
     tuner = keras_tuner.GridSearch(
         hypermodel, objective="val_accuracy", seed=0, directory=os.path.join(ctx.work, "tuner"),
         project_name=f"{kind}_{s.key('tuner', kind)}")
-    train = ctx.cached("teacher0", ctx.teacher(0), _raw(ctx)).shuffle(len(d.x_train), seed=0).batch(s.batch)
+    train = shuffle_batch(ctx.cached("teacher0", ctx.teacher(0), _raw(ctx)), 0, s.batch)
     keras.utils.set_random_seed(0)
     tuner.search(train, validation_data=(d.x_val, d.y_val), epochs=s.tuner_epochs, verbose=0)
     best = tuner.get_best_hyperparameters(1)[0].values
@@ -314,7 +326,7 @@ def tuned(ctx, kind, seed, curve):
     if kind not in ctx.tuned:
         ctx.tuned[kind] = tuned_choice(ctx, kind)
     c = ctx.tuned[kind]
-    train = ctx.cached("teacher0", ctx.teacher(0), _raw(ctx)).shuffle(len(ctx.data.x_train), seed=seed).batch(s.batch)
+    train = shuffle_batch(ctx.cached("teacher0", ctx.teacher(0), _raw(ctx)), seed, s.batch)
     trained = fit(ctx, kind, seed, kd_loss(s, c["divergence"], c["temperature"], c["alpha"]), train, curve=curve)
     trained.note = ("alpha=1 (plain training)" if c["alpha"] == 1.0
                     else f"T={c['temperature']:g}, alpha={c['alpha']:g}, {c['divergence']}")

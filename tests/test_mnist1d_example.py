@@ -81,7 +81,7 @@ def test_noisy_labels_flip_exactly_the_share_to_other_classes():
 
 def test_quick_mode_every_row_finite_and_plots(tmp_path, no_network, capsys):
     results = mnist1d.run(quick=True, output=str(tmp_path), plots=True)
-    expected = [f"{kind} | {name}" for kind in mnist1d.STUDENT_KINDS for name in mnist1d.ROW_NAMES]
+    expected = [f"{kind} | {name}" for kind in mnist1d.QUICK_STUDENTS for name in mnist1d.ROW_NAMES]
     assert list(results) == expected
     for key, row in results.items():
         assert row["accuracies"] and all(0.0 <= a <= 1.0 for a in row["accuracies"]), key
@@ -93,7 +93,7 @@ def test_quick_mode_every_row_finite_and_plots(tmp_path, no_network, capsys):
     assert table.strip() in capsys.readouterr().out
     for name in mnist1d.ROW_NAMES:
         assert name in table
-    for kind in mnist1d.STUDENT_KINDS:
+    for kind in mnist1d.QUICK_STUDENTS:
         for png in (f"mnist1d_curves_{kind}.png", f"mnist1d_methods_{kind}.png"):
             assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
 
@@ -101,3 +101,10 @@ def test_quick_mode_every_row_finite_and_plots(tmp_path, no_network, capsys):
 def test_unknown_row_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Unknown rows"):
         mnist1d.run(quick=True, output=str(tmp_path), plots=False, rows=["scratch", "nope"])
+
+
+def test_quick_mode_mlp_student(tmp_path, no_network):
+    rows = ["scratch", "keras_kd KD (cache)"]
+    results = mnist1d.run(quick=True, output=str(tmp_path), plots=False, rows=rows, students=["mlp"])
+    assert list(results) == [f"mlp | {name}" for name in rows]
+    assert all(math.isfinite(r["mean"]) for r in results.values())
