@@ -156,3 +156,13 @@ def test_bridge_warns_when_weights_are_rounded_to_float16():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimize.to_tf_keras(_dense(keras, "float16"))  # float16 -> float32 variables: exact
+
+
+def test_a_keras3_quantized_model_is_refused_with_the_order_to_follow():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="a"), keras.layers.Dense(2, name="b")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Layer InputLayer does not have a `quantize` method"
+        model.quantize("int8")
+    pattern = r"(?s)2 layer\(s\).*a \(Dense\): dtype policy 'QuantizedDTypePolicy'.*Convert the float model"
+    with pytest.raises(ValueError, match=pattern):
+        optimize.to_tf_keras(model)

@@ -261,7 +261,11 @@ def _dtype_name(value):
     if isinstance(value, dict) and "config" in value and isinstance(value["config"], dict):
         name = value["config"].get("name")
         if value.get("class_name") not in _POLICY_CLASSES or name is None:
-            raise UnconvertibleError(f"dtype policy {value.get('class_name')!r} has no equivalent")
+            hint = ""
+            if "Quantized" in str(value.get("class_name")):  # Keras 3's `model.quantize(...)`
+                hint = (": a layer quantized by Keras 3's `model.quantize`. Convert the float model, "
+                        "then quantize with `quantize_for_distillation` or `to_tflite`")
+            raise UnconvertibleError(f"dtype policy {value.get('class_name')!r} has no equivalent{hint}")
         return name
     return value
 
