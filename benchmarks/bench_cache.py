@@ -5,7 +5,15 @@ Prints, measured in one run on this machine:
 1. cache build throughput / ``teacher.predict`` throughput (target >= 0.9),
    side-by-side pairs, alternating which goes first;
 2. bytes per example of top-k (k=10 of 1000 classes) / dense float32
-   (target <= 1/20).
+   (target <= 1/20);
+3. with ``--reader``: the reader's own cost on issue 15's three workloads
+   (``bench_workloads.WORKLOADS``): epochs of a student trained from the
+   cache, from the same ``TeacherTargets`` held in memory, from a cache
+   forced to stream, and plain, interleaved in rotating order; each ratio
+   is the median (and quartiles) of per-round paired ratios of **process
+   CPU time** (all threads), which a loaded shared machine disturbs far less
+   than wall time. cache / memory ~ 1 means the reader adds nothing to the
+   step; what cache / plain adds beyond it is the loss's cost.
 
 Epoch-time ratios (cache / plain student, speed-up over Keras's ``Distiller``,
 the wide-student case) and the streaming check (peak memory with a 10x larger
@@ -14,7 +22,8 @@ three workloads of issue 15.
 
 Data: scikit-learn's bundled digits, tiled with a little noise to get enough
 rows for stable timings. Run: ``.venv/bin/python benchmarks/bench_cache.py``
-(``--quick`` for a faster, noisier run, ``--rounds N``).
+(``--quick`` for a faster, noisier run, ``--rounds N``, ``--reader`` for
+the reader's cost only, ``--workloads small,medium``).
 """
 
 from __future__ import annotations
@@ -111,10 +120,80 @@ def topk_bytes(workdir, rows=4096):
     return sizes
 
 
+def reader_cost(w, rounds, workdir):
+    """Paired CPU-time ratios of epochs: cache, in-memory targets, streamed cache, plain (see 3.)."""
+    from bench_workloads import data
+    from bench_workloads import mlp as workload_mlp
+
+    x, y = data(w)
+    teacher = workload_mlp(w.teacher, w.features, seed=1)
+    raw = tf.data.Dataset.from_tensor_slices((x, y))
+
+    def pipeline(ds):
+        return ds.shuffle(w.rows, seed=0).batch(w.batch).prefetch(tf.data.AUTOTUNE)
+
+    def student(loss):
+        model = workload_mlp(w.student, w.features, seed=2)
+        model.compile("adam", loss=loss)
+        return model
+
+    logits = teacher.predict(x, batch_size=1024, verbose=0).astype("float16")
+    memory = keras_kd.TeacherTargets(labels=y, logits=logits, example_id=np.arange(w.rows, dtype="int64"))
+    kd = lambda: keras_kd.DistillationLoss(temperature=4.0, alpha=0.1)  # noqa: E731
+    sources = {
+        "plain": (keras.losses.SparseCategoricalCrossentropy(from_logits=True), raw),
+        "memory": (kd(), tf.data.Dataset.from_tensor_slices((x, memory))),
+        "cache": (kd(), raw.apply(cache_teacher_logits(teacher, os.path.join(workdir, w.name), verbose=0))),
+        "stream": (kd(), raw.apply(cache_teacher_logits(
+            teacher, os.path.join(workdir, w.name + "-s"), in_memory=False, verbose=0))),
+    }
+    configs = {name: (student(loss), pipeline(ds)) for name, (loss, ds) in sources.items()}
+    for model, ds in configs.values():
+        model.fit(ds, epochs=1, verbose=0)  # tracing, first reads
+    times = {name: [] for name in configs}
+    names = list(configs)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            model, ds = configs[name]
+            t = time.process_time()
+            model.fit(ds, epochs=w.epochs_per_turn, verbose=0)
+            times[name].append((time.process_time() - t) / w.epochs_per_turn)
+
+    def ratio(a, b):
+        paired = sorted(p / q for p, q in zip(times[a], times[b]))
+        quartile = lambda f: paired[min(len(paired) - 1, int(f * len(paired)))]  # noqa: E731
+        return statistics.median(paired), quartile(0.25), quartile(0.75)
+
+    return {f"{a} / {b}": ratio(a, b) for a, b in
+            (("cache", "memory"), ("cache", "plain"), ("memory", "plain"), ("stream", "plain"))}
+
+
+def main_reader(args, rounds):
+    from bench_workloads import WORKLOADS
+
+    workdir = tempfile.mkdtemp(prefix="bench_cache_reader_")
+    print("# bench_cache --reader: per-epoch process CPU time, paired ratios: median [quartiles]")
+    for line in machine_info(os.path.dirname(os.path.abspath(keras_kd.__file__))):
+        print(f"# {line}")
+    try:
+        for name in args.workloads.split(","):
+            w = WORKLOADS[name]
+            figures = reader_cost(w, rounds, workdir)
+            print(f"{w.describe()} ({rounds} rounds)")
+            for label, (median, low, high) in figures.items():
+                print(f"  {label:16s} {median:5.2f}  [{low:.2f}-{high:.2f}]", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main():
     parser = common_parser(__doc__.split("\n")[0], rounds=5)
+    parser.add_argument("--reader", action="store_true", help="measure the reader's cost on the three workloads")
+    parser.add_argument("--workloads", default="small,medium,bar", help="with --reader: comma-separated")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else args.default_rounds)
+    if args.reader:
+        return main_reader(args, rounds)
     workdir = tempfile.mkdtemp(prefix="bench_cache_")
     try:
         t0 = time.perf_counter()

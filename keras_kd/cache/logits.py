@@ -132,17 +132,20 @@ def cache_teacher_logits(
     ``wait_timeout``), `TeacherLogitCache.build` does not. The directory must
     be on a filesystem all workers share.
 
-    Memory: a cache of up to 32 MiB is read once (checksums verified in the
-    same read) and held in host memory, which is faster for small data; a
-    larger one streams blocks of ``batch_size`` examples from disk, so
-    memory does not grow with the number of examples. ``in_memory=True`` or
-    ``False`` forces either.
-
-    Speed: when all elements have one fixed shape, the output moves in blocks
-    (``batch`` -> one function call per block -> ``unbatch``), with no
-    per-example function call. Elements of varying shape (e.g. token
-    sequences) work too: the teacher then sees each example alone, unpadded,
-    and the output pairs elements one by one, which is slower. Batch such
+    Memory and speed (automatic with ``in_memory=None``): a cache of up to
+    32 MiB is read once (checksums verified in the same read) and held in
+    host memory; a larger one streams blocks of ``batch_size`` examples from
+    disk, so memory does not grow with the number of examples. When the rows
+    are in memory, there is no ``augment`` and the elements have fixed shapes
+    and total at most 64 MiB (inputs, labels, weights), the elements are read
+    once too (``student_inputs`` applied then) and the output is
+    ``from_tensor_slices`` of them with their targets: an epoch costs what
+    in-memory ``TeacherTargets`` cost. Otherwise each pass zips the stored
+    rows with the dataset's elements and wraps them in `TeacherTargets`
+    (one light function call per element; with ``augment``, one per element
+    that replays the view). ``in_memory=True`` or ``False`` forces holding or
+    streaming the rows. Elements of varying shape (e.g. token sequences)
+    work too: the teacher then sees each example alone, unpadded. Batch such
     output with ``.ragged_batch(b)`` or pad each element, then ``.batch(b)``
     (``padded_batch`` does not accept `TeacherTargets`).
 
@@ -188,8 +191,9 @@ def cache_teacher_logits(
             other parts before raising `TimeoutError`; None waits for ever.
             Defaults to None.
         verbose: 0 silent, 1 progress bar, 2 one line per part. Defaults to 1.
-        in_memory: None to hold caches up to 32 MiB in memory and stream
-            larger ones, True/False to force either. Defaults to None.
+        in_memory: None to hold caches up to 32 MiB in memory (and small
+            datasets whole, see above) and stream larger ones; True/False
+            to force holding or streaming the rows. Defaults to None.
         ensemble: ``"mean_logits"`` or ``"mean_probs"``, how an ensemble's
             logits are combined. Defaults to "mean_logits".
         teacher_inputs: ``fn(x)`` giving the teacher's inputs from one
