@@ -404,6 +404,64 @@ def canary_layer_tracked_metric():
     require(logs.get("feature_loss") == 1.0, KERAS, "layer-tracked metrics", relied_on)
 
 
+def canary_tf_data_map_internals():
+    """data/_pack_map (issue 15): a map dataset built from tf.data's private pieces, whose function is
+    marked ``experimental_ints_on_device`` (instantiated without Grappler): ``UnaryDataset`` (its
+    ``__init__(input_dataset, variant_tensor)``, ``_common_args``, ``_functions``, the ``_input_dataset``,
+    ``_map_func`` and ``_name`` state a subclass sets), ``StructuredFunctionWrapper`` and
+    ``gen_dataset_ops.map_dataset`` on ``_variant_tensor``."""
+    dataset_ops = _import("tensorflow.python.data.ops.dataset_ops", TF)
+    structured = _import("tensorflow.python.data.ops.structured_function", TF)
+    gen = _import("tensorflow.python.ops.gen_dataset_ops", TF)
+    unary = _get(dataset_ops, "UnaryDataset", TF, "the base class of one-input datasets")
+    require_parameters(
+        unary.__init__, ["self", "input_dataset", "variant_tensor"], TF, "UnaryDataset.__init__"
+    )
+    require(
+        isinstance(inspect.getattr_static(unary, "_common_args", None), property),
+        TF,
+        "DatasetV2._common_args",
+        "a property giving map_dataset's output_types/output_shapes/metadata",
+    )
+    require(callable(getattr(unary, "_functions", None)), TF, "DatasetV2._functions", "a method to override")
+    ds = tf.data.Dataset.range(4)
+    mapped = ds.map(lambda v: v * 2)
+    for name in ("_input_dataset", "_map_func", "_name"):
+        require(
+            hasattr(mapped, name),
+            TF,
+            f"MapDataset.{name}",
+            "the state a map dataset keeps (set by a subclass)",
+        )
+    relied_on = (
+        "StructuredFunctionWrapper(fn, name, dataset=, defun_kwargs=) with .function and .output_structure"
+    )
+    wrapper = _get(structured, "StructuredFunctionWrapper", TF, relied_on)(
+        lambda v: v * 2, "Dataset.map()", dataset=ds, defun_kwargs={"experimental_ints_on_device": True}
+    )
+    require(
+        wrapper.function.captured_inputs == []
+        and wrapper.output_structure == tf.TensorSpec((), tf.int64)
+        and wrapper.function.function_def.attr["experimental_ints_on_device"].b,
+        TF,
+        "StructuredFunctionWrapper",
+        relied_on,
+    )
+    relied_on = "map_dataset(variant, captured, f=, use_inter_op_parallelism=, preserve_cardinality=, ...)"
+    map_dataset = _get(gen, "map_dataset", TF, relied_on)
+    variant = map_dataset(
+        _get(ds, "_variant_tensor", TF, "a dataset's variant tensor"),
+        wrapper.function.captured_inputs,
+        f=wrapper.function,
+        use_inter_op_parallelism=True,
+        preserve_cardinality=True,
+        force_synchronous=False,
+        **mapped._common_args,
+    )
+    values = list(tf.data.experimental.from_variant(variant, wrapper.output_structure).as_numpy_iterator())
+    require(values == [0, 2, 4, 6], TF, "gen_dataset_ops.map_dataset", relied_on)
+
+
 _PRUNE_REGISTRY = "tensorflow_model_optimization.python.core.sparsity.keras.prune_registry"
 _QUANT_ACTIVATION = "tensorflow_model_optimization.python.core.quantization.keras.quantize_aware_activation"
 
@@ -628,6 +686,16 @@ CANARIES = {
     "_PRE_QUANT_ACTIVATIONS": canary_quantize_aware_activations,
     "_POST_QUANT_ACTIVATIONS": canary_quantize_aware_activations,
     "tfmot wrapper class names": canary_tfmot_wrapper_names,
+    "tensorflow.python.data.ops.dataset_ops": canary_tf_data_map_internals,
+    "tensorflow.python.data.ops.structured_function": canary_tf_data_map_internals,
+    "tensorflow.python.ops.gen_dataset_ops": canary_tf_data_map_internals,
+    "_variant_tensor": canary_tf_data_map_internals,
+    "_common_args": canary_tf_data_map_internals,
+    "_functions": canary_tf_data_map_internals,
+    "_input_dataset": canary_tf_data_map_internals,
+    "_map_func": canary_tf_data_map_internals,
+    # `_name` is also a private name of Keras layers: a Keras subclass that sets it would pass here unseen.
+    "_name": canary_tf_data_map_internals,
     "_kd_mean_metric (Keras 3 logs layer-tracked metrics)": canary_layer_tracked_metric,
     "keras_tuner.src.engine.tuner_utils": canary_tuner_utils,
     "keras_tuner.src.utils": canary_tuner_save_json,
@@ -902,6 +970,7 @@ def _foreign_bases():
         tf_keras.callbacks.Callback(),
         keras_tuner.Tuner,
         keras_tuner.HyperModel(),
+        tf.data.Dataset.range(1).map(lambda v: v),
     ]
 
 
