@@ -393,3 +393,49 @@ def test_teacher_inputs_unbatched_is_refused(K, toy_data):
     x, y, make = toy_data
     with pytest.raises(ValueError, match="after `.batch"):
         keras_kd.with_teacher(make().unbatch(), mlp(K, inputs=4), teacher_inputs=lambda v: v[::2])
+
+
+# --- the in-step placement's packing map (issue 15: no Grappler run per epoch) -------
+
+
+def test_pack_map_canary():
+    """Private TensorFlow names `_pack_map` reads (TF 2.21): fails with the name when they change."""
+    import tensorflow as tf_module
+
+    from keras_kd.data import _pack_map
+
+    assert _pack_map._BASE is not None, "tensorflow.python.data.ops.dataset_ops.UnaryDataset is gone"
+    for module, name in ((_pack_map._structured_function, "StructuredFunctionWrapper"),
+                         (_pack_map._gen_dataset_ops, "map_dataset")):
+        assert hasattr(module, name), f"{module.__name__}.{name} is gone (TensorFlow {tf_module.__version__})"
+    x = np.arange(24, dtype="float32").reshape(6, 4)
+    ds = tf.data.Dataset.from_tensor_slices((x, np.arange(6))).batch(4)
+
+    def fn(a, b):
+        return a, (b, a * 2)
+
+    fast = _pack_map.pack_map(ds, fn)
+    assert type(fast).__name__ == "_PackMapDataset", "pack_map fell back to dataset.map"
+    assert fast._map_func.function.function_def.attr[_pack_map.ATTRIBUTE].b
+    for got, want in zip(fast, ds.map(fn)):
+        for a, b in zip(tf.nest.flatten(got), tf.nest.flatten(want)):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert fast.element_spec == ds.map(fn).element_spec
+    # An int32 result (kept in device memory by such functions) takes the public map.
+    slow = _pack_map.pack_map(ds, lambda a, b: (a, tf.cast(b, tf.int32)))
+    assert type(slow).__name__ != "_PackMapDataset"
+    assert [int(v) for _, b in slow for v in b.numpy()] == list(range(6))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "uint8", "int64"])
+def test_step_placement_labels_keep_their_values(K, toy_data, dtype):
+    """int32 labels travel as int64 (same values) in the step placement; metrics are unchanged."""
+    x, y, _ = toy_data
+    teacher, student = mlp(K), mlp(K)
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y.astype(dtype))).batch(32), teacher)
+    labels = np.concatenate([t.labels.numpy() for _, t in ds])
+    np.testing.assert_array_equal(labels, y)
+    assert ds.element_spec[1].labels.dtype == (tf.int64 if dtype == "int32" else tf.as_dtype(dtype))
+    student.compile("sgd", loss=keras_kd.DistillationLoss(), metrics=["accuracy"])
+    result = student.evaluate(ds, verbose=0, return_dict=True)
+    assert result["accuracy"] == pytest.approx((student.predict(x, verbose=0).argmax(-1) == y).mean(), abs=1e-6)

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from keras_kd import _checks
 from keras_kd import targets as targets_lib
+from keras_kd.data import _pack_map
 from keras_kd.data import teachers as teachers_lib
 from keras_kd.data.softmax import warn_if_softmax
 
@@ -209,14 +210,23 @@ def with_teacher(
         key = f"teacher-{next(_keys)}-{id(teachers[0])}"
         targets_lib.register_teacher(run_step, key)
 
+        packing_only = teacher_inputs is None and student_inputs is None
+
         def attach(x, y, *sample_weight):
             t_x = teacher_view(x)
             inputs = tuple(tf.nest.flatten(t_x)) if nested else t_x
-            return (student_view(x), as_targets(y).replace(inputs=inputs, teacher_key=key), *sample_weight)
+            targets = as_targets(y)
+            if packing_only and targets.labels.dtype == tf.int32:
+                # int64 (same values): an int32 output would cost the fast
+                # packing map (see `_pack_map`); every consumer casts labels.
+                targets = targets.with_labels(tf.cast(targets.labels, tf.int64))
+            return (student_view(x), targets.replace(inputs=inputs, teacher_key=key), *sample_weight)
 
-    if num_parallel_calls is None or placement == "step":
-        # In the step placement the map only packs tensors: a sequential map
-        # costs less than a parallel one's thread hand-offs.
+    if placement == "step" and packing_only:
+        # The map only packs tensors: sequential (cheaper than a parallel
+        # map's thread hand-offs) and instantiated without Grappler per epoch.
+        result = _pack_map.pack_map(dataset, attach)
+    elif num_parallel_calls is None or placement == "step":
         result = dataset.map(attach)
     else:
         result = dataset.map(attach, num_parallel_calls=num_parallel_calls, deterministic=True)

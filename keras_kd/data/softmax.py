@@ -11,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 
+from keras_kd import targets as targets_lib
+
 _SOFTMAX_ADVICE = (
     "DistillationLoss expects logits and applies its own softmax, so it would distil from "
     "softmax(p / T), which is nearly uniform. Give `with_teacher` the pre-softmax model, e.g. "
@@ -25,14 +27,15 @@ def _final_activation(teacher, output_index) -> Optional[str]:
     Read from the layer that produces the selected output of a Keras model, with
     no data; ``None`` for callables and for layers whose activation is unknown.
     """
-    outputs = getattr(teacher, "outputs", None)
+    try:
+        outputs = getattr(teacher, "outputs", None)
+    except (AttributeError, ValueError):  # an unbuilt Keras 3 Sequential raises
+        return None
     if not outputs:
         return None
-    if len(outputs) == 1:
-        tensor = outputs[0]
-    elif isinstance(output_index, int) and -len(outputs) <= output_index < len(outputs):
-        tensor = outputs[output_index]
-    else:
+    try:  # the same selection as the teacher's logits at run time
+        tensor = targets_lib.teacher_output(outputs if len(outputs) > 1 else outputs[0], output_index)
+    except (IndexError, KeyError, TypeError):
         return None
     history = getattr(tensor, "_keras_history", None)
     layer = history[0] if history else None
