@@ -46,7 +46,7 @@ if __package__ in (None, ""):
 STUDENT_KINDS = ("mlp", "cnn")
 QUICK_STUDENTS = ("cnn",)
 
-# (row name, recipe function name in mnist1d_recipes, budget: "epochs" or "patient_epochs" or "teacher_epochs")
+# (row name, recipe function in mnist1d_recipes, budget: "epochs", "patient_epochs" or "teacher_epochs")
 ROWS = (
     ("teacher (3x Conv1D)", "teacher_row", "teacher_epochs"),
     ("scratch", "scratch", "epochs"),
@@ -84,7 +84,8 @@ class Result:
         return float(np.std(self.accuracies, ddof=1) * 100) if len(self.accuracies) > 1 else 0.0
 
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std, "accuracies": list(self.accuracies), "epochs": self.epochs,
+        return {"mean": self.mean, "std": self.std, "accuracies": list(self.accuracies),
+                "epochs": self.epochs,
                 "seconds": self.seconds, "note": self.note, "curve": list(self.curve)}
 
 
@@ -136,7 +137,8 @@ def format_table(results: Dict[str, Dict[str, Result]], settings) -> str:
     names = [name for name in ROW_NAMES if any(name in results[k] for k in kinds)]
     lines = [
         f"MNIST-1D (3,600 train / 400 validation / 1,000 test), Adam lr {settings.learning_rate:g}, batch "
-        f"{settings.batch}, seeds {settings.seeds}; KD rows T={settings.temperature:g} alpha={settings.alpha:g} "
+        f"{settings.batch}, seeds {settings.seeds}; "
+        f"KD rows T={settings.temperature:g} alpha={settings.alpha:g} "
         f"(mixup row: Beta({settings.mixup_alpha:g}) mixup, T={settings.mixup_temperature:g} "
         f"alpha={settings.mixup_kd_alpha:g}); "
         "test accuracy % at the last epoch, mean +- std",
@@ -207,13 +209,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m examples.mnist1d", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, a few epochs: every row, in seconds")
     parser.add_argument("--output", default="results", help="folder for the table and the plots")
-    parser.add_argument("--work", default=None, help="folder for data, teachers, caches (default: in --output)")
+    parser.add_argument("--work", default=None,
+                        help="folder for data, teachers, caches (default: in --output)")
     parser.add_argument("--rows", nargs="+", default=list(ROW_NAMES), choices=ROW_NAMES, metavar="ROW")
     parser.add_argument("--students", nargs="+", default=None, choices=STUDENT_KINDS,
                         help="default: both (--quick: the CNN only)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    return run(args.quick, args.output, not args.no_plots, work=args.work, rows=args.rows, students=args.students)
+    return run(args.quick, args.output, not args.no_plots, work=args.work, rows=args.rows,
+               students=args.students)
 
 
 if __name__ == "__main__":

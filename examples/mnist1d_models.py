@@ -20,7 +20,8 @@ def teacher(length: int = 40, name: str = "teacher") -> keras.Model:
     inputs = keras.Input((length, 1))
     h = inputs
     for i in range(3):
-        h = keras.layers.Conv1D(25, 5, strides=2, padding="same", activation="relu", name=f"{name}_conv{i + 1}")(h)
+        h = keras.layers.Conv1D(25, 5, strides=2, padding="same", activation="relu",
+                                name=f"{name}_conv{i + 1}")(h)
     h = keras.layers.Flatten()(h)
     return keras.Model(inputs, keras.layers.Dense(10, name=f"{name}_logits")(h), name=name)
 
@@ -31,7 +32,8 @@ def student(kind: str, length: int = 40) -> keras.Model:
         h = keras.layers.Flatten()(inputs)
         h = keras.layers.Dense(64, activation="relu", name="student_hidden")(h)
     elif kind == "cnn":
-        h = keras.layers.Conv1D(16, 5, strides=2, padding="same", activation="relu", name="student_conv1")(inputs)
+        h = keras.layers.Conv1D(16, 5, strides=2, padding="same", activation="relu",
+                                name="student_conv1")(inputs)
         h = keras.layers.Conv1D(16, 3, strides=2, padding="same", activation="relu", name="student_conv2")(h)
         h = keras.layers.Flatten()(h)
     else:

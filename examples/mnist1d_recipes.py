@@ -43,7 +43,7 @@ class Settings:
     mixup_kd_alpha: float = 0.1
     transfer_count: int = 5000  # extra unlabelled inputs from the generator with another seed
     noise: float = 0.2
-    reweighting_strength: float = 3.0  # teacher_wrong: weight exp(-3 d), d = share of epochs the teacher was wrong
+    reweighting_strength: float = 3.0  # teacher_wrong: weight exp(-3 d), d: share of epochs teacher was wrong
     tuner_epochs: int = 20
     tuner_temperatures: List[float] = dataclasses.field(default_factory=lambda: [1.0, 4.0])
     tuner_alphas: List[float] = dataclasses.field(default_factory=lambda: [0.1, 0.5, 1.0])
@@ -96,10 +96,12 @@ class Context:
         if os.path.exists(path):
             model.load_weights(path)
         else:
-            model.compile(keras.optimizers.Adam(s.learning_rate), CE, metrics=["accuracy"], steps_per_execution=32)
+            model.compile(keras.optimizers.Adam(s.learning_rate), CE, metrics=["accuracy"],
+                          steps_per_execution=32)
             y = d.y_train if labels is None else labels
             y_val = d.y_val if val_labels is None else val_labels
-            best = keras.callbacks.EarlyStopping("val_accuracy", patience=s.teacher_epochs, restore_best_weights=True)
+            best = keras.callbacks.EarlyStopping("val_accuracy", patience=s.teacher_epochs,
+                                                 restore_best_weights=True)
             model.fit(batches(d.x_train, y, s.batch, seed), validation_data=(d.x_val, y_val),
                       epochs=s.teacher_epochs, verbose=0, callbacks=[best])
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -174,7 +176,8 @@ def fit(ctx: Context, kind: str, seed: int, loss, train, *, epochs=None, length=
             student_loss_weight=s.alpha,
         )
     trainer.compile(keras.optimizers.Adam(s.learning_rate), loss=loss, steps_per_execution=32)
-    recorder = [_Curve(student, ctx.data.x_test if x_test is None else x_test, ctx.data.y_test)] if curve else []
+    x_test = ctx.data.x_test if x_test is None else x_test
+    recorder = [_Curve(student, x_test, ctx.data.y_test)] if curve else []
     trainer.fit(train, epochs=epochs, verbose=0, callbacks=[*callbacks, *recorder])
     return Trained(student, recorder[0].values if recorder else [], epochs)
 
@@ -255,7 +258,8 @@ def transfer(ctx, kind, seed, curve):
 
 def half_scratch(ctx, kind, seed, curve):
     d, s = ctx.data, ctx.settings
-    return fit(ctx, kind, seed, CE, batches(every_second_sample(d.x_train), d.y_train, s.batch, seed), length=20,
+    train = batches(every_second_sample(d.x_train), d.y_train, s.batch, seed)
+    return fit(ctx, kind, seed, CE, train, length=20,
                x_test=every_second_sample(d.x_test), curve=curve)
 
 
@@ -265,7 +269,8 @@ def half_kd(ctx, kind, seed, curve):
     d, s = ctx.data, ctx.settings
     train = keras_kd.with_teacher(batches(d.x_train, d.y_train, s.batch, seed), ctx.teacher(0),
                                   student_inputs=every_second_sample)
-    return fit(ctx, kind, seed, kd_loss(s), train, length=20, x_test=every_second_sample(d.x_test), curve=curve)
+    return fit(ctx, kind, seed, kd_loss(s), train, length=20, x_test=every_second_sample(d.x_test),
+               curve=curve)
 
 
 def noisy_scratch(ctx, kind, seed, curve):
@@ -290,7 +295,8 @@ def noisy_kd_teacher_wrong(ctx, kind, seed, curve):
     """Plus HardSampleReweighting's ``teacher_wrong`` signal: examples whose
     (noisy) label the teacher disagrees with are down-weighted."""
     s = ctx.settings
-    rew = keras_kd.HardSampleReweighting(signal="teacher_wrong", strength=s.reweighting_strength, warmup_epochs=1)
+    rew = keras_kd.HardSampleReweighting(signal="teacher_wrong", strength=s.reweighting_strength,
+                                         warmup_epochs=1)
     train = shuffle_batch(rew.attach(_noisy_cached(ctx)), seed, s.batch)
     return fit(ctx, kind, seed, kd_loss(s), train, callbacks=[rew], curve=curve)
 
@@ -327,7 +333,8 @@ def tuned(ctx, kind, seed, curve):
         ctx.tuned[kind] = tuned_choice(ctx, kind)
     c = ctx.tuned[kind]
     train = shuffle_batch(ctx.cached("teacher0", ctx.teacher(0), _raw(ctx)), seed, s.batch)
-    trained = fit(ctx, kind, seed, kd_loss(s, c["divergence"], c["temperature"], c["alpha"]), train, curve=curve)
+    loss = kd_loss(s, c["divergence"], c["temperature"], c["alpha"])
+    trained = fit(ctx, kind, seed, loss, train, curve=curve)
     trained.note = ("alpha=1 (plain training)" if c["alpha"] == 1.0
                     else f"T={c['temperature']:g}, alpha={c['alpha']:g}, {c['divergence']}")
     return trained

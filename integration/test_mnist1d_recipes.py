@@ -23,7 +23,8 @@ def test_distiller_row_and_keras_kd_train_the_same_student(tmp_path, kind):
     theirs = recipes.fit(ctx, kind, 0, recipes.CE, recipes.batches(d.x_train, d.y_train, 128, 0), epochs=2,
                          distiller_teacher=teacher).model
     ours = recipes.fit(ctx, kind, 0, recipes.kd_loss(settings),
-                       keras_kd.with_teacher(recipes.batches(d.x_train, d.y_train, 128, 0), teacher), epochs=2).model
+                       keras_kd.with_teacher(recipes.batches(d.x_train, d.y_train, 128, 0), teacher),
+                       epochs=2).model
     # 4 Adam steps at lr 1e-2 from identical weights on identical batches: the two losses differ only by
     # Keras's probability clipping at 1e-7 inside KLDivergence, far below this tolerance.
     for theirs_w, ours_w in zip(theirs.get_weights(), ours.get_weights()):
@@ -42,4 +43,5 @@ def test_different_inputs_row_feeds_the_teacher_the_full_signal(tmp_path):
                                placement="pipeline", student_inputs=recipes.every_second_sample)
     x, targets = next(iter(ds))
     np.testing.assert_array_equal(x.numpy(), d.x_train[:, ::2, :])
-    np.testing.assert_allclose(targets.logits.numpy(), np.asarray(teacher(d.x_train, training=False)), atol=1e-5)
+    want = np.asarray(teacher(d.x_train, training=False))
+    np.testing.assert_allclose(targets.logits.numpy(), want, atol=1e-5)
