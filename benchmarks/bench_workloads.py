@@ -17,10 +17,13 @@ plain               the student alone, sparse cross-entropy from logits
 memory              DistillationLoss, the same TeacherTargets held in memory
 cache               DistillationLoss, targets from ``cache_teacher_logits``
 distiller           ``keras.distillation.Distiller`` (same T, alpha, KL divergence)
-online              ``with_teacher`` with its default placement
+online              ``with_teacher`` with its default placement (``"step"``)
+online_pipeline     ``with_teacher(placement="pipeline")``, a reference row
 reweight            cache + ``HardSampleReweighting(num_examples=...)`` (weights in the
                     step; the first epoch of each fit, a retrace, is dropped)
 plain_jit/cache_jit plain and cache with ``jit_compile=True``
+online_jit/         ``with_teacher`` (default placement) and ``Distiller`` with
+distiller_jit       ``jit_compile=True`` (the in-step teacher under XLA)
 iter_raw/iter_cache ``for _ in ds`` over the raw and the cached pipelines (and, as a
                     reference without a goal, over the in-memory targets)
 cache_stream        the cache with ``in_memory=False`` (where the option exists): the
@@ -181,6 +184,11 @@ def configurations(w, x, y, teacher, workdir, wide):
         model.compile("adam", loss=ce_loss())
         return Config(model, pipeline(raw))
 
+    def distiller_jit():
+        config = distiller()
+        config.model.compile("adam", loss=ce_loss(), jit_compile=True)
+        return config
+
     def reweight():
         rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=0, num_examples=w.rows)
         return Config(student(kd_loss()), pipeline(cached()), (rew,), warm_epochs=1)
@@ -193,7 +201,12 @@ def configurations(w, x, y, teacher, workdir, wide):
         "online": lambda: Config(student(kd_loss()),
                                  keras_kd.with_teacher(batched(raw), teacher).prefetch(tf.data.AUTOTUNE)),
         "reweight": reweight,
+        "online_pipeline": lambda: Config(student(kd_loss()), keras_kd.with_teacher(
+            batched(raw), teacher, placement="pipeline").prefetch(tf.data.AUTOTUNE)),
         "plain_jit": lambda: Config(student(ce_loss(), jit_compile=True), pipeline(raw)),
+        "online_jit": lambda: Config(student(kd_loss(), jit_compile=True),
+                                     keras_kd.with_teacher(batched(raw), teacher).prefetch(tf.data.AUTOTUNE)),
+        "distiller_jit": distiller_jit,
         "cache_jit": lambda: Config(student(kd_loss(), jit_compile=True), pipeline(cached())),
         "iter_raw": lambda: Config(None, pipeline(raw)),
         "iter_cache": lambda: Config(None, pipeline(cached())),
@@ -220,10 +233,14 @@ RATIOS = [
     ("Distiller epoch / cache epoch", "distiller", "cache",
      lambda w: (">=", 3.0) if w == "bar" else (">=", 1.0)),
     ("with_teacher (default placement) / Distiller", "online", "distiller", lambda w: ("<=", 1.0)),
+    ("REFERENCE, no goal: with_teacher placement='pipeline' / Distiller", "online_pipeline", "distiller",
+     lambda w: None),
     ("iterating the cache / iterating the raw data", "iter_cache", "iter_raw", lambda w: ("<=", 1.5)),
     ("REFERENCE, no goal: iterating in-memory targets / raw", "iter_memory", "iter_raw", lambda w: None),
     ("with HardSampleReweighting / without (cache)", "reweight", "cache", lambda w: ("<=", 1.05)),
     ("jit_compile=True on CPU: cache / plain", "cache_jit", "plain_jit", lambda w: ("<=", 1.10)),
+    ("jit_compile=True on CPU: with_teacher (default) / Distiller", "online_jit", "distiller_jit",
+     lambda w: ("<=", 1.0)),
     ("EXTRA, not quoted: cache forced to stream / plain", "cache_stream", "plain", lambda w: ("<=", 1.10)),
     ("EXTRA, not quoted: 2048-2048 student, cache / plain", "cache_wide", "plain_wide", lambda w: ("<=", 1.10)),
 ]

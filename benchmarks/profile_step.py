@@ -4,9 +4,10 @@ On one workload of `bench_workloads` (default ``small``), measures side by side,
 interleaved, medians:
 
 1. the training step alone on one fixed batch (``tf.function(model.train_step)``,
-   no pipeline): plain student, DistillationLoss with in-memory targets, the same
-   with its assertion ops removed, a minimal hand-written KD loss (the floor),
-   and with HardSampleReweighting's observer and weighting;
+   no pipeline): plain student, DistillationLoss with in-memory targets, a
+   minimal hand-written KD loss (the floor), with HardSampleReweighting's
+   observer and weighting, with_teacher's in-step teacher, and Keras's
+   Distiller (which runs the teacher in its step too);
 2. the step as ``fit`` calls it (``model.train_function(iterator)`` on a
    repeated one-batch dataset): adds the iterator's ``get_next`` of the
    element structure and the call overhead of the iterator argument;
@@ -63,26 +64,6 @@ class MinimalKD(keras.losses.Loss):
         return tf.reduce_mean(bw.ALPHA * hard + (1 - bw.ALPHA) * soft)
 
 
-def without_asserts(finite_check=False):
-    """A context that makes keras_kd's label-range assertions (and, unless
-    ``finite_check``, the all-finite check of the teacher logits) pass-throughs."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def patch():
-        losses = keras_kd.losses
-        saved = (getattr(losses, "_check_label_range", None), tf.debugging.assert_all_finite)
-        losses._check_label_range = lambda labels, n: []
-        if not finite_check:
-            tf.debugging.assert_all_finite = lambda t, msg=None, name=None, message=None: t
-        try:
-            yield
-        finally:
-            losses._check_label_range, tf.debugging.assert_all_finite = saved
-
-    return patch()
-
-
 def no_autotune():
     options = tf.data.Options()
     options.autotune.enabled = False
@@ -135,9 +116,10 @@ def main(argv=None):
 
     sections = set(args.sections.split(","))
     if "step" in sections:
-        step_section(w, rounds, calls, pipeline, raw, memory, cached)
+        step_section(w, rounds, calls, pipeline, raw, memory, cached, teacher)
     if "pipeline" in sections:
-        pipeline_section(rounds, pipeline, raw, memory, cached)
+        online = keras_kd.with_teacher(raw.shuffle(w.rows, seed=0).batch(w.batch), teacher).prefetch(tf.data.AUTOTUNE)
+        pipeline_section(rounds, pipeline, raw, memory, cached, online)
     if "trace" in sections:
         trace_section(w, workdir, pipeline, raw, memory, cached)
     import shutil
@@ -152,7 +134,7 @@ def model(w, loss):
     return m
 
 
-def step_section(w, rounds, calls, pipeline, raw, memory, cached):
+def step_section(w, rounds, calls, pipeline, raw, memory, cached, teacher):
     """1-3: the step alone, the step as fit calls it, the op census."""
     plain_batch = next(iter(pipeline(raw)))
     kd_batch = next(iter(pipeline(memory)))
@@ -160,8 +142,8 @@ def step_section(w, rounds, calls, pipeline, raw, memory, cached):
 
     steps = {}
 
-    def add(name, loss, batch, setup=None, patch=None):
-        m = model(w, loss)
+    def add(name, loss, batch, setup=None, patch=None, make=None):
+        m = make() if make else model(w, loss)
         if setup:
             setup(m)
             m.make_train_function(force=True)
@@ -191,14 +173,24 @@ def step_section(w, rounds, calls, pipeline, raw, memory, cached):
     add("plain CE, y=TeacherTargets", bw.ce_loss(), kd_batch)
     add("KD, memory targets", bw.kd_loss(), kd_batch)
     add("KD, cache batch", bw.kd_loss(), cache_batch)
-    add("KD, label asserts removed", bw.kd_loss(), kd_batch, patch=lambda: without_asserts(finite_check=True))
-    add("KD, all asserts removed", bw.kd_loss(), kd_batch, patch=without_asserts)
     add("minimal KD loss (floor)", MinimalKD(), kd_batch)
     add("KD + reweighting hooks", bw.kd_loss(), kd_batch, setup=with_reweighting)
+    # The online teacher in the step (with_teacher's default placement) against
+    # Keras's Distiller, which also runs the teacher in its step.
+    online_ds = keras_kd.with_teacher(raw.batch(w.batch), teacher)  # kept alive: it holds the teacher
+    add("with_teacher, in-step teacher", bw.kd_loss(), next(iter(online_ds)))
 
-    for name in ("KD, label asserts removed", "KD, all asserts removed"):
-        if steps[name]["census"] == steps["KD, memory targets"]["census"]:
-            steps[name + " [patch inert: code changed]"] = steps.pop(name)
+    def distiller():
+        m = keras.distillation.Distiller(
+            teacher=teacher, student=bw.mlp(w.student, w.features, seed=2),
+            distillation_losses=keras.distillation.LogitsDistillation(
+                temperature=bw.TEMPERATURE, loss=keras.losses.KLDivergence()),
+            student_loss_weight=bw.ALPHA)
+        m.compile("adam", loss=bw.ce_loss())
+        m.make_train_function()
+        return m
+
+    add("keras Distiller", None, plain_batch, make=distiller)
     times = {(n, k): [] for n in steps for k in ("direct", "fit_path")}
     for r in range(3 * rounds + 1):  # short turns, many rounds: steadier medians under load
         for name in rotated(list(steps), r):
@@ -228,10 +220,11 @@ def step_section(w, rounds, calls, pipeline, raw, memory, cached):
         print(f"{name:<{width}} {sum(c.values()):>5} " + " ".join(f"{c.get(k, 0):>8}" for k in interesting))
 
 
-def pipeline_section(rounds, pipeline, raw, memory, cached):
+def pipeline_section(rounds, pipeline, raw, memory, cached, online):
     """4: one epoch of the input pipeline, in pieces."""
     layout_probe = {
         "raw: shuffle+batch": pipeline(raw),
+        "with_teacher (step): shuffle+batch+pack": online,
         "memory targets: shuffle+batch": pipeline(memory),
         "cache: shuffle+batch": pipeline(cached),
         "cache: shuffle+batch, tf.data autotune off": pipeline(cached).with_options(no_autotune()),
