@@ -390,12 +390,25 @@ def test_ensemble_member_that_is_not_a_model(K, placement):
         keras_kd.with_teacher(_batched(x, y), [mlp(K), "teacher.keras"], placement=placement)
 
 
+_MISMATCHED_ENSEMBLES = pytest.mark.parametrize(
+    "first, second, listed",
+    [
+        (dict(classes=4, name="four"), dict(classes=5, name="five"),
+         r"teacher 0 \('four'\): 4, teacher 1 \('five'\): 5"),
+        (dict(inputs=8, name="narrow"), dict(inputs=9, name="wide"),
+         r"teacher 0 \('narrow'\): \(8,\), teacher 1 \('wide'\): \(9,\)"),
+    ],
+    ids=["class-counts", "input-shapes"],
+)
+
+
 @PLACEMENT
-def test_ensemble_with_different_class_counts(K, placement):
+@_MISMATCHED_ENSEMBLES
+def test_ensemble_of_teachers_that_disagree(K, placement, first, second, listed):
+    # Members with different class counts or input shapes: every member listed.
     x, y = _data()
-    teachers = [mlp(K, classes=4, name="four"), mlp(K, classes=5, name="five")]
-    with pytest.raises(ValueError, match=r"teacher 0 \('four'\): 4, teacher 1 \('five'\): 5"):
-        keras_kd.with_teacher(_batched(x, y), teachers, placement=placement)
+    with pytest.raises(ValueError, match=listed):
+        keras_kd.with_teacher(_batched(x, y), [mlp(K, **first), mlp(K, **second)], placement=placement)
 
 
 @JIT
@@ -407,14 +420,6 @@ def test_ensemble_of_callables_with_different_class_counts(K, jit, placement):
     with pytest.raises(ValueError, match=r"same shape \(the same classes\)"):
         ds = keras_kd.with_teacher(_batched(x, y), teachers, placement=placement)
         _fit(K, mlp(K), ds, jit)
-
-
-@PLACEMENT
-def test_ensemble_with_different_input_shapes(K, placement):
-    x, y = _data()
-    teachers = [mlp(K, inputs=8, name="narrow"), mlp(K, inputs=9, name="wide")]
-    with pytest.raises(ValueError, match=r"teacher 0 \('narrow'\): \(8,\), teacher 1 \('wide'\): \(9,\)"):
-        keras_kd.with_teacher(_batched(x, y), teachers, placement=placement)
 
 
 @PLACEMENT
@@ -541,16 +546,10 @@ def test_cache_of_an_empty_list_of_teachers(empty, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_cache_of_teachers_with_different_class_counts(K, tmp_path):
-    teachers = [mlp(K, classes=4, name="four"), mlp(K, classes=5, name="five")]
-    with pytest.raises(ValueError, match=r"teacher 0 \('four'\): 4, teacher 1 \('five'\): 5"):
-        _cache(teachers, tmp_path)
-
-
-def test_cache_of_teachers_with_different_input_shapes(K, tmp_path):
-    teachers = [mlp(K, inputs=8, name="narrow"), mlp(K, inputs=9, name="wide")]
-    with pytest.raises(ValueError, match=r"teacher 0 \('narrow'\): \(8,\), teacher 1 \('wide'\): \(9,\)"):
-        _cache(teachers, tmp_path)
+@_MISMATCHED_ENSEMBLES
+def test_cache_of_teachers_that_disagree(K, tmp_path, first, second, listed):
+    with pytest.raises(ValueError, match=listed):
+        _cache([mlp(K, **first), mlp(K, **second)], tmp_path)
 
 
 @pytest.mark.parametrize("ensemble", ["mean", None])
