@@ -55,7 +55,7 @@ def _squeeze_trailing_one(labels, logits_rank):
     return labels
 
 
-def class_ids(labels, num_classes, logits_rank=None):
+def class_ids(labels, num_classes, logits_rank=None, keep_dtype=False):
     """Class ids (``int64``, the batch shape of the logits) from any form of labels.
 
     Args:
@@ -68,6 +68,8 @@ def class_ids(labels, num_classes, logits_rank=None):
         logits_rank: the logits' rank, which tells dense ``(batch, K)``
             labels from per-time-step ids ``(batch, T)``; when None, any
             labels of rank >= 2 with a last axis of ``num_classes`` are dense.
+        keep_dtype: return sparse ``int32`` ids as ``int32`` (no cast), for
+            kernels that read both.
 
     Returns:
         ``int64`` ids: the argmax of dense labels, ``label > 0.5`` for binary
@@ -90,7 +92,7 @@ def class_ids(labels, num_classes, logits_rank=None):
         values = tf.cast(labels, tf.float32)
         ids = tf.cast(values > 0.5, tf.int64)
         return tf.where(tf.equal(values, float(NO_LABEL)), tf.constant(NO_LABEL, tf.int64), ids)
-    if labels.dtype == tf.int64:
+    if labels.dtype == tf.int64 or (keep_dtype and labels.dtype == tf.int32):
         return labels
     if labels.dtype.is_floating:
         whole = tf.equal(labels, tf.math.floor(labels)) & tf.math.is_finite(labels)
@@ -107,14 +109,12 @@ def labelled(ids):
 def valid_class_ids(ids, num_classes, allow_unlabelled=True):
     """Boolean mask: ids in ``[0, num_classes)``, or `NO_LABEL` when ``allow_unlabelled``.
 
-    ``num_classes`` may be a Python int or a scalar tensor. Every other
+    ``ids`` are int32 or int64; ``num_classes`` a Python int or a scalar tensor. Every other
     negative id (including `INVALID_ID`) is invalid.
     """
-    limit = tf.cast(num_classes, tf.int64)
-    valid = (ids >= 0) & (ids < limit)
-    if allow_unlabelled:
-        valid = valid | tf.equal(ids, NO_LABEL)
-    return valid
+    limit = tf.cast(num_classes, ids.dtype)
+    # integers: ``ids >= -1`` and ``ids < 0`` is exactly ``ids == NO_LABEL``
+    return (ids >= (NO_LABEL if allow_unlabelled else 0)) & (ids < limit)
 
 
 def predicted_class(logits):

@@ -192,3 +192,58 @@ def test_binary_student_trains_and_evaluates_against_reference(K):
     before = result["loss"]
     student.fit(ds, epochs=20, verbose=0)
     assert student.evaluate(ds, verbose=0, return_dict=True)["loss"] < before
+
+
+# --- the documented protocol (keras_kd.losses.hooks) ---------------------------------------
+
+
+def test_registry_is_explicit_and_read_only():
+    kd = keras_kd.DistillationLoss()
+    observer, weighting = (lambda *a: None), (lambda targets: tf.ones(tf.shape(targets.example_id)))
+    kd.add_observer(observer)
+    kd.add_observer(observer)  # registered once
+    kd.add_weighting(weighting)
+    assert kd.observers == (observer,) and kd.weightings == (weighting,)
+    kd.remove_observer(lambda *a: None)  # absent: no-op
+    kd.remove_observer(observer)
+    kd.remove_weighting(weighting)
+    assert kd.observers == () and kd.weightings == ()
+    with pytest.raises(ValueError, match="callable"):
+        kd.add_observer("not a function")
+
+
+def test_hooks_join_the_step_when_it_is_retraced(K, toy_data):
+    # Documented: hooks are part of the traced step; added after tracing, they run from the next retrace on.
+    x, y, make = toy_data
+    kd = keras_kd.DistillationLoss()
+    student = mlp(K)
+    student.compile("sgd", loss=kd)
+    ds = keras_kd.with_teacher(make(batch=32), mlp(K), placement="pipeline")
+    student.fit(ds, epochs=1, verbose=0)
+    counter = _Counter((32, 4))
+    kd.add_observer(counter)
+    student.make_train_function(force=True)
+    student.fit(ds, epochs=1, verbose=0)
+    assert int(counter.calls.numpy()) == 3
+
+
+def test_weighting_runs_once_per_step_and_scales_the_loss(toy_data):
+    x, y, _ = toy_data
+    t = np.random.default_rng(4).normal(size=(6, 4)).astype("float32")
+    s = np.random.default_rng(5).normal(size=(6, 4)).astype("float32")
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    calls = []
+
+    def double_first_half(targets):
+        calls.append(1)
+        return tf.constant([2.0, 2.0, 2.0, 1.0, 1.0, 1.0])
+
+    kd = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3)
+    kd.add_weighting(double_first_half)
+    targets = TeacherTargets(labels=labels, logits=t, example_id=np.arange(6))
+    got = float(kd(targets, s))
+    assert len(calls) == 1
+    want = ref.distillation_loss(labels, s, t, 2.0, 0.3, weights=[2.0, 2.0, 2.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    kd.components(targets, s)  # pure: no weighting call
+    assert len(calls) == 1

@@ -88,19 +88,22 @@ def sparse_ids(labels, student_logits):
     """Checked class ids for the sparse cross-entropy kernel, and the labelled mask.
 
     Returns:
-        ``(ids, labelled)``: ``int64`` ids with `NO_LABEL` replaced by 0 (the
+        ``(ids, labelled)``: int32/int64 ids with `NO_LABEL` replaced by 0 (the
         kernel never sees it), and a float32 mask, 1 for labelled examples.
         Out-of-range ids raise ``InvalidArgumentError`` before the kernel
         runs; under XLA (no assertions) they reach the kernel, which gives NaN.
     """
     num_classes = student_logits.shape[-1]
-    ids = _labels.class_ids(labels, num_classes, student_logits.shape.rank)
-    limit = num_classes if num_classes is not None else tf.shape(student_logits, out_type=tf.int64)[-1]
+    if labels.dtype in (tf.int32, tf.int64):  # the kernel reads both: no cast (one op less per step)
+        ids = _labels.class_ids(labels, num_classes, student_logits.shape.rank, keep_dtype=True)
+    else:
+        ids = _labels.class_ids(labels, num_classes, student_logits.shape.rank)
+    limit = num_classes if num_classes is not None else tf.shape(student_logits, out_type=ids.dtype)[-1]
     valid = _labels.valid_class_ids(ids, limit)
     # The kernel must not see bad ids before the check has run (it would raise its own, vaguer error).
     with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(valid), [label_range_message(num_classes)])]):
         labelled = _labels.labelled(ids)
-        ids = tf.where(labelled, ids, tf.zeros_like(ids))
+        ids = tf.where(labelled, ids, tf.constant(0, ids.dtype))
     return ids, tf.cast(labelled, tf.float32)
 
 

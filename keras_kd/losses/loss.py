@@ -428,11 +428,13 @@ class DistillationLoss(_compat.loss_base()):
             nan_rows, sample_weight, mask, self.reduction, scale_for_replicas=not self.caller_scales_for_replicas()
         )
         alpha = tf.cast(tf.convert_to_tensor(self._alpha), tf.float32)
+        observed = bool(self._hooks.observers)
         loss, hard, soft = fused.fused_kd_loss(
             y_pred, dense, nan_rows, labels, labelled, self._scaled(), alpha,
-            self.scale_by_temperature_squared, coefficients,
+            self.scale_by_temperature_squared, coefficients, per_example_terms=observed,
         )
-        self._hooks.observe(StepTerms(_dense_targets(y_true, dense), hard, soft), y_pred)
+        if observed:
+            self._hooks.observe(StepTerms(_dense_targets(y_true, dense), hard, soft), y_pred)
         if per_example:
             loss = reduction_lib.reduce_values(loss, sample_weight, mask, self.reduction)
         return loss
