@@ -323,13 +323,21 @@ def check_num_classes(counts: Mapping[str, Optional[int]], fix: str = "") -> Opt
         ValueError: naming every entry and its count when they differ.
     """
     known = {name: int(c) for name, c in counts.items() if c is not None}
-    if len(set(known.values())) > 1:
-        listed = ", ".join(f"{name}: {c}" for name, c in known.items())
+    listed = _disagreement(known, str)
+    if listed:
         raise ValueError(
             "Expected the same number of classes from every model: distillation compares logits "
             f"class by class. Received: {listed}." + (f" {fix}" if fix else "")
         )
     return next(iter(known.values()), None)
+
+
+def _disagreement(values: Mapping[str, Any], describe) -> Optional[str]:
+    """``"name: value, ..."`` of the known (not None) values when they are not all equal, else None."""
+    known = {name: v for name, v in values.items() if v is not None}
+    if len(set(known.values())) <= 1:
+        return None
+    return ", ".join(f"{name}: {describe(v)}" for name, v in known.items())
 
 
 def _input_shapes(model) -> Optional[Tuple[Tuple[Optional[int], ...], ...]]:
@@ -378,9 +386,8 @@ def teacher_list(teacher, output_index: int = 0, name: str = "teacher") -> list:
         fix="Ensemble only teachers of the same classes.",
     )
     shapes = {_model_name(m, i): _input_shapes(m) for i, m in enumerate(members)}
-    known = {k: v for k, v in shapes.items() if v is not None}
-    if len(set(known.values())) > 1:
-        listed = ", ".join(f"{k}: {', '.join(str(s) for s in v)}" for k, v in known.items())
+    listed = _disagreement(shapes, lambda v: ", ".join(str(s) for s in v))
+    if listed:
         raise ValueError(
             "Expected every teacher of an ensemble to take inputs of the same shapes (each one runs on "
             f"the same x). Received: {listed}. Give each teacher the same inputs, e.g. with "
