@@ -40,6 +40,7 @@ Keras layer holding the feature loss), `wiring` (building the models),
 from keras_kd.alignment.aligned import Aligned
 from keras_kd.alignment.aligned import align
 from keras_kd.alignment.feature_losses import FEATURE_LOSSES
+from keras_kd.alignment.feature_losses import FeatureLoss
 from keras_kd.alignment.feature_losses import attention_map
 from keras_kd.alignment.feature_losses import attention_transfer
 from keras_kd.alignment.feature_losses import feature_cosine
@@ -50,6 +51,7 @@ from keras_kd.alignment.wiring import AlignmentPair
 
 __all__ = [
     "FEATURE_LOSSES",
+    "FeatureLoss",
     "Aligned",
     "AlignmentPair",
     "align",
