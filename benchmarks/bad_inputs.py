@@ -109,6 +109,14 @@ case("student class count differs from the cache's", lambda: optimize.check_num_
 case("`HardSampleReweighting.attach` without example ids", lambda: keras_kd.HardSampleReweighting().attach(ds))
 case("reweighting table size differs from the dataset", lambda: keras_kd.HardSampleReweighting(num_examples=10).attach(keras_kd.add_example_ids(ds)))
 case("label-based signal on unlabelled data", lambda: keras_kd.HardSampleReweighting(signal="wsld").attach(keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices(x))))
+case("`with_teacher(ds, [])` (an empty ensemble)", lambda: keras_kd.with_teacher(ds.batch(8), []))
+case("ensemble of teachers with 4 and 5 classes", lambda: keras_kd.with_teacher(ds.batch(8), [t4, t5]))
+case("ensemble of teachers with different input shapes", lambda: keras_kd.with_teacher(ds.batch(8), [t4, keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])]))
+case("`with_teacher(..., ensemble='mean_prob')`", lambda: keras_kd.with_teacher(ds.batch(8), [t4, mlp(4)], ensemble="mean_prob"))
+case("`mixup` on sparse labels without `num_classes`", lambda: ds.batch(8).map(keras_kd.mixup(0.2)))
+case("`mixup` before `.batch(...)`", lambda: ds.map(keras_kd.mixup(0.2, num_classes=4)))
+case("`mixup` of unlabelled examples (`NO_LABEL`)", lambda: next(iter(keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x)).batch(8).map(keras_kd.mixup(0.2, num_classes=4)))))
+case("`mixup(alpha=0)`", lambda: keras_kd.mixup(0))
 case("`align` with an unknown layer name", lambda: keras_kd.align(mlp(4), t4, pairs=[("dense_9", "dense_1")]))
 class Sub(keras.Model):
     def call(self, a): return a

@@ -86,15 +86,15 @@ def with_teacher(
       epoch costs what training the student alone costs.
 
     Why ``"step"`` by default: its traced step has fewer ops than
-    ``keras.distillation.Distiller``'s (345 against 475 on the small
-    workload of issue 15), and it needs no free core. Measured on a shared
-    2-core CPU machine (interleaved epochs, medians, 2026-12-01; ``/tmp``
-    timing script, see the README), epoch time relative to ``Distiller``:
-    medium workload (4,000 x 40, teacher 512-512) 0.82-0.86 with ``"step"``
-    and 0.96-1.03 with ``"pipeline"``; small workload (1,257 x 64, teacher
-    256-256) 0.95-1.02 with ``"step"`` in A/B runs, ``"pipeline"`` 1.03 on an
-    idle machine and 1.3-1.9 when the other core is busy (its teacher waits
-    for a core). No accelerator was available.
+    ``keras.distillation.Distiller``'s (311 against 475 on the small
+    workload of issue 15; ``benchmarks/profile_step.py``: 1.4 against 1.8 ms
+    of CPU per step), it needs no free core, and its packing map costs no
+    graph optimisation per epoch. Epoch CPU time relative to ``Distiller``
+    (interleaved epochs, medians and ranges, a 2-core machine under load
+    8-11, 2026-12-01; wall times were too noisy there to quote): small
+    0.91 (0.82-1.08), medium 0.89 (0.78-0.93), bar (teacher 2048-2048,
+    whose compute both share) 1.02 (0.94-1.07). ``make bench`` gives the
+    wall-clock ratios. No accelerator was available.
 
     The teacher's output is checked once for probabilities (a final
     softmax, which `DistillationLoss` would soften again): from the output
