@@ -46,24 +46,25 @@ if __package__ in (None, ""):
 STUDENT_KINDS = ("mlp", "cnn")
 QUICK_STUDENTS = ("cnn",)
 
-# (row name, recipe function in mnist1d_recipes, budget: "epochs", "patient_epochs" or "teacher_epochs")
+# (row name, recipe function in mnist1d_recipes, the row it is compared with in the table)
 ROWS = (
-    ("teacher (3x Conv1D)", "teacher_row", "teacher_epochs"),
-    ("scratch", "scratch", "epochs"),
-    ("keras Distiller", "distiller", "epochs"),
-    ("keras_kd KD (cache)", "kd_cache", "epochs"),
-    ("keras_kd DKD", "dkd", "epochs"),
-    ("keras_kd 3-teacher ensemble", "ensemble", "epochs"),
-    ("keras_kd consistent mixup, patient", "mixup_patient", "patient_epochs"),
-    ("scratch, patient", "scratch_patient", "patient_epochs"),
-    ("keras_kd transfer set (+unlabelled)", "transfer", "epochs"),
-    ("scratch, every 2nd sample", "half_scratch", "epochs"),
-    ("keras_kd, teacher 40 / student 20 samples", "half_kd", "epochs"),
-    ("keras_kd tuned (grid on validation)", "tuned", "epochs"),
-    ("scratch, 20% noisy labels", "noisy_scratch", "epochs"),
-    ("keras_kd KD, 20% noisy labels", "noisy_kd", "epochs"),
-    ("keras_kd KD + teacher_wrong, 20% noisy", "noisy_kd_teacher_wrong", "epochs"),
+    ("teacher (3x Conv1D)", "teacher_row", None),
+    ("scratch", "scratch", None),
+    ("keras Distiller", "distiller", "scratch"),
+    ("keras_kd KD (cache)", "kd_cache", "scratch"),
+    ("keras_kd DKD", "dkd", "scratch"),
+    ("keras_kd 3-teacher ensemble", "ensemble", "scratch"),
+    ("keras_kd consistent mixup, patient", "mixup_patient", "scratch, patient"),
+    ("scratch, patient", "scratch_patient", None),
+    ("keras_kd transfer set (+unlabelled)", "transfer", "scratch"),
+    ("scratch, every 2nd sample", "half_scratch", None),
+    ("keras_kd, teacher 40 / student 20 samples", "half_kd", "scratch, every 2nd sample"),
+    ("keras_kd tuned (grid on validation)", "tuned", "scratch"),
+    ("scratch, 20% noisy labels", "noisy_scratch", None),
+    ("keras_kd KD, 20% noisy labels", "noisy_kd", "scratch, 20% noisy labels"),
+    ("keras_kd KD + teacher_wrong, 20% noisy", "noisy_kd_teacher_wrong", "scratch, 20% noisy labels"),
 )
+BASELINES = {name: baseline for name, _, baseline in ROWS}
 ROW_NAMES = tuple(name for name, _, _ in ROWS)
 
 
@@ -109,7 +110,7 @@ def train_rows(settings, work: str, rows: Sequence[str] = ROW_NAMES, students: S
     results: Dict[str, Dict[str, Result]] = {}
     for kind in students:
         results[kind] = {}
-        for name, function, budget in ROWS:
+        for name, function, _ in ROWS:
             if name not in rows:
                 continue
             result = results[kind][name] = Result()
@@ -152,16 +153,16 @@ def format_table(results: Dict[str, Dict[str, Result]], settings) -> str:
             if r is None:
                 cells.append("")
                 continue
-            scratch = results[kind].get("scratch")
-            delta = "" if scratch is None or name == "scratch" or name.startswith("teacher") \
-                else f" ({r.mean - scratch.mean:+.1f})"
+            baseline = results[kind].get(BASELINES[name] or "")
+            delta = "" if baseline is None else f" ({r.mean - baseline.mean:+.1f})"
             cells.append(f"{r.mean:.1f} +- {r.std:.1f}{delta}")
             epochs = str(r.epochs)
             if r.note:
                 notes.append(f"{kind}: {r.note}")
         label = name + (f" [{'; '.join(notes)}]" if notes else "")
         lines.append(f"| {label} | {epochs} | " + " | ".join(cells) + " |")
-    lines.append("(+x.x): difference from the same student's scratch row at the top, in points.")
+    lines.append("(+x.x): points above the same student's scratch row with the same budget and inputs "
+                 "(scratch; scratch, patient; scratch, every 2nd sample; scratch, 20% noisy labels).")
     return "\n".join(lines)
 
 

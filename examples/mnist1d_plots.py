@@ -31,9 +31,10 @@ def plot(results, output: str) -> List[str]:
     for kind, rows in results.items():
         title = mnist1d_models.STUDENT_NAMES[kind]
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for name, r in rows.items():
+        for i, (name, r) in enumerate(rows.items()):
             if r.curve:
-                ax.plot(np.arange(1, len(r.curve) + 1), np.asarray(r.curve) * 100, label=name, linewidth=1)
+                ax.plot(np.arange(1, len(r.curve) + 1), np.asarray(r.curve) * 100, label=name, linewidth=1,
+                        color=plt.cm.tab20(i % 20), linestyle="--" if name.startswith("scratch") else "-")
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy % (first seed)")
         ax.set_title(f"MNIST-1D learning curves: {title}")
