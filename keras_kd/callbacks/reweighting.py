@@ -26,36 +26,6 @@ from keras_kd.callbacks.signals import raw_weights
 from keras_kd.callbacks.signals import signal_teacher_wrong
 
 
-def _flat(values):
-    return values if values.shape.rank == 1 else tf.reshape(values, [-1])
-
-
-def _table_rows(example_id, size: int):
-    """``(rows, outside)``: int64 table rows of a batch's ids, 0 where an id
-    lies outside ``[0, size)``, and the mask of those ids (one unsigned
-    comparison finds negative ids too)."""
-    ids = _flat(tf.cast(example_id, tf.int64))
-    outside = tf.cast(ids, tf.uint64) >= size
-    return tf.where(outside, np.int64(0), ids), outside
-
-
-class _StepRows:
-    """`_table_rows` computed once per traced step for both hooks (the loss
-    passes the weighting and the observer the same ``example_id`` tensor)."""
-
-    def __init__(self):
-        self._last = None
-
-    def __call__(self, example_id, size: int):
-        last = self._last
-        if last is not None and last[0] is example_id and last[1] == size:
-            return last[2]
-        rows = _table_rows(example_id, size)
-        # Symbolic tensors only: an eager call (the scoring pass) recomputes.
-        self._last = (example_id, size, rows) if not tf.executing_eagerly() else None
-        return rows
-
-
 def _clip_bounds(clip) -> Tuple[float, float]:
     message = f"Expected `clip` = (low, high) with 0 <= low <= 1 <= high, both finite. Received: clip={clip!r}"
     if not isinstance(clip, (tuple, list)) or len(clip) != 2:
@@ -186,7 +156,7 @@ class HardSampleReweighting(Callback):
         self.verbose = verbose
         self._signal_fn = signal if callable(signal) else SIGNALS[signal]
         self._table: Optional[table_lib.Table] = None
-        self._rows = _StepRows()
+        self._rows = table_lib.StepRows()
         self._attached = False
         self._loss = None
 
@@ -208,7 +178,7 @@ class HardSampleReweighting(Callback):
         # updating the table that the attached dataset reads.
         clone = copy.copy(self)
         clone.model = None
-        clone._rows = _StepRows()
+        clone._rows = table_lib.StepRows()
         memo[id(self)] = clone
         return clone
 
@@ -307,11 +277,11 @@ class HardSampleReweighting(Callback):
             # No branch in the step: when not recording (validation), the same rows
             # are written back unchanged; validation ids beyond the table read row 0.
             ids, _ = self._rows(targets.example_id, table.num_examples)
-            d = _flat(self._signal_fn(targets.labels, teacher_logits, student_logits, soft))
+            d = table_lib.flat(self._signal_fn(targets.labels, teacher_logits, student_logits, soft))
             if self.signal == "teacher_wrong":
                 wrong = d
             elif targets.has_labels:
-                wrong = _flat(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft))
+                wrong = table_lib.flat(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft))
             else:
                 wrong = tf.fill(tf.shape(d), np.float32(np.nan))  # unlabelled data: never judged
             fresh = tf.stack([d, wrong], axis=1)
@@ -397,7 +367,7 @@ class HardSampleReweighting(Callback):
             self._loss.remove_observer(self._record)
             self._loss.remove_weighting(self._weigh)
             self.model.make_train_function(force=True)
-        self._rows = _StepRows()  # drops the last traced step's tensors
+        self._rows = table_lib.StepRows()  # drops the last traced step's tensors
         self.table.recording.assign(False)
 
     def on_test_begin(self, logs=None):

@@ -1,5 +1,5 @@
-"""The per-example table of `HardSampleReweighting`: its variables, the merge
-across workers, the weight histogram."""
+"""The per-example table of `HardSampleReweighting`: its variables, the rows a
+step reads, the merge across workers, the weight histogram."""
 
 from __future__ import annotations
 
@@ -36,6 +36,36 @@ class Table:
     @property
     def teacher_wrong(self) -> np.ndarray:
         return np.nan_to_num(self.stats.numpy()[:, 1])
+
+
+def flat(values):
+    return values if values.shape.rank == 1 else tf.reshape(values, [-1])
+
+
+def table_rows(example_id, size: int):
+    """``(rows, outside)``: int64 table rows of a batch's ids, 0 where an id
+    lies outside ``[0, size)``, and the mask of those ids (one unsigned
+    comparison finds negative ids too)."""
+    ids = flat(tf.cast(example_id, tf.int64))
+    outside = tf.cast(ids, tf.uint64) >= size
+    return tf.where(outside, np.int64(0), ids), outside
+
+
+class StepRows:
+    """`table_rows` computed once per traced step for both hooks (the loss
+    passes the weighting and the observer the same ``example_id`` tensor)."""
+
+    def __init__(self):
+        self._last = None
+
+    def __call__(self, example_id, size: int):
+        last = self._last
+        if last is not None and last[0] is example_id and last[1] == size:
+            return last[2]
+        rows = table_rows(example_id, size)
+        # Symbolic tensors only: an eager call (the scoring pass) recomputes.
+        self._last = (example_id, size, rows) if not tf.executing_eagerly() else None
+        return rows
 
 
 def merge_workers(strategy, table: Table, base: np.ndarray) -> np.ndarray:
