@@ -13,7 +13,7 @@ from keras_kd import callbacks as cb
 from tests import reference as ref
 from tests.conftest import mlp
 
-NO_LABEL = keras_kd.losses.NO_LABEL
+NO_LABEL = keras_kd.NO_LABEL
 
 
 def _logits(seed, shape):
