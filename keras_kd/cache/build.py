@@ -233,7 +233,10 @@ class Build:
             )
 
     def resume_layout(self) -> Layout:
-        """The layout of an interrupted build of this part with the same fingerprint (to resume it), else ours."""
+        """The layout of an interrupted build of this part with the same fingerprint (to resume it).
+
+        Otherwise, or when that layout is not usable, this build's layout.
+        """
         old = self.store.read_journal(self.part, self.num_parts)
         if old is None or old["fingerprint"] != self.fp:
             return self.layout
@@ -427,7 +430,7 @@ class Build:
             return None, journal
 
     def assemble(self) -> Optional[dict]:
-        """Writes (after verifying every file) and returns the manifest once all parts are complete; else None."""
+        """Writes and returns the manifest once all parts are complete (every file verified); else None."""
         store = self.store
         journals = [store.read_journal(p, self.num_parts) for p in range(self.num_parts)]
         if any(j is None or j["generation"] != self.gen or not j["complete"] for j in journals):
@@ -520,8 +523,10 @@ def choose_in_memory(in_memory, manifest) -> bool:
     return manifest["num_blocks"] * manifest["block_bytes"] <= SMALL_CACHE_BYTES
 
 
-def probe_mismatch(fresh: dict, stored: dict, what: str, directory: str, rows: int) -> Optional[ProbeMismatch]:
+def probe_mismatch(fresh: dict, stored: dict, what: str, directory: str, rows: int):
     """Compares the teacher's fresh outputs on the first ``rows`` rows with the stored ones.
+
+    Returns a `ProbeMismatch` naming the field that differs, or None.
 
     A cheap guard against a teacher whose function changed in a way the
     fingerprint cannot see (e.g. a subclassed model without a config).
@@ -542,6 +547,7 @@ def probe_mismatch(fresh: dict, stored: dict, what: str, directory: str, rows: i
                 f"The {what} at {directory!r} was built by a teacher that computes something else: "
                 f"re-run on the first {rows} examples, its `{name}` differ from the stored ones "
                 f"(shapes {a.shape[1:]} and {b.shape[1:]}, max relative difference {worst:.3g}) although "
-                "its fingerprint matches. Pass on_mismatch='rebuild' to rebuild it, or use another `directory`."
+                "its fingerprint matches. Pass on_mismatch='rebuild' to rebuild it, or use another "
+                "`directory`."
             )
     return None

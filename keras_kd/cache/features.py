@@ -180,11 +180,12 @@ class FeatureTable:
             rows = build_lib.probe_rows(manifest)
             x = next(iter(dataset.map(lambda x, *rest: x).take(rows).batch(rows)))
             fresh = dict(zip(names, (np.asarray(o, np.float32) for o in step(x))))
-            return build_lib.probe_mismatch(fresh, stored.first_rows(rows), "feature cache", st.directory, rows)
+            first = stored.first_rows(rows)
+            return build_lib.probe_mismatch(fresh, first, "feature cache", st.directory, rows)
 
         _, stored = build.ensure(
             probe=probe,
-            produce=lambda start, rows, layout: _produce(step, dataset, start, rows, layout.block_rows, dtype),
+            produce=lambda start, rows, lay: _produce(step, dataset, start, rows, lay.block_rows, dtype),
             blocks_per_file=build_lib.files_of,
             on_mismatch=on_mismatch,
             in_memory=in_memory,
@@ -229,7 +230,9 @@ def _produce(step, dataset, start, rows, batch_size, dtype):
                 "Check the dataset and the teacher."
             )
         if dtype == "float16" and any(np.abs(o).max(initial=0.0) > FLOAT16_MAX for o in outputs[1:]):
-            raise ValueError(f"The teacher's features exceed float16's range ({FLOAT16_MAX:g}). Use dtype='float32'.")
+            raise ValueError(
+                f"The teacher's features exceed float16's range ({FLOAT16_MAX:g}). Use dtype='float32'."
+            )
         arrays = {"logits": outputs[0].astype(np.float32)}
         arrays.update({f"feature_{i}": o.astype(dtype) for i, o in enumerate(outputs[1:])})
         yield arrays

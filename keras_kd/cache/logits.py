@@ -207,10 +207,11 @@ def cache_teacher_logits(
     Raises:
         ValueError: for invalid arguments (at construction: an empty list of
             teachers, teachers with different class counts or input shapes,
-            an unknown ``ensemble``); when applied, for
-            an infinite, empty or batched dataset, a dataset reshuffled before
-            the transform, labels that are not one tensor, teacher outputs with NaN/Inf or out of float16 range, or
-            an ``augment`` that is not deterministic given its seed.
+            an unknown ``ensemble``); when applied, for an infinite, empty or
+            batched dataset, a dataset reshuffled before the transform, labels
+            that are not one tensor, teacher outputs with NaN/Inf or out of
+            float16 range, teachers whose output shapes differ, or an
+            ``augment`` that is not deterministic given its seed.
         CacheMismatchError: when the cache was built for another teacher,
             dataset or settings and ``on_mismatch="error"``.
         CacheCorruptedError: when a cache file is missing, truncated or

@@ -108,7 +108,9 @@ def read_manifest(directory) -> dict:
     """
     st = store(fs.resolve_directory(directory, "teacher-logit cache"))
     if not os.path.lexists(st.manifest_path):
-        raise FileNotFoundError(f"No finished teacher-logit cache in {os.fspath(directory)!r} (no {MANIFEST}).")
+        raise FileNotFoundError(
+            f"No finished teacher-logit cache in {os.fspath(directory)!r} (no {MANIFEST})."
+        )
     if not st.owned():
         raise CacheMismatchError(
             f"{st.manifest_path!r} was not written by keras_kd (the directory has no "
@@ -123,11 +125,12 @@ def _short(value) -> str:
 
 def _teacher_changes(old: dict, new: dict, who: str) -> list:
     changes = []
-    if old.get("weights_digest") != new.get("weights_digest"):
-        changes.append(
-            f"{who} weights changed (digest {_short(old.get('weights_digest'))} -> {_short(new.get('weights_digest'))})"
-        )
-    if old.get("architecture_digest") != new.get("architecture_digest") or old.get("flavour") != new.get("flavour"):
+    ow, nw = old.get("weights_digest"), new.get("weights_digest")
+    if ow != nw:
+        changes.append(f"{who} weights changed (digest {_short(ow)} -> {_short(nw)})")
+    if old.get("architecture_digest") != new.get("architecture_digest") or old.get("flavour") != new.get(
+        "flavour"
+    ):
         changes.append(
             f"{who} architecture or configuration changed (its layers, activations or connections; digest "
             f"{_short(old.get('architecture_digest'))} -> {_short(new.get('architecture_digest'))})"
@@ -141,7 +144,9 @@ def diff(old: dict, new: dict, num_examples: Optional[int]) -> list:
     ot = old.get("teacher") if isinstance(old.get("teacher"), dict) else {}
     nt = new.get("teacher", {})
     if ot.get("output_shape") != nt.get("output_shape"):
-        changes.append(f"the teacher's output shape changed: {ot.get('output_shape')} -> {nt.get('output_shape')}")
+        changes.append(
+            f"the teacher's output shape changed: {ot.get('output_shape')} -> {nt.get('output_shape')}"
+        )
     olist = old.get("teachers") if isinstance(old.get("teachers"), list) else []
     nlist = new.get("teachers", [])
     if len(olist) != len(nlist):
@@ -153,7 +158,9 @@ def diff(old: dict, new: dict, num_examples: Optional[int]) -> list:
     od = old.get("dataset") if isinstance(old.get("dataset"), dict) else {}
     nd = new.get("dataset", {})
     if od.get("element_spec") != nd.get("element_spec"):
-        changes.append(f"the dataset's element_spec changed: {od.get('element_spec')} -> {nd.get('element_spec')}")
+        changes.append(
+            f"the dataset's element_spec changed: {od.get('element_spec')} -> {nd.get('element_spec')}"
+        )
     if nd.get("count") is not None and num_examples is not None and nd["count"] != num_examples:
         changes.append(f"the dataset's size changed: {num_examples} -> {nd['count']} examples")
     if od.get("inputs_digest") != nd.get("inputs_digest"):
@@ -161,7 +168,8 @@ def diff(old: dict, new: dict, num_examples: Optional[int]) -> list:
             "the dataset's contents changed: the inputs `x` of its elements, or their order, are not "
             f"those the cache was built from (digest of all its inputs {_short(od.get('inputs_digest'))} -> "
             f"{_short(nd.get('inputs_digest'))}); if it shuffles or randomly augments before this "
-            "transform, move that after the transform (or pass `augment=` for augmentation the teacher must see)"
+            "transform, move that after the transform (or pass `augment=` for augmentation the teacher "
+            "must see)"
         )
     os_ = old.get("settings") if isinstance(old.get("settings"), dict) else {}
     ns = new.get("settings", {})

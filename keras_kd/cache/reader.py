@@ -24,7 +24,9 @@ _READ_BATCH = 1024
 
 def _targets(labels, fields, top_k, example_id, labelled):
     if top_k is None:
-        return targets_lib.TeacherTargets(labels=labels, logits=fields[0], example_id=example_id, has_labels=labelled)
+        return targets_lib.TeacherTargets(
+            labels=labels, logits=fields[0], example_id=example_id, has_labels=labelled
+        )
     return targets_lib.TeacherTargets(
         labels=labels,
         topk_values=fields[0],
@@ -84,7 +86,7 @@ def read(dataset, manifest, stored, teachers, labelled=True) -> tf.data.Dataset:
 
 
 def _small(spec, n) -> bool:
-    """Whether elements of this spec are plain numeric tensors of fixed shapes, `SMALL_ELEMENTS_BYTES` in all."""
+    """Whether the elements are numeric tensors of fixed shapes, at most `SMALL_ELEMENTS_BYTES` in all."""
     if not _checks.fixed_shapes(spec):
         return False
     flat = tf.nest.flatten(spec)
@@ -114,7 +116,9 @@ def _rows(dataset, stored, top_k, n, labelled):
     # Measured (1,257 x 64, shuffle + batch 64): as fast as TeacherTargets
     # sliced from memory; any op per element (even an index) or splitting
     # dataset batches (batch -> zip -> unbatch) was 2.5-5x slower.
-    rows = stored.rows(_view0(top_k, lambda i: i.astype(np.int32)), _view0(top_k, lambda i: tf.cast(i, tf.int32)))
+    rows = stored.rows(
+        _view0(top_k, lambda i: i.astype(np.int32)), _view0(top_k, lambda i: tf.cast(i, tf.int32))
+    )
 
     def pair(element, fields, example_id):
         x, y, *sample_weight = element
@@ -149,7 +153,8 @@ def _views(dataset, stored, top_k, n, rows, views, teachers, labelled):
 
     def replay(element, chosen):
         (x, y, *sample_weight), (fields, example_id, view_seed) = element, chosen
-        return (teachers.student_view(x, view_seed), _targets(y, fields, top_k, example_id, labelled), *sample_weight)
+        targets = _targets(y, fields, top_k, example_id, labelled)
+        return (teachers.student_view(x, view_seed), targets, *sample_weight)
 
     return tf.data.Dataset.zip((dataset, per_example)).map(
         replay, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True

@@ -75,7 +75,17 @@ class Teachers:
     """
 
     def __init__(
-        self, models, ensemble, output_index, top_k, dtype, augment, views, seed, teacher_inputs, student_inputs
+        self,
+        models,
+        ensemble,
+        output_index,
+        top_k,
+        dtype,
+        augment,
+        views,
+        seed,
+        teacher_inputs,
+        student_inputs,
     ):
         self.models, self.ensemble, self.output_index = list(models), ensemble, output_index
         self.top_k, self.dtype = top_k, dtype
@@ -100,7 +110,8 @@ class Teachers:
             ds = ds.skip(start_row)
         if rows is not None:
             ds = ds.take(rows)
-        augment, to_teacher, seed, views = self.augment, self.teacher_inputs or _identity, self.seed, self.views
+        augment, seed, views = self.augment, self.seed, self.views
+        to_teacher = self.teacher_inputs or _identity
         if augment is None:
             ds = ds.map(lambda x, *rest: to_teacher(x))
         else:
@@ -110,7 +121,9 @@ class Teachers:
                 out = [to_teacher(augment(element[0], seed_of(seed, i, v, views))) for v in range(views)]
                 return tf.nest.map_structure(lambda *t: tf.stack(t), *out)
 
-            ds = tf.data.Dataset.zip((ids, ds)).map(all_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            ds = tf.data.Dataset.zip((ids, ds)).map(
+                all_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+            )
         # Elements of varying shape: the teacher sees each one alone, unpadded.
         batch = block_rows if _checks.fixed_shapes(ds.element_spec) else 1
         return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
@@ -138,7 +151,8 @@ class Teachers:
                 shape = tuple(out.shape[1:])
                 if not shape or any(d is None for d in shape):
                     raise ValueError(
-                        f"Expected the teacher to output logits of shape (batch, ..., classes). Received: {out.shape}"
+                        "Expected the teacher to output logits of shape (batch, ..., classes). "
+                        f"Received: {out.shape}"
                     )
                 found.append(tuple(int(d) for d in shape))
         if len(set(found)) > 1:
@@ -149,13 +163,15 @@ class Teachers:
             )
         shape = found[0]
         if self.top_k is not None and self.top_k > shape[-1]:
-            raise ValueError(f"Expected `top_k` <= the teacher's {shape[-1]} classes. Received: top_k={self.top_k}")
+            raise ValueError(
+                f"Expected `top_k` <= the teacher's {shape[-1]} classes. Received: top_k={self.top_k}"
+            )
         return shape
 
     # -- the traced step --------------------------------------------------------
 
     def step(self):
-        """``step(x) -> (arrays, stats)`` on a batch of teacher inputs; traced once per teachers and settings."""
+        """``step(x) -> (arrays, stats)`` on a batch of teacher inputs, traced once per teachers/settings."""
         # Reused by later builds (as `Model.predict` reuses its `predict_function`).
         key = (repr(self.output_index), self.top_k, self.views, self.augment is not None, self.ensemble)
         try:
@@ -164,7 +180,8 @@ class Teachers:
             steps = {}
         found = steps.get(key)
         if found is None or any(r() is not m for r, m in zip(found[0], self.models)):
-            refs = [weakref.ref(m) for m in self.models]  # `_STEPS` is keyed by the teacher: no strong reference
+            # `_STEPS` is keyed by the teacher: the step holds no strong reference to it.
+            refs = [weakref.ref(m) for m in self.models]
             steps[key] = found = (refs, self._make_step(refs))
         return found[1]
 
@@ -177,7 +194,10 @@ class Teachers:
             if augmented:
                 n = tf.shape(tf.nest.flatten(x)[0])[0]
                 x = tf.nest.map_structure(lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0)), x)
-            members = [tf.cast(targets_lib.teacher_output(r()(x, training=False), output_index), tf.float32) for r in refs]
+            members = [
+                tf.cast(targets_lib.teacher_output(r()(x, training=False), output_index), tf.float32)
+                for r in refs
+            ]
             out = targets_lib.ensemble_logits(members, ensemble)
             if augmented:
                 out = tf.reshape(out, tf.concat([[n, views], tf.shape(out)[1:]], 0))

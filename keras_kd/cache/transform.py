@@ -27,7 +27,7 @@ _SAMPLE_SIZE = 64  # elements read twice to detect a dataset that changes betwee
 
 
 def _with_labels(dataset):
-    """``(dataset of (x, y[, w]), labelled)``: a dataset of ``x`` alone (or ``(x,)``) gets placeholder labels."""
+    """``(dataset of (x, y[, w]), labelled)``: ``x`` alone (or ``(x,)``) gets placeholder labels."""
     spec = getattr(dataset, "element_spec", None)
     if not isinstance(dataset, tf.data.Dataset) or (isinstance(spec, tuple) and len(spec) != 1):
         return dataset, True  # `_check_dataset` judges it
@@ -97,13 +97,15 @@ class TeacherLogitCache:
         # Checked (valid UTF-8, absolute, symlinks resolved) before the teacher runs.
         self.directory = fs.resolve_directory(directory, "teacher-logit cache")
         self.top_k = _checks.positive_int(top_k, "top_k", allow_none=True)
-        self.dtype = _checks.one_of(getattr(dtype, "name", None) or str(dtype), "dtype", tuple(manifest_lib.DTYPES))
+        dtype = getattr(dtype, "name", None) or str(dtype)
+        self.dtype = _checks.one_of(dtype, "dtype", tuple(manifest_lib.DTYPES))
         self.batch_size = _checks.positive_int(batch_size, "batch_size")
         self.augment = _callable_or_none(augment, "augment", "fn(x, seed)")
         self.views = _checks.positive_int(views, "views")
         if self.views > 1 and augment is None:
             raise ValueError(
-                f"views={views} needs an `augment` function: without augmentation every view is the same example."
+                f"views={views} needs an `augment` function: without augmentation every view is the "
+                "same example."
             )
         self.seed = _checks.integer(seed, "seed")
         self.teacher_inputs = _callable_or_none(teacher_inputs, "teacher_inputs", "fn(x)")
@@ -196,7 +198,8 @@ class TeacherLogitCache:
         if self.num_classes is None:
             raise ValueError("The cache has not been built or read yet; apply it to the dataset first.")
         _compat.check_model(student, "student")
-        classes = _checks.num_classes_of(student, self.output_index if isinstance(self.output_index, int) else 0)
+        index = self.output_index if isinstance(self.output_index, int) else 0
+        classes = _checks.num_classes_of(student, index)
         if classes is not None and classes != self.num_classes:
             raise ValueError(
                 f"The student outputs {classes} classes but the teacher-logit cache at "
@@ -219,10 +222,13 @@ class TeacherLogitCache:
             )
         if isinstance(spec[1], targets_lib.TeacherTargets.Spec):
             raise ValueError(
-                "The dataset already carries teacher targets; apply the teacher-logit cache to the raw dataset."
+                "The dataset already carries teacher targets; apply the teacher-logit cache to the raw "
+                "dataset."
             )
         if not isinstance(spec[1], tf.TensorSpec):
-            raise ValueError(f"Expected the labels `y` of each element to be a single tensor. Received: y spec={spec[1]}.")
+            raise ValueError(
+                f"Expected the labels `y` of each element to be a single tensor. Received: y spec={spec[1]}."
+            )
         cardinality = int(dataset.cardinality())
         if cardinality == tf.data.INFINITE_CARDINALITY:
             raise ValueError(
@@ -248,7 +254,9 @@ class TeacherLogitCache:
         settings.update(self.teachers.transform_settings(dataset))
         digest, count = fingerprint.inputs_digest(dataset)
         if count_hint is not None and count != count_hint:
-            raise ValueError(f"The dataset reports {count_hint} elements (its cardinality) but yields {count}.")
+            raise ValueError(
+                f"The dataset reports {count_hint} elements (its cardinality) but yields {count}."
+            )
         if count == 0:
             raise ValueError("The dataset given to `cache_teacher_logits` is empty.")
         fp = {
@@ -319,7 +327,7 @@ class TeacherLogitCache:
         return doc, stored
 
     def _refuse_changing(self, dataset, suspicious):
-        """Before a build: a dataset that differs between two passes is refused (reshuffles) or warned about."""
+        """Before a build: a dataset that differs between passes is refused (reshuffles) or warned about."""
         if not fingerprint.changes_between_passes(dataset, _SAMPLE_SIZE):
             return
         reshuffles = [s for s in suspicious if "shuffle" in s or "Dataset.random" in s]
@@ -341,7 +349,7 @@ class TeacherLogitCache:
         )
 
     def _probe(self, dataset, manifest, stored):
-        """Re-runs the teachers on the first examples; a `ProbeMismatch` if they disagree with the stored rows."""
+        """Re-runs the teachers on the first examples: a `ProbeMismatch` if they disagree with the rows."""
         rows = build_lib.probe_rows(manifest)
         x = next(iter(self.teachers.build_inputs(dataset, 0, rows, rows)))
         fresh, _ = self.teachers.step()(x)
