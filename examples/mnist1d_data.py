@@ -87,14 +87,16 @@ def load(work: str, validation: int = VALIDATION) -> Split:
 
 
 def transfer_inputs(work: str, count: int) -> np.ndarray:
-    """``count`` extra unlabelled inputs (``count`` <= 5,000) from the
-    generator with seed `TRANSFER_SEED`, all its examples (train and test
-    parts of that other data set), never the default data set's test split."""
-    data = generate(os.path.join(work, f"mnist1d_transfer_seed{TRANSFER_SEED}.npz"), seed=TRANSFER_SEED)
-    x = np.concatenate([data["x"], data["x_test"]])
-    if count > len(x):
-        raise ValueError(f"Expected `count` <= {len(x)}. Received: count={count}")
-    return _inputs(x[:count])
+    """``count`` extra unlabelled inputs from the generator with seed
+    `TRANSFER_SEED`: all the examples (its train and test parts) of a data set
+    of ``count`` rounded up to a multiple of 10 signals, never the default
+    data set's test split."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"Expected `count` to be a positive integer. Received: count={count!r}")
+    size = -(-count // 10) * 10  # the generator makes num_samples // 10 signals per class
+    path = os.path.join(work, f"mnist1d_transfer_seed{TRANSFER_SEED}_{size}.npz")
+    data = generate(path, seed=TRANSFER_SEED, num_samples=size)
+    return _inputs(np.concatenate([data["x"], data["x_test"]])[:count])
 
 
 def noisy_labels(labels: np.ndarray, share: float, seed: int = 0, num_classes: int = 10) -> np.ndarray:

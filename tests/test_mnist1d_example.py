@@ -66,8 +66,9 @@ def test_transfer_inputs_are_new_signals_not_the_test_split(work, no_network):
     # No transfer input equals (or nearly equals) any training, validation or test signal.
     distances = ((extra.reshape(-1, 1, 40) - known[None]) ** 2).sum(-1).min(1)
     assert distances.min() > 1e-3
-    with pytest.raises(ValueError, match="count"):
-        mnist1d_data.transfer_inputs(work, 5001)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="Expected `count` to be a positive integer"):
+            mnist1d_data.transfer_inputs(work, bad)
 
 
 def test_noisy_labels_flip_exactly_the_share_to_other_classes():
