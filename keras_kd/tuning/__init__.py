@@ -21,7 +21,9 @@ search of N trials runs the teacher over the data once.
 """
 
 from keras_kd.tuning.hypermodel import DistillationHyperModel
+from keras_kd.tuning.hyperparameters import SCHEDULES
 from keras_kd.tuning.hyperparameters import DistillationChoices
+from keras_kd.tuning.hyperparameters import Range
 from keras_kd.tuning.hyperparameters import distillation_hyperparameters
 from keras_kd.tuning.tuners import OBJECTIVE_DIRECTIONS
 from keras_kd.tuning.tuners import SIZE_ACCURACY
@@ -38,6 +40,8 @@ __all__ = [
     "Hyperband",
     "OBJECTIVE_DIRECTIONS",
     "RandomSearch",
+    "Range",
+    "SCHEDULES",
     "SIZE_ACCURACY",
     "TFLITE_INT8_ACCURACY",
     "TFLITE_SIZE_KIB",
