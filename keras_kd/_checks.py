@@ -252,14 +252,36 @@ def model_input_ranks(model) -> Optional[Tuple[int, ...]]:
     return tuple(ranks)
 
 
-def is_batched(x_spec, model) -> Optional[bool]:
-    """Whether elements with inputs ``x_spec`` are batches for ``model``.
+def is_batched(x_spec, model, y_spec=None) -> Optional[bool]:
+    """Whether elements with inputs ``x_spec`` (and labels ``y_spec``) are batches for ``model``.
 
     True when every input tensor has the rank of the model's matching input,
-    False when every one has one axis less, None when it cannot be told
-    (no symbolic inputs, unknown ranks, a different number of inputs, or
-    inputs that disagree).
+    False when every one has one axis less. When the model cannot tell (no
+    symbolic inputs, e.g. an unbuilt Sequential or a callable; unknown ranks;
+    a different number of inputs; inputs that disagree), the labels decide
+    if given: scalar labels are one example's (False); labels and inputs that
+    all start with an axis of unknown size are what ``.batch()`` gives (True).
+    Otherwise None (cannot tell).
     """
+    from_model = _batched_for_model(x_spec, model)
+    if from_model is not None or y_spec is None:
+        return from_model
+    return _batched_from_labels(x_spec, y_spec)
+
+
+def _batched_from_labels(x_spec, y_spec) -> Optional[bool]:
+    labels = [s for s in tf.nest.flatten(y_spec) if isinstance(s, tf.TensorSpec)]
+    if len(labels) != 1 or labels[0].shape.rank is None:
+        return None
+    if labels[0].shape.rank == 0:
+        return False
+    leading = [getattr(s, "shape", None) for s in [*tf.nest.flatten(x_spec), labels[0]]]
+    if all(shape is not None and shape.rank and shape[0] is None for shape in leading):
+        return True
+    return None
+
+
+def _batched_for_model(x_spec, model) -> Optional[bool]:
     ranks = model_input_ranks(model)
     specs = tf.nest.flatten(x_spec)
     if ranks is None or len(specs) != len(ranks):

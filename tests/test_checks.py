@@ -187,6 +187,21 @@ def test_is_batched_multi_input_and_callables(K):
     assert _checks.model_input_ranks(lambda x: x) is None
 
 
+def test_is_batched_from_the_labels_when_the_model_cannot_tell(K):
+    unbuilt = K.Sequential([K.layers.Flatten(), K.layers.Dense(4)])  # no symbolic inputs
+    image, batch_of_images = tf.TensorSpec((8, 8, 1)), tf.TensorSpec((None, 8, 8, 1))
+    assert _checks.is_batched(image, unbuilt) is None
+    # Scalar labels belong to one example; labels and inputs that all start with an axis of
+    # unknown size are what `.batch()` gives.
+    assert _checks.is_batched(image, unbuilt, tf.TensorSpec((), tf.int64)) is False
+    assert _checks.is_batched(batch_of_images, unbuilt, tf.TensorSpec((None,), tf.int64)) is True
+    # A fixed batch size (drop_remainder=True) or one-hot labels of one example: cannot tell.
+    assert _checks.is_batched(tf.TensorSpec((4, 8, 8, 1)), unbuilt, tf.TensorSpec((4,), tf.int64)) is None
+    assert _checks.is_batched(image, unbuilt, tf.TensorSpec((10,))) is None
+    # The model's rule comes first.
+    assert _checks.is_batched(tf.TensorSpec((8,)), mlp(K), tf.TensorSpec((None,))) is False
+
+
 def test_batch_dim():
     assert _checks.batch_dim(tf.TensorSpec((32, 8))) == 32
     assert _checks.batch_dim(tf.TensorSpec((None, 8))) is None
