@@ -127,7 +127,6 @@ case("`distillation_hyperparameters(temperature=(0, 4))`", lambda: tuning.distil
 case("`distillation_hyperparameters(alpha=(0, 1.5))`", lambda: tuning.distillation_hyperparameters(keras_tuner.HyperParameters(), alpha=(0.0, 1.5)))
 case("build function that returns no model", lambda: tuning.RandomSearch(tuning.DistillationHyperModel(lambda hp: "nope"), objective="val_accuracy", max_trials=1, directory=tempfile.mkdtemp()))
 # Issue 17: ensembles, DKD, transfer sets, mixup, different inputs.
-case("`with_teacher(ds, [])` (empty list of teachers)", lambda: keras_kd.with_teacher(ds.batch(16), []))
 case("ensemble of a 4-class and a 5-class teacher", lambda: keras_kd.with_teacher(ds.batch(16), [t4, t5]))
 t9 = keras.Sequential([keras.Input((9,)), keras.layers.Dense(4)])
 case("ensemble of teachers with inputs (8,) and (9,)", lambda: keras_kd.with_teacher(ds.batch(16), [t4, t9]))
