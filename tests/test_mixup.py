@@ -211,6 +211,31 @@ def test_mixup_bad_datasets():
             next(iter(ds))
 
 
+@pytest.mark.parametrize("labels", [
+    [0.7, 1.7, 2.9, 3.5],          # fractional: the loss refuses them, mixup must not truncate them
+    [0.0, 1.0, np.nan, 3.0],
+    [[0.0], [np.inf], [2.0], [3.0]],
+])
+def test_mixup_refuses_float_labels_that_are_not_whole_numbers(labels):
+    y = np.array(labels, np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((np.zeros((4, 3), np.float32), y)).batch(4)
+    ds = ds.map(keras_kd.mixup(1e-3, num_classes=4, seed=0))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="float labels must be whole numbers"):
+        next(iter(ds))
+
+
+def test_mixup_decodes_whole_float_and_uint8_labels_as_the_loss_does():
+    x = np.zeros((4, 3), np.float32)  # identical inputs: the mixed labels are lam-weighted one-hots
+    for y in (np.array([3.0, 0.0, 2.0, 1.0], np.float32), np.array([[3], [0], [2], [1]], np.uint8)):
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4).map(keras_kd.mixup(1e-3, num_classes=4, seed=0))
+        mixed = next(iter(ds))[1].numpy()
+        np.testing.assert_allclose(mixed.sum(axis=1), 1.0, rtol=1e-6)
+        # every row's mass sits on its own class and its partner's, both from the original ids
+        ids = np.ravel(y).astype(int)
+        assert all(set(np.flatnonzero(row > 0)) <= set(ids) for row in mixed)
+        assert all(np.count_nonzero(row) <= 2 for row in mixed)
+
+
 # --- unlabelled transfer sets -----------------------------------------------------------
 
 

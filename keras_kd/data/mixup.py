@@ -13,6 +13,7 @@ from typing import Optional
 import tensorflow as tf
 
 from keras_kd import _checks
+from keras_kd import _labels
 from keras_kd import targets as targets_lib
 
 KINDS = ("mixup", "cutmix")
@@ -66,7 +67,8 @@ def mixup(alpha: float = 0.2, *, num_classes: Optional[int] = None, kind: str = 
             tensor of rank 2 to 4.
         tf.errors.InvalidArgumentError: while iterating, for sparse class ids
             outside ``[0, num_classes)`` (`keras_kd.NO_LABEL` included:
-            an unlabelled example has no label to mix).
+            an unlabelled example has no label to mix) and float labels that
+            are not whole numbers (``2.5``, NaN, Inf), as the loss refuses.
 
     Example:
 
@@ -144,12 +146,13 @@ class _Mix:
                 "`mixup` needs `num_classes` to mix sparse class-id labels (it one-hot encodes them), "
                 f"e.g. keras_kd.mixup(alpha, num_classes=10). Received labels of shape {y.shape}."
             )
-        ids = tf.squeeze(y, -1) if last == 1 else y
-        ids = tf.cast(ids, tf.int64)
+        # The loss's decoder: fractional, NaN or Inf float labels become INVALID_ID, refused below.
+        ids = _labels.class_ids(y, k, logits_rank=2)
         check = tf.debugging.Assert(
-            tf.reduce_all((ids >= 0) & (ids < k)),
-            [f"keras_kd.mixup: class ids must be in [0, {k}) (unlabelled examples, NO_LABEL = -1, "
-             "cannot be mixed: mix the labelled data only). Received ids:", ids],
+            tf.reduce_all(_labels.valid_class_ids(ids, k, allow_unlabelled=False)),
+            [f"keras_kd.mixup: class ids must be in [0, {k}) and float labels must be whole numbers "
+             f"(unlabelled examples, NO_LABEL = -1, cannot be mixed: mix the labelled data only; "
+             f"{_labels.INVALID_ID} marks a fractional, NaN or Inf label). Received ids:", ids, "labels:", y],
             summarize=16,
         )
         with tf.control_dependencies([check]):
