@@ -174,3 +174,39 @@ def test_schedule_arguments():
         tuning.DistillationHyperModel(lambda hp: None, schedule="cosine", schedule_epochs=3, final_alpha=1.5)
     # Constant (the default) is accepted where a build function calls it.
     assert tuning.distillation_hyperparameters(hp, schedule="constant").scheduler is None
+
+
+@pytest.mark.parametrize("objective", ["val_loss", "loss"])
+def test_ranking_by_the_searched_loss_warns_once(objective, tmp_path):
+    """keras-tuner's own GridSearch over alpha (incl. plain training) and divergence:
+    the trials train on different losses, so ranking by a loss warns, once."""
+    x, y = _arrays()
+    hypermodel = tuning.DistillationHyperModel(
+        lambda hp: _student(keras), temperature=2.0, alpha=[0.5, 1.0], divergence=["kl", "dkd"],
+        learning_rate=1e-2,
+    )
+    tuner = keras_tuner.GridSearch(hypermodel, objective=keras_tuner.Objective(objective, "min"), max_trials=3,
+                                   directory=str(tmp_path), project_name="w")
+    data = _distilled(x, y, _teacher())
+    with pytest.warns(UserWarning, match="not comparable.*val_accuracy") as record:
+        tuner.search(data, validation_data=data, epochs=1, verbose=0)
+    assert len(tuner.oracle.trials) == 3
+    assert sum("not comparable" in str(w.message) for w in record) == 1
+
+
+def test_ranking_by_accuracy_or_a_fixed_loss_does_not_warn(tmp_path):
+    x, y = _arrays()
+    data = _distilled(x, y, _teacher())
+    searched = tuning.DistillationHyperModel(lambda hp: _student(keras), temperature=2.0, alpha=[0.5, 1.0],
+                                             learning_rate=1e-2)
+    fixed = tuning.DistillationHyperModel(lambda hp: _student(keras), temperature=2.0, alpha=0.5,
+                                          learning_rate=[1e-2, 1e-3])  # same loss in every trial
+    import warnings
+
+    for hypermodel, objective in ((searched, "val_accuracy"), (fixed, "val_loss")):
+        tuner = keras_tuner.GridSearch(hypermodel, objective=objective, max_trials=2,
+                                       directory=str(tmp_path), project_name=objective)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            tuner.search(data, validation_data=data, epochs=1, verbose=0)
+        assert not [w for w in record if "not comparable" in str(w.message)]

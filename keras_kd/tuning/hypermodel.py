@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Callable
 
 import keras_tuner
 
 from keras_kd import _compat
 from keras_kd.metrics import teacher_agreement
+from keras_kd.tuning import _keras_tuner_private as kt_private
 from keras_kd.tuning.hyperparameters import _distillation_choices
 
 class DistillationHyperModel(keras_tuner.HyperModel):
@@ -23,6 +26,16 @@ class DistillationHyperModel(keras_tuner.HyperModel):
 
     With ``alpha`` a list that contains 1.0, plain training (the student from
     scratch) is one of the candidates; see `distillation_hyperparameters`.
+
+    **Rank the trials by a metric, not by the loss.** When the search varies
+    alpha, temperature, divergence (or the DKD weight, schedule, final
+    temperature or final alpha), each trial trains on a different loss, and
+    their values are not comparable (a KL trial, a plain-training trial and a
+    DKD trial differ in scale, not in quality). Use ``"val_accuracy"`` or
+    another metric you define as the tuner's objective. ``fit`` warns
+    (``UserWarning``, once per hypermodel) when the objective is ``"loss"``,
+    ``"val_loss"`` or the compiled loss's name (``"distillation_loss"``,
+    ``"val_distillation_loss"``) while such a hyperparameter has several values.
 
     Args:
         build_student: ``fn(hp) -> model``.
@@ -57,6 +70,7 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         self.build_student = build_student
         self.metrics = metrics
         self.ranges = ranges
+        self._warned_loss_objective = False
         _distillation_choices(keras_tuner.HyperParameters(), **ranges)  # validate now
 
     def build(self, hp):
@@ -70,6 +84,7 @@ class DistillationHyperModel(keras_tuner.HyperModel):
     def fit(self, hp, model, x=None, *args, callbacks=None, **kwargs):
         choices = _distillation_choices(hp, **self.ranges)
         callbacks = list(callbacks or [])
+        self._warn_if_ranked_by_loss(model, callbacks)
         if choices.scheduler is not None:
             # First, so that later callbacks (and History) see this epoch's values in `logs`.
             callbacks.insert(0, choices.scheduler)
@@ -85,6 +100,53 @@ class DistillationHyperModel(keras_tuner.HyperModel):
                 raise keras_tuner.errors.FatalValueError(f"{error}{hint}") from error
             callbacks.append(choices.reweighting)
         return model.fit(x, *args, callbacks=callbacks, **kwargs)
+
+    def _warn_if_ranked_by_loss(self, model, callbacks):
+        """Warns once when the tuner's objective (read from its per-epoch
+        callback) is a loss and the search varies the loss itself."""
+        if self._warned_loss_objective:
+            return
+        varied = [name for name in _LOSS_SHAPING if _varies(self.ranges.get(name, _DEFAULTS.get(name)))]
+        if not varied:
+            return
+        loss_name = getattr(getattr(model, "loss", None), "name", None)
+        loss_names = {"loss", "val_loss"} | ({loss_name, f"val_{loss_name}"} if loss_name else set())
+        for callback in callbacks:
+            objective = getattr(callback, "objective", None)
+            if not isinstance(objective, keras_tuner.Objective):
+                continue
+            names = [o.name for o in kt_private.objective_list(objective)]
+            ranked_by_loss = [n for n in names if n in loss_names]
+            if ranked_by_loss:
+                self._warned_loss_objective = True
+                warnings.warn(
+                    f"The tuner ranks trials by {ranked_by_loss[0]!r} while the search varies "
+                    f"{', '.join(varied)}: each trial then trains on a different loss, whose values are "
+                    "not comparable (the best trial is the numerically smallest loss, not the best "
+                    "student, and may be worse than plain training). Use objective=\"val_accuracy\" "
+                    "(or another metric you define) instead.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                return
+
+
+# The ranges that change the loss's definition, so its value, from trial to trial.
+_LOSS_SHAPING = ("alpha", "temperature", "divergence", "dkd_non_target_weight", "schedule",
+                 "final_temperature", "final_alpha")
+_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(_distillation_choices).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
+
+
+def _varies(value) -> bool:
+    """Whether a range of `distillation_hyperparameters` holds several values."""
+    if isinstance(value, tuple):  # a (low, high) float range
+        return len(value) == 2 and value[0] != value[1]
+    if isinstance(value, list):  # a choice
+        return len(set(value)) > 1
+    return False
 
 
 def _check_model(model):

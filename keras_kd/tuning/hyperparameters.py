@@ -132,7 +132,11 @@ def distillation_hyperparameters(
     search that tries every choice (``keras_tuner.GridSearch``, or a random
     search whose ``max_trials`` covers the space) therefore includes the
     scratch student, and its best trial is never worse than scratch on the
-    objective it ranks by: make that a validation metric, never the test set.
+    objective it ranks by: make that a validation metric that does not depend
+    on the searched loss, e.g. ``"val_accuracy"``, never the test set. Never
+    rank by ``"loss"``/``"val_loss"`` when alpha, temperature or divergence
+    have several values: each trial trains on a different loss, and their
+    values are not comparable (`DistillationHyperModel` warns).
     A ``(low, high)`` float range for alpha does not contain 1 as a sample.
 
     Args:
