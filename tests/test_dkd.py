@@ -206,3 +206,19 @@ def test_fit_evaluates_to_the_reference(K, jit, toy_data):
     assert got == pytest.approx(want, rel=1e-5)
     history = student.fit(ds, epochs=5, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+@pytest.mark.parametrize("get", [lambda: keras_kd.DIVERGENCES["dkd"], lambda: keras_kd.losses.get_divergence("dkd"),
+                                 lambda: keras_kd.DecoupledKD(non_target_weight=2.0)])
+def test_two_argument_call_says_it_needs_class_ids(get):
+    t = tf.constant([[2.0, 0.0, -1.0]])
+    s = tf.constant([[0.5, 0.5, 0.0]])
+    dkd = get()
+    assert keras_kd.losses.is_label_aware(dkd)
+    with pytest.raises(TypeError, match=r"(?s)DecoupledKD.*'dkd'.*class ids.*DistillationLoss"):
+        dkd(t, s)
+    # With the class ids it is the paper's formula (tests/reference.py).
+    got = dkd(t, s, tf.constant([0], tf.int64)).numpy()
+    w = dkd.get_config()
+    want = ref.decoupled_kd([0], s.numpy(), t.numpy(), 1.0, w["target_weight"], w["non_target_weight"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

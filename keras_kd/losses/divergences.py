@@ -3,8 +3,9 @@
 Arguments are logits already divided by the temperature, teacher first, as in
 ``D(teacher || student)``; each returns the divergence over the last (class)
 axis, one value per example (or per example and time step). Label-aware
-divergences (`keras_kd.DecoupledKD`) also read the labels: see
-`keras_kd.losses.label_aware`.
+divergences (`keras_kd.DecoupledKD`, ``DIVERGENCES["dkd"]``) also read the
+labels: they take ``(teacher_logits, student_logits, class_ids)``, which
+`DistillationLoss` passes; see `keras_kd.losses.label_aware`.
 
 To add a divergence: write ``fn(teacher_logits, student_logits)`` here and add
 it to `DIVERGENCES` (plus `ZERO_MASS_SAFE` if it stays finite where the
@@ -98,6 +99,9 @@ def logit_huber(teacher_logits, student_logits, delta: float = 1.0):
     return tf.reduce_mean(0.5 * tf.square(quad) + delta * (err - quad), axis=-1)
 
 
+# Name -> divergence. Every value is ``fn(teacher_logits, student_logits)``
+# except the label-aware ones ("dkd", a `keras_kd.DecoupledKD`), which take
+# ``(teacher_logits, student_logits, class_ids)`` (see `get_divergence`).
 DIVERGENCES = {
     "kl": forward_kl,
     "reverse_kl": reverse_kl,
@@ -130,7 +134,10 @@ def get_divergence(identifier: Union[str, Divergence]) -> Divergence:
     """Resolves a divergence name (see `DIVERGENCES`) or passes a callable through.
 
     Label-aware divergences (`keras_kd.DecoupledKD`, ``"dkd"``) are callables
-    too, called with the class ids as a third argument.
+    too, but take three arguments, ``(teacher_logits, student_logits,
+    class_ids)``; called with two they raise a ``TypeError`` that says so.
+    `DistillationLoss` passes the class ids from the labels. Tell them apart
+    with `keras_kd.losses.is_label_aware`.
     """
     if callable(identifier):
         return identifier

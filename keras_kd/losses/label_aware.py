@@ -45,7 +45,14 @@ class LabelAwareDivergence:
     name = "label_aware"
     zero_mass_safe = False
 
-    def __call__(self, teacher_logits, student_logits, class_ids):
+    def __call__(self, teacher_logits, student_logits, class_ids=None):
+        if class_ids is None:
+            raise TypeError(
+                f"{self!r} (divergence {self.name!r}) is label-aware: it needs the class ids, called as "
+                "`fn(teacher_logits, student_logits, class_ids)` with int64 ids in [0, classes). "
+                "Received only teacher and student logits. `DistillationLoss(divergence=...)` passes the "
+                "class ids from the labels: use it, or pass them yourself."
+            )
         return self.call(teacher_logits, student_logits, class_ids)
 
     def call(self, teacher_logits, student_logits, class_ids):
