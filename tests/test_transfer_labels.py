@@ -161,3 +161,44 @@ def test_mixup_labels_in_fit_match_reference(K, jit, toy_data):
     t = teacher.predict(x_mixed.numpy(), verbose=0)
     want = (0.5 * ref.categorical_ce(y_mixed.numpy(), s) + 0.5 * _kl(t, s, 2.0)).mean()
     assert got == pytest.approx(want, rel=1e-5)
+
+
+_NOT_DISTRIBUTIONS = {
+    "negative": [[1.5, -0.5, 0.0, 0.0]],
+    "all_zero": [[0.0, 0.0, 0.0, 0.0]],
+    "half": [[0.25, 0.25, 0.0, 0.0]],
+}
+
+
+@pytest.mark.parametrize("row", list(_NOT_DISTRIBUTIONS), ids=list(_NOT_DISTRIBUTIONS))
+def test_dense_labels_that_are_not_distributions_are_refused(row):
+    labels = np.eye(4, dtype="float32")[[0, 1, 2]]
+    labels = np.concatenate([labels, np.asarray(_NOT_DISTRIBUTIONS[row], "float32")])
+    s, t = _logits(20, (4, 4)), _logits(21, (4, 4))
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="dense labels must be distributions"):
+        loss.hard_term(labels, s)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="dense labels must be distributions"):
+        loss(TeacherTargets(labels=labels, logits=t), s)
+    # Within 1e-3 of a sum of 1 (float rounding of mixed labels) is accepted, as Keras computes it.
+    near = np.array([[0.3, 0.7004, 0.0, 0.0]] * 4, "float32")
+    cce = keras.losses.CategoricalCrossentropy(from_logits=True, reduction="none")
+    np.testing.assert_allclose(loss.hard_term(near, s).numpy(), np.asarray(cce(near, s)), rtol=1e-6)
+
+
+@JIT
+def test_dense_labels_not_distributions_in_fit(K, jit, toy_data):
+    x, y, _ = toy_data
+    dense = np.eye(4, dtype="float32")[y]
+    dense[5] = [0.5, 0.0, 0.0, 0.0]  # sums to 0.5: would halve its hard term
+    teacher, student = mlp(K), mlp(K)
+    student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.5), jit_compile=jit)
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, dense)).batch(32), teacher, placement="pipeline")
+    if jit:
+        assert np.isnan(student.fit(ds, epochs=1, verbose=0).history["loss"][0])
+        assert np.isnan(student.evaluate(ds, verbose=0))
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="dense labels must be distributions"):
+            student.fit(ds, epochs=1, verbose=0)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="dense labels must be distributions"):
+            student.evaluate(ds, verbose=0)

@@ -107,6 +107,33 @@ def sparse_ids(labels, student_logits):
     return ids, tf.cast(labelled, tf.float32)
 
 
+_DENSE_SUM_TOLERANCE = 1e-3
+
+
+def dense_labels(labels):
+    """Dense labels as float32, NaN in the rows that are not distributions.
+
+    A row must be ``>= 0`` with a sum within 1e-3 of 1 (one-hot, mixup and
+    cutmix labels are): a negative entry would give a negative cross-entropy,
+    an all-zero row would drop the example's hard term and a row summing to
+    0.5 would halve it, silently (Keras's ``CategoricalCrossentropy`` does not
+    check). Raises ``InvalidArgumentError`` in eager and graph mode; NaN loss
+    under XLA. Two reductions over the labels: the sparse path never runs it.
+    """
+    labels = tf.cast(labels, tf.float32)
+    valid = tf.logical_and(
+        tf.reduce_min(labels, axis=-1) >= 0.0,
+        tf.abs(tf.reduce_sum(labels, axis=-1) - 1.0) <= _DENSE_SUM_TOLERANCE,
+    )
+    message = (
+        "keras_kd: dense labels must be distributions over the classes (one-hot or mixed, e.g. keras_kd.mixup): "
+        f"every entry >= 0 and each row summing to 1 (within {_DENSE_SUM_TOLERANCE}). Some row has a negative "
+        "entry or another sum (an all-zero row is not an unlabelled example: use sparse labels with "
+        "keras_kd.NO_LABEL for those). Normalise the labels, e.g. y / tf.reduce_sum(y, -1, keepdims=True)."
+    )
+    return guards.nan_where_invalid(labels, valid[..., None], message)
+
+
 def default_hard_loss(labels, student_logits):
     """Cross-entropy from logits: sparse class ids, dense labels, or binary.
 
@@ -115,14 +142,16 @@ def default_hard_loss(labels, student_logits):
     * Labels whose rank equals the logits' rank and whose last dimension equals
       the class count are dense labels, one-hot or mixed (mixup):
       categorical cross-entropy ``-sum_c y_c log softmax(s)_c``, as
-      ``keras.losses.CategoricalCrossentropy(from_logits=True)``.
+      ``keras.losses.CategoricalCrossentropy(from_logits=True)``. Each row
+      must be a distribution (entries >= 0, sum 1 within 1e-3; see
+      `dense_labels`), which Keras's loss does not check.
     * Anything else is class ids of any integer (or whole float) dtype; a
       trailing axis of size 1 is squeezed. `keras_kd.NO_LABEL` (-1) marks an
       unlabelled example: its hard term is 0 and it still counts in the
       batch mean (its distillation term is what it contributes).
 
     Labels out of range (class ids outside ``[0, classes)`` other than -1,
-    binary labels outside ``[0, 1]``) raise ``InvalidArgumentError`` in eager
+    binary labels outside ``[0, 1]``, dense rows that are not distributions) raise ``InvalidArgumentError`` in eager
     and graph mode and give a NaN loss under XLA (``jit_compile=True``),
     which drops assertions: they never train silently.
 
@@ -144,7 +173,7 @@ def default_hard_loss(labels, student_logits):
         return binary_hard_loss(labels, student_logits)
     check_label_shape(labels, student_logits)
     if _labels.is_dense(labels, num_classes, student_logits.shape.rank):
-        return tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), student_logits)
+        return tf.nn.softmax_cross_entropy_with_logits(dense_labels(labels), student_logits)
     ids, labelled = sparse_ids(labels, student_logits)
     # Under XLA, which drops the assertion, the kernel itself gives NaN for out-of-range ids
     # (tests/test_bad_inputs.py checks it), so no extra op is spent on that here.

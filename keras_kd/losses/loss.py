@@ -419,7 +419,7 @@ class DistillationLoss(_compat.loss_base()):
         labels = tf.convert_to_tensor(y_true.labels)
         hard_lib.check_label_shape(labels, y_pred)
         if _labels.is_dense(labels, y_pred.shape[-1], 2):
-            labels, labelled = tf.cast(labels, tf.float32), None
+            labels, labelled = hard_lib.dense_labels(labels), None
         else:
             labels, labelled = hard_lib.sparse_ids(labels, y_pred)
         sample_weight = self._hooks.weigh(y_true, sample_weight)
