@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_kd import _labels
+from keras_kd.losses import hard
 
 
 def _per_example(values):
@@ -51,22 +52,9 @@ def _unless_unlabelled(values, ids):
 
 
 def _cross_entropy(labels, logits):
-    """Cross-entropy on the label per position; NaN where the label is `NO_LABEL`."""
-    logits = tf.cast(logits, tf.float32)
-    labels = tf.convert_to_tensor(labels)
-    ids = _class_ids(labels, logits)
-    labelled = _labels.labelled(ids)
-    if logits.shape[-1] == 1:  # one Bernoulli logit: binary cross-entropy on 0/1 (or soft) labels
-        binary = tf.cast(labels, tf.float32)
-        if binary.shape.rank == logits.shape.rank - 1:
-            binary = binary[..., None]
-        binary = tf.where(labelled[..., None], binary, tf.zeros_like(binary))
-        ce = tf.squeeze(tf.nn.sigmoid_cross_entropy_with_logits(labels=binary, logits=logits), -1)
-    elif _labels.is_dense(labels, logits.shape[-1], logits.shape.rank):
-        ce = tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), logits)
-    else:
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(labelled, ids, tf.zeros_like(ids)), logits)
-    return _unless_unlabelled(ce, ids)
+    """The loss's own hard term (`keras_kd.losses.default_hard_loss`: binary,
+    dense or sparse cross-entropy) per position; NaN where the label is `NO_LABEL`."""
+    return _unless_unlabelled(hard.default_hard_loss(labels, logits), _class_ids(labels, tf.convert_to_tensor(logits)))
 
 
 def signal_kl(labels, teacher_logits, student_logits, soft):
