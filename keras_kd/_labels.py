@@ -41,9 +41,20 @@ def is_dense(labels, num_classes, logits_rank=None) -> bool:
     """
     labels = tf.convert_to_tensor(labels)
     rank = _static_rank(labels)
+    _check_not_scalar(rank, logits_rank)
     if rank is None or num_classes in (None, 1) or labels.shape[-1] != num_classes:
         return False
     return rank == logits_rank if logits_rank is not None else rank >= 2
+
+
+def _check_not_scalar(rank, logits_rank):
+    """Refuses scalar labels for a batch of logits (rank >= 1): one label per batch."""
+    if rank == 0 and logits_rank is not None and logits_rank >= 1:
+        raise ValueError(
+            "Expected one label per example, but received scalar labels (shape ()) for a batch of logits "
+            f"(rank {logits_rank}): the labels were attached after batching. Apply `keras_kd.unlabelled` "
+            "(or any map that adds labels) before `.batch()`."
+        )
 
 
 def _squeeze_trailing_one(labels, logits_rank):
@@ -75,6 +86,10 @@ def class_ids(labels, num_classes, logits_rank=None, keep_dtype=False):
         ``int64`` ids: the argmax of dense labels, ``label > 0.5`` for binary
         labels, the ids themselves otherwise; `NO_LABEL` kept; `INVALID_ID`
         for sparse float labels that are not integers (``1.5``, NaN).
+
+    Raises:
+        ValueError: for scalar labels with ``logits_rank >= 1`` (one label
+            for a whole batch, e.g. labels added after ``.batch()``).
 
     Example:
 

@@ -395,6 +395,55 @@ def test_teacher_inputs_unbatched_is_refused(K, toy_data):
         keras_kd.with_teacher(make().unbatch(), mlp(K, inputs=4), teacher_inputs=lambda v: v[::2])
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_unbatched_dataset_is_refused_for_a_teacher_without_known_inputs(K, placement):
+    # An unbuilt Sequential cannot tell a batch from an example; scalar labels can.
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype("float32")
+    y = np.arange(16) % 4
+    teacher = K.Sequential([K.layers.Flatten(), K.layers.Dense(4)])
+    with pytest.raises(ValueError, match=r"unbatched elements.*apply it after `\.batch"):
+        keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)), teacher, placement=placement)
+    # Batched, the same teacher is accepted and the loss equals the reference.
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), teacher, placement=placement)
+    student = K.Sequential([K.Input((8, 8, 1)), K.layers.Flatten(), K.layers.Dense(4)])
+    student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.5))
+    value = student.evaluate(ds, verbose=0)
+    s, t = student.predict(x, verbose=0), teacher.predict(x, verbose=0)
+    assert value == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.5), rel=1e-5)
+
+
+def test_unlabelled_refuses_a_batched_dataset(K):
+    x = np.zeros((16, 8), np.float32)
+    with pytest.raises(ValueError, match=r"apply `keras_kd.unlabelled` before `.batch\(\)`"):
+        keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x).batch(8))
+    with pytest.raises(ValueError, match=r"apply `keras_kd.unlabelled` before `.batch\(\)`"):
+        keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices({"a": x, "b": x}).batch(8))
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_labels_added_after_a_batch_of_known_size_are_refused_by_the_loss(K, placement, jit_compile):
+    # batch(drop_remainder=True) has a known leading axis, so `unlabelled` cannot tell;
+    # the loss then sees one scalar label for the whole batch and says so.
+    x = np.zeros((16, 8), np.float32)
+    ds = keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x).batch(8, drop_remainder=True))
+    student = mlp(K)
+    student.compile("sgd", loss=keras_kd.DistillationLoss(), jit_compile=jit_compile)
+    with pytest.raises(ValueError, match=r"one label per example.*before `.batch\(\)`"):
+        student.fit(keras_kd.with_teacher(ds, mlp(K), placement=placement), verbose=0)
+
+
+def test_unlabelled_warns_on_x_y_elements():
+    x, y = np.zeros((6, 3), np.float32), np.arange(6)
+    with pytest.warns(UserWarning, match=r"ds.map\(lambda x, y: x\)"):
+        ds = keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices((x, y)))
+    assert len(ds.element_spec[0]) == 2  # documented: still a two-input x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a float second input is an input, not labels
+        keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices((x, x)))
+        keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x))
+
+
 # --- the in-step placement's packing map (issue 15: no Grappler run per epoch) -------
 
 

@@ -1,5 +1,7 @@
 """Example ids and unlabelled data: what each example carries besides its inputs."""
 
+import warnings
+
 import tensorflow as tf
 
 from keras_kd import _checks
@@ -54,7 +56,9 @@ def unlabelled(dataset: tf.data.Dataset) -> tf.data.Dataset:
     the distillation term), so they can be mixed with labelled data, e.g. with
     ``tf.data.Dataset.sample_from_datasets``. Each element is taken as ``x``
     whatever its structure (a tuple is a multi-input ``x``); to drop the
-    labels of ``(x, y)`` elements, map first: ``ds.map(lambda x, y: x)``.
+    labels of ``(x, y)`` elements, map first: ``ds.map(lambda x, y: x)``
+    (a 2-tuple whose second part looks like labels, integer of rank 0 or 1,
+    warns).
 
     The label is the scalar `keras_kd.NO_LABEL` (``-1``, ``int64``), one per
     element: apply this **before** ``.batch(...)``, and give the labelled data
@@ -68,6 +72,14 @@ def unlabelled(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
     Raises:
         TypeError: if ``dataset`` is not a tf.data.Dataset.
+        ValueError: if ``dataset`` is batched, as far as its spec tells
+            (every input starts with an axis of unknown size, what
+            ``.batch()`` gives): one label per batch is not one per example.
+
+    Warns:
+        UserWarning: when the elements are 2-tuples whose second part looks
+            like labels (an integer tensor of rank 0 or 1): they become a
+            two-input ``x``.
 
     Example:
 
@@ -79,5 +91,23 @@ def unlabelled(dataset: tf.data.Dataset) -> tf.data.Dataset:
     ```
     """
     _checks.require_dataset(dataset)
+    spec = dataset.element_spec
+    leaves = tf.nest.flatten(spec)
+    if leaves and all(isinstance(s, tf.TensorSpec) and s.shape.rank and s.shape[0] is None for s in leaves):
+        shapes = ", ".join(str(s.shape) for s in leaves)
+        raise ValueError(
+            f"`keras_kd.unlabelled` received batched elements (inputs of shapes {shapes}); it gives one "
+            "label per element, and the loss needs one label per example: apply `keras_kd.unlabelled` "
+            "before `.batch()`, e.g. keras_kd.unlabelled(raw_ds).batch(64)."
+        )
+    if (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], tf.TensorSpec)
+            and spec[1].dtype.is_integer and spec[1].shape.rank is not None and spec[1].shape.rank <= 1):
+        warnings.warn(
+            f"`keras_kd.unlabelled` received (x, y)-like elements (second part {spec[1]}, which looks like "
+            "labels); it makes each element a two-input x. To drop the labels, map first: "
+            "keras_kd.unlabelled(ds.map(lambda x, y: x)).",
+            UserWarning,
+            stacklevel=2,
+        )
     return dataset.map(lambda *x: (x[0] if len(x) == 1 else x, tf.constant(_labels.NO_LABEL, tf.int64)))
 

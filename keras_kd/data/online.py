@@ -166,12 +166,16 @@ def with_teacher(
     student_view = student_inputs or (lambda x: x)
     views = dataset.map(lambda x, *rest: teacher_view(x)) if teacher_inputs is not None else None
     t_spec = views.element_spec if views is not None else x_spec
-    if _checks.is_batched(t_spec, teachers[0]) is False:
+    # The labels decide when the teacher cannot (unbuilt Sequential, callables).
+    labels_spec = y_spec.labels if has_targets else y_spec
+    if _checks.is_batched(t_spec, teachers[0], labels_spec) is False:
         shapes = ", ".join(str(s.shape) for s in tf.nest.flatten(t_spec))
+        labels_shape = getattr(labels_spec, "shape", None)
         raise ValueError(
-            f"`with_teacher` received unbatched elements (the teacher's inputs have shapes {shapes}, one "
-            "axis less than the teacher's own inputs). It runs the teacher on the batch the student "
-            "sees: apply it after `.batch(...)`."
+            f"`with_teacher` received unbatched elements (the teacher's inputs have shapes {shapes}, "
+            f"the labels shape {labels_shape}: one label per element, not one per example). It runs "
+            "the teacher on the batch the student sees: apply it after `.batch(...)`; for "
+            "`keras_kd.unlabelled` data, apply `keras_kd.unlabelled` before `.batch()`."
         )
     if placement == "auto":
         placement = "step"
