@@ -270,19 +270,11 @@ def format_table(results: Dict[str, Row], settings: Settings) -> str:
 
 def plot(results: Dict[str, Row], extras: dict, output: str) -> List[str]:
     """Writes the PNG plots; returns their paths."""
-    import matplotlib
+    from examples import _plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plots.pyplot()
     paths = []
-
-    def save(fig, name):
-        path = os.path.join(output, name)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+    save = _plots.png_saver(output, paths)
 
     curves = {n: r for n, r in results.items() if r.curve}
 

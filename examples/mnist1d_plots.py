@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import List
 
 import numpy as np
@@ -12,21 +11,12 @@ def plot(results, output: str) -> List[str]:
     """Writes ``mnist1d_curves_<student>.png`` (test accuracy per epoch, first
     seed) and ``mnist1d_methods_<student>.png`` (mean +- std per row);
     returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from examples import _plots
     from examples import mnist1d_models
 
+    plt = _plots.pyplot()
     paths = []
-
-    def save(fig, name):
-        path = os.path.join(output, name)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+    save = _plots.png_saver(output, paths)
 
     for kind, rows in results.items():
         title = mnist1d_models.STUDENT_NAMES[kind]
