@@ -49,18 +49,20 @@ class EpochClock:
 
 
 def interleaved_epoch_medians(configs, rounds, epochs):
-    """Runs each configuration's fit once per round, in turn, and returns the
-    median epoch time of each (the first epoch of every fit, tracing, dropped).
+    """Runs each configuration's fit once per round, in rotating order (so no
+    configuration always follows the same one), and returns the median epoch
+    time of each (the first epoch of every fit, tracing, dropped). The clock
+    spans every callback's epoch hooks (`EpochClock`).
 
     ``configs`` maps a name to ``make() -> (model, dataset, callbacks)``.
     """
     times = {name: [] for name in configs}
-    for _ in range(rounds):
-        for name, make in configs.items():
-            model, ds, callbacks = make()
-            timer = EpochTimer()
-            model.fit(ds, epochs=epochs, verbose=0, callbacks=[timer, *callbacks])
-            times[name].extend(timer.times[1:])
+    for r in range(rounds):
+        for name in rotated(list(configs), r):
+            model, ds, callbacks = configs[name]()
+            clock = EpochClock()
+            model.fit(ds, epochs=epochs, verbose=0, callbacks=[clock.start, *callbacks, clock.end])
+            times[name].extend(clock.times[1:])
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -20,7 +20,6 @@ Run: .venv/bin/python benchmarks/bench_online.py [--workload small] [--rounds 3]
 
 import os
 import platform
-import statistics
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -32,8 +31,7 @@ import tensorflow as tf  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import keras_kd  # noqa: E402
-from _timing import EpochTimer  # noqa: E402
-from _timing import rotated  # noqa: E402
+from _timing import interleaved_epoch_medians  # noqa: E402
 from _timing import synthetic_parser  # noqa: E402
 
 
@@ -57,19 +55,6 @@ WORKLOADS = {
     "medium": (4000, 40, [64], [512, 512], 128),
     "bar": (20000, 64, [256, 256], [2048, 2048], 256),
 }
-
-
-def epoch_medians(configs, rounds, epochs):
-    """Median epoch time per configuration; rounds run the configurations in
-    rotating order, so no configuration always follows the same one."""
-    times = {name: [] for name in configs}
-    for r in range(rounds):
-        for name in rotated(list(configs), r):
-            model, ds, callbacks = configs[name]()
-            timer = EpochTimer()
-            model.fit(ds, epochs=epochs, verbose=0, callbacks=[timer, *callbacks])
-            times[name].extend(timer.times[1:])
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -125,7 +110,7 @@ def main():
         "with_teacher (step)": run_with_teacher("step"),
         "keras Distiller": run_distiller,
     }
-    median = epoch_medians(configs, args.rounds, args.epochs)
+    median = interleaved_epoch_medians(configs, args.rounds, args.epochs)
 
     print(f"# bench_online: {platform.node()} {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}")
     print(f"# {args.rows} rows x {args.features} features, batch {args.batch}, {args.classes} classes;"

@@ -12,7 +12,6 @@ Run: .venv/bin/python benchmarks/bench_reweighting.py [--workload small] [--roun
 
 import os
 import platform
-import statistics
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,27 +23,13 @@ import tensorflow as tf  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import keras_kd  # noqa: E402
-from _timing import EpochClock  # noqa: E402
-from _timing import rotated  # noqa: E402
+from _timing import interleaved_epoch_medians  # noqa: E402
 from _timing import synthetic_parser  # noqa: E402
 from keras_kd import TeacherTargets  # noqa: E402
 
 
 # name: (rows, features, student widths, batch), as in issue 15.
 WORKLOADS = {"small": (1257, 64, [32], 64), "medium": (4000, 40, [64], 128), "bar": (20000, 64, [256, 256], 256)}
-
-
-def epoch_medians(configs, rounds, epochs):
-    """Median epoch time per configuration, interleaved in rotating order; the
-    clock spans every callback's epoch hooks (the reweighting update counts)."""
-    times = {name: [] for name in configs}
-    for r in range(rounds):
-        for name in rotated(list(configs), r):
-            model, ds, callbacks = configs[name]()
-            clock = EpochClock()
-            model.fit(ds, epochs=epochs, verbose=0, callbacks=[clock.start, *callbacks, clock.end])
-            times[name].extend(clock.times[1:])
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -96,7 +81,7 @@ def main():
         "reweighting, attach after batch": with_batched,
         "reweighting, weights in the step": with_step,
     }
-    median = epoch_medians(configs, args.rounds, args.epochs)
+    median = interleaved_epoch_medians(configs, args.rounds, args.epochs)
     base_time = median["distillation, no reweighting"]
     print(f"# bench_reweighting: {platform.node()} {os.cpu_count()} CPUs, TF {tf.__version__}, Keras {keras.__version__}")
     print(f"# {args.rows} rows x {args.features} features, batch {args.batch}, student {widths}, signal 'kl'")
