@@ -496,6 +496,40 @@ def test_mixup_of_class_ids_outside_num_classes(kind, bad):
         list(ds)
 
 
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+@pytest.mark.parametrize("bad", [2.5, np.nan], ids=["fractional", "NaN"])
+def test_mixup_of_float_labels_that_are_not_whole_numbers(kind, bad):
+    # A cast would truncate 2.5 to class 2 silently; the loss refuses such labels, and so does mixup.
+    x, y = _data()
+    y = y.astype("float32")
+    y[5] = bad
+    ds = _batched(x, y).map(keras_kd.mixup(0.2, num_classes=4, kind=kind, seed=0))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="float labels must be whole numbers"):
+        list(ds)
+
+
+@JIT
+@PLACEMENT
+def test_unlabelled_after_batch(K, jit, placement):
+    # One NO_LABEL per batch instead of one per example (used to be an IndexError in fit).
+    x, _ = _data()
+    with pytest.raises(ValueError, match=r"apply `keras_kd.unlabelled` before `.batch\(\)`"):
+        keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x).batch(16))
+    # A batch of known size hides it from `unlabelled`: the loss refuses the scalar labels.
+    ds = keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x).batch(16, drop_remainder=True))
+    with pytest.raises(ValueError, match=r"one label per example.*before `.batch\(\)`"):
+        _fit(K, mlp(K), keras_kd.with_teacher(ds, mlp(K), placement=placement), jit)
+
+
+@PLACEMENT
+def test_unbatched_dataset_for_a_teacher_without_known_inputs(K, placement):
+    # An unbuilt Sequential cannot tell; the scalar labels do (used to fail in fit with an IndexError).
+    x, y = _data()
+    teacher = K.Sequential([K.layers.Dense(4)])
+    with pytest.raises(ValueError, match=r"unbatched elements.*after `\.batch"):
+        keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)), teacher, placement=placement)
+
+
 @JIT
 @PLACEMENT
 def test_mixup_with_num_classes_other_than_the_students(K, jit, placement):
