@@ -525,6 +525,24 @@ def test_batched_dataset_is_refused(digits, tmp_path):
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
+def test_batched_dataset_is_refused_for_a_teacher_without_known_inputs(flavour, digits, tmp_path):
+    # An unbuilt Sequential has no input shape: the labels' unknown leading axis tells the batch.
+    k = _compat.module(flavour)
+    k.utils.set_random_seed(9)
+    unbuilt = k.Sequential([k.layers.Dense(10)])
+    x, y = digits[0][:40], digits[1][:40]
+    with pytest.raises(ValueError, match=r"batched elements.*raw.apply\(cache\).shuffle\(n\).batch\(b\)"):
+        raw_dataset(x, y).batch(4).apply(cache_teacher_logits(unbuilt, tmp_path / "batched", verbose=0))
+    # Unbatched, it builds one logit vector per example, the teacher's own predictions.
+    cached = raw_dataset(x, y).apply(cache_teacher_logits(unbuilt, tmp_path / "raw", verbose=0))
+    out = collect(cached.batch(40))
+    assert out["logits"].shape == (40, 10)
+    # float16 storage, as in test_pairing_survives_shuffle_batch_repeat.
+    np.testing.assert_allclose(out["logits"][np.argsort(out["id"])].astype("float32"), teacher_logits(unbuilt, x),
+                               rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
 def test_probability_outputs_warn(flavour, digits, tmp_path):
     teacher = make_model(flavour, (), 10, seed=9, activation="softmax")
     with pytest.warns(UserWarning, match="look like probabilities"):

@@ -238,10 +238,12 @@ class TeacherLogitCache:
         if cardinality == 0:
             raise ValueError("The dataset given to `cache_teacher_logits` is empty.")
         first = self.teachers.models[0]
-        if self.teacher_inputs is None and _checks.is_batched(spec[0], first) is True:
+        # The labels decide when the teacher cannot (unbuilt Sequential, callables).
+        if self.teacher_inputs is None and _checks.is_batched(spec[0], first, spec[1]) is True:
             raise ValueError(
-                f"`cache_teacher_logits` received batched elements (x spec {spec[0]}, the teacher's inputs "
-                f"have rank {_checks.model_input_ranks(first)} with the batch axis). Apply it to the "
+                f"`cache_teacher_logits` received batched elements (x spec {spec[0]}, y spec {spec[1]}; "
+                f"the teacher's inputs have rank {_checks.model_input_ranks(first)} with the batch axis, "
+                "None when unknown). Apply it to the "
                 "unbatched dataset and batch afterwards: raw.apply(cache).shuffle(n).batch(b)."
             )
         return cardinality if cardinality >= 0 else None
