@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine with python3 and make:
 #   make demo   - create .venv, install, run the end-to-end demo on bundled data
 #                 (examples/demo.py; `make demo-quick`, or `make demo DEMO_ARGS="--quick --no-plots"`)
-#   make test   - create .venv if missing, install, run the whole test suite
+#   make test   - create .venv if missing, install, run the whole test suite on the
+#                 TensorFlow backend, then the unit suite on JAX (KERAS_BACKEND=jax)
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
@@ -15,14 +16,14 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONHASHSEED ?= 0
 
-.PHONY: demo demo-quick test venv bench clean
+.PHONY: demo demo-quick test test-tf test-jax venv bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,demo]'
+	$(PY) -m pip install --quiet -e '.[test,demo,jax]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -33,8 +34,22 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(PY) examples/demo.py --quick $(DEMO_ARGS) 2>&1 | $(QUIET)
 
+# Two jobs, one per Keras 3 backend (tf_keras is TensorFlow in both). Both always
+# run; a failure in either fails `make test`. `make test-tf` / `make test-jax`
+# run one.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile tests integration 2>&1 | $(QUIET)
+	@status=0; \
+	$(MAKE) --no-print-directory test-tf || status=1; \
+	$(MAKE) --no-print-directory test-jax || status=1; \
+	exit $$status
+
+test-tf: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -n 2 --dist loadfile tests integration 2>&1 | $(QUIET)
+
+# The unit suite on JAX (tests marked backend("tensorflow") are deselected;
+# integration/ is the TensorFlow job's).
+test-jax: $(STAMP)
+	KERAS_BACKEND=jax $(PY) -m pytest -n 2 --dist loadfile tests 2>&1 | $(QUIET)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_workloads.py 2>&1 | $(QUIET)

@@ -1,4 +1,11 @@
-"""Shared fixtures: every behaviour runs under Keras 3 and tf_keras."""
+"""Shared fixtures: every behaviour runs under Keras 3 and tf_keras.
+
+The Keras 3 backend is the process's ``KERAS_BACKEND`` (TensorFlow by default;
+``make test`` also runs the suite with ``KERAS_BACKEND=jax``). tf_keras is
+always TensorFlow. ``@pytest.mark.backend("jax")`` keeps a test to the JAX run,
+``@pytest.mark.backend("tensorflow")`` to the TensorFlow run; the other run
+deselects it (it is not reported as skipped).
+"""
 
 import os
 
@@ -9,7 +16,8 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 # Two logical CPU devices for MirroredStrategy tests; must happen before TF runs
-# any op in this process.
+# any op in this process. Harmless on the JAX backend: JAX keeps its own devices
+# and TensorFlow still runs the tf.data pipelines there.
 try:
     _cpus = tf.config.list_physical_devices("CPU")
     tf.config.set_logical_device_configuration(
@@ -21,10 +29,47 @@ except RuntimeError:  # already initialised (e.g. imported twice)
 import keras  # noqa: E402
 import tf_keras  # noqa: E402
 
+BACKENDS = ("tensorflow", "jax")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "backend(name): run only when Keras 3's backend is `name` ('tensorflow' or 'jax'); "
+        "deselected otherwise",
+    )
+
+
+def _marked_backends(item):
+    names = set()
+    for mark in item.iter_markers(name="backend"):
+        if len(mark.args) != 1 or mark.args[0] not in BACKENDS:
+            raise pytest.UsageError(
+                f"{item.nodeid}: @pytest.mark.backend takes one of {BACKENDS}, got {mark.args!r}"
+            )
+        names.add(mark.args[0])
+    return names
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects the tests marked for the other Keras 3 backend."""
+    current = keras.backend.backend()
+    keep, drop = [], []
+    for item in items:
+        wanted = _marked_backends(item)
+        (drop if wanted and current not in wanted else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_report_header(config):
+    return f"Keras 3 backend: {keras.backend.backend()} (tf_keras: tensorflow)"
+
 
 @pytest.fixture(params=["keras", "tf_keras"])
 def K(request):
-    """The Keras module under test: Keras 3 or tf_keras."""
+    """The Keras module under test: Keras 3 (on the process's backend) or tf_keras (TensorFlow)."""
     module = keras if request.param == "keras" else tf_keras
     module.utils.set_random_seed(0)
     return module
