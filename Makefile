@@ -54,6 +54,7 @@ test-jax: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_workloads.py 2>&1 | $(QUIET)
 	$(PY) benchmarks/bench_cache.py 2>&1 | $(QUIET)
+	$(PY) benchmarks/bench_jax.py 2>&1 | $(QUIET)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
