@@ -2,7 +2,9 @@
 
 Each signal is ``fn(labels, teacher_logits, student_logits, soft)``: labels,
 teacher and student logits, and ``soft``, the loss's per-example distillation
-term. Pure TF, one value per example (time steps are averaged).
+term. One value per example (time steps are averaged). Written once against
+`keras_kd._ops`: TensorFlow values get TensorFlow ops, JAX arrays (Keras 3 on
+JAX, inside the jitted step) get ``jax.numpy``.
 
 Labels are read by `keras_kd._labels` like everywhere else: sparse class ids
 of any integer or float dtype, or dense ``(batch, K)`` one-hot or mixed (mixup)
@@ -24,37 +26,45 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
-import tensorflow as tf
 
 from keras_kd import _labels
+from keras_kd import _ops
 from keras_kd.losses import hard
+
+
+def _isnan(x):
+    return x != x  # NaN is the only value unequal to itself (no isnan in every namespace)
 
 
 def _per_example(values):
     """float32 per example: the mean over any further (time) axes, NaN (unlabelled) entries left out."""
-    values = tf.cast(values, tf.float32)
-    if values.shape.rank is not None and values.shape.rank > 1:
-        axes = list(range(1, values.shape.rank))
-        known = tf.logical_not(tf.math.is_nan(values))
-        total = tf.reduce_sum(tf.where(known, values, tf.zeros_like(values)), axis=axes)
-        count = tf.reduce_sum(tf.cast(known, tf.float32), axis=axes)
-        values = tf.where(count > 0, total / tf.maximum(count, 1.0), np.float32(np.nan))
+    ops = _ops.namespace(values)
+    values = ops.cast(values, "float32")
+    rank = ops.ndim(values)
+    if rank is not None and rank > 1:
+        axes = list(range(1, rank))
+        known = ~_isnan(values)
+        total = ops.sum(ops.where(known, values, ops.zeros_like(values)), axis=axes)
+        count = ops.sum(ops.cast(known, "float32"), axis=axes)
+        values = ops.where(count > 0, total / ops.maximum(count, 1.0), np.float32(np.nan))
     return values
 
 
 def _class_ids(labels, logits):
-    """int64 class ids of the logits' batch shape; `NO_LABEL` kept."""
-    return _labels.class_ids(labels, logits.shape[-1], logits.shape.rank)
+    """Integer class ids of the logits' batch shape; `NO_LABEL` kept."""
+    ops = _ops.namespace(logits)
+    return _labels.class_ids(labels, ops.static_shape(logits)[-1], ops.ndim(logits))
 
 
 def _unless_unlabelled(values, ids):
-    return tf.where(_labels.labelled(ids), values, np.float32(np.nan))
+    return _ops.namespace(values).where(_labels.labelled(ids), values, np.float32(np.nan))
 
 
 def _cross_entropy(labels, logits):
     """The loss's own hard term (`keras_kd.losses.default_hard_loss`: binary,
     dense or sparse cross-entropy) per position; NaN where the label is `NO_LABEL`."""
-    return _unless_unlabelled(hard.default_hard_loss(labels, logits), _class_ids(labels, tf.convert_to_tensor(logits)))
+    logits = _ops.namespace(logits).convert_to_tensor(logits)
+    return _unless_unlabelled(hard.default_hard_loss(labels, logits), _class_ids(labels, logits))
 
 
 def signal_kl(labels, teacher_logits, student_logits, soft):
@@ -87,7 +97,7 @@ def signal_wsld(labels, teacher_logits, student_logits, soft):
     student (e.g. a wrong teacher or a wrong label)."""
     ce_s = _cross_entropy(labels, student_logits)
     ce_t = _cross_entropy(labels, teacher_logits)
-    return _per_example(1.0 - tf.exp(-ce_s / (ce_t + 1e-7)))
+    return _per_example(1.0 - _ops.namespace(ce_s).exp(-ce_s / (ce_t + 1e-7)))
 
 
 def signal_teacher_wrong(labels, teacher_logits, student_logits, soft):
@@ -95,20 +105,22 @@ def signal_teacher_wrong(labels, teacher_logits, student_logits, soft):
     dense labels), else 0. De-emphasised: the teacher is an unreliable guide
     there, or the label is wrong (label-noise cleaning by a trained model, e.g.
     Northcutt et al., "Confident Learning", 2021)."""
-    teacher_logits = tf.convert_to_tensor(teacher_logits)
+    ops = _ops.namespace(teacher_logits)
+    teacher_logits = ops.convert_to_tensor(teacher_logits)
     ids = _class_ids(labels, teacher_logits)
-    wrong = tf.cast(tf.not_equal(_labels.predicted_class(teacher_logits), ids), tf.float32)
+    wrong = ops.cast(_labels.predicted_class(teacher_logits) != ops.cast(ids, ops.int_dtype), "float32")
     return _per_example(_unless_unlabelled(wrong, ids))
 
 
 def signal_teacher_entropy(labels, teacher_logits, student_logits, soft):
     """Entropy of the teacher's softmax: ambiguous examples. Emphasised
     (uncertainty sampling, Settles 2009); no labels needed."""
-    logits = tf.cast(teacher_logits, tf.float32)
-    if logits.shape[-1] == 1:  # Bernoulli entropy: the softmax of the two-class logits [0, z]
+    ops = _ops.namespace(teacher_logits)
+    logits = ops.cast(teacher_logits, "float32")
+    if ops.static_shape(logits)[-1] == 1:  # Bernoulli entropy: the softmax of the two-class logits [0, z]
         logits = _labels.two_class_logits(logits)
-    log_p = tf.nn.log_softmax(logits, -1)
-    return _per_example(-tf.reduce_sum(tf.math.multiply_no_nan(log_p, tf.exp(log_p)), -1))
+    log_p = ops.log_softmax(logits, -1)
+    return _per_example(-ops.sum(ops.multiply_no_nan(log_p, ops.exp(log_p)), axis=-1))
 
 
 SIGNALS = {
