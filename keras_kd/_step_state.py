@@ -15,9 +15,17 @@ start of every epoch, and writes them back at its end. Inside a traced step
 `current` returns:
 
 * for a bound state, the value Keras threads in (no cost per step);
-* for an unbound one, the value read from the host at every step through
-  ``jax.pure_callback`` (correct whenever the value is changed; it costs a
-  host round trip per step, ~50 us on a CPU).
+* for an unbound one, its current value as a trace-time constant (no cost per
+  step either); the state remembers that it was baked in, and an `assign` of
+  another value then clears JAX's compilation caches (``jax.clear_caches()``),
+  so the next step is traced again with the new value (one retrace per
+  change).
+
+`current_variable` reads a variable keras_kd does not own (a user's own
+``keras.Variable``/``tf.Variable`` passed as a hyperparameter, which may be
+assigned behind keras_kd's back): threaded if the model tracks it, else read
+from the host at every step through ``jax.pure_callback`` (~50 us per step on
+a CPU).
 
 `StepState.assign` and `StepState.value` work at any moment of a ``fit``:
 mid-epoch they first write Keras's current JAX state back to the variables
@@ -60,6 +68,7 @@ class StepState:
             value = np.asarray(value, np.float32)
             self.variables[key] = keras.Variable(value, trainable=False, dtype="float32", name=f"{name}_{key}")
         self._model = None  # weakref of the model that threads this state
+        self._baked = set()  # keys traced into a step as constants (unbound)
 
     def __deepcopy__(self, memo):
         # keras-tuner deep-copies callbacks: a copy keeps the same variables.
@@ -72,7 +81,10 @@ class StepState:
 
     def current(self, key: str):
         """The value to use inside a JAX step (see the module docstring)."""
-        return current_variable(self.variables[key])
+        value = self.variables[key].value  # Keras gives the threaded value inside the model's step
+        if not _is_tracer(value):
+            self._baked.add(key)  # a constant of any step traced now
+        return value
 
     def _sync(self):
         model = self.model
@@ -89,35 +101,40 @@ class StepState:
         """Sets a value; the next step uses it (mid-epoch too)."""
         self._sync()
         variable = self.variables[key]
-        variable.assign(np.asarray(value, np.float32).reshape(variable.shape))
+        value = np.asarray(value, np.float32).reshape(variable.shape)
+        if key in self._baked and not np.array_equal(np.asarray(variable.value), value, equal_nan=True):
+            import jax  # noqa: PLC0415
+
+            self._baked.clear()
+            jax.clear_caches()  # the steps that baked the old value are traced again
+        variable.assign(value)
 
 
 def current_variable(variable):
     """A variable's value inside a JAX step: threaded if the model tracks it,
-    else read from the host at every step (``jax.pure_callback``); outside a
-    stateless scope (eager calls), its value."""
-    from keras.src.backend.common import stateless_scope  # noqa: PLC0415
-
-    scope = stateless_scope.get_stateless_scope()
-    if scope is None:
-        return _value_of(variable)
-    threaded = scope.get_current_value(variable) if hasattr(variable, "path") else None
-    if threaded is not None:
-        return threaded
+    else read from the host at every call (``jax.pure_callback``), which also
+    works outside a step."""
+    value = getattr(variable, "value", None) if hasattr(variable, "path") else None  # a Keras variable
+    if value is not None and _is_tracer(value):
+        return value
     import jax  # noqa: PLC0415
 
     shape = tuple(variable.shape)
     return jax.pure_callback(
-        lambda: np.asarray(_value_of(variable), np.float32).reshape(shape),
+        lambda: np.asarray(_host_value(variable), np.float32).reshape(shape),
         jax.ShapeDtypeStruct(shape, np.float32),
     )
 
 
-def _value_of(variable):
-    value = getattr(variable, "value", variable)
-    if hasattr(value, "numpy") and not hasattr(variable, "path"):  # a tf.Variable: read it as NumPy
-        value = value.numpy()
-    return value
+def _is_tracer(value) -> bool:
+    import jax  # noqa: PLC0415
+
+    return isinstance(value, jax.core.Tracer)
+
+
+def _host_value(variable):
+    value = variable.value if hasattr(variable, "path") else variable  # Keras variable, or a tf.Variable
+    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
 def _container_class():
