@@ -108,6 +108,34 @@ def private_attribute(obj: Any, attribute: str, package: str):
         ) from None
 
 
+# ---------------------------------------------------------------------------
+# Backends: Keras 3 on TensorFlow or on JAX (chosen per process by KERAS_BACKEND)
+# ---------------------------------------------------------------------------
+
+
+def is_jax_backend() -> bool:
+    """Whether Keras 3 runs on JAX in this process (``KERAS_BACKEND=jax``)."""
+    return keras.backend.backend() == "jax"
+
+
+def is_jax_array(x: Any) -> bool:
+    """Whether ``x`` is a JAX array or tracer (never imports JAX)."""
+    if "jax" not in sys.modules:
+        return False
+    return isinstance(x, sys.modules["jax"].Array)
+
+
+def backend_of(x: Any) -> str:
+    """``"jax"`` for a JAX array, tracer or JAX-side targets, else ``"tensorflow"``.
+
+    Dispatch by the tensor, not by the process's backend: tf_keras students
+    and tf.data functions keep TensorFlow values in a JAX process.
+    """
+    if is_jax_array(x) or type(x).__name__ == "JaxTeacherTargets":
+        return "jax"
+    return "tensorflow"
+
+
 def tf_keras():
     """Returns the ``tf_keras`` module (Keras 2), imported lazily.
 

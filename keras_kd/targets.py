@@ -27,6 +27,10 @@ import weakref
 
 import tensorflow as tf
 
+from keras_kd import _compat
+from keras_kd import _jax_targets
+from keras_kd._jax_targets import JaxTeacherTargets
+
 # Tuples and mappings first: tried in order, a tuple of same-shaped tensors
 # would otherwise be stacked into one tensor (with the batch on axis 1).
 Nested = typing.Union[typing.Tuple[tf.Tensor, ...], typing.Mapping[str, tf.Tensor], tf.Tensor]
@@ -167,8 +171,15 @@ _FIELDS = (
 
 
 def is_targets(y) -> bool:
-    """Whether ``y`` is a `TeacherTargets`."""
-    return isinstance(y, TeacherTargets)
+    """Whether ``y`` is a `TeacherTargets` (or, on JAX, the `JaxTeacherTargets` the step receives)."""
+    return isinstance(y, (TeacherTargets, JaxTeacherTargets))
+
+
+# On the JAX backend only: Keras's data adapter converts the fields of a
+# TeacherTargets batch and hands the step a JaxTeacherTargets (see
+# `keras_kd._jax_targets`). Never on TensorFlow, where it would make `y` nested.
+if _compat.is_jax_backend():
+    _jax_targets.register(TeacherTargets)
 
 
 def carries_teacher(y_spec) -> bool:
@@ -304,29 +315,38 @@ def dense_teacher_logits(targets: TeacherTargets, num_classes: int, topk_fill: s
     Returns:
         A float32 tensor of shape ``batch_dims + (num_classes,)``.
     """
+    jax_side = isinstance(targets, JaxTeacherTargets)
     if targets.logits is not None:
-        return tf.cast(targets.logits, tf.float32)
+        return _jax_targets.dense_teacher_logits(targets, num_classes, topk_fill) if jax_side else tf.cast(
+            targets.logits, tf.float32)
     if targets.topk_values is None:
         raise ValueError(
             "The targets carry no teacher logits (neither dense `logits` nor "
             "`topk_values`). Build the dataset with `keras_kd.with_teacher` or "
             "`keras_kd.cache_teacher_logits`."
         )
-    values = tf.cast(targets.topk_values, tf.float32)
-    indices = tf.cast(targets.topk_indices, tf.int32)
-    k = values.shape[-1]
+    k = targets.topk_values.shape[-1]
     if k is not None and k > num_classes:
         raise ValueError(
             f"The teacher's top-k targets have k={k} but the student has "
             f"{num_classes} classes."
         )
+    if topk_fill not in ("uniform", "renormalize"):
+        raise ValueError(
+            "Expected `topk_fill` to be 'uniform' or 'renormalize'. "
+            f"Received: topk_fill={topk_fill!r}"
+        )
+    if topk_fill == "uniform" and targets.topk_logsumexp is None:
+        raise ValueError(
+            "Top-k teacher targets without `topk_logsumexp` cannot use "
+            "topk_fill='uniform'. Store the log-sum-exp with the top-k "
+            "logits, or use topk_fill='renormalize'."
+        )
+    if jax_side:
+        return _jax_targets.dense_teacher_logits(targets, num_classes, topk_fill)
+    values = tf.cast(targets.topk_values, tf.float32)
+    indices = tf.cast(targets.topk_indices, tf.int32)
     if topk_fill == "uniform":
-        if targets.topk_logsumexp is None:
-            raise ValueError(
-                "Top-k teacher targets without `topk_logsumexp` cannot use "
-                "topk_fill='uniform'. Store the log-sum-exp with the top-k "
-                "logits, or use topk_fill='renormalize'."
-            )
         lse = tf.cast(targets.topk_logsumexp, tf.float32)
         lse_k = tf.reduce_logsumexp(values, axis=-1)
         missing = num_classes - tf.shape(values)[-1]
@@ -335,13 +355,8 @@ def dense_teacher_logits(targets: TeacherTargets, num_classes: int, topk_fill: s
         tail = lse + tf.math.log(-tf.math.expm1(gap))
         fill = tail - tf.math.log(tf.cast(tf.maximum(missing, 1), tf.float32))
         fill = tf.where(missing > 0, fill, tf.fill(tf.shape(fill), -float("inf")))
-    elif topk_fill == "renormalize":
+    else:  # "renormalize"
         fill = tf.fill(tf.shape(values)[:-1], -float("inf"))
-    else:
-        raise ValueError(
-            "Expected `topk_fill` to be 'uniform' or 'renormalize'. "
-            f"Received: topk_fill={topk_fill!r}"
-        )
     one_hot = tf.one_hot(indices, num_classes, dtype=tf.float32)  # (..., k, C)
     placed = tf.reduce_sum(one_hot * values[..., None], axis=-2)
     chosen = tf.reduce_sum(one_hot, axis=-2) > 0
@@ -371,7 +386,8 @@ def materialize(targets: TeacherTargets) -> TeacherTargets:
     Targets that already hold dense or top-k logits are returned unchanged.
     Within one traced step the teacher runs once per batch however many
     consumers (the loss, metrics) ask: results are memoised on the inputs
-    tensor.
+    tensor. `JaxTeacherTargets` (the JAX backend) run the teacher's JAX
+    function registered by `with_teacher` inside the jitted step.
     """
     if targets.kind != "inputs":
         return targets
@@ -382,14 +398,26 @@ def materialize(targets: TeacherTargets) -> TeacherTargets:
             "process. Targets with in-step placement must come from "
             "`keras_kd.with_teacher(..., placement='step')` in the same process."
         )
-    anchor = tf.nest.flatten(targets.inputs)[0].ref()
-    logits = _MEMO.get(anchor)
-    if logits is None:
-        logits = tf.stop_gradient(fn(targets.inputs))
-        _MEMO[anchor] = logits
+    if isinstance(targets, JaxTeacherTargets):
+        # JAX arrays are unhashable: keyed by id, holding the input (an id
+        # alone could be reused once its array is freed).
+        first = _jax_first_leaf(targets.inputs)
+        anchor, stop_gradient = id(first), _jax_targets.stop_gradient
+    else:
+        first, anchor, stop_gradient = None, tf.nest.flatten(targets.inputs)[0].ref(), tf.stop_gradient
+    held, logits = _MEMO.get(anchor, (None, None))
+    if logits is None or held is not first:
+        logits = stop_gradient(fn(targets.inputs))
+        _MEMO[anchor] = (first, logits)
         while len(_MEMO) > _MEMO_SIZE:
             _MEMO.popitem(last=False)
     return targets.replace(logits=logits, inputs=None, teacher_key="")
+
+
+def _jax_first_leaf(inputs):
+    import jax
+
+    return jax.tree_util.tree_leaves(inputs)[0]
 
 
 # A few recent (inputs -> logits) pairs: enough for one traced step's consumers.
@@ -430,6 +458,8 @@ def ensemble_logits(logits, ensemble: str = "mean_logits"):
     """
     if len(logits) == 1:
         return logits[0]
+    if _compat.backend_of(logits[0]) == "jax":
+        return _jax_targets.ensemble_logits(logits, ensemble)
     stacked = tf.stack(list(logits))
     if ensemble == "mean_logits":
         return tf.reduce_mean(stacked, 0)

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import tensorflow as tf
 
 from keras_kd import _checks
+from keras_kd import _compat
 from keras_kd import targets as targets_lib
 from keras_kd.data import _pack_map
 from keras_kd.data import teachers as teachers_lib
@@ -64,7 +65,13 @@ def with_teacher(
 
     Where the teacher runs (``placement``):
 
-    * ``"auto"`` (default): ``"step"``, on every machine.
+    * ``"auto"`` (default): ``"step"``, on every machine and backend, except
+      on the JAX backend for teachers that cannot run in a JAX step (tf_keras
+      models, TensorFlow callables): ``"pipeline"`` there. On JAX the step
+      placement runs the Keras 3 teacher inside the student's jitted step on
+      the student's device, with no host round trip, where the pipeline
+      placement would copy every batch's logits from the device to tf.data
+      and back.
     * ``"step"``: the batch carries ``x`` and the teacher runs inside
       the student's training step, on the same device as the student (the
       GPU/TPU when there is one), under ``tf.stop_gradient``, once per batch
@@ -73,14 +80,20 @@ def with_teacher(
       structure (dicts, tuples, nested) reach the teacher as the dataset
       holds them. Such a dataset works only in the process that built it
       (the teacher is looked up by a key); the teacher is held as long as the
-      dataset (or one derived from it) is alive, then released.
+      dataset (or one derived from it) is alive, then released. On the JAX
+      backend a Keras 3 teacher runs as ``stateless_call`` in the jitted step
+      (its weights are constants of that compiled step); a tf_keras student
+      in the same process still gets the TensorFlow teacher path.
     * ``"pipeline"``: the teacher runs inside the tf.data pipeline and the
       batch carries its logits. tf.data executes its functions on the host
       CPU, so on a GPU/TPU machine the teacher then runs on the **CPU**, even
       though the student trains on the accelerator. Use it to inspect the
       logits, or to move teacher work off a busy accelerator. Running outside
       the compiled step, it checks every batch of logits: NaN or Inf raise
-      ``InvalidArgumentError`` there, whatever ``jit_compile`` is.
+      ``InvalidArgumentError`` there, whatever ``jit_compile`` is. On the JAX
+      backend a Keras 3 teacher runs through `keras_kd.data.teachers.tf_callable`
+      (a ``tf.numpy_function`` around its jitted ``stateless_call``), on
+      JAX's default device.
     * For many epochs, cache the logits instead (`cache_teacher_logits`): the
       teacher runs once, batched with ``predict`` on the accelerator, and every
       epoch costs what training the student alone costs.
@@ -177,8 +190,10 @@ def with_teacher(
             "the teacher on the batch the student sees: apply it after `.batch(...)`; for "
             "`keras_kd.unlabelled` data, apply `keras_kd.unlabelled` before `.batch()`."
         )
+    on_jax = [teachers_lib.runs_on_jax(t) for t in teachers]
     if placement == "auto":
-        placement = "step"
+        # On JAX, only Keras 3 teachers can run inside the (JAX) step.
+        placement = "step" if not _compat.is_jax_backend() or all(on_jax) else "pipeline"
     run = teachers_lib.teacher_function(teachers, output_index, ensemble)
 
     def first_inputs():
@@ -206,10 +221,21 @@ def with_teacher(
         structure = t_spec
         nested = tf.nest.is_nested(structure)
 
+        jax_run = teachers_lib.jax_function(teachers, output_index, ensemble) if all(on_jax) else None
+
         def run_step(inputs):
             if nested:
                 inputs = tf.nest.pack_sequence_as(structure, list(inputs))
-            return run(inputs)
+            if isinstance(tf.nest.flatten(inputs)[0], tf.Tensor):
+                return run(inputs)  # a TensorFlow step (a tf_keras student, or Keras 3 on TensorFlow)
+            if jax_run is None:
+                raise ValueError(
+                    "keras_kd.with_teacher(placement='step'): on the JAX backend the teacher runs inside "
+                    "the student's jitted JAX step, where tf_keras models and TensorFlow functions cannot "
+                    "run. Use placement='pipeline' (or 'auto', which picks it for such teachers), or a "
+                    "Keras 3 teacher."
+                )
+            return jax_run(inputs)
 
         key = f"teacher-{next(_keys)}-{id(teachers[0])}"
         targets_lib.register_teacher(run_step, key)

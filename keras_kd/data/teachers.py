@@ -8,9 +8,11 @@ online teacher agree.
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from keras_kd import _checks
+from keras_kd import _compat
 from keras_kd import targets as targets_lib
 
 
@@ -32,20 +34,157 @@ def _name(teacher, i):
 
 
 def member_logits(teacher, inputs, output_index):
-    """One teacher's float32 logits: its selected output, in inference mode."""
+    """One teacher's float32 logits (a tf.Tensor): its selected output, in inference mode."""
+    if runs_on_jax(teacher):
+        return tf_callable(teacher, output_index)(inputs)
     outputs = teacher(inputs, training=False)
     return tf.cast(targets_lib.teacher_output(outputs, output_index), tf.float32)
 
 
+def runs_on_jax(teacher) -> bool:
+    """Whether ``teacher`` is a Keras 3 model in a JAX process (it cannot run on tf.Tensors).
+
+    tf_keras models and plain callables run on TensorFlow in any process.
+    """
+    return _compat.is_jax_backend() and _compat.flavour_of(teacher) == _compat.KERAS3 and _compat.is_model(teacher)
+
+
+def jax_function(teachers, output_index=0, ensemble="mean_logits"):
+    """``run(inputs)``: the (ensemble's) float32 logits of Keras 3 JAX teachers, in JAX.
+
+    Pure and traceable: each member runs ``stateless_call`` in inference mode
+    with its variables' current values, so it can run inside a jitted step
+    (``placement="step"``). Use `tf_callable` to run it from tf.data.
+    """
+    run = _stateless_function(list(teachers), output_index, ensemble)
+
+    def call(inputs):
+        return run(_variable_values(teachers), inputs)
+
+    return call
+
+
+def _variable_values(teachers):
+    return [([v.value for v in t.trainable_variables], [v.value for v in t.non_trainable_variables])
+            for t in teachers]
+
+
+def _stateless_function(teachers, output_index, ensemble):
+    import jax.numpy as jnp
+
+    def run(values, inputs):
+        logits = []
+        for t, (trainable, non_trainable) in zip(teachers, values):
+            outputs, _ = t.stateless_call(trainable, non_trainable, inputs, training=False)
+            logits.append(jnp.asarray(targets_lib.teacher_output(outputs, output_index), jnp.float32))
+        _check_same_shapes(teachers, [tuple(z.shape[1:]) for z in logits])
+        return targets_lib.ensemble_logits(logits, ensemble)
+
+    return run
+
+
+def tf_callable(teacher, output_index=0, ensemble="mean_logits"):
+    """A Keras 3 JAX teacher (or ensemble) as a TensorFlow function, for tf.data.
+
+    ``run(inputs)`` takes the teacher's inputs as TensorFlow tensors (any
+    nesting the teacher accepts) and returns its float32 logits as a
+    ``tf.Tensor`` with a static shape: a ``tf.numpy_function`` around a jitted
+    ``stateless_call`` that receives the teachers' current variable values on
+    every call (weights loaded later are seen, nothing recompiles). The
+    teacher runs on JAX's default device (the accelerator when there is one),
+    not on tf.data's CPU. One compilation per distinct input shape (a final
+    partial batch adds one). Used by `with_teacher(placement="pipeline")`, the
+    teacher-logit cache builder and `align`'s online teacher features.
+
+    Args:
+        teacher: a Keras 3 model, or a list of them (an ensemble), in a process
+            whose Keras backend is JAX.
+        output_index: which output holds the logits. Defaults to 0.
+        ensemble: ``"mean_logits"`` or ``"mean_probs"`` (see
+            `keras_kd.targets.ensemble_logits`). Defaults to "mean_logits".
+
+    Returns:
+        ``run(inputs) -> tf.Tensor`` (float32 logits).
+
+    Raises:
+        ValueError: when the Keras backend is not JAX, or for a member that is
+            not a Keras 3 model (tf_keras models and TensorFlow callables run
+            in tf.data directly).
+    """
+    import jax
+    import numpy as np
+
+    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    ensemble = _checks.one_of(ensemble, "ensemble", targets_lib.ENSEMBLES)
+    if not all(runs_on_jax(t) for t in teachers):
+        raise ValueError(
+            "keras_kd.tf_callable wraps Keras 3 models on the JAX backend (backend: "
+            f"{keras.backend.backend()!r}; received: {', '.join(type(t).__name__ for t in teachers)}). "
+            "tf_keras models and TensorFlow functions run in tf.data as they are."
+        )
+    jitted = jax.jit(_stateless_function(teachers, output_index, ensemble))
+
+    @tf.autograph.experimental.do_not_convert  # JAX code: nothing for AutoGraph to convert
+    def run(inputs):
+        structure = inputs
+        flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(inputs)]
+        shape = _output_shape(jitted, teachers, structure, flat)
+
+        def host(*arrays):
+            packed = tf.nest.pack_sequence_as(structure, list(arrays))
+            return np.asarray(jitted(_variable_values(teachers), packed), np.float32)
+
+        logits = tf.numpy_function(host, flat, tf.float32, stateful=False, name="jax_teacher")
+        logits.set_shape(shape)
+        return logits
+
+    return run
+
+
+def _output_shape(jitted, teachers, structure, flat):
+    """The static shape of the logits for inputs ``flat``: the batch axis of the
+    inputs, the other axes from ``jax.eval_shape`` (unknown where an input's
+    non-batch axis is unknown)."""
+    import jax
+
+    def probe(t):
+        dims = [1 if d is None else d for d in t.shape.as_list()]
+        return jax.ShapeDtypeStruct(dims, t.dtype.as_numpy_dtype)
+
+    spec = jax.eval_shape(jitted, _variable_values(teachers),
+                          tf.nest.pack_sequence_as(structure, [probe(t) for t in flat]))
+    batch = flat[0].shape[0] if flat[0].shape.rank else None
+    ragged = any(d is None for t in flat for d in t.shape.as_list()[1:])
+    middle = [None if ragged else d for d in spec.shape[1:-1]]
+    return tf.TensorShape([batch, *middle, spec.shape[-1]] if len(spec.shape) > 1 else [batch])
+
+
+def _check_same_shapes(teachers, shapes):
+    if len(set(shapes)) > 1:
+        listed = ", ".join(f"{_name(t, i)}: {s}" for i, (t, s) in enumerate(zip(teachers, shapes)))
+        raise ValueError(
+            "Expected every teacher of an ensemble to output logits of the same shape (the same "
+            f"classes). Received: {listed}. Ensemble only teachers of the same classes."
+        )
+
+
 def teacher_function(teachers, output_index, ensemble):
-    """``run(inputs)``: the (ensemble's) float32 logits for one batch of inputs.
+    """``run(inputs)``: the (ensemble's) float32 logits for one batch of inputs, in TensorFlow.
 
     Each member runs in inference mode (``training=False``). Members whose
     class counts differ are refused while tracing (callables declare none
-    before they run); the message lists every member's count.
+    before they run); the message lists every member's count. Keras 3 members
+    in a JAX process run through `tf_callable` (all JAX members of an
+    ensemble in one call).
     """
+    jax_members = [t for t in teachers if runs_on_jax(t)]
+    if jax_members and len(jax_members) == len(teachers):
+        return tf_callable(teachers, output_index, ensemble)
+    jax_run = {id(t): tf_callable(t, output_index) for t in jax_members}
 
     def one(teacher, inputs):
+        if id(teacher) in jax_run:
+            return jax_run[id(teacher)](inputs)
         return member_logits(teacher, inputs, output_index)
 
     if len(teachers) == 1:
@@ -54,13 +193,7 @@ def teacher_function(teachers, output_index, ensemble):
 
     def run(inputs):
         logits = [one(t, inputs) for t in teachers]
-        shapes = [tuple(z.shape.as_list()[1:]) for z in logits]
-        if len(set(shapes)) > 1:
-            listed = ", ".join(f"{_name(t, i)}: {s}" for i, (t, s) in enumerate(zip(teachers, shapes)))
-            raise ValueError(
-                "Expected every teacher of an ensemble to output logits of the same shape (the same "
-                f"classes). Received: {listed}. Ensemble only teachers of the same classes."
-            )
+        _check_same_shapes(teachers, [tuple(z.shape.as_list()[1:]) for z in logits])
         return targets_lib.ensemble_logits(logits, ensemble)
 
     return run
