@@ -4,7 +4,9 @@ The Keras 3 backend is the process's ``KERAS_BACKEND`` (TensorFlow by default;
 ``make test`` also runs the suite with ``KERAS_BACKEND=jax``). tf_keras is
 always TensorFlow. ``@pytest.mark.backend("jax")`` keeps a test to the JAX run,
 ``@pytest.mark.backend("tensorflow")`` to the TensorFlow run; the other run
-deselects it (it is not reported as skipped).
+deselects it (it is not reported as skipped). On JAX the `K` fixture's tf_keras
+cases are deselected too: tf_keras runs the same TensorFlow code in both runs,
+and the TensorFlow run has them (``--tf-keras-on-jax`` keeps them).
 """
 
 import os
@@ -51,13 +53,29 @@ def _marked_backends(item):
     return names
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--tf-keras-on-jax", action="store_true",
+        help="on the JAX backend, also run the tf_keras cases of the `K` fixture (TensorFlow code, "
+             "already run by the TensorFlow job; deselected on JAX by default)",
+    )
+
+
+def _tf_keras_case(item):
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("K") == "tf_keras"
+
+
 def pytest_collection_modifyitems(config, items):
-    """Deselects the tests marked for the other Keras 3 backend."""
+    """Deselects the tests marked for the other Keras 3 backend and, on JAX,
+    the tf_keras cases of `K` (unless --tf-keras-on-jax)."""
     current = keras.backend.backend()
+    skip_tf_keras = current == "jax" and not config.getoption("--tf-keras-on-jax")
     keep, drop = [], []
     for item in items:
         wanted = _marked_backends(item)
-        (drop if wanted and current not in wanted else keep).append(item)
+        other = wanted and current not in wanted
+        (drop if other or (skip_tf_keras and _tf_keras_case(item)) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

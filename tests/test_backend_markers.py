@@ -1,5 +1,6 @@
 """The `backend(name)` marker of tests/conftest.py: tests for the other Keras 3
-backend are deselected (never skipped); unmarked tests run on both."""
+backend are deselected (never skipped); unmarked tests run on both; on JAX the
+`K` fixture's tf_keras cases are deselected."""
 
 import os
 import subprocess
@@ -17,7 +18,7 @@ OTHER = {"tensorflow": "jax", "jax": "tensorflow"}
 
 def run_pytest(tmp_path, body):
     (tmp_path / "conftest.py").write_text(
-        "from tests.conftest import pytest_collection_modifyitems, pytest_configure  # noqa: F401\n")
+        "from tests.conftest import K, pytest_addoption, pytest_collection_modifyitems, pytest_configure  # noqa\n")
     (tmp_path / "test_marked.py").write_text(textwrap.dedent(body))
     env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND=keras.backend.backend())
     return subprocess.run(
@@ -41,9 +42,15 @@ def test_other_backend_is_deselected_not_skipped(tmp_path):
 
         def test_unmarked():
             pass
+
+        def test_flavours(K):
+            pass
     """)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "2 passed, 1 deselected" in res.stdout, res.stdout
+    # On JAX the tf_keras case of `K` is deselected too (the TensorFlow job runs it).
+    expected = "3 passed, 2 deselected" if here == "jax" else "4 passed, 1 deselected"
+    assert expected in res.stdout, res.stdout
+    assert "PASSED test_marked.py::test_flavours[keras]" in res.stdout
     assert "PASSED test_marked.py::test_this_backend" in res.stdout
     assert "PASSED test_marked.py::test_unmarked" in res.stdout
     assert "test_other_backend" not in res.stdout and "skipped" not in res.stdout
