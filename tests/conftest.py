@@ -70,7 +70,7 @@ def pytest_collection_modifyitems(config, items):
     """Deselects the tests marked for the other Keras 3 backend and, on JAX,
     the tf_keras cases of `K` (unless --tf-keras-on-jax)."""
     current = keras.backend.backend()
-    skip_tf_keras = current == "jax" and not config.getoption("--tf-keras-on-jax")
+    skip_tf_keras = current == "jax" and not config.getoption("--tf-keras-on-jax", default=False)
     keep, drop = [], []
     for item in items:
         wanted = _marked_backends(item)
