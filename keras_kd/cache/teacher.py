@@ -20,6 +20,7 @@ import tensorflow as tf
 from keras_kd import _checks
 from keras_kd import targets as targets_lib
 from keras_kd.cache import fingerprint
+from keras_kd.data import teachers as teachers_lib
 from keras_kd.cache.errors import warn
 from keras_kd.cache.format import FLOAT16_MAX
 _TRANSFORM_SAMPLE = 4  # elements whose transformed inputs are hashed
@@ -147,7 +148,7 @@ class Teachers:
             x0 = self.first_input(dataset)
             found = []
             for model in self.models:
-                out = targets_lib.teacher_output(model(x0, training=False), self.output_index)
+                out = teachers_lib.member_logits(model, x0, self.output_index)
                 shape = tuple(out.shape[1:])
                 if not shape or any(d is None for d in shape):
                     raise ValueError(
@@ -171,7 +172,11 @@ class Teachers:
     # -- the traced step --------------------------------------------------------
 
     def step(self):
-        """``step(x) -> (arrays, stats)`` on a batch of teacher inputs, traced once per teachers/settings."""
+        """``step(x) -> (arrays, stats)`` on a batch of teacher inputs, traced once per teachers/settings.
+
+        Keras 3 teachers on the JAX backend run through
+        `keras_kd.data.teachers.tf_callable` inside the step, held weakly.
+        """
         # Reused by later builds (as `Model.predict` reuses its `predict_function`).
         key = (repr(self.output_index), self.top_k, self.views, self.augment is not None, self.ensemble)
         try:
@@ -194,10 +199,7 @@ class Teachers:
             if augmented:
                 n = tf.shape(tf.nest.flatten(x)[0])[0]
                 x = tf.nest.map_structure(lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0)), x)
-            members = [
-                tf.cast(targets_lib.teacher_output(r()(x, training=False), output_index), tf.float32)
-                for r in refs
-            ]
+            members = [teachers_lib.member_logits(r(), x, output_index, weak=True) for r in refs]
             out = targets_lib.ensemble_logits(members, ensemble)
             if augmented:
                 out = tf.reshape(out, tf.concat([[n, views], tf.shape(out)[1:]], 0))

@@ -8,6 +8,8 @@ online teacher agree.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import tensorflow as tf
 
@@ -33,10 +35,13 @@ def _name(teacher, i):
     return f"teacher {i} ({name!r})" if name else f"teacher {i}"
 
 
-def member_logits(teacher, inputs, output_index):
-    """One teacher's float32 logits (a tf.Tensor): its selected output, in inference mode."""
+def member_logits(teacher, inputs, output_index, weak=False):
+    """One teacher's float32 logits (a tf.Tensor): its selected output, in inference mode.
+
+    ``weak``: a JAX teacher is held by a weak reference only (see `tf_callable`).
+    """
     if runs_on_jax(teacher):
-        return tf_callable(teacher, output_index)(inputs)
+        return tf_callable(teacher, output_index, weak=weak)(inputs)
     outputs = teacher(inputs, training=False)
     return tf.cast(targets_lib.teacher_output(outputs, output_index), tf.float32)
 
@@ -56,7 +61,8 @@ def jax_function(teachers, output_index=0, ensemble="mean_logits"):
     with its variables' current values, so it can run inside a jitted step
     (``placement="step"``). Use `tf_callable` to run it from tf.data.
     """
-    run = _stateless_function(list(teachers), output_index, ensemble)
+    teachers = list(teachers)
+    run = _stateless_function(lambda: teachers, output_index, ensemble)
 
     def call(inputs):
         return run(_variable_values(teachers), inputs)
@@ -69,10 +75,11 @@ def _variable_values(teachers):
             for t in teachers]
 
 
-def _stateless_function(teachers, output_index, ensemble):
+def _stateless_function(members, output_index, ensemble):
     import jax.numpy as jnp
 
     def run(values, inputs):
+        teachers = members()
         logits = []
         for t, (trainable, non_trainable) in zip(teachers, values):
             outputs, _ = t.stateless_call(trainable, non_trainable, inputs, training=False)
@@ -83,7 +90,7 @@ def _stateless_function(teachers, output_index, ensemble):
     return run
 
 
-def tf_callable(teacher, output_index=0, ensemble="mean_logits"):
+def tf_callable(teacher, output_index=0, ensemble="mean_logits", *, weak=False):
     """A Keras 3 JAX teacher (or ensemble) as a TensorFlow function, for tf.data.
 
     ``run(inputs)`` takes the teacher's inputs as TensorFlow tensors (any
@@ -102,6 +109,9 @@ def tf_callable(teacher, output_index=0, ensemble="mean_logits"):
         output_index: which output holds the logits. Defaults to 0.
         ensemble: ``"mean_logits"`` or ``"mean_probs"`` (see
             `keras_kd.targets.ensemble_logits`). Defaults to "mean_logits".
+        weak: hold the teachers by weak references only, for callers that
+            keep the function longer than the teachers should live (a traced
+            step cached per teacher). Defaults to False.
 
     Returns:
         ``run(inputs) -> tf.Tensor`` (float32 logits).
@@ -122,17 +132,28 @@ def tf_callable(teacher, output_index=0, ensemble="mean_logits"):
             f"{keras.backend.backend()!r}; received: {', '.join(type(t).__name__ for t in teachers)}). "
             "tf_keras models and TensorFlow functions run in tf.data as they are."
         )
-    jitted = jax.jit(_stateless_function(teachers, output_index, ensemble))
+    if weak:
+        refs = [weakref.ref(t) for t in teachers]
+        del teachers
+
+        def members():
+            return [r() for r in refs]
+    else:
+
+        def members():
+            return teachers
+
+    jitted = jax.jit(_stateless_function(members, output_index, ensemble))
 
     @tf.autograph.experimental.do_not_convert  # JAX code: nothing for AutoGraph to convert
     def run(inputs):
         structure = inputs
         flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(inputs)]
-        shape = _output_shape(jitted, teachers, structure, flat)
+        shape = _output_shape(jitted, members(), structure, flat)
 
         def host(*arrays):
             packed = tf.nest.pack_sequence_as(structure, list(arrays))
-            return np.asarray(jitted(_variable_values(teachers), packed), np.float32)
+            return np.asarray(jitted(_variable_values(members()), packed), np.float32)
 
         logits = tf.numpy_function(host, flat, tf.float32, stateful=False, name="jax_teacher")
         logits.set_shape(shape)
