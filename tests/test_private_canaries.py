@@ -997,3 +997,26 @@ def test_self_attributes_that_touch_a_base_class_have_a_canary():
         "name (an override or a write into the base's state). Rename it, or add a canary:\n"
         + "\n".join(f"  {n} (also on {bases_}): {', '.join(w)}" for n, (w, bases_) in sorted(missing.items()))
     )
+
+
+def canary_keras_tree_registration():
+    """_jax_targets.register (JAX backend only): ``keras.src.tree.tree_api.register_tree_node_class(cls)``
+    makes TeacherTargets a node of keras.tree, and Keras's TFDatasetAdapter converts JAX batches with
+    ``tree.map_structure`` (so the node's fields are converted, not the object)."""
+    module = _import("keras.src.tree.tree_api", KERAS)
+    register = _get(module, "register_tree_node_class", KERAS, "registering a class with keras.tree")
+    require_parameters(register, ["cls"], KERAS, "keras.src.tree.tree_api.register_tree_node_class")
+    adapter = _import("keras.src.trainers.data_adapters.tf_dataset_adapter", KERAS).TFDatasetAdapter
+    require(
+        "tree.map_structure(convert_to_jax" in inspect.getsource(adapter.get_jax_iterator),
+        KERAS,
+        "TFDatasetAdapter.get_jax_iterator",
+        "get_jax_iterator converting each batch with keras.tree.map_structure",
+    )
+
+
+CANARIES["keras.src.tree.tree_api.register_tree_node_class"] = canary_keras_tree_registration
+
+
+def test_canary_keras_tree_registration():  # added after `test_canary`'s parameter list was built
+    canary_keras_tree_registration()
