@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from keras_kd import _checks
 from keras_kd import _compat
+from keras_kd import _ops
 from keras_kd import targets as targets_lib
 from keras_kd.callbacks import backup as backup_lib
 from keras_kd.callbacks import table as table_lib
@@ -24,6 +25,13 @@ from keras_kd.callbacks.signals import SIGNALS
 from keras_kd.callbacks.signals import normalise
 from keras_kd.callbacks.signals import raw_weights
 from keras_kd.callbacks.signals import signal_teacher_wrong
+
+
+_NO_JAX_SCORING = (
+    "HardSampleReweighting(scoring_data=...) and `score()` are not supported for Keras 3 students on the JAX "
+    "backend. Leave scoring_data=None (the difficulties are then recorded from the training step, at no "
+    "extra cost), or train with KERAS_BACKEND=tensorflow."
+)
 
 
 def _clip_bounds(clip) -> Tuple[float, float]:
@@ -55,6 +63,14 @@ class HardSampleReweighting(Callback):
       inside the training step: no extra pipeline work, the fastest path.
 
     Validation steps are never weighted and never change the table.
+
+    On Keras 3 + JAX both ways work too: during ``fit`` the step's copy of
+    the table is part of the model's state, which Keras threads through its
+    jitted step (`keras_kd._step_state`), so it is read and written inside
+    the step at no extra cost. Not on JAX: ``scoring_data``/`score` and a
+    built subclassed student (Keras locks its state); both raise a
+    ``ValueError`` naming the alternative. A training id outside the table
+    gives a NaN loss there (nothing can raise inside ``jax.jit``).
 
     Signals (see the ``signal_*`` functions for formulas and sources):
     ``"kl"``, ``"student_ce"``, ``"teacher_ce"``, ``"wsld"``,
@@ -248,7 +264,7 @@ class HardSampleReweighting(Callback):
             self._table = table_lib.Table(size)
         self.num_examples = size
         self._attached = True
-        weights = self._table.weights
+        weights = self._table.tf_weights  # a tf.Variable on every backend (tf.data runs TensorFlow)
 
         def hook(x, targets, *sample_weight):
             ids = tf.cast(targets.example_id, tf.int64)
@@ -270,6 +286,9 @@ class HardSampleReweighting(Callback):
     def _record(self, targets, student_logits, hard, soft):
         if targets.example_id is None:
             return
+        if not _ops.namespace(targets.example_id).is_tf:
+            self._record_jax(targets, student_logits, soft)
+            return
         table = self._table
         teacher_logits = tf.cast(targets.logits, tf.float32)
         student_logits = tf.cast(student_logits, tf.float32)
@@ -277,14 +296,7 @@ class HardSampleReweighting(Callback):
             # No branch in the step: when not recording (validation), the same rows
             # are written back unchanged; validation ids beyond the table read row 0.
             ids, _ = self._rows(targets.example_id, table.num_examples)
-            d = table_lib.flat(self._signal_fn(targets.labels, teacher_logits, student_logits, soft))
-            if self.signal == "teacher_wrong":
-                wrong = d
-            elif targets.has_labels:
-                wrong = table_lib.flat(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft))
-            else:
-                wrong = tf.fill(tf.shape(d), np.float32(np.nan))  # unlabelled data: never judged
-            fresh = tf.stack([d, wrong], axis=1)
+            fresh = tf.stack(self._values(targets, teacher_logits, student_logits, soft), axis=1)
             # tf.gather (ResourceGather) compiles under XLA; gather_nd on a variable does not.
             old = tf.gather(table.stats, ids)
             rate = tf.constant([[1.0 - self.momentum, 0.5]])
@@ -294,10 +306,32 @@ class HardSampleReweighting(Callback):
             keep = tf.logical_or(tf.math.is_nan(fresh), tf.logical_not(table.recording))
             table.stats.scatter_update(tf.IndexedSlices(tf.where(keep, old, new), ids))
 
+    def _values(self, targets, teacher_logits, student_logits, soft):
+        """Per example: (difficulty, teacher wrong), NaN where there is no value."""
+        d = table_lib.flat(self._signal_fn(targets.labels, teacher_logits, student_logits, soft))
+        if self.signal == "teacher_wrong":
+            return d, d
+        if targets.has_labels:
+            return d, table_lib.flat(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft))
+        ops = _ops.namespace(d)
+        return d, ops.full(ops.dynamic_shape(d), np.nan)  # unlabelled data: never judged
+
+    def _record_jax(self, targets, student_logits, soft):
+        """`_record` inside Keras 3's jitted JAX step: the table is state the step threads."""
+        ops = _ops.namespace(student_logits)
+        teacher_logits = ops.stop_gradient(ops.cast(targets.logits, "float32"))
+        student_logits = ops.stop_gradient(ops.cast(student_logits, "float32"))
+        soft = ops.stop_gradient(soft)
+        rows, _ = table_lib.jax_rows(targets.example_id, self._table.num_examples)
+        fresh = ops.stack(self._values(targets, teacher_logits, student_logits, soft), axis=1)
+        table_lib.jax_record(self._table.step_state, rows, ops.cast(fresh, "float32"), self.momentum)
+
     def score(self, dataset: tf.data.Dataset):
         """Scores every example of ``dataset`` with the current student and
         updates the smoothed difficulties (the optional scoring pass)."""
         loss = self._distillation_loss()
+        if self.table.step_state is not None:
+            raise ValueError(_NO_JAX_SCORING)
         was_recording = bool(self.table.recording.numpy())
         self.table.recording.assign(True)
         for x, targets, *_ in dataset:
@@ -322,6 +356,13 @@ class HardSampleReweighting(Callback):
     def on_train_begin(self, logs=None):
         table = self.table
         self._loss = self._distillation_loss()
+        if _compat.is_jax_backend() and _compat.flavour_of(self.model) == _compat.KERAS3:
+            self._use_jax_table(table)
+        elif table.step_state is not None:
+            raise ValueError(
+                "This HardSampleReweighting already trained a Keras 3 student on JAX, whose table lives in "
+                "JAX state; a tf_keras student needs its own callback: create a new HardSampleReweighting."
+            )
         self._resume_checked = False
         self._synced = table.stats.numpy()
         table.recording.assign(True)  # "in a training step"
@@ -333,8 +374,24 @@ class HardSampleReweighting(Callback):
         # Steps traced before the hooks were added would not see them.
         self.model.make_train_function(force=True)
 
+    def _use_jax_table(self, table):
+        """Keras 3 on JAX: the table becomes state that the model threads through its jitted step."""
+        from keras_kd import _step_state  # noqa: PLC0415 - JAX only
+
+        if self.scoring_data is not None:
+            raise ValueError(_NO_JAX_SCORING)
+        if not _step_state.bind(self.model, table.use_jax()):
+            raise ValueError(
+                "HardSampleReweighting on the JAX backend keeps its table in the model's state, but Keras "
+                f"refuses new state on this built model ({type(self.model).__name__}, a subclassed model). "
+                "Use a Functional or Sequential student (their state stays open), or train with "
+                "KERAS_BACKEND=tensorflow."
+            )
+
     def _weigh(self, targets):
         size = self.table.num_examples
+        if not _ops.namespace(targets.example_id).is_tf:
+            return table_lib.jax_weights(self.table.step_state, *table_lib.jax_rows(targets.example_id, size))
         with tf.name_scope("kd_reweighting_weigh"):
             ids, outside = self._rows(targets.example_id, size)
             w = tf.gather(self.table.weights, ids)
@@ -366,6 +423,10 @@ class HardSampleReweighting(Callback):
         if self._loss is not None:
             self._loss.remove_observer(self._record)
             self._loss.remove_weighting(self._weigh)
+            if self.table.step_state is not None:
+                from keras_kd import _step_state  # noqa: PLC0415 - JAX only
+
+                _step_state.unbind(self.model, self.table.step_state)
             self.model.make_train_function(force=True)
         self._rows = table_lib.StepRows()  # drops the last traced step's tensors
         self.table.recording.assign(False)

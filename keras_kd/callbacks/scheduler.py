@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from keras_kd import _checks
 from keras_kd.callbacks.base import Callback
+from keras_kd.callbacks.base import bind_loss_state
 from keras_kd.callbacks.schedules import constant
 
 
@@ -12,7 +13,9 @@ class DistillationScheduler(Callback):
 
     The loss keeps them in variables, so no recompiling is needed. The values
     used in the epoch are written to ``logs["kd_temperature"]`` and
-    ``logs["kd_alpha"]``.
+    ``logs["kd_alpha"]``. On Keras 3 + JAX the variables are part of the
+    state Keras threads through its jitted step (see `keras_kd.Callback`), so
+    the new values reach the step without retracing.
 
     Args:
         temperature: ``None`` (leave as is), a number, or a schedule
@@ -48,6 +51,11 @@ class DistillationScheduler(Callback):
             raise ValueError(
                 f"Expected `{argument}` to be None, a number or a callable schedule. Received: {argument}={value!r}"
             ) from None
+
+    def set_model(self, model):
+        super().set_model(model)
+        if self.loss is not None:
+            bind_loss_state(model, self.loss)  # JAX: the step reads this loss's values as state
 
     def _target(self):
         loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)

@@ -1,5 +1,13 @@
 """The per-example table of `HardSampleReweighting`: its variables, the rows a
-step reads, the merge across workers, the weight histogram."""
+step reads, the merge across workers, the weight histogram.
+
+On TensorFlow the table is three ``tf.Variable``s that the step reads and
+writes. For a Keras 3 student on JAX (`Table.use_jax`) the step's copy lives
+in a `keras_kd._step_state.StepState` that the model threads through its
+jitted step; ``weights``/``stats``/``recording`` then read and assign that
+state (the weights also the ``tf.Variable`` that `attach`'s tf.data hook
+reads).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,8 @@ import os
 
 import numpy as np
 import tensorflow as tf
+
+from keras_kd import _ops
 
 
 class Table:
@@ -24,6 +34,23 @@ class Table:
             self.weights = tf.Variable(tf.ones([num_examples]), trainable=False, name="kd_example_weights")
             self.stats = tf.Variable(tf.fill([num_examples, 2], np.nan), trainable=False, name="kd_example_stats")
             self.recording = tf.Variable(False, trainable=False, name="kd_recording")
+        self.tf_weights = self.weights  # what the dataset hook of `attach` reads, on every backend
+        self.step_state = None  # JAX: the state the jitted step threads (`use_jax`)
+
+    def use_jax(self):
+        """Moves the step's copy of the table into a `StepState` (Keras 3 on JAX; idempotent)."""
+        if self.step_state is not None:
+            return self.step_state
+        from keras_kd import _step_state  # noqa: PLC0415 - JAX only
+
+        self.step_state = _step_state.StepState(
+            {"weights": self.weights.numpy(), "stats": self.stats.numpy(), "recording": float(self.recording.numpy())},
+            name="kd_reweighting",
+        )
+        self.weights = _StateArray(self.step_state, "weights", mirror=self.tf_weights)
+        self.stats = _StateArray(self.step_state, "stats")
+        self.recording = _StateArray(self.step_state, "recording")
+        return self.step_state
 
     @property
     def seen(self) -> np.ndarray:
@@ -38,8 +65,29 @@ class Table:
         return np.nan_to_num(self.stats.numpy()[:, 1])
 
 
+class _StateArray:
+    """One array of a JAX `Table`: ``numpy()`` and ``assign()`` like a ``tf.Variable``."""
+
+    def __init__(self, state, key, mirror=None):
+        self._state, self._key, self._mirror = state, key, mirror
+
+    @property
+    def shape(self):
+        return tuple(self._state.variables[self._key].shape)
+
+    def numpy(self) -> np.ndarray:
+        return self._state.value(self._key)
+
+    def assign(self, value):
+        value = np.asarray(value, np.float32)
+        self._state.assign(self._key, value)
+        if self._mirror is not None:
+            self._mirror.assign(value)
+
+
 def flat(values):
-    return values if values.shape.rank == 1 else tf.reshape(values, [-1])
+    ops = _ops.namespace(values)
+    return values if ops.ndim(values) == 1 else ops.reshape(values, [-1])
 
 
 def table_rows(example_id, size: int):
@@ -49,6 +97,42 @@ def table_rows(example_id, size: int):
     ids = flat(tf.cast(example_id, tf.int64))
     outside = tf.cast(ids, tf.uint64) >= size
     return tf.where(outside, np.int64(0), ids), outside
+
+
+def jax_rows(example_id, size: int):
+    """`table_rows` for JAX arrays: ``(rows, outside)``."""
+    ops = _ops.namespace(example_id)
+    ids = ops.reshape(ops.cast(example_id, ops.int_dtype), [-1])
+    outside = (ids < 0) | (ids >= size)
+    return ops.where(outside, ops.zeros_like(ids), ids), outside
+
+
+def jax_record(state, rows, fresh, momentum: float):
+    """Smooths ``fresh`` (per row: difficulty, teacher wrong) into the JAX table ``state``.
+
+    The same update as the TF step: a first value is taken as is, later ones
+    by an exponential moving average (``momentum``; the teacher-wrong share
+    with 0.5); NaN values (no value for this example) and validation steps
+    leave rows unchanged. Runs inside the jitted step: the new table is a
+    result of the step (`keras_kd._step_state`).
+    """
+    import jax.numpy as jnp  # noqa: PLC0415 - JAX only
+
+    stats = state.current("stats")
+    old = stats[rows]
+    rate = jnp.asarray([[1.0 - momentum, 0.5]], jnp.float32)
+    new = jnp.where(jnp.isnan(old), fresh, old + rate * (fresh - old))
+    keep = jnp.isnan(fresh) | (state.current("recording") < 0.5)
+    state.variables["stats"].assign(stats.at[rows].set(jnp.where(keep, old, new)))
+
+
+def jax_weights(state, rows, outside):
+    """The weights of a JAX step's rows: 1 in validation steps, NaN for training ids outside the table."""
+    import jax.numpy as jnp  # noqa: PLC0415 - JAX only
+
+    training = state.current("recording") > 0.5
+    w = jnp.where(training & outside, jnp.float32(np.nan), state.current("weights")[rows])
+    return jnp.where(training, w, jnp.float32(1.0))
 
 
 class StepRows:
