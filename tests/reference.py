@@ -134,3 +134,44 @@ def kd_gradient(labels, student, teacher, T, alpha, coef, dense_labels=None, lab
     soft = T * (softmax(s / T) - softmax(np.asarray(teacher, np.float64) / T))
     coef = np.broadcast_to(np.asarray(coef, np.float64), (n,))[:, None]
     return coef * (alpha * hard + (1 - alpha) * soft)
+
+
+# ---------------------------------------------------------------------------
+# Feature losses of keras_kd.alignment (per example), float64
+# ---------------------------------------------------------------------------
+
+
+def _flat_features(a):
+    a = np.asarray(a, np.float64)
+    return a.reshape(len(a), -1)
+
+
+def feature_mse(t, s):
+    """FitNets hint loss per example: mean_j (s_j - t_j)^2."""
+    return ((_flat_features(s) - _flat_features(t)) ** 2).mean(axis=1)
+
+
+def feature_l1(t, s):
+    """mean_j |s_j - t_j| per example."""
+    return np.abs(_flat_features(s) - _flat_features(t)).mean(axis=1)
+
+
+def feature_cosine(t, s):
+    """1 - cos(s, t) of the flattened features; an all-zero row counts as orthogonal."""
+    s, t = _flat_features(s), _flat_features(t)
+    ns, nt = np.linalg.norm(s, axis=1), np.linalg.norm(t, axis=1)
+    dot = (s * t).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where((ns > 0) & (nt > 0), dot / (ns * nt), 0.0)
+    return 1.0 - cos
+
+
+def attention_map(f, p=2.0):
+    """Zagoruyko & Komodakis 2017: vec(sum_c |f|^p), L2-normalised per example."""
+    a = (np.abs(np.asarray(f, np.float64)) ** p).sum(axis=-1).reshape(len(f), -1)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def attention_transfer(t, s, p=2.0):
+    """mean_j (a_s[j] - a_t[j])^2 per example (the authors' code)."""
+    return ((attention_map(s, p) - attention_map(t, p)) ** 2).mean(axis=1)

@@ -19,6 +19,7 @@ from keras_kd.alignment.taps import feature_shape
 from keras_kd.alignment.taps import fmt_shape
 from keras_kd.cache import features as _feature_cache
 from keras_kd.cache import fingerprint
+from keras_kd.data import teachers as teachers_lib
 
 
 def check_elements(dataset, argument="dataset"):
@@ -117,14 +118,27 @@ def views(aligned, dataset, batched: bool):
     return aligned.teacher_inputs or _identity, aligned.student_inputs or _identity
 
 
+def teacher_outputs(extractor):
+    """``x -> [logits, f_1, ..., f_P]`` as TF tensors, for ``dataset.map``.
+
+    A Keras 3 teacher in a JAX process cannot run on ``tf.Tensor``s: it runs
+    through `keras_kd.data.teachers.tf_callable` (a ``tf.numpy_function``
+    around its jitted stateless call), one call per output.
+    """
+    if not teachers_lib.runs_on_jax(extractor):
+        return lambda x: extractor(x, training=False)
+    calls = [teachers_lib.tf_callable(extractor, output_index=i) for i in range(len(extractor.outputs))]
+    return lambda x: [call(x) for call in calls]
+
+
 def attach(aligned, dataset, num_parallel_calls=None):
     """`Aligned.attach`: the online teacher's logits and features on every batch."""
     check_elements(dataset)
     teacher_view, student_view = views(aligned, dataset, batched=True)
-    extractor = aligned.feature_extractor
+    extract = teacher_outputs(aligned.feature_extractor)
 
     def run(x, y, *sample_weight):
-        logits, *features = extractor(teacher_view(x), training=False)
+        logits, *features = extract(teacher_view(x))
         return pack(student_view(x), y, sample_weight, logits, features)
 
     if num_parallel_calls is None:

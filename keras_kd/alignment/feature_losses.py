@@ -2,20 +2,36 @@
 
 Teacher first, as the divergences of `keras_kd.losses`. Each returns a float32
 tensor of shape ``(batch,)``; `FeatureAlignmentLoss` reduces over the batch.
+The math is written once against `keras_kd._ops`: TF tensors (either Keras
+flavour on TensorFlow) get TensorFlow ops, JAX arrays and tracers (Keras 3 on
+JAX, inside the jitted step) get ``jax.numpy``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
-import tensorflow as tf
+from keras_kd import _ops
 
-FeatureLoss = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+FeatureLoss = Callable[[Any, Any], Any]
 
-def _flat(features):
-    features = tf.cast(features, tf.float32)
-    return tf.reshape(features, [tf.shape(features)[0], -1])
+# tf.math.l2_normalize's floor on the squared norm: an all-zero row stays zero.
+_EPSILON = 1e-12
+
+
+def _flat(ops, features):
+    """``(batch, ...)`` features as float32 ``(batch, positions)``."""
+    features = ops.cast(features, "float32")
+    # TF: the batch size may be unknown until run time; JAX shapes are static under jit.
+    batch = ops.dynamic_shape(features)[0] if ops.is_tf else features.shape[0]
+    return ops.reshape(features, [batch, -1])
+
+
+def _l2_normalize(ops, x):
+    """``x / max(||x||_2, sqrt(eps))`` along the last axis, as ``tf.math.l2_normalize``."""
+    squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
+    return x / ops.sqrt(ops.maximum(squared, _EPSILON))
 
 
 def feature_mse(teacher_features, student_features):
@@ -33,15 +49,17 @@ def feature_mse(teacher_features, student_features):
 
     Example:
 
-    >>> t = tf.constant([[1.0, 2.0], [0.0, 0.0]])
-    >>> s = tf.constant([[1.0, 4.0], [1.0, -1.0]])
-    >>> feature_mse(t, s).numpy()
+    >>> import numpy as np
+    >>> t = np.array([[1.0, 2.0], [0.0, 0.0]], np.float32)
+    >>> s = np.array([[1.0, 4.0], [1.0, -1.0]], np.float32)
+    >>> np.asarray(feature_mse(t, s))
     array([2., 1.], dtype=float32)
 
     References:
         Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
     """
-    return tf.reduce_mean(tf.square(_flat(student_features) - _flat(teacher_features)), axis=-1)
+    ops = _ops.namespace(student_features, teacher_features)
+    return ops.mean(ops.square(_flat(ops, student_features) - _flat(ops, teacher_features)), axis=-1)
 
 
 def feature_l1(teacher_features, student_features):
@@ -51,10 +69,12 @@ def feature_l1(teacher_features, student_features):
 
     Example:
 
-    >>> feature_l1(tf.constant([[1.0, 2.0]]), tf.constant([[0.0, 4.0]])).numpy()
+    >>> import numpy as np
+    >>> np.asarray(feature_l1(np.array([[1.0, 2.0]]), np.array([[0.0, 4.0]])))
     array([1.5], dtype=float32)
     """
-    return tf.reduce_mean(tf.abs(_flat(student_features) - _flat(teacher_features)), axis=-1)
+    ops = _ops.namespace(student_features, teacher_features)
+    return ops.mean(ops.abs(_flat(ops, student_features) - _flat(ops, teacher_features)), axis=-1)
 
 
 def feature_cosine(teacher_features, student_features):
@@ -66,12 +86,14 @@ def feature_cosine(teacher_features, student_features):
 
     Example:
 
-    >>> feature_cosine(tf.constant([[1.0, 0.0]]), tf.constant([[0.0, 3.0]])).numpy()
+    >>> import numpy as np
+    >>> np.asarray(feature_cosine(np.array([[1.0, 0.0]]), np.array([[0.0, 3.0]])))
     array([1.], dtype=float32)
     """
-    s = tf.math.l2_normalize(_flat(student_features), axis=-1)
-    t = tf.math.l2_normalize(_flat(teacher_features), axis=-1)
-    return 1.0 - tf.reduce_sum(s * t, axis=-1)
+    ops = _ops.namespace(student_features, teacher_features)
+    s = _l2_normalize(ops, _flat(ops, student_features))
+    t = _l2_normalize(ops, _flat(ops, teacher_features))
+    return 1.0 - ops.sum(s * t, axis=-1)
 
 
 def attention_map(features, p: float = 2.0):
@@ -84,14 +106,16 @@ def attention_map(features, p: float = 2.0):
     Returns:
         A float32 tensor of shape ``(batch, positions)`` with unit L2 rows.
     """
-    features = tf.cast(features, tf.float32)
-    if features.shape.rank is not None and features.shape.rank < 3:
+    ops = _ops.namespace(features)
+    features = ops.cast(features, "float32")
+    rank = ops.ndim(features)
+    if rank is not None and rank < 3:
         raise ValueError(
             "Attention transfer needs features with positions and channels, "
-            f"(batch, H, W, C) or (batch, N, D). Received shape {features.shape}."
+            f"(batch, H, W, C) or (batch, N, D). Received shape {ops.static_shape(features)}."
         )
-    energy = tf.reduce_sum(tf.pow(tf.abs(features), p), axis=-1)
-    return tf.math.l2_normalize(tf.reshape(energy, [tf.shape(energy)[0], -1]), axis=-1)
+    energy = ops.sum(ops.abs(features) ** p, axis=-1)
+    return _l2_normalize(ops, _flat(ops, energy))
 
 
 def attention_transfer(teacher_features, student_features, p: float = 2.0):
@@ -108,9 +132,8 @@ def attention_transfer(teacher_features, student_features, p: float = 2.0):
         the Performance of Convolutional Neural Networks via Attention
         Transfer", ICLR 2017.
     """
-    return tf.reduce_mean(
-        tf.square(attention_map(student_features, p) - attention_map(teacher_features, p)), axis=-1
-    )
+    ops = _ops.namespace(student_features, teacher_features)
+    return ops.mean(ops.square(attention_map(student_features, p) - attention_map(teacher_features, p)), axis=-1)
 
 
 FEATURE_LOSSES = {

@@ -3,13 +3,14 @@
 One class per Keras flavour (a tf_keras model needs tf_keras layers), built
 once and registered as ``keras_kd>FeatureAlignmentLoss`` in that flavour's
 serialization, so that a saved `Aligned.model` loads after ``import keras_kd``.
+The arithmetic goes through `keras_kd._ops`, so the Keras 3 layer runs on
+TensorFlow and inside JAX's jitted step alike.
 """
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 from keras_kd import _compat
+from keras_kd import _ops
 from keras_kd.alignment.feature_losses import get_feature_loss
 
 
@@ -27,6 +28,9 @@ def loss_layer_class(flavour):
 
         Called on ``[passthrough, s_1, t_1, ..., s_P, t_P]``. The weights are a
         non-trainable variable (``pair_weights``) that callbacks may change.
+        On Keras 3's JAX backend the loss is added but not logged as a metric:
+        Keras cannot update a layer's metric inside JAX's stateless step
+        (keras-team/keras#21639), and a metric that never updates would log 0.
         """
 
         def __init__(self, feature_losses, weights, metric_name="feature_loss", **kwargs):
@@ -38,7 +42,8 @@ def loss_layer_class(flavour):
             self.feature_losses = list(feature_losses)
             self.initial_weights = [float(w) for w in weights]
             self.metric_name = metric_name
-            self._update_metric = _compat.layer_mean_metric(self, metric_name)
+            logged = flavour != _compat.KERAS3 or not _compat.is_jax_backend()
+            self._update_metric = _compat.layer_mean_metric(self, metric_name) if logged else None
 
         def build(self, input_shape):
             self.pair_weights = self.add_weight(
@@ -51,13 +56,17 @@ def loss_layer_class(flavour):
 
         def call(self, inputs):
             passthrough, rest = inputs[0], inputs[1:]
-            total = tf.constant(0.0, tf.float32)
+            ops = _ops.namespace(passthrough)
+            weights = ops.cast(ops.convert_to_tensor(self.pair_weights), "float32")
+            total = ops.constant(0.0, "float32")
             for i, fn in enumerate(self._loss_fns):
                 student, teacher = rest[2 * i], rest[2 * i + 1]
-                values = fn(tf.stop_gradient(tf.cast(teacher, tf.float32)), tf.cast(student, tf.float32))
-                total += tf.cast(self.pair_weights[i], tf.float32) * tf.reduce_mean(values)
+                teacher = ops.stop_gradient(ops.cast(teacher, "float32"))
+                values = fn(teacher, ops.cast(student, "float32"))
+                total += weights[i] * ops.mean(values)
             self.add_loss(total)
-            self._update_metric(total)
+            if self._update_metric is not None:
+                self._update_metric(total)
             return passthrough
 
         def compute_output_shape(self, input_shape):
