@@ -184,3 +184,13 @@ def test_tf_callable_runs_the_jax_teacher_in_tf_data_and_sees_new_weights(data):
 def test_tf_callable_refuses_tf_keras_models_naming_the_alternative():
     with pytest.raises(ValueError, match="tf_keras models and TensorFlow functions run in tf.data"):
         teachers_lib.tf_callable(mlp(1, module=tf_keras))
+
+
+def test_a_jax_function_as_teacher_is_refused_naming_the_alternative(data):
+    x, y = data
+
+    def jax_teacher(inputs, training=False):
+        return jnp.tanh(inputs)[:, :C]
+
+    with pytest.raises(TypeError, match=r"Keras 3 model \(or layer\).*tf_callable"):
+        keras_kd.with_teacher(batches(x, y), jax_teacher, placement="pipeline")

@@ -146,7 +146,12 @@ def with_teacher(
             list of teachers, or ensemble members with different class counts
             or input shapes.
         TypeError: for a teacher, ``teacher_inputs`` or ``student_inputs``
-            that is not callable, or a ``dataset`` that is not a tf.data.Dataset.
+            that is not callable, a ``dataset`` that is not a tf.data.Dataset,
+            or, on the JAX backend, a teacher function that runs JAX code
+            (give a Keras 3 model or layer).
+        ValueError: while tracing the JAX step, with ``placement="step"``
+            and a tf_keras teacher or a TensorFlow function (they cannot run
+            inside a JAX step: use ``"pipeline"`` or ``"auto"``).
         tf.errors.InvalidArgumentError: while iterating, with
             ``placement="pipeline"``, for teacher logits with NaN or Inf.
 

@@ -42,16 +42,26 @@ def member_logits(teacher, inputs, output_index, weak=False):
     """
     if runs_on_jax(teacher):
         return tf_callable(teacher, output_index, weak=weak)(inputs)
-    outputs = teacher(inputs, training=False)
+    try:
+        outputs = teacher(inputs, training=False)
+    except (NotImplementedError, TypeError) as e:  # JAX code on a tf.Tensor (a JAX function as teacher)
+        if not _compat.is_jax_backend() or not any(m in str(e) for m in ("symbolic tf.Tensor", "EagerTensor")):
+            raise
+        raise TypeError(
+            f"keras_kd runs the teacher {getattr(teacher, '__name__', type(teacher).__name__)!r} in tf.data as "
+            "a TensorFlow function, and it ran JAX code on a tf.Tensor (the Keras backend is 'jax'). "
+            "Give a Keras 3 model (or layer) instead, which keras_kd runs through "
+            "`keras_kd.data.teachers.tf_callable`, or a TensorFlow function."
+        ) from e
     return tf.cast(targets_lib.teacher_output(outputs, output_index), tf.float32)
 
 
 def runs_on_jax(teacher) -> bool:
-    """Whether ``teacher`` is a Keras 3 model in a JAX process (it cannot run on tf.Tensors).
+    """Whether ``teacher`` is a Keras 3 model (or layer) in a JAX process (it cannot run on tf.Tensors).
 
     tf_keras models and plain callables run on TensorFlow in any process.
     """
-    return _compat.is_jax_backend() and _compat.flavour_of(teacher) == _compat.KERAS3 and _compat.is_model(teacher)
+    return _compat.is_jax_backend() and isinstance(teacher, keras.layers.Layer)
 
 
 def jax_function(teachers, output_index=0, ensemble="mean_logits"):
