@@ -14,7 +14,9 @@ interleaved, medians:
 3. the op census of each traced step (ops by type: asserts, casts, ...);
 4. per epoch of the input pipeline: creating the iterator, the first batch, the
    rest, for the raw data, in-memory targets and the cache, plus the cache's
-   own stages (blocks only, unbatched output, unshuffled batches);
+   own stages (unbatched output, unshuffled batches), with the process CPU
+   time, the tf.data components per element and two references (the raw
+   data with one and two extra scalars) that price one component;
 5. a ``tf.profiler`` trace of ``fit`` epochs, summarised per op type
    (host self-time), where the profiler's converter is available.
 
@@ -119,7 +121,7 @@ def main(argv=None):
         step_section(w, rounds, calls, pipeline, raw, memory, cached, teacher)
     if "pipeline" in sections:
         online = keras_kd.with_teacher(raw.shuffle(w.rows, seed=0).batch(w.batch), teacher).prefetch(tf.data.AUTOTUNE)
-        pipeline_section(rounds, pipeline, raw, memory, cached, online)
+        pipeline_section(rounds, pipeline, raw, memory, cached, online, x, y)
     if "trace" in sections:
         trace_section(w, workdir, pipeline, raw, memory, cached)
     import shutil
@@ -220,8 +222,20 @@ def step_section(w, rounds, calls, pipeline, raw, memory, cached, teacher):
         print(f"{name:<{width}} {sum(c.values()):>5} " + " ".join(f"{c.get(k, 0):>8}" for k in interesting))
 
 
-def pipeline_section(rounds, pipeline, raw, memory, cached, online):
-    """4: one epoch of the input pipeline, in pieces."""
+def components(ds) -> int:
+    """tf.data components per element (what shuffle and batch copy one by one)."""
+    return len(tf.nest.flatten(ds.element_spec, expand_composites=True))
+
+
+def pipeline_section(rounds, pipeline, raw, memory, cached, online, x, y):
+    """4: one epoch of the input pipeline, in pieces.
+
+    Besides the wall times, the CPU time of the whole process per epoch (all
+    tf.data threads; steadier on a loaded machine) and its ratio to the raw
+    data's in the same round. The references with one and two extra scalar
+    tensors per element (no TeacherTargets) show the cost of a component.
+    """
+    ids = np.arange(len(y), dtype="int64")
     layout_probe = {
         "raw: shuffle+batch": pipeline(raw),
         "with_teacher (step): shuffle+batch+pack": online,
@@ -232,11 +246,14 @@ def pipeline_section(rounds, pipeline, raw, memory, cached, online):
         "cache: unbatched, no shuffle": cached,
         "raw: unbatched": raw,
         "memory: unbatched": memory,
+        "REF raw + 1 scalar: shuffle+batch": pipeline(tf.data.Dataset.from_tensor_slices((x, y, ids))),
+        "REF raw + 2 scalars: shuffle+batch": pipeline(tf.data.Dataset.from_tensor_slices((x, y, ids, ids))),
     }
     epoch_t = {n: collections.defaultdict(list) for n in layout_probe}
     for r in range(rounds * 2 + 1):
         for name in rotated(list(layout_probe), r):
             ds = layout_probe[name]
+            c0 = time.process_time()
             t0 = time.perf_counter()
             it = iter(ds)
             t1 = time.perf_counter()
@@ -246,20 +263,27 @@ def pipeline_section(rounds, pipeline, raw, memory, cached, online):
             for _ in it:
                 n += 1
             t3 = time.perf_counter()
+            c1 = time.process_time()
+            del it  # freed here, not inside the next pipeline's iter() (a full shuffle buffer takes a while)
             if r:
                 epoch_t[name]["iter()"].append(t1 - t0)
                 epoch_t[name]["first"].append(t2 - t1)
                 epoch_t[name]["rest"].append(t3 - t2)
                 epoch_t[name]["total"].append(t3 - t0)
+                epoch_t[name]["cpu"].append(c1 - c0)
                 epoch_t[name]["n"] = n
+    raw_cpu = epoch_t["raw: shuffle+batch"]["cpu"]
     print()
-    print("## 4. one epoch of the input pipeline (median ms; `for _ in ds`)")
-    print(f"{'pipeline':<32} {'elements':>8} {'iter()':>8} {'first':>8} {'rest':>8} {'total':>8} {'us/elem':>8}")
+    print("## 4. one epoch of the input pipeline (median ms; `for _ in ds`; cpu = process CPU time,")
+    print("##    cpu/raw = median of same-round ratios to 'raw: shuffle+batch'; comp = tf.data components per element)")
+    print(f"{'pipeline':<40} {'comp':>4} {'elements':>8} {'iter()':>8} {'first':>8} {'rest':>8} {'total':>8} "
+          f"{'us/elem':>8} {'cpu':>8} {'cpu/raw':>7}")
     for name, d in epoch_t.items():
         med = {k: statistics.median(v) * 1e3 for k, v in d.items() if k != "n"}
         per = (med["rest"] * 1e3) / max(d["n"] - 1, 1)
-        print(f"{name:<32} {d['n']:>8} {med['iter()']:>8.2f} {med['first']:>8.2f} {med['rest']:>8.2f} "
-              f"{med['total']:>8.2f} {per:>8.1f}")
+        ratio = statistics.median(a / b for a, b in zip(d["cpu"], raw_cpu))
+        print(f"{name:<40} {components(layout_probe[name]):>4} {d['n']:>8} {med['iter()']:>8.2f} {med['first']:>8.2f} "
+              f"{med['rest']:>8.2f} {med['total']:>8.2f} {per:>8.1f} {med['cpu']:>8.2f} {ratio:>7.3f}")
 
 
 def trace_section(w, workdir, pipeline, raw, memory, cached):
