@@ -138,8 +138,16 @@ def _flatten_tf_targets(targets):
 
 
 def _unflatten_to_jax(cls, static, children):
-    # Rebuilt from converted (NumPy) fields: the JAX-side value.
+    # Rebuilt from converted (NumPy) fields, on the host, once per batch.
+    refresh = HOST_REFRESH.get(static[0]) if static[0] else None
+    if refresh is not None:
+        refresh()
     return JaxTeacherTargets.tree_unflatten(static, children)
+
+
+# teacher_key -> a function run on the host before each batch of in-step targets
+# (see `keras_kd.data.teachers.jax_function`); filled by `targets.register_teacher`.
+HOST_REFRESH: dict = {}
 
 
 _REGISTERED = False

@@ -369,15 +369,23 @@ def dense_teacher_logits(targets: TeacherTargets, num_classes: int, topk_fill: s
 _TEACHERS: "dict[str, typing.Callable]" = {}
 
 
-def register_teacher(fn: typing.Callable, key: str) -> str:
-    """Registers ``fn(inputs) -> logits`` under ``key`` for in-step placement."""
+def register_teacher(fn: typing.Callable, key: str, host_refresh: typing.Optional[typing.Callable] = None) -> str:
+    """Registers ``fn(inputs) -> logits`` under ``key`` for in-step placement.
+
+    ``host_refresh``: on JAX, called on the host before each batch of targets
+    with this key reaches the step (e.g. to retrace after the teacher's
+    weights changed).
+    """
     _TEACHERS[key] = fn
+    if host_refresh is not None:
+        _jax_targets.HOST_REFRESH[key] = host_refresh
     return key
 
 
 def unregister_teacher(key: str) -> None:
     """Forgets the teacher registered under ``key`` (no-op if absent)."""
     _TEACHERS.pop(key, None)
+    _jax_targets.HOST_REFRESH.pop(key, None)
 
 
 def materialize(targets: TeacherTargets) -> TeacherTargets:

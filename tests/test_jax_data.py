@@ -194,3 +194,14 @@ def test_a_jax_function_as_teacher_is_refused_naming_the_alternative(data):
 
     with pytest.raises(TypeError, match=r"Keras 3 model \(or layer\).*tf_callable"):
         keras_kd.with_teacher(batches(x, y), jax_teacher, placement="pipeline")
+
+
+def test_new_teacher_weights_reach_the_compiled_step(data):
+    # In the JAX step the teacher's weights are constants of the compiled step: a change must retrace it.
+    x, y = data
+    teacher, student = mlp(1), mlp(2)
+    ds = keras_kd.with_teacher(batches(x, y), teacher, placement="step")
+    evaluate(student, ds)
+    teacher.set_weights([w * 0.5 for w in teacher.get_weights()])
+    result = student.evaluate(ds, verbose=0, return_dict=True)
+    assert_hinton(result, y, student.predict(x, verbose=0), teacher.predict(x, verbose=0))

@@ -69,14 +69,31 @@ def jax_function(teachers, output_index=0, ensemble="mean_logits"):
 
     Pure and traceable: each member runs ``stateless_call`` in inference mode
     with its variables' current values, so it can run inside a jitted step
-    (``placement="step"``). Use `tf_callable` to run it from tf.data.
+    (``placement="step"``). There the values are constants of the compiled
+    step; ``run.refresh()`` (called on the host before every batch, see
+    `keras_kd.targets.register_teacher`) clears JAX's caches when a teacher's
+    weights changed since, so the next step is traced with the new weights
+    (one retrace per change, never stale logits). Use `tf_callable` to run it
+    from tf.data.
     """
     teachers = list(teachers)
+    variables = [v for t in teachers for v in (*t.trainable_variables, *t.non_trainable_variables)]
     run = _stateless_function(lambda: teachers, output_index, ensemble)
+    baked = []  # the variable values the last trace read (constants of a compiled step)
 
     def call(inputs):
-        return run(_variable_values(teachers), inputs)
+        values = _variable_values(teachers)
+        baked[:] = [v.value for v in variables]
+        return run(values, inputs)
 
+    def refresh():
+        if baked and any(v.value is not b for v, b in zip(variables, baked)):
+            import jax
+
+            baked.clear()
+            jax.clear_caches()  # the steps that baked the old weights are traced again
+
+    call.refresh = refresh
     return call
 
 
