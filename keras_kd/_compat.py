@@ -280,8 +280,14 @@ def deserialize(config: Any):
 
 def get_keras_mask(tensor):
     """The Keras mask carried by a tensor, or None (both flavours use ``_keras_mask``;
-    a tensor without a mask has no such attribute)."""
-    return getattr(tensor, "_keras_mask", None)
+    a tensor without a mask has no such attribute). JAX arrays take no attributes: Keras 3
+    keeps their masks in a table, read through its own getter."""
+    mask = getattr(tensor, "_keras_mask", None)
+    if mask is None and is_jax_array(tensor):
+        from keras.src.backend.common import masking  # noqa: PLC0415 - private; canary in tests
+
+        mask = masking.get_keras_mask(tensor)
+    return mask
 
 
 def num_replicas_in_sync() -> int:

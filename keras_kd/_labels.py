@@ -1,4 +1,4 @@
-"""Label and prediction decoding, in one place (pure TensorFlow).
+"""Label and prediction decoding, in one place (TensorFlow or JAX, by the labels' type: `keras_kd._ops`).
 
 Every consumer of labels (the loss's hard term, label-aware divergences,
 metrics, reweighting signals, TFLite evaluation) reads them the same way:
@@ -19,7 +19,7 @@ float labels that are not integers (``2.5``, NaN), so that one range check
 
 from __future__ import annotations
 
-import tensorflow as tf
+from keras_kd import _ops
 
 NO_LABEL = -1
 """The label of an unlabelled example: no hard-label term, no label-aware divergence."""
@@ -29,7 +29,7 @@ INVALID_ID = -2
 
 
 def _static_rank(tensor):
-    return tensor.shape.rank
+    return _ops.namespace(tensor).ndim(tensor)
 
 
 def is_dense(labels, num_classes, logits_rank=None) -> bool:
@@ -39,7 +39,7 @@ def is_dense(labels, num_classes, logits_rank=None) -> bool:
     rank (``logits_rank``; when None, at least rank 2) and a last axis of
     ``num_classes > 1``. A one-logit model's labels are never dense.
     """
-    labels = tf.convert_to_tensor(labels)
+    labels = _ops.namespace(labels).convert_to_tensor(labels)
     rank = _static_rank(labels)
     _check_not_scalar(rank, logits_rank)
     if rank is None or num_classes in (None, 1) or labels.shape[-1] != num_classes:
@@ -62,7 +62,7 @@ def _squeeze_trailing_one(labels, logits_rank):
     if rank is None or rank == 0 or labels.shape[-1] != 1:
         return labels
     if logits_rank is None or rank == logits_rank:
-        return tf.squeeze(labels, axis=-1)
+        return _ops.namespace(labels).squeeze(labels, axis=-1)
     return labels
 
 
@@ -99,26 +99,29 @@ def class_ids(labels, num_classes, logits_rank=None, keep_dtype=False):
     class_ids([0.9, 0.2], 1)                # [1, 0]: binary labels
     ```
     """
-    labels = tf.convert_to_tensor(labels)
+    ops = _ops.namespace(labels)
+    labels = ops.convert_to_tensor(labels)
+    ids_dtype = ops.int_dtype  # int64 (int32 on JAX without x64)
     if is_dense(labels, num_classes, logits_rank):
-        return tf.argmax(labels, axis=-1, output_type=tf.int64)
+        return ops.argmax(labels, axis=-1, dtype=ids_dtype)
     labels = _squeeze_trailing_one(labels, logits_rank)
     if num_classes == 1:
-        values = tf.cast(labels, tf.float32)
-        ids = tf.cast(values > 0.5, tf.int64)
-        return tf.where(tf.equal(values, float(NO_LABEL)), tf.constant(NO_LABEL, tf.int64), ids)
-    if labels.dtype == tf.int64 or (keep_dtype and labels.dtype == tf.int32):
+        values = ops.cast(labels, "float32")
+        ids = ops.cast(values > 0.5, ids_dtype)
+        return ops.where(values == float(NO_LABEL), ops.constant(NO_LABEL, ids_dtype), ids)
+    dtype = ops.dtype_name(labels)
+    if dtype == ids_dtype or (keep_dtype and dtype == "int32"):
         return labels
-    if labels.dtype.is_floating:
-        whole = tf.equal(labels, tf.math.floor(labels)) & tf.math.is_finite(labels)
-        safe = tf.where(whole, labels, tf.zeros_like(labels))
-        return tf.where(whole, tf.cast(safe, tf.int64), tf.constant(INVALID_ID, tf.int64))
-    return tf.cast(labels, tf.int64)
+    if ops.is_floating(labels):
+        whole = (labels == ops.floor(labels)) & ops.isfinite(labels)
+        safe = ops.where(whole, labels, ops.zeros_like(labels))
+        return ops.where(whole, ops.cast(safe, ids_dtype), ops.constant(INVALID_ID, ids_dtype))
+    return ops.cast(labels, ids_dtype)
 
 
 def labelled(ids):
     """Boolean mask: True where an example has a label (``ids != NO_LABEL``)."""
-    return tf.not_equal(ids, NO_LABEL)
+    return ids != NO_LABEL
 
 
 def valid_class_ids(ids, num_classes, allow_unlabelled=True):
@@ -127,20 +130,23 @@ def valid_class_ids(ids, num_classes, allow_unlabelled=True):
     ``ids`` are int32 or int64; ``num_classes`` a Python int or a scalar tensor. Every other
     negative id (including `INVALID_ID`) is invalid.
     """
-    limit = tf.cast(num_classes, ids.dtype)
+    ops = _ops.namespace(ids)
+    limit = ops.cast(num_classes, ops.dtype_name(ids))
     # integers: ``ids >= -1`` and ``ids < 0`` is exactly ``ids == NO_LABEL``
     return (ids >= (NO_LABEL if allow_unlabelled else 0)) & (ids < limit)
 
 
 def predicted_class(logits):
     """Predicted class ids (``int64``): the argmax, or ``logit > 0`` for one logit (binary)."""
-    logits = tf.convert_to_tensor(logits)
+    ops = _ops.namespace(logits)
+    logits = ops.convert_to_tensor(logits)
     if logits.shape[-1] == 1:
-        return tf.cast(tf.squeeze(logits, -1) > 0, tf.int64)
-    return tf.argmax(logits, axis=-1, output_type=tf.int64)
+        return ops.cast(ops.squeeze(logits, -1) > 0, ops.int_dtype)
+    return ops.argmax(logits, axis=-1, dtype=ops.int_dtype)
 
 
 def two_class_logits(logits):
     """``[0, z]`` for one Bernoulli logit ``z``: its softmax is ``[1 - sigmoid(z), sigmoid(z)]``."""
-    logits = tf.convert_to_tensor(logits)
-    return tf.concat([tf.zeros_like(logits), logits], axis=-1)
+    ops = _ops.namespace(logits)
+    logits = ops.convert_to_tensor(logits)
+    return ops.concatenate([ops.zeros_like(logits), logits], axis=-1)

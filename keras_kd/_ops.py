@@ -352,7 +352,7 @@ def is_jax_array(x) -> bool:
     return jax is not None and isinstance(x, jax.Array)
 
 
-_TF_TYPES = (tf.Tensor, tf.Variable, tf.__internal__.CompositeTensor)
+_TF_TYPES = (tf.Tensor, tf.Variable, tf.RaggedTensor, tf.SparseTensor, tf.experimental.ExtensionType)
 
 
 def is_tf_value(x) -> bool:

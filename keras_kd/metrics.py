@@ -7,16 +7,16 @@ straight into ``compile(metrics=[...])`` next to the user's own metrics.
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 from keras_kd import _compat
 from keras_kd import _labels
+from keras_kd import _ops
 from keras_kd import targets as targets_lib
 
 
 def _label_class(labels, y_pred):
     """Class ids from sparse ids (any dtype), one-hot/soft labels (argmax) or binary 0/1 labels."""
-    return _labels.class_ids(labels, y_pred.shape[-1], y_pred.shape.rank)
+    ops = _ops.namespace(y_pred)
+    return _labels.class_ids(ops.convert_to_tensor(labels), y_pred.shape[-1], ops.ndim(y_pred))
 
 
 @_compat.register_serializable()
@@ -35,18 +35,21 @@ def teacher_agreement(y_true, y_pred):
         ValueError: for a batch with neither a teacher nor labels (unlabelled
             data without teacher), where no agreement can be measured.
     """
-    y_pred = tf.convert_to_tensor(y_pred)
+    ops = _ops.namespace(y_pred)
+    y_pred = ops.convert_to_tensor(y_pred)
     student = _labels.predicted_class(y_pred)
     if not targets_lib.is_targets(y_true):
-        return tf.cast(tf.equal(student, _label_class(y_true, y_pred)), tf.float32)
+        return ops.cast(student == _label_class(y_true, y_pred), "float32")
     y_true = targets_lib.materialize(y_true)
     if y_true.logits is not None:
-        teacher = _labels.predicted_class(tf.cast(y_true.logits, tf.float32))
+        teacher = _labels.predicted_class(ops.cast(ops.convert_to_tensor(y_true.logits), "float32"))
     elif y_true.topk_values is not None:
-        best = tf.argmax(y_true.topk_values, axis=-1, output_type=tf.int32)
-        teacher = tf.cast(tf.gather(y_true.topk_indices, best, batch_dims=best.shape.rank), tf.int64)
+        values = ops.convert_to_tensor(y_true.topk_values)
+        best = ops.argmax(values, axis=-1, dtype="int32")
+        indices = ops.convert_to_tensor(y_true.topk_indices)
+        teacher = ops.cast(ops.take_along_axis(indices, best[..., None], axis=-1)[..., 0], ops.int_dtype)
         if y_pred.shape[-1] == 1:  # one class: the single top-1 logit decides
-            teacher = _labels.predicted_class(tf.cast(y_true.topk_values, tf.float32))
+            teacher = _labels.predicted_class(ops.cast(values, "float32"))
     elif y_true.has_labels:
         teacher = _label_class(y_true.labels, y_pred)
     else:
@@ -55,7 +58,7 @@ def teacher_agreement(y_true, y_pred):
             "without a teacher): there is nothing to agree with. Attach the teacher with "
             "`keras_kd.with_teacher` or leave the metric out for this data."
         )
-    return tf.cast(tf.equal(student, teacher), tf.float32)
+    return ops.cast(student == teacher, "float32")
 
 
 def loss_components(loss):
@@ -89,6 +92,6 @@ def loss_components(loss):
 
     def kd_soft(y_true, y_pred):
         hard, soft = loss.components(y_true, y_pred)
-        return tf.zeros_like(hard) if soft is None else soft
+        return _ops.namespace(hard).zeros_like(hard) if soft is None else soft
 
     return [kd_hard, kd_soft]

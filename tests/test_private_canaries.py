@@ -649,8 +649,20 @@ def canary_multi_objective():
     )
 
 
+def canary_keras_masking_module():
+    """_compat.get_keras_mask on JAX: Keras keeps JAX arrays' masks in a table read by
+    ``keras.src.backend.common.masking.get_keras_mask``."""
+    module = _import("keras.src.backend.common.masking", KERAS)
+    getter = _get(module, "get_keras_mask", KERAS, "Keras 3's mask getter for tensors that take no attributes")
+    out = keras.layers.Embedding(5, 2, mask_zero=True)(np.array([[1, 0, 2]]))
+    mask = getter(out)
+    require(mask is not None and np.array_equal(np.asarray(mask), [[True, False, True]]), KERAS,
+            "get_keras_mask", "get_keras_mask(Embedding(mask_zero=True) output) is its mask")
+
+
 # Key: the name as the source scan reports it (attribute, or imported module / name).
 CANARIES = {
+    "keras.src.backend.common.masking": canary_keras_masking_module,
     "_reshuffle_each_iteration": canary_reshuffle_each_iteration,
     "_deterministic": canary_deterministic,
     "_inputs": canary_dataset_inputs,

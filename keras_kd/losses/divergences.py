@@ -9,7 +9,8 @@ labels: they take ``(teacher_logits, student_logits, class_ids)``, which
 
 To add a divergence: write ``fn(teacher_logits, student_logits)`` here and add
 it to `DIVERGENCES` (plus `ZERO_MASS_SAFE` if it stays finite where the
-teacher gives a class no mass).
+teacher gives a class no mass). Write it against ``ops = _ops.namespace(x)``
+(`keras_kd._ops`) and it runs on TensorFlow and JAX tensors alike.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from __future__ import annotations
 import math
 from typing import Callable, Union
 
-import tensorflow as tf
-
+from keras_kd import _ops
 from keras_kd.losses import label_aware
 
-Divergence = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+Divergence = Callable[..., object]
 
 
 def _xlogy_ratio(probs, log_probs, other_log_probs):
@@ -32,7 +32,8 @@ def _xlogy_ratio(probs, log_probs, other_log_probs):
     finite loss, with or without the eager checks (XLA drops ``tf.debugging``
     assertions). One op, where three ``tf.where`` used to be.
     """
-    return tf.reduce_sum(tf.math.multiply_no_nan(log_probs - other_log_probs, probs), axis=-1)
+    ops = _ops.namespace(probs)
+    return ops.sum(ops.multiply_no_nan(log_probs - other_log_probs, probs), axis=-1)
 
 
 def forward_kl(teacher_logits, student_logits):
@@ -45,9 +46,10 @@ def forward_kl(teacher_logits, student_logits):
     Reference: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
     Network", 2015.
     """
-    t_log = tf.nn.log_softmax(teacher_logits, axis=-1)
-    s_log = tf.nn.log_softmax(student_logits, axis=-1)
-    return _xlogy_ratio(tf.exp(t_log), t_log, s_log)
+    ops = _ops.namespace(student_logits, teacher_logits)
+    t_log = ops.log_softmax(teacher_logits, axis=-1)
+    s_log = ops.log_softmax(student_logits, axis=-1)
+    return _xlogy_ratio(ops.exp(t_log), t_log, s_log)
 
 
 def reverse_kl(teacher_logits, student_logits):
@@ -56,19 +58,21 @@ def reverse_kl(teacher_logits, student_logits):
     Reference: Gu et al., "MiniLLM: Knowledge Distillation of Large Language
     Models", 2024.
     """
-    t_log = tf.nn.log_softmax(teacher_logits, axis=-1)
-    s_log = tf.nn.log_softmax(student_logits, axis=-1)
-    return _xlogy_ratio(tf.exp(s_log), s_log, t_log)
+    ops = _ops.namespace(student_logits, teacher_logits)
+    t_log = ops.log_softmax(teacher_logits, axis=-1)
+    s_log = ops.log_softmax(student_logits, axis=-1)
+    return _xlogy_ratio(ops.exp(s_log), s_log, t_log)
 
 
 def jensen_shannon(teacher_logits, student_logits):
     """Jensen-Shannon divergence: ``(KL(p_t || m) + KL(p_s || m)) / 2``,
     ``m = (p_t + p_s) / 2``. Symmetric and bounded by ``log 2``.
     """
-    t_log = tf.nn.log_softmax(teacher_logits, axis=-1)
-    s_log = tf.nn.log_softmax(student_logits, axis=-1)
-    m_log = tf.reduce_logsumexp(tf.stack([t_log, s_log]), axis=0) - math.log(2.0)
-    return 0.5 * (_xlogy_ratio(tf.exp(t_log), t_log, m_log) + _xlogy_ratio(tf.exp(s_log), s_log, m_log))
+    ops = _ops.namespace(student_logits, teacher_logits)
+    t_log = ops.log_softmax(teacher_logits, axis=-1)
+    s_log = ops.log_softmax(student_logits, axis=-1)
+    m_log = ops.logsumexp(ops.stack([t_log, s_log]), axis=0) - math.log(2.0)
+    return 0.5 * (_xlogy_ratio(ops.exp(t_log), t_log, m_log) + _xlogy_ratio(ops.exp(s_log), s_log, m_log))
 
 
 def soft_cross_entropy(teacher_logits, student_logits):
@@ -76,9 +80,10 @@ def soft_cross_entropy(teacher_logits, student_logits):
     ``-sum_c p_t[c] log p_s[c]``. Equals `forward_kl` plus the teacher's
     entropy, which has no gradient for the student.
     """
-    t_probs = tf.nn.softmax(teacher_logits, axis=-1)
-    s_log = tf.nn.log_softmax(student_logits, axis=-1)
-    return -tf.reduce_sum(tf.math.multiply_no_nan(s_log, t_probs), axis=-1)
+    ops = _ops.namespace(student_logits, teacher_logits)
+    t_probs = ops.softmax(teacher_logits, axis=-1)
+    s_log = ops.log_softmax(student_logits, axis=-1)
+    return -ops.sum(ops.multiply_no_nan(s_log, t_probs), axis=-1)
 
 
 def logit_mse(teacher_logits, student_logits):
@@ -89,14 +94,16 @@ def logit_mse(teacher_logits, student_logits):
 
     Reference: Ba & Caruana, "Do Deep Nets Really Need to be Deep?", 2014.
     """
-    return tf.reduce_mean(tf.square(student_logits - teacher_logits), axis=-1)
+    ops = _ops.namespace(student_logits, teacher_logits)
+    return ops.mean(ops.square(student_logits - teacher_logits), axis=-1)
 
 
 def logit_huber(teacher_logits, student_logits, delta: float = 1.0):
     """Huber loss (``delta=1``) of the logit differences, mean over classes."""
-    err = tf.abs(student_logits - teacher_logits)
-    quad = tf.minimum(err, delta)
-    return tf.reduce_mean(0.5 * tf.square(quad) + delta * (err - quad), axis=-1)
+    ops = _ops.namespace(student_logits, teacher_logits)
+    err = ops.abs(student_logits - teacher_logits)
+    quad = ops.minimum(err, delta)
+    return ops.mean(0.5 * ops.square(quad) + delta * (err - quad), axis=-1)
 
 
 # Name -> divergence. Every value is ``fn(teacher_logits, student_logits)``

@@ -4,11 +4,18 @@ Bad per-example input (non-finite teacher logits, labels out of range) raises
 ``InvalidArgumentError`` in eager and graph mode and makes the affected
 examples' loss NaN under XLA, which drops assertions: it never trains silently.
 Shape mismatches raise ``ValueError`` while tracing.
+
+On JAX nothing can raise from inside ``jax.jit``: the assertions are no-ops
+(`keras_kd._ops`) and the NaN is the whole check, exactly what TF gives under
+XLA. The NaN guards are written against `keras_kd._ops`, so both backends build
+the same values.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
+
+from keras_kd import _ops
 
 
 def nan_where_invalid(values, valid, message):
@@ -33,16 +40,18 @@ def nan_where_invalid(values, valid, message):
     Returns:
         ``values`` with NaN where ``valid`` is False.
     """
-    check = tf.debugging.Assert(tf.reduce_all(valid), [message])
-    with tf.control_dependencies([check] if check is not None else []):
-        penalty = _nan_penalty(valid, values.dtype)
+    ops = _ops.namespace(values)
+    check = ops.assert_all(valid, message)
+    with ops.control_dependencies([check] if check is not None else []):
+        penalty = _nan_penalty(valid, ops.dtype_name(values), ops)
     return values + penalty
 
 
-def _nan_penalty(valid, dtype=tf.float32):
+def _nan_penalty(valid, dtype="float32", ops=None):
     """0 where ``valid``, NaN elsewhere, as ``0 / valid``: two element-wise ops, cheaper
     on CPU than a broadcasting ``tf.where``; it depends on inputs only (no gradient)."""
-    return tf.constant(0.0, dtype) / tf.cast(valid, dtype)
+    ops = ops or _ops.namespace(valid)
+    return ops.constant(0.0, dtype) / ops.cast(valid, dtype)
 
 
 def nan_rows(values):
@@ -50,7 +59,7 @@ def nan_rows(values):
 
     ``sum(values * 0)``: two ops, and NaN for any NaN or +-Inf in the row.
     """
-    return tf.reduce_sum(values * 0.0, axis=-1)
+    return _ops.namespace(values).sum(values * 0.0, axis=-1)
 
 
 def check_teacher_positions(teacher_shape, student_shape):
@@ -65,6 +74,7 @@ def check_teacher_positions(teacher_shape, student_shape):
         ValueError: naming both shapes, for a different rank or a known
             non-class axis that differs.
     """
+    teacher_shape, student_shape = tf.TensorShape(teacher_shape), tf.TensorShape(student_shape)
     t_rank, s_rank = teacher_shape.rank, student_shape.rank
     if t_rank is None or s_rank is None:
         return

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from keras_kd import _compat
 from keras_kd import _labels
+from keras_kd import _ops
 from keras_kd.losses import guards
 
 _NO_LABEL = float(_labels.NO_LABEL)
@@ -41,33 +42,35 @@ def binary_hard_loss(labels, student_logits):
         ValueError: for labels with a last dimension other than 1 at the
             logits' rank (e.g. one-hot labels for a one-logit student).
     """
-    logits = tf.cast(student_logits, tf.float32)
-    labels = tf.convert_to_tensor(labels)
-    rank = logits.shape.rank
-    if labels.shape.rank == rank and labels.shape[-1] not in (1, None):
+    ops = _ops.namespace(student_logits)
+    logits = ops.cast(student_logits, "float32")
+    labels = ops.convert_to_tensor(labels)
+    rank = ops.ndim(logits)
+    if ops.ndim(labels) == rank and labels.shape[-1] not in (1, None):
         raise ValueError(
             f"The student has one logit (binary classification) but the labels have shape {labels.shape}. "
             "Pass 0/1 labels of shape (batch,) or (batch, 1), or give the student one logit per class."
         )
-    labels = tf.cast(labels, tf.float32)
-    if labels.shape.rank == rank - 1:
+    labels = ops.cast(labels, "float32")
+    if ops.ndim(labels) == rank - 1:
         labels = labels[..., None]
-    unlabelled = tf.equal(labels, _NO_LABEL)
+    unlabelled = labels == _NO_LABEL
     valid = ((labels >= 0.0) & (labels <= 1.0)) | unlabelled
     values = guards.nan_where_invalid(
-        tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.where(unlabelled, 0.0, labels), logits=logits),
+        ops.sigmoid_cross_entropy(ops.where(unlabelled, 0.0, labels), logits),
         valid,
         "keras_kd: binary labels out of range: a one-logit student needs labels in [0, 1] "
         "(0/1 class labels or probabilities), or keras_kd.NO_LABEL (-1) for an unlabelled example.",
     )
-    values = values * tf.cast(tf.logical_not(unlabelled), tf.float32)
-    return tf.squeeze(values, axis=-1)
+    values = values * ops.cast(~unlabelled, "float32")
+    return ops.squeeze(values, axis=-1)
 
 
 def check_label_shape(labels, student_logits):
     """Raises ``ValueError`` for labels at the logits' rank whose last axis is neither 1 nor the class count."""
+    ops = _ops.namespace(student_logits)
     num_classes = student_logits.shape[-1]
-    same_rank = labels.shape.rank == student_logits.shape.rank
+    same_rank = ops.ndim(labels) == ops.ndim(student_logits)
     if same_rank and labels.shape[-1] not in (1, None, num_classes):
         raise ValueError(
             f"Labels of shape {labels.shape} do not fit the student's logits of shape {student_logits.shape}: "
@@ -93,18 +96,26 @@ def sparse_ids(labels, student_logits):
         Out-of-range ids raise ``InvalidArgumentError`` before the kernel
         runs; under XLA (no assertions) they reach the kernel, which gives NaN.
     """
+    ops = _ops.namespace(student_logits)
     num_classes = student_logits.shape[-1]
-    if labels.dtype in (tf.int32, tf.int64):  # the kernel reads both: no cast (one op less per step)
-        ids = _labels.class_ids(labels, num_classes, student_logits.shape.rank, keep_dtype=True)
+    rank = ops.ndim(student_logits)
+    if ops.dtype_name(labels) in ("int32", "int64"):  # the kernel reads both: no cast (one op less per step)
+        ids = _labels.class_ids(labels, num_classes, rank, keep_dtype=True)
     else:
-        ids = _labels.class_ids(labels, num_classes, student_logits.shape.rank)
-    limit = num_classes if num_classes is not None else tf.shape(student_logits, out_type=ids.dtype)[-1]
+        ids = _labels.class_ids(labels, num_classes, rank)
+    ids_dtype = ops.dtype_name(ids)
+    limit = num_classes if num_classes is not None else ops.dynamic_shape(student_logits, ids_dtype)[-1]
     valid = _labels.valid_class_ids(ids, limit)
     # The kernel must not see bad ids before the check has run (it would raise its own, vaguer error).
-    with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(valid), [label_range_message(num_classes)])]):
+    # On JAX (no runtime assertions) bad ids become INVALID_ID, for which the kernel gives NaN.
+    with ops.control_dependencies([ops.assert_all(valid, label_range_message(num_classes))]):
         labelled = _labels.labelled(ids)
-        ids = tf.where(labelled, ids, tf.constant(0, ids.dtype))
-    return ids, tf.cast(labelled, tf.float32)
+        if ops.is_tf:
+            ids = ops.where(labelled, ids, ops.constant(0, ids_dtype))
+        else:
+            ids = ops.where(labelled, ops.where(valid, ids, ops.constant(_labels.INVALID_ID, ids_dtype)),
+                            ops.constant(0, ids_dtype))
+    return ids, ops.cast(labelled, "float32")
 
 
 _DENSE_SUM_TOLERANCE = 1e-3
@@ -120,10 +131,10 @@ def dense_labels(labels):
     check). Raises ``InvalidArgumentError`` in eager and graph mode; NaN loss
     under XLA. Two reductions over the labels: the sparse path never runs it.
     """
-    labels = tf.cast(labels, tf.float32)
-    valid = tf.logical_and(
-        tf.reduce_min(labels, axis=-1) >= 0.0,
-        tf.abs(tf.reduce_sum(labels, axis=-1) - 1.0) <= _DENSE_SUM_TOLERANCE,
+    ops = _ops.namespace(labels)
+    labels = ops.cast(labels, "float32")
+    valid = (ops.min(labels, axis=-1) >= 0.0) & (
+        ops.abs(ops.sum(labels, axis=-1) - 1.0) <= _DENSE_SUM_TOLERANCE
     )
     message = (
         "keras_kd: dense labels must be distributions over the classes (one-hot or mixed, e.g. keras_kd.mixup): "
@@ -166,18 +177,20 @@ def default_hard_loss(labels, student_logits):
         ValueError: for labels whose last dimension matches neither the class
             count nor 1.
     """
-    student_logits = tf.cast(student_logits, tf.float32)
-    labels = tf.convert_to_tensor(labels)
+    ops = _ops.namespace(student_logits)
+    student_logits = ops.cast(student_logits, "float32")
+    labels = ops.convert_to_tensor(labels)
     num_classes = student_logits.shape[-1]
     if num_classes == 1:
         return binary_hard_loss(labels, student_logits)
     check_label_shape(labels, student_logits)
-    if _labels.is_dense(labels, num_classes, student_logits.shape.rank):
-        return tf.nn.softmax_cross_entropy_with_logits(dense_labels(labels), student_logits)
+    if _labels.is_dense(labels, num_classes, ops.ndim(student_logits)):
+        return ops.softmax_cross_entropy(dense_labels(labels), student_logits)
     ids, labelled = sparse_ids(labels, student_logits)
     # Under XLA, which drops the assertion, the kernel itself gives NaN for out-of-range ids
-    # (tests/test_bad_inputs.py checks it), so no extra op is spent on that here.
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(ids, student_logits) * labelled
+    # (tests/test_bad_inputs.py checks it), so no extra op is spent on that here; the JAX kernel
+    # (`keras_kd._ops`) does the same.
+    return ops.sparse_softmax_cross_entropy(ids, student_logits) * labelled
 
 
 def expects_probabilities(hard_loss):

@@ -33,6 +33,8 @@ import typing
 
 import tensorflow as tf
 
+from keras_kd import _ops
+
 
 class Observer(typing.Protocol):
     """The observer hook: ``observer(targets, student_logits, hard, soft) -> None``.
@@ -121,5 +123,9 @@ class Hooks:
             return sample_weight
         for weighting in self.weightings:
             w = weighting(y_true)
-            sample_weight = w if sample_weight is None else tf.cast(sample_weight, tf.float32) * w
+            if sample_weight is not None:
+                ops = _ops.namespace(w)
+                sample_weight = ops.cast(ops.convert_to_tensor(sample_weight), "float32") * w
+            else:
+                sample_weight = w
         return sample_weight

@@ -23,13 +23,13 @@ To write one: subclass `LabelAwareDivergence`, implement ``call`` and
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 from keras_kd import _checks
 from keras_kd import _compat
 from keras_kd import _labels
+from keras_kd import _ops
 from keras_kd.losses import guards
 from keras_kd.losses import hard as hard_lib
+from keras_kd.losses import values as values_lib
 
 
 class LabelAwareDivergence:
@@ -116,19 +116,21 @@ def call_with_labels(divergence, teacher_logits, student_logits, labels, raw_stu
             "but the targets carry none (unlabelled data, has_labels=False). Distil unlabelled data with a "
             "divergence that does not read labels, e.g. divergence='kl', or attach the labels to the dataset."
         )
-    labels = tf.convert_to_tensor(labels)
+    ops = _ops.namespace(student_logits)
+    labels = ops.convert_to_tensor(labels)
     hard_lib.check_label_shape(labels, raw_student_logits)
     num_classes = raw_student_logits.shape[-1]
-    ids = _labels.class_ids(labels, num_classes, raw_student_logits.shape.rank)
-    classes = 2 if num_classes == 1 else (num_classes or tf.shape(student_logits, out_type=tf.int64)[-1])
+    ids = _labels.class_ids(labels, num_classes, ops.ndim(raw_student_logits))
+    classes = 2 if num_classes == 1 else (num_classes or ops.dynamic_shape(student_logits, ops.int_dtype)[-1])
     valid = _labels.valid_class_ids(ids, classes, allow_unlabelled=False)
-    values = divergence(teacher_logits, student_logits, tf.where(valid, ids, tf.zeros_like(ids)))
-    return guards.nan_where_invalid(tf.cast(values, tf.float32), valid, _unlabelled_message(divergence.name))
+    values = divergence(teacher_logits, student_logits, ops.where(valid, ids, ops.zeros_like(ids)))
+    return guards.nan_where_invalid(ops.cast(values, "float32"), valid, _unlabelled_message(divergence.name))
 
 
 def _kl_terms(p_log, q_log):
     """``p * (log p - log q)`` element-wise with ``0 * log 0 = 0``; NaN propagates."""
-    return tf.math.multiply_no_nan(p_log - q_log, tf.exp(p_log))
+    ops = _ops.namespace(p_log)
+    return ops.multiply_no_nan(p_log - q_log, ops.exp(p_log))
 
 
 def decoupled_kd(teacher_logits, student_logits, class_ids, target_weight=1.0, non_target_weight=8.0):
@@ -159,25 +161,26 @@ def decoupled_kd(teacher_logits, student_logits, class_ids, target_weight=1.0, n
         Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation",
         CVPR 2022.
     """
-    num_classes = tf.shape(student_logits)[-1]
-    target = tf.one_hot(class_ids, num_classes, on_value=True, off_value=False)
-    neg_inf = tf.constant(-float("inf"), tf.float32)
+    ops = _ops.namespace(student_logits, teacher_logits)
+    num_classes = ops.dynamic_shape(student_logits)[-1] if ops.is_tf else student_logits.shape[-1]
+    target = ops.one_hot_bool(class_ids, num_classes)
+    neg_inf = ops.constant(-float("inf"), "float32")
 
     def split(logits):
-        log_all = tf.reduce_logsumexp(logits, axis=-1)
-        others = tf.where(target, neg_inf, logits)
-        log_others = tf.reduce_logsumexp(others, axis=-1)
-        log_target = tf.reduce_sum(tf.where(target, logits, tf.zeros_like(logits)), axis=-1) - log_all
+        log_all = ops.logsumexp(logits, axis=-1)
+        others = ops.where(target, neg_inf, logits)
+        log_others = ops.logsumexp(others, axis=-1)
+        log_target = ops.sum(ops.where(target, logits, ops.zeros_like(logits)), axis=-1) - log_all
         # log p_hat over the non-target classes; the target's own entry is -inf (no mass)
         return log_target, log_others - log_all, others - log_others[..., None]
 
-    t_target, t_rest, t_hat = split(tf.cast(teacher_logits, tf.float32))
-    s_target, s_rest, s_hat = split(tf.cast(student_logits, tf.float32))
+    t_target, t_rest, t_hat = split(ops.cast(teacher_logits, "float32"))
+    s_target, s_rest, s_hat = split(ops.cast(student_logits, "float32"))
     tckd = _kl_terms(t_target, s_target) + _kl_terms(t_rest, s_rest)
     # the target entries: p_hat = 0 there, and (-inf) - (-inf) is NaN; zero them first
-    t_hat_safe = tf.where(target, tf.zeros_like(t_hat), t_hat)
-    s_hat_safe = tf.where(target, tf.zeros_like(s_hat), s_hat)
-    nckd = tf.reduce_sum(tf.math.multiply_no_nan(t_hat_safe - s_hat_safe, tf.exp(t_hat)), axis=-1)
+    t_hat_safe = ops.where(target, ops.zeros_like(t_hat), t_hat)
+    s_hat_safe = ops.where(target, ops.zeros_like(s_hat), s_hat)
+    nckd = ops.sum(ops.multiply_no_nan(t_hat_safe - s_hat_safe, ops.exp(t_hat)), axis=-1)
     return target_weight * tckd + non_target_weight * nckd
 
 
@@ -212,6 +215,10 @@ class DecoupledKD(LabelAwareDivergence):
         non_target_weight: weight of NCKD, ``>= 0``. Defaults to 8.0
             (the paper's CIFAR-100 setting).
 
+    Both weights may be changed between epochs (``dkd.non_target_weight = 4.0``,
+    checked like in ``__init__``); the change takes effect at the next step on
+    TensorFlow and JAX (see `keras_kd.losses.values.Hyperparameter`).
+
     Raises:
         ValueError: for a negative, non-finite or non-number weight.
 
@@ -233,11 +240,31 @@ class DecoupledKD(LabelAwareDivergence):
     zero_mass_safe = False
 
     def __init__(self, target_weight=1.0, non_target_weight=8.0):
-        self.target_weight = _checks.number(target_weight, "target_weight", low=0.0)
-        self.non_target_weight = _checks.number(non_target_weight, "non_target_weight", low=0.0)
+        self._target_weight = values_lib.Hyperparameter(
+            _checks.number(target_weight, "target_weight", low=0.0), "target_weight", 0.0)
+        self._non_target_weight = values_lib.Hyperparameter(
+            _checks.number(non_target_weight, "non_target_weight", low=0.0), "non_target_weight", 0.0)
+
+    @property
+    def target_weight(self) -> float:
+        return self._target_weight.get()
+
+    @target_weight.setter
+    def target_weight(self, value):
+        self._target_weight.set(_checks.number(value, "target_weight", low=0.0))
+
+    @property
+    def non_target_weight(self) -> float:
+        return self._non_target_weight.get()
+
+    @non_target_weight.setter
+    def non_target_weight(self, value):
+        self._non_target_weight.set(_checks.number(value, "non_target_weight", low=0.0))
 
     def call(self, teacher_logits, student_logits, class_ids):
-        return decoupled_kd(teacher_logits, student_logits, class_ids, self.target_weight, self.non_target_weight)
+        ops = _ops.namespace(student_logits, teacher_logits)
+        return decoupled_kd(teacher_logits, student_logits, class_ids, self._target_weight.read(ops),
+                            self._non_target_weight.read(ops))
 
     def get_config(self):
         return {"target_weight": self.target_weight, "non_target_weight": self.non_target_weight}

@@ -1,7 +1,8 @@
 """`DistillationLoss`, the loss a user passes to their own ``compile``.
 
-Everything here is TensorFlow math in float32, whatever the model's dtype
-policy. The pieces: divergences (`divergences`, `label_aware`), hard-label
+Everything here is float32 math, whatever the model's dtype policy, on the
+backend of the student's logits (`keras_kd._ops`: TensorFlow tensors get raw
+TensorFlow ops, JAX arrays ``jax.numpy``). The pieces: divergences (`divergences`, `label_aware`), hard-label
 losses (`hard`), the teacher's dense logits (`teacher`), input guards
 (`guards`), hooks (`hooks`), reduction (`reduction`) and the fused gradient
 of the common case (`fused`).
@@ -16,6 +17,7 @@ import tensorflow as tf
 
 from keras_kd import _compat
 from keras_kd import _labels
+from keras_kd import _ops
 from keras_kd import targets as targets_lib
 from keras_kd.losses import divergences
 from keras_kd.losses import fused
@@ -175,8 +177,8 @@ class DistillationLoss(_compat.loss_base()):
         if reduction not in reduction_lib.REDUCTIONS:
             raise ValueError(f"Expected `reduction` in {reduction_lib.REDUCTIONS}. Received: reduction={reduction!r}")
         super().__init__(name=name, reduction=reduction, dtype="float32")
-        self._temperature = values_lib.as_variable(temperature, "temperature", 0.0, math.inf, True)
-        self._alpha = values_lib.as_variable(alpha, "alpha", 0.0, 1.0, False)
+        self._temperature = values_lib.Hyperparameter(temperature, "temperature", 0.0, math.inf, True)
+        self._alpha = values_lib.Hyperparameter(alpha, "alpha", 0.0, 1.0, False)
         self.divergence = divergence
         self._divergence_fn = divergences.get_divergence(divergence)
         self._label_aware = label_aware.is_label_aware(self._divergence_fn)
@@ -210,35 +212,48 @@ class DistillationLoss(_compat.loss_base()):
 
     # -- hyperparameters, changeable between epochs --------------------------
 
+    # The setters are the way to change them mid-fit, on every backend (a callback's
+    # `loss.alpha = x` between epochs): on TensorFlow the step reads the variables; on JAX
+    # see `keras_kd.losses.values.Hyperparameter`.
+
     @property
     def temperature(self) -> float:
-        return float(tf.convert_to_tensor(self._temperature).numpy())
+        return self._temperature.get()
 
     @temperature.setter
     def temperature(self, value):
-        value = values_lib.scalar_value(value, "temperature")
-        values_lib.check_range(value, "temperature", 0.0, math.inf, True)
-        self._temperature.assign(value)
+        self._temperature.set(value)
 
     @property
     def alpha(self) -> float:
-        return float(tf.convert_to_tensor(self._alpha).numpy())
+        return self._alpha.get()
 
     @alpha.setter
     def alpha(self, value):
-        value = values_lib.scalar_value(value, "alpha")
-        values_lib.check_range(value, "alpha", 0.0, 1.0, False)
-        self._alpha.assign(value)
+        self._alpha.set(value)
 
     @property
     def temperature_variable(self):
-        """The variable that holds the temperature (for schedules)."""
-        return self._temperature
+        """The variable that holds the temperature (for schedules that ``assign`` it).
+
+        On JAX, prefer ``loss.temperature = x``: once this variable has been
+        taken, JAX steps read it from the host at every step.
+        """
+        return self._temperature.variable
 
     @property
     def alpha_variable(self):
-        """The variable that holds alpha (for schedules)."""
-        return self._alpha
+        """The variable that holds alpha (for schedules); on JAX see `temperature_variable`."""
+        return self._alpha.variable
+
+    @property
+    def step_states(self):
+        """The `keras_kd._step_state.StepState`s of this loss's hyperparameters (JAX processes;
+        empty on TensorFlow), for keras_kd callbacks to bind to the model (see `Hyperparameter`)."""
+        holders = [self._temperature, self._alpha]
+        holders += [h for h in vars(self._divergence_fn).values() if isinstance(h, values_lib.Hyperparameter)] \
+            if self._label_aware else []
+        return tuple(h.state for h in holders if h.state is not None)
 
     # -- per-example hooks (the protocol: keras_kd.losses.hooks) ---------------
 
@@ -291,9 +306,9 @@ class DistillationLoss(_compat.loss_base()):
 
     # -- per-example terms (pure) ----------------------------------------------
 
-    def _scaled(self):
-        """The temperature as a float32 tensor (read from its variable at every step)."""
-        return tf.cast(tf.convert_to_tensor(self._temperature), tf.float32)
+    def _scaled(self, ops=_ops.TF):
+        """The temperature as a float32 scalar (read from its variable at every step on TF)."""
+        return self._temperature.read(ops)
 
     def distillation_term(self, teacher_logits, student_logits, labels=None):
         """``T^2 * D(teacher / T || student / T)`` per example (no alpha).
@@ -313,9 +328,10 @@ class DistillationLoss(_compat.loss_base()):
         Raises:
             ValueError: for a label-aware divergence without ``labels``.
         """
-        temperature = self._scaled()
-        teacher_logits = tf.cast(teacher_logits, tf.float32) / temperature
-        scaled_student = tf.cast(student_logits, tf.float32) / temperature
+        ops = _ops.namespace(student_logits, teacher_logits)
+        temperature = self._scaled(ops)
+        teacher_logits = ops.cast(ops.convert_to_tensor(teacher_logits), "float32") / temperature
+        scaled_student = ops.cast(student_logits, "float32") / temperature
         if scaled_student.shape[-1] == 1 and not self._binary_raw:
             teacher_logits = _labels.two_class_logits(teacher_logits)
             scaled_student = _labels.two_class_logits(scaled_student)
@@ -323,14 +339,15 @@ class DistillationLoss(_compat.loss_base()):
             value = label_aware.call_with_labels(self._divergence_fn, teacher_logits, scaled_student, labels,
                                                  student_logits)
         else:
-            value = tf.cast(self._divergence_fn(teacher_logits, scaled_student), tf.float32)
+            value = ops.cast(self._divergence_fn(teacher_logits, scaled_student), "float32")
         if self.scale_by_temperature_squared:
-            value = value * tf.square(temperature)
+            value = value * ops.square(temperature)
         return value
 
     def hard_term(self, labels, student_logits):
         """The hard-label loss per example."""
-        return tf.cast(self._hard_loss_fn(labels, tf.cast(student_logits, tf.float32)), tf.float32)
+        ops = _ops.namespace(student_logits)
+        return ops.cast(self._hard_loss_fn(labels, ops.cast(student_logits, "float32")), "float32")
 
     def terms(self, y_true, y_pred) -> StepTerms:
         """The per-example terms of one batch, with the dense teacher logits (pure: runs no hook).
@@ -338,15 +355,16 @@ class DistillationLoss(_compat.loss_base()):
         Returns:
             A `StepTerms` ``(targets, hard, soft)``, as observers receive them.
         """
-        y_pred = tf.cast(y_pred, tf.float32)
+        ops = _ops.namespace(y_pred)
+        y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
         if not targets_lib.is_targets(y_true):
-            return StepTerms(None, self.hard_term(y_true, y_pred), None)
+            return StepTerms(None, self.hard_term(ops.convert_to_tensor(y_true), y_pred), None)
         y_true = targets_lib.materialize(y_true)
-        labels = y_true.labels if y_true.has_labels else None
+        labels = ops.convert_to_tensor(y_true.labels) if y_true.has_labels else None
         if labels is not None:
             hard = self.hard_term(labels, y_pred)
         else:  # unlabelled data: no hard-label term
-            hard = tf.zeros(tf.shape(y_pred)[:-1], tf.float32)
+            hard = ops.zeros(ops.dynamic_shape(y_pred)[:-1] if ops.is_tf else y_pred.shape[:-1], "float32")
         teacher = teacher_lib.dense_teacher(y_true, y_pred, self.topk_fill)
         if teacher is None:
             return StepTerms(None, hard, None)
@@ -363,7 +381,7 @@ class DistillationLoss(_compat.loss_base()):
     def _combine(self, hard, soft):
         if soft is None:
             return hard
-        alpha = tf.cast(tf.convert_to_tensor(self._alpha), tf.float32)
+        alpha = self._alpha.read(_ops.namespace(hard))
         return alpha * hard + (1.0 - alpha) * soft
 
     def call(self, y_true, y_pred):
@@ -398,9 +416,13 @@ class DistillationLoss(_compat.loss_base()):
             )
 
     def _fusable(self, y_true, y_pred):
-        """Whether this batch takes the fused gradient (decided from static shapes while tracing)."""
+        """Whether this batch takes the fused gradient (decided from static shapes while tracing).
+
+        TensorFlow only: on JAX, autodiff of the plain formula is fused by ``jax.jit``.
+        """
         return (
             self._fused
+            and isinstance(y_pred, tf.Tensor)
             and targets_lib.is_targets(y_true)
             and y_true.has_labels
             and y_true.kind in ("dense", "topk", "inputs")
@@ -427,7 +449,7 @@ class DistillationLoss(_compat.loss_base()):
         coefficients = None if per_example else reduction_lib.reduction_coefficients(
             nan_rows, sample_weight, mask, self.reduction, scale_for_replicas=not self.caller_scales_for_replicas()
         )
-        alpha = tf.cast(tf.convert_to_tensor(self._alpha), tf.float32)
+        alpha = self._alpha.read(_ops.TF)
         observed = bool(self._hooks.observers)
         loss, hard, soft = fused.fused_kd_loss(
             y_pred, dense, nan_rows, labels, labelled, self._scaled(), alpha,
@@ -444,6 +466,9 @@ class DistillationLoss(_compat.loss_base()):
         # only the labels of a TeacherTargets; reduce here instead, with the
         # same semantics. The hooks run here, once per step.
         mask = _compat.get_keras_mask(y_pred)
+        ops = _ops.namespace(y_pred)
+        if not ops.is_tf:
+            return self._jax_call(ops, y_true, y_pred, sample_weight, mask)
         with tf.name_scope(self.name):
             logits = tf.cast(y_pred, tf.float32)
             if self._fusable(y_true, logits):
@@ -463,6 +488,19 @@ class DistillationLoss(_compat.loss_base()):
                 self.reduction,
                 scale_for_replicas=not self.caller_scales_for_replicas(),
             )
+
+    def _jax_call(self, ops, y_true, y_pred, sample_weight, mask):
+        """``__call__`` on JAX arrays: the general path (``jax.jit`` fuses its gradient)."""
+        logits = ops.cast(ops.convert_to_tensor(y_pred), "float32")
+        terms = self.terms(y_true, logits)
+        self._check_step_inputs(y_pred, has_teacher=terms.soft is not None)
+        self._hooks.observe(terms, logits)
+        if targets_lib.is_targets(y_true):
+            sample_weight = self._hooks.weigh(y_true, sample_weight)
+        return reduction_lib.reduce_values(
+            self._combine(terms.hard, terms.soft), sample_weight, mask, self.reduction,
+            scale_for_replicas=not self.caller_scales_for_replicas(),
+        )
 
     def get_config(self):
         return {

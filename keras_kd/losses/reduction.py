@@ -8,9 +8,8 @@ the same reduction as per-position coefficients, for the fused gradient
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 from keras_kd import _compat
+from keras_kd import _ops
 
 REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none", None)
 
@@ -21,30 +20,32 @@ def _broadcast_like(weights, values):
     Weights of shape ``(batch,)`` spread over trailing (time) axes; a trailing
     axis of size 1 is dropped.
     """
-    weights = tf.cast(weights, tf.float32)
-    rank = values.shape.rank
-    if weights.shape.rank is not None and rank is not None:
-        if weights.shape.rank == rank + 1 and weights.shape[-1] == 1:
-            weights = tf.squeeze(weights, -1)
-        while weights.shape.rank < rank:
+    ops = _ops.namespace(values)
+    weights = ops.cast(ops.convert_to_tensor(weights), "float32")
+    rank = ops.ndim(values)
+    if ops.ndim(weights) is not None and rank is not None:
+        if ops.ndim(weights) == rank + 1 and weights.shape[-1] == 1:
+            weights = ops.squeeze(weights, -1)
+        while ops.ndim(weights) < rank:
             weights = weights[..., None]
-    return tf.broadcast_to(weights, tf.shape(values))
+    return ops.broadcast_to(weights, ops.dynamic_shape(values) if ops.is_tf else values.shape)
 
 
 def _weights_and_count(values, sample_weight, mask):
     """The combined per-position weights (or None) and the count of positions the means divide by."""
+    ops = _ops.namespace(values)
     weights = None if sample_weight is None else _broadcast_like(sample_weight, values)
-    count = tf.cast(tf.size(values), tf.float32)
+    count = ops.cast(ops.size(values), "float32")
     if mask is not None:
         mask = _broadcast_like(mask, values)
         weights = mask if weights is None else weights * mask
-        count = tf.reduce_sum(mask)
+        count = ops.sum(mask)
     return weights, count
 
 
 def _mean_scale(weights, count, reduction, scale_for_replicas):
     if reduction == "mean_with_sample_weight" and weights is not None:
-        count = tf.reduce_sum(weights)
+        count = _ops.namespace(weights).sum(weights)
     replicas = _compat.num_replicas_in_sync()
     if scale_for_replicas and replicas > 1:
         count = count * replicas
@@ -61,16 +62,17 @@ def reduce_values(values, sample_weight=None, mask=None, reduction="sum_over_bat
     ``scale_for_replicas=False``, for training loops that do it themselves),
     as Keras does, so the replicas' summed gradients equal one device's.
     """
-    values = tf.cast(values, tf.float32)
+    ops = _ops.namespace(values)
+    values = ops.cast(values, "float32")
     weights, count = _weights_and_count(values, sample_weight, mask)
     if weights is not None:
         values = values * weights
     if reduction in (None, "none"):
         return values
-    total = tf.reduce_sum(values)
+    total = ops.sum(values)
     if reduction == "sum":
         return total
-    return tf.math.divide_no_nan(total, _mean_scale(weights, count, reduction, scale_for_replicas))
+    return ops.divide_no_nan(total, _mean_scale(weights, count, reduction, scale_for_replicas))
 
 
 def reduction_coefficients(values, sample_weight=None, mask=None, reduction="sum_over_batch_size",
@@ -80,8 +82,9 @@ def reduction_coefficients(values, sample_weight=None, mask=None, reduction="sum
     For every reduction but ``"none"``; ``values`` gives the shape only. An
     empty count gives ``c = 0`` (the loss 0), as ``divide_no_nan`` does.
     """
+    ops = _ops.namespace(values)
     weights, count = _weights_and_count(values, sample_weight, mask)
     if reduction == "sum":
-        return tf.constant(1.0) if weights is None else weights
-    scale = tf.math.divide_no_nan(1.0, _mean_scale(weights, count, reduction, scale_for_replicas))
+        return ops.constant(1.0) if weights is None else weights
+    scale = ops.divide_no_nan(ops.constant(1.0), _mean_scale(weights, count, reduction, scale_for_replicas))
     return scale if weights is None else weights * scale

@@ -1,9 +1,13 @@
-"""The teacher side of one step: dense float32 teacher logits from any targets form."""
+"""The teacher side of one step: dense float32 teacher logits from any targets form.
+
+TensorFlow or JAX by the student logits' type (`keras_kd._ops`). On JAX the
+NaN/Inf check of the teacher logits cannot raise (nothing raises inside
+``jax.jit``): the affected rows' loss is NaN, as on TensorFlow under XLA.
+"""
 
 from __future__ import annotations
 
-import tensorflow as tf
-
+from keras_kd import _ops
 from keras_kd import targets as targets_lib
 from keras_kd.losses import guards
 
@@ -28,20 +32,20 @@ def _check_class_count(raw, student_logits):
         )
 
 
-def _topk_rows(targets, raw, topk_fill):
+def _topk_rows(targets, raw, topk_fill, ops):
     """Per-row NaN guard for top-k targets, including the log-sum-exp consistency check."""
-    nan_rows = guards.nan_rows(tf.cast(raw, tf.float32))
+    nan_rows = guards.nan_rows(ops.cast(raw, "float32"))
     if targets.topk_logsumexp is None or topk_fill != "uniform":
         return nan_rows
-    lse = tf.cast(targets.topk_logsumexp, tf.float32)
-    lse_k = tf.reduce_logsumexp(tf.cast(raw, tf.float32), axis=-1)
+    lse = ops.cast(targets.topk_logsumexp, "float32")
+    lse_k = ops.logsumexp(ops.cast(raw, "float32"), axis=-1)
     # log-sum-exp over all classes is at least that over the top k, up to the
     # rounding of float16-stored values (relative 2^-11, 4x margin); rows with
     # NaN/Inf values are left to the NaN check, which names them.
-    inconsistent = tf.equal(nan_rows, 0.0) & (lse < lse_k - 2e-3 * (1.0 + tf.abs(lse_k)))
+    inconsistent = (nan_rows == 0.0) & (lse < lse_k - 2e-3 * (1.0 + ops.abs(lse_k)))
     return guards.nan_where_invalid(
         nan_rows + lse * 0.0,
-        tf.logical_not(inconsistent),
+        ~inconsistent,
         "keras_kd: top-k targets have `topk_logsumexp` smaller than the log-sum-exp of their own "
         "top-k logits, which is impossible for the log-sum-exp of all the teacher's logits (was it "
         "computed from other logits, e.g. divided by a temperature, or from probabilities?). "
@@ -67,18 +71,20 @@ def dense_teacher(targets, student_logits, topk_fill):
         ValueError: while tracing, for teacher logits whose positions or class
             count differ from the student's.
     """
+    ops = _ops.namespace(student_logits)
     num_classes = student_logits.shape[-1]
     raw = targets.logits if targets.logits is not None else targets.topk_values
     if raw is None:
         return None
+    raw = ops.convert_to_tensor(raw)
     guards.check_teacher_positions(raw.shape, student_logits.shape)
     if targets.logits is not None:
         _check_class_count(raw, student_logits)
-        dense = tf.cast(raw, tf.float32)
+        dense = ops.cast(raw, "float32")
         nan_rows = guards.nan_rows(dense)
     else:
         dense = targets_lib.dense_teacher_logits(targets, num_classes, topk_fill)
-        nan_rows = _topk_rows(targets, raw, topk_fill)
-    # Any NaN/Inf in a teacher row makes that row's term NaN, which XLA keeps; without XLA,
-    # CheckNumerics raises with the message. (-inf would otherwise read as "no mass".)
-    return dense, tf.debugging.check_numerics(nan_rows, _TEACHER_NAN_MESSAGE)
+        nan_rows = _topk_rows(targets, raw, topk_fill, ops)
+    # Any NaN/Inf in a teacher row makes that row's term NaN, which XLA (and JAX) keep; on TF
+    # without XLA, CheckNumerics raises with the message. (-inf would otherwise read as "no mass".)
+    return dense, ops.check_numerics(nan_rows, _TEACHER_NAN_MESSAGE)

@@ -2,7 +2,8 @@
 
 Temperature and alpha live in ``tf.Variable``s so that callbacks
 (`keras_kd.DistillationScheduler`) and keras-tuner change them between epochs
-without retracing the step.
+without retracing the step; `Hyperparameter` also makes such changes take
+effect on JAX, where an untracked variable is a jit constant.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import numbers
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -61,3 +63,89 @@ def as_variable(value, argument, low, high, low_open):
             )
         return value
     return tf.Variable(checked, trainable=False, dtype=tf.float32, name=f"kd_{argument}")
+
+
+
+class Hyperparameter:
+    """One hyperparameter of the loss (temperature, alpha, a DKD weight), read right on every backend.
+
+    * TensorFlow: the step reads a float32 ``tf.Variable`` (ours, or the one
+      the user passed), so a change between epochs takes effect without
+      retracing, as before.
+    * JAX: a variable that the model does not track is a jit *constant*
+      there, so in a JAX process the value also lives in a
+      `keras_kd._step_state.StepState` (`state`). Inside a JAX step `read`
+      gives, in this order:
+
+      1. for a variable the user passed, or one that anyone took through
+         `variable` (and may ``assign`` directly): its value at run time
+         (`keras_kd._step_state.current_variable`: threaded if the model
+         tracks it, else a host read per step);
+      2. when a keras_kd callback has bound `state` to the model: the value
+         Keras threads through the step (free);
+      3. otherwise: the current value as a trace-time constant (free); `set`
+         with another value then calls ``jax.clear_caches()``, so the next
+         step retraces with the new value.
+
+    Either way a change is never silently ignored.
+    """
+
+    def __init__(self, value, argument, low, high=math.inf, low_open=False):
+        self.argument = argument
+        self._bounds = (low, high, low_open)
+        self._variable = as_variable(value, argument, low, high, low_open)
+        self._user_variable = _is_variable(value)
+        self._read_at_run_time = self._user_variable
+        self._baked = None  # the value a JAX trace holds as a constant, if any
+        self.state = None
+        if keras.backend.backend() == "jax" and not self._user_variable:
+            from keras_kd import _step_state  # noqa: PLC0415 - JAX processes only
+
+            self.state = _step_state.StepState({"value": self.get()}, name=f"kd_{argument}")
+
+    def get(self) -> float:
+        """The current value (a Python float)."""
+        value = self._variable
+        if isinstance(value, keras.Variable):
+            value = value.value
+        return float(np.asarray(value))
+
+    def set(self, value):
+        """Checks and assigns ``value`` (see the class docstring for JAX)."""
+        value = scalar_value(value, self.argument)
+        check_range(value, self.argument, *self._bounds)
+        self._variable.assign(value)
+        if self.state is not None:
+            self.state.assign("value", value)
+        if self._baked is not None and self._baked != value:
+            self._clear_jax_traces()
+
+    def _clear_jax_traces(self):
+        self._baked = None
+        import jax  # noqa: PLC0415 - only reached after a JAX trace
+
+        jax.clear_caches()
+
+    @property
+    def variable(self):
+        """The variable holding the value; from now on JAX steps read it at run time (it may be assigned)."""
+        if not self._read_at_run_time:
+            self._read_at_run_time = True
+            if self._baked is not None or self.state is not None:  # a traced step may hold a constant
+                self._clear_jax_traces()
+        return self._variable
+
+    def read(self, ops):
+        """The value as a float32 scalar of ``ops``'s backend (see the class docstring)."""
+        if ops.is_tf:
+            return tf.cast(tf.convert_to_tensor(self._variable), tf.float32)
+        from keras_kd import _step_state  # noqa: PLC0415
+
+        if self._read_at_run_time:  # threaded if the model tracks it, else a host read per step
+            value = _step_state.current_variable(self._variable)
+        elif self.state is not None:  # threaded when bound, else a constant that `set` retraces
+            value = self.state.current("value")
+        else:  # a JAX array in a TensorFlow-backend process: a constant that `set` retraces
+            self._baked = self.get()
+            return ops.constant(self._baked, "float32")
+        return ops.stop_gradient(ops.cast(ops.reshape(value, ()), "float32"))
