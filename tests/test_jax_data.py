@@ -205,3 +205,16 @@ def test_new_teacher_weights_reach_the_compiled_step(data):
     teacher.set_weights([w * 0.5 for w in teacher.get_weights()])
     result = student.evaluate(ds, verbose=0, return_dict=True)
     assert_hinton(result, y, student.predict(x, verbose=0), teacher.predict(x, verbose=0))
+
+
+def test_tf_outputs_gives_every_output_of_a_jax_model_in_tf_data(data):
+    x, _ = data
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((D,))
+    hidden = keras.layers.Dense(6, activation="relu")(inp)
+    model = keras.Model(inp, [keras.layers.Dense(C)(hidden), hidden])
+    ds = tf.data.Dataset.from_tensor_slices(x).batch(16).map(lambda v: tuple(teachers_lib.tf_outputs(model)(v)))
+    assert [s.shape.as_list() for s in ds.element_spec] == [[None, C], [None, 6]]
+    got = [np.concatenate(parts) for parts in zip(*ds.as_numpy_iterator())]
+    for g, e in zip(got, model.predict(x, verbose=0)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)

@@ -189,6 +189,69 @@ def tf_callable(teacher, output_index=0, ensemble="mean_logits", *, weak=False):
     return run
 
 
+def tf_outputs(model, *, weak=False):
+    """All outputs of one Keras 3 JAX model as TensorFlow tensors, for tf.data.
+
+    Like `tf_callable` (a ``tf.numpy_function`` around the model's jitted
+    ``stateless_call`` with its current variable values), for a model with
+    several outputs, e.g. `keras_kd.align`'s feature extractor
+    ``[logits, f_1, ..., f_P]``.
+
+    Args:
+        model: a Keras 3 model (or layer) in a process whose backend is JAX.
+        weak: hold the model by a weak reference only (see `tf_callable`).
+            Defaults to False.
+
+    Returns:
+        ``run(inputs) -> list of tf.Tensor``: every output, float32, in
+        ``keras.tree.flatten`` order of the model's outputs, each with its
+        static shape (the inputs' batch axis, the rest from ``jax.eval_shape``).
+
+    Raises:
+        ValueError: when the backend is not JAX or ``model`` is not a Keras 3 layer or model.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if not runs_on_jax(model):
+        raise ValueError(
+            "keras_kd.tf_outputs wraps a Keras 3 model on the JAX backend (backend: "
+            f"{keras.backend.backend()!r}; received: {type(model).__name__}). "
+            "tf_keras models and TensorFlow functions run in tf.data as they are."
+        )
+    ref = weakref.ref(model) if weak else (lambda m=model: m)
+    del model
+
+    def outputs(values, inputs):
+        out, _ = ref().stateless_call(*values[0], inputs, training=False)
+        return [jnp.asarray(o, jnp.float32) for o in keras.tree.flatten(out)]
+
+    jitted = jax.jit(outputs)
+
+    @tf.autograph.experimental.do_not_convert  # JAX code: nothing for AutoGraph to convert
+    def run(inputs):
+        structure = inputs
+        flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(inputs)]
+        probe = [jax.ShapeDtypeStruct([1 if d is None else d for d in t.shape.as_list()], t.dtype.as_numpy_dtype)
+                 for t in flat]
+        specs = jax.eval_shape(jitted, _variable_values([ref()]), tf.nest.pack_sequence_as(structure, probe))
+        batch = flat[0].shape[0] if flat[0].shape.rank else None
+        ragged = any(d is None for t in flat for d in t.shape.as_list()[1:])
+
+        def host(*arrays):
+            packed = tf.nest.pack_sequence_as(structure, list(arrays))
+            return [np.asarray(o, np.float32) for o in jitted(_variable_values([ref()]), packed)]
+
+        results = tf.numpy_function(host, flat, [tf.float32] * len(specs), stateful=False, name="jax_outputs")
+        for tensor, spec in zip(results, specs):
+            middle = [None if ragged else d for d in spec.shape[1:-1]]
+            tensor.set_shape([batch, *middle, spec.shape[-1]] if len(spec.shape) > 1 else [batch])
+        return list(results)
+
+    return run
+
+
 def _output_shape(jitted, teachers, structure, flat):
     """The static shape of the logits for inputs ``flat``: the batch axis of the
     inputs, the other axes from ``jax.eval_shape`` (unknown where an input's
