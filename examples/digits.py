@@ -48,6 +48,7 @@ ALIGN = "keras_kd + alignment"
 QAT = "keras_kd QAT int8 TFLite"
 LOW = " (low-data)"
 ROWS = (TEACHER, SCRATCH, DISTILLER, CACHE, REWEIGHT, ALIGN, QAT, SCRATCH + LOW, CACHE + LOW)
+STEPS = 32  # steps_per_execution: one call per epoch of digits' 20 batches
 
 
 @dataclasses.dataclass
@@ -104,8 +105,10 @@ def _size_bytes(model) -> int:
     return int(sum(int(np.prod(w.shape)) * 4 for w in model.weights))
 
 
-def _recorder(student, teacher_test_logits, x_test, y_test):
-    """A callback (runs in both flavours) timing epochs and measuring the student."""
+def _recorder(student, teacher_test_logits, x_test, y_test, measure=True):
+    """A callback (runs in both flavours) timing epochs and, with ``measure``
+    (the first seed: the plots read only its curves), measuring the student
+    on the test split after every epoch."""
     import keras_kd
 
     class Recorder(keras_kd.Callback):
@@ -118,7 +121,9 @@ def _recorder(student, teacher_test_logits, x_test, y_test):
 
         def on_epoch_end(self, epoch, logs=None):
             self.times.append(time.perf_counter() - self._start)
-            logits = student.predict(x_test, verbose=0, batch_size=1024)
+            if not measure:
+                return
+            logits = np.asarray(student(x_test, training=False))
             self.curve.append(float((logits.argmax(-1) == y_test).mean()))
             self.agreement.append(float((logits.argmax(-1) == teacher_test_logits.argmax(-1)).mean()))
 
@@ -164,7 +169,7 @@ def run(settings: Settings):
             first = seed == settings.seeds[0]
             keras.utils.set_random_seed(seed)
             teacher = _mlp(keras, [512, 256], "teacher")
-            teacher.compile(keras.optimizers.Adam(1e-3), ce)
+            teacher.compile(keras.optimizers.Adam(1e-3), ce, steps_per_execution=STEPS)
             start = time.perf_counter()
             teacher.fit(raw(x_train, y_train).shuffle(len(x_train), seed=seed).batch(settings.batch),
                         epochs=settings.teacher_epochs, verbose=0)
@@ -190,8 +195,9 @@ def run(settings: Settings):
                 keras.utils.set_random_seed(seed)
                 student = model or _mlp(keras, [settings.student_width], "student")
                 trainer = fit_model or student
-                trainer.compile(keras.optimizers.Adam(3e-3), loss=loss, metrics=["accuracy"]) if loss else None
-                recorder = _recorder(student, t_test, x_test, y_test)
+                if loss:
+                    trainer.compile(keras.optimizers.Adam(3e-3), loss=loss, steps_per_execution=STEPS)
+                recorder = _recorder(student, t_test, x_test, y_test, measure=first)
                 trainer.fit(train, epochs=epochs, verbose=0, callbacks=[*callbacks, recorder])
                 predictions = student.predict(x_test, verbose=0).argmax(-1)
                 _record(results[name], recorder, float((predictions == y_test).mean()), predictions, y_test,
@@ -219,7 +225,7 @@ def run(settings: Settings):
                     ),
                     student_loss_weight=settings.alpha,
                 )
-                distiller.compile(keras.optimizers.Adam(3e-3), loss=ce)
+                distiller.compile(keras.optimizers.Adam(3e-3), loss=ce, steps_per_execution=STEPS)
                 student_fit(DISTILLER, None, batches(raw(x_train, y_train)), settings.epochs,
                             model=student, fit_model=distiller)
 
@@ -236,14 +242,15 @@ def run(settings: Settings):
                 aligned = keras_kd.align(student, teacher, pairs=[("student_hidden1", "teacher_hidden2")],
                                          feature_loss="mse", weight=0.5)
                 train = raw(x_train, y_train).apply(aligned.cache_features(os.path.join(workdir, f"feat-{seed}")))
-                aligned.model.compile(keras.optimizers.Adam(3e-3), loss=aligned.loss(kd_loss()))
+                aligned.model.compile(keras.optimizers.Adam(3e-3), loss=aligned.loss(kd_loss()),
+                                      steps_per_execution=STEPS)
                 student_fit(ALIGN, None, batches(train), settings.epochs, model=student, fit_model=aligned.model)
 
             if QAT in results and distilled is not None:
                 # Keras 3 student -> tf_keras -> quantization-aware, fine-tuned with distillation -> int8.
                 qat = optimize.quantize_for_distillation(optimize.to_tf_keras(distilled))
-                qat.compile(tf_keras.optimizers.Adam(1e-3), loss=kd_loss())
-                recorder = _recorder(qat, t_test, x_test, y_test)
+                qat.compile(tf_keras.optimizers.Adam(1e-3), loss=kd_loss(), steps_per_execution=STEPS)
+                recorder = _recorder(qat, t_test, x_test, y_test, measure=first)
                 qat.fit(batches(cached), epochs=settings.qat_epochs, verbose=0, callbacks=[recorder])
                 tflite = optimize.to_tflite(qat, representative_data=raw(x_train, y_train).batch(64), int8=True)
                 accuracy, logits = optimize.evaluate_tflite(tflite, raw(x_test, y_test).batch(256), return_logits=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -98,15 +99,69 @@ def quick_settings():
                             tuner_divergences=["dkd"], train_limit=512)
 
 
-def train_rows(settings, work: str, rows: Sequence[str] = ROW_NAMES, students: Sequence[str] = STUDENT_KINDS,
-               verbose: bool = True) -> Dict[str, Dict[str, Result]]:
-    """Runs ``rows`` for every student and seed: ``{student: {row: Result}}``."""
-    from examples import mnist1d_recipes as recipes
+def default_jobs() -> int:
+    """Processes for the student columns: 2 where the machine has 2 cores or more."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(2, cores)
 
+
+def train_rows(settings, work: str, rows: Sequence[str] = ROW_NAMES, students: Sequence[str] = STUDENT_KINDS,
+               verbose: bool = True, jobs: int = 1) -> Dict[str, Dict[str, Result]]:
+    """Runs ``rows`` for every student and seed: ``{student: {row: Result}}``.
+
+    ``jobs > 1`` (and several students): the teachers are trained first, in
+    this process, and saved in ``work``; then each student's column runs in
+    its own process (this one and ``jobs - 1`` spawned ones), each with its
+    own caches. Every row sets its own seeds, so the numbers are those of a
+    run in one process."""
     unknown = sorted(set(rows) - set(ROW_NAMES))
     if unknown:
         raise ValueError(f"Unknown rows {unknown}. Expected some of {list(ROW_NAMES)}.")
+    students = list(students)
+    if jobs <= 1 or len(students) == 1:
+        return _columns(settings, work, rows, students, verbose)
+    import concurrent.futures
+    import multiprocessing
+
+    _prepare(settings, work, rows)
+    groups = [students[i::jobs] for i in range(min(jobs, len(students)))]
+    spawn = multiprocessing.get_context("spawn")  # TensorFlow must not be forked
+    with concurrent.futures.ProcessPoolExecutor(len(groups) - 1, mp_context=spawn) as pool:
+        futures = [pool.submit(_columns, settings, work, rows, group, verbose, "_".join(group))
+                   for group in groups[1:]]
+        results = _columns(settings, work, rows, groups[0], verbose, "_".join(groups[0]))
+        for future in futures:
+            results.update(future.result())
+    return {kind: results[kind] for kind in students}
+
+
+def _prepare(settings, work: str, rows: Sequence[str]) -> None:
+    """Trains (or reloads) the teachers the rows need and generates the transfer set, in ``work``."""
+    from examples import mnist1d_data
+    from examples import mnist1d_recipes as recipes
+
+    functions = {function for name, function, _ in ROWS if name in rows}
     ctx = recipes.Context(work, settings)
+    ctx.teacher(0)
+    if "ensemble" in functions:
+        ctx.ensemble()
+    if any(f.startswith("noisy") for f in functions):
+        ctx.noisy()
+    if "transfer" in functions:
+        mnist1d_data.transfer_inputs(work, settings.transfer_count)
+
+
+def _columns(settings, work: str, rows: Sequence[str], students: Sequence[str], verbose: bool,
+             caches: str = "caches") -> Dict[str, Dict[str, Result]]:
+    """The rows of ``students``, in this process (``caches``: the cache folder's name in ``work``)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    from examples import mnist1d_recipes as recipes
+
+    tf.get_logger().setLevel("ERROR")
+    warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
+    ctx = recipes.Context(work, settings, caches=caches)
     results: Dict[str, Dict[str, Result]] = {}
     for kind in students:
         results[kind] = {}
@@ -167,14 +222,16 @@ def format_table(results: Dict[str, Dict[str, Result]], settings) -> str:
 
 
 def run(quick: bool = False, output: str = "results", plots: bool = True, *, work: Optional[str] = None,
-        rows: Sequence[str] = ROW_NAMES, settings=None, students: Optional[Sequence[str]] = None) -> dict:
+        rows: Sequence[str] = ROW_NAMES, settings=None, students: Optional[Sequence[str]] = None,
+        jobs: Optional[int] = None) -> dict:
     """The MNIST-1D part of the demo: trains every row, prints the table and
-    writes ``mnist1d_table.txt`` (and the PNG plots when ``plots``) into
-    ``output``. Data, teachers, caches and the tuner's folder are kept in
+    writes ``mnist1d_table.txt``, ``mnist1d_results.json`` (what this returns)
+    and, when ``plots``, the PNG plots into ``output``. Data, teachers, caches and the tuner's folder are kept in
     ``work`` (default ``<output>/mnist1d_work``) and reused by later runs.
     ``quick``: every row for the CNN student only (unless ``students`` says
     otherwise), one seed, 512 training examples, a few epochs: a smoke test
-    whose numbers mean nothing.
+    whose numbers mean nothing. ``jobs``: processes for the student columns
+    (default `default_jobs`; see `train_rows`).
 
     Returns:
         ``{"<student> | <row>": {"mean", "std", "accuracies", "epochs",
@@ -192,18 +249,21 @@ def run(quick: bool = False, output: str = "results", plots: bool = True, *, wor
     work = work or os.path.join(output, "mnist1d_work" + ("_quick" if quick else ""))
     os.makedirs(output, exist_ok=True)
     start = time.perf_counter()
-    results = train_rows(settings, work, rows, students)
+    results = train_rows(settings, work, rows, students, jobs=default_jobs() if jobs is None else jobs)
     table = format_table(results, settings)
     table += f"\n({time.perf_counter() - start:.0f} s)"
-    print(table)
+    print(table, flush=True)
     with open(os.path.join(output, "mnist1d_table.txt"), "w") as f:
         f.write(table + "\n")
+    summary = {f"{kind} | {name}": r.as_dict() for kind, rows_ in results.items() for name, r in rows_.items()}
+    with open(os.path.join(output, "mnist1d_results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     if plots:
         from examples import mnist1d_plots
 
         for path in mnist1d_plots.plot(results, output):
-            print(f"wrote {path}")
-    return {f"{kind} | {name}": r.as_dict() for kind, rows_ in results.items() for name, r in rows_.items()}
+            print(f"wrote {path}", flush=True)
+    return summary
 
 
 def main(argv=None):
@@ -216,9 +276,13 @@ def main(argv=None):
     parser.add_argument("--students", nargs="+", default=None, choices=STUDENT_KINDS,
                         help="default: both (--quick: the CNN only)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="processes for the student columns (default: 2 on a machine with 2 cores or more)")
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1. Received: {args.jobs}")
     return run(args.quick, args.output, not args.no_plots, work=args.work, rows=args.rows,
-               students=args.students)
+               students=args.students, jobs=args.jobs)
 
 
 if __name__ == "__main__":

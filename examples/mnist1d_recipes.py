@@ -44,7 +44,7 @@ class Settings:
     transfer_count: int = 5000  # extra unlabelled inputs from the generator with another seed
     noise: float = 0.2
     reweighting_strength: float = 3.0  # teacher_wrong: weight exp(-3 d), d: share of epochs teacher was wrong
-    tuner_epochs: int = 20
+    tuner_epochs: int = 10  # per trial (a short budget: the best is then retrained for `epochs`)
     tuner_temperatures: List[float] = dataclasses.field(default_factory=lambda: [1.0, 4.0])
     tuner_alphas: List[float] = dataclasses.field(default_factory=lambda: [0.1, 0.5, 1.0])
     tuner_divergences: List[str] = dataclasses.field(default_factory=lambda: ["kl", "dkd"])
@@ -65,10 +65,11 @@ class Trained:
 
 
 class Context:
-    """Data, teachers and caches shared by the rows (built once, kept on disk)."""
+    """Data, teachers and caches shared by the rows (built once, kept on disk;
+    ``caches``: the caches' folder in ``work``, one per process)."""
 
-    def __init__(self, work: str, settings: Settings):
-        self.work, self.settings = work, settings
+    def __init__(self, work: str, settings: Settings, caches: str = "caches"):
+        self.work, self.settings, self.caches = work, settings, caches
         os.makedirs(work, exist_ok=True)
         self.data = mnist1d_data.load(work)
         if settings.train_limit is not None:
@@ -77,6 +78,7 @@ class Context:
         self._teachers: Dict[str, keras.Model] = {}
         self._caches: Dict[str, keras_kd.TeacherLogitCache] = {}
         self.tuned: Dict[str, dict] = {}  # student kind -> the search's best choice
+        self.trainers: Dict[tuple, tuple] = {}  # see `fit(reuse=...)`
 
     # -- teachers -------------------------------------------------------------
 
@@ -125,7 +127,7 @@ class Context:
         """``dataset`` (unbatched) through a teacher-logit cache in the work folder."""
         if name not in self._caches:
             self._caches[name] = keras_kd.cache_teacher_logits(
-                teacher, os.path.join(self.work, "caches", name), verbose=0, on_mismatch="rebuild",
+                teacher, os.path.join(self.work, self.caches, name), verbose=0, on_mismatch="rebuild",
                 in_memory=True, **options)
         return dataset.apply(self._caches[name])
 
@@ -159,23 +161,46 @@ class _Curve(keras.callbacks.Callback):
 
 
 def fit(ctx: Context, kind: str, seed: int, loss, train, *, epochs=None, length=40, callbacks=(), x_test=None,
-        curve=False, distiller_teacher=None) -> Trained:
+        curve=False, distiller_teacher=None, reuse=True) -> Trained:
     """Builds the ``kind`` student with ``seed``, compiles it with Adam and
-    ``loss`` (or wraps it in Keras's Distiller) and fits ``train``."""
+    ``loss`` (or wraps it in Keras's Distiller) and fits ``train``.
+
+    ``reuse``: calls with the same student (``kind``, ``length``) and the same
+    loss configuration (its class and ``get_config()``, and the Distiller's
+    teacher) train the compiled model of the first such call again (the other
+    seeds, other rows with the same loss), its weights set to the new seed's
+    fresh initial weights and its optimizer variables to their values before
+    any step: the same training as a new model, without tracing the training
+    step again (about a second each). ``False``: a new model (rows whose
+    callbacks hook into the loss)."""
     s = ctx.settings
     epochs = epochs or s.epochs
     keras.utils.set_random_seed(seed)
-    student = mnist1d_models.student(kind, length)
-    trainer = student
-    if distiller_teacher is not None:
-        trainer = keras.distillation.Distiller(
-            teacher=distiller_teacher,
-            student=student,
-            distillation_losses=keras.distillation.LogitsDistillation(
-                temperature=s.temperature, loss=keras.losses.KLDivergence()),
-            student_loss_weight=s.alpha,
-        )
-    trainer.compile(keras.optimizers.Adam(s.learning_rate), loss=loss, steps_per_execution=32)
+    fresh = mnist1d_models.student(kind, length)
+    if reuse:
+        reuse = (kind, length, type(loss).__name__, json.dumps(loss.get_config(), sort_keys=True, default=str),
+                 None if distiller_teacher is None else distiller_teacher.name)
+    entry = ctx.trainers.get(reuse) if reuse else None
+    if entry is None:
+        student = trainer = fresh
+        if distiller_teacher is not None:
+            trainer = keras.distillation.Distiller(
+                teacher=distiller_teacher,
+                student=student,
+                distillation_losses=keras.distillation.LogitsDistillation(
+                    temperature=s.temperature, loss=keras.losses.KLDivergence()),
+                student_loss_weight=s.alpha,
+            )
+        trainer.compile(keras.optimizers.Adam(s.learning_rate), loss=loss, steps_per_execution=32)
+        trainer.optimizer.build(trainer.trainable_variables)
+        initial = [v.numpy() for v in trainer.optimizer.variables]
+        if reuse:
+            ctx.trainers[reuse] = (student, trainer, initial)
+    else:
+        student, trainer, initial = entry
+        student.set_weights(fresh.get_weights())
+        for variable, value in zip(trainer.optimizer.variables, initial):
+            variable.assign(value)
     x_test = ctx.data.x_test if x_test is None else x_test
     recorder = [_Curve(student, x_test, ctx.data.y_test)] if curve else []
     trainer.fit(train, epochs=epochs, verbose=0, callbacks=[*callbacks, *recorder])
@@ -232,8 +257,9 @@ def mixup_patient(ctx, kind, seed, curve):
     """Consistent teaching: mixup on each batch BEFORE the online teacher, so
     teacher and student see the same mixed view; a long schedule."""
     d, s = ctx.data, ctx.settings
+    # A sequential map: the seeded draws then come in the same order on every run (see `keras_kd.mixup`).
     mixed = batches(d.x_train, d.y_train, s.batch, seed).map(
-        keras_kd.mixup(alpha=s.mixup_alpha, num_classes=10, seed=seed), num_parallel_calls=tf.data.AUTOTUNE)
+        keras_kd.mixup(alpha=s.mixup_alpha, num_classes=10, seed=seed))
     train = keras_kd.with_teacher(mixed, ctx.teacher(0))
     loss = kd_loss(s, temperature=s.mixup_temperature, alpha=s.mixup_kd_alpha)
     return fit(ctx, kind, seed, loss, train, epochs=s.patient_epochs, curve=curve)
@@ -298,7 +324,7 @@ def noisy_kd_teacher_wrong(ctx, kind, seed, curve):
     rew = keras_kd.HardSampleReweighting(signal="teacher_wrong", strength=s.reweighting_strength,
                                          warmup_epochs=1)
     train = shuffle_batch(rew.attach(_noisy_cached(ctx)), seed, s.batch)
-    return fit(ctx, kind, seed, kd_loss(s), train, callbacks=[rew], curve=curve)
+    return fit(ctx, kind, seed, kd_loss(s), train, callbacks=[rew], curve=curve, reuse=False)
 
 
 def tuned_choice(ctx: Context, kind: str) -> dict:

@@ -1,6 +1,7 @@
 """The demo (examples/demo.py, `make demo`): every row, finite numbers, the plots;
 and `python -m keras_kd demo`, which points to it."""
 
+import json
 import math
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 
 from examples import demo
 from examples import digits
+from examples import mnist1d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,8 +41,22 @@ def test_demo_quick_table_and_plots(tmp_path):
     assert rows[digits.QAT][3] < rows[digits.CACHE][3]
     for png in ("learning_curves.png", "agreement.png", "per_class_accuracy.png", "reweighting_histogram.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
-    # The MNIST-1D part ran after the digits part and wrote its own table.
-    assert (tmp_path / "mnist1d_table.txt").read_text().strip() in out.stdout
+    # The MNIST-1D part (next to the digits part, in another process) wrote its own table: every row of
+    # the quick mode, finite numbers, the tuned row's choice, the plots.
+    mnist1d_table = (tmp_path / "mnist1d_table.txt").read_text()
+    assert mnist1d_table.strip() in out.stdout
+    results = json.loads((tmp_path / "mnist1d_results.json").read_text())
+    assert list(results) == [f"{kind} | {name}" for kind in mnist1d.QUICK_STUDENTS for name in mnist1d.ROW_NAMES]
+    for key, row in results.items():
+        assert row["accuracies"] and all(0.0 <= a <= 1.0 for a in row["accuracies"]), key
+        assert math.isfinite(row["mean"]) and math.isfinite(row["std"]), key
+        assert row["epochs"] >= 1, key
+    assert "alpha=" in results["cnn | keras_kd tuned (grid on validation)"]["note"]
+    for name in mnist1d.ROW_NAMES:
+        assert name in mnist1d_table
+    for kind in mnist1d.QUICK_STUDENTS:
+        for png in (f"mnist1d_curves_{kind}.png", f"mnist1d_methods_{kind}.png"):
+            assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
 
 
 def test_demo_rows_option(tmp_path):
@@ -55,10 +71,10 @@ def test_demo_help_and_bad_arguments(capsys):
         demo.parse_args(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--quick", "--output", "--rows", "--no-plots", "--datasets"):
+    for option in ("--quick", "--output", "--rows", "--no-plots", "--datasets", "--jobs"):
         assert option in help_text
     for bad in (["--label-fraction", "0"], ["--temperature", "0"], ["--alpha", "2"], ["--epochs", "0"],
-                ["--rows", "nope"], ["--datasets", "cifar"]):
+                ["--rows", "nope"], ["--datasets", "cifar"], ["--jobs", "0"]):
         with pytest.raises(SystemExit):
             demo.parse_args(bad)
         assert capsys.readouterr().err

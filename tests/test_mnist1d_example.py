@@ -1,5 +1,7 @@
-"""The MNIST-1D example (examples/mnist1d.py): every row in quick mode, the
-plots, and a data generator that is deterministic and never downloads."""
+"""The MNIST-1D example (examples/mnist1d.py): a data generator that is
+deterministic and never downloads, row selection, and both students in two
+processes. Every row in quick mode, with the plots, is checked by
+tests/test_demo.py's quick demo (one run for both)."""
 
 import math
 import socket
@@ -80,32 +82,16 @@ def test_noisy_labels_flip_exactly_the_share_to_other_classes():
     assert np.array_equal(noisy, mnist1d_data.noisy_labels(labels, 0.2, seed=3))
 
 
-def test_quick_mode_every_row_finite_and_plots(tmp_path, no_network, capsys):
-    results = mnist1d.run(quick=True, output=str(tmp_path), plots=True)
-    expected = [f"{kind} | {name}" for kind in mnist1d.QUICK_STUDENTS for name in mnist1d.ROW_NAMES]
-    assert list(results) == expected
-    for key, row in results.items():
-        assert row["accuracies"] and all(0.0 <= a <= 1.0 for a in row["accuracies"]), key
-        assert math.isfinite(row["mean"]) and math.isfinite(row["std"]), key
-        assert row["epochs"] >= 1, key
-    # The tuned row says what the search chose.
-    assert "alpha=" in results["cnn | keras_kd tuned (grid on validation)"]["note"]
-    table = (tmp_path / "mnist1d_table.txt").read_text()
-    assert table.strip() in capsys.readouterr().out
-    for name in mnist1d.ROW_NAMES:
-        assert name in table
-    for kind in mnist1d.QUICK_STUDENTS:
-        for png in (f"mnist1d_curves_{kind}.png", f"mnist1d_methods_{kind}.png"):
-            assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
-
-
 def test_unknown_row_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Unknown rows"):
         mnist1d.run(quick=True, output=str(tmp_path), plots=False, rows=["scratch", "nope"])
 
 
-def test_quick_mode_mlp_student(tmp_path, no_network):
+def test_quick_mode_both_students_side_by_side(tmp_path, no_network):
+    # jobs=2: the teachers are trained here, then the CNN column runs in a spawned process.
     rows = ["scratch", "keras_kd KD (cache)"]
-    results = mnist1d.run(quick=True, output=str(tmp_path), plots=False, rows=rows, students=["mlp"])
-    assert list(results) == [f"mlp | {name}" for name in rows]
+    results = mnist1d.run(quick=True, output=str(tmp_path), plots=False, rows=rows, students=["mlp", "cnn"],
+                          jobs=2)
+    assert list(results) == [f"{kind} | {name}" for kind in ("mlp", "cnn") for name in rows]
     assert all(math.isfinite(r["mean"]) for r in results.values())
+    assert all(len(r["accuracies"]) == 1 and 0.0 <= r["accuracies"][0] <= 1.0 for r in results.values())
