@@ -146,7 +146,8 @@ def _unflatten_to_jax(cls, static, children):
 
 
 # teacher_key -> a function run on the host before each batch of in-step targets
-# (see `keras_kd.data.teachers.jax_function`); filled by `targets.register_teacher`.
+# (see `keras_kd.data.teachers.jax_function`); filled by `targets.register_teacher`
+# from the registered function's ``refresh`` attribute.
 HOST_REFRESH: dict = {}
 
 

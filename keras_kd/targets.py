@@ -369,16 +369,17 @@ def dense_teacher_logits(targets: TeacherTargets, num_classes: int, topk_fill: s
 _TEACHERS: "dict[str, typing.Callable]" = {}
 
 
-def register_teacher(fn: typing.Callable, key: str, host_refresh: typing.Optional[typing.Callable] = None) -> str:
+def register_teacher(fn: typing.Callable, key: str) -> str:
     """Registers ``fn(inputs) -> logits`` under ``key`` for in-step placement.
 
-    ``host_refresh``: on JAX, called on the host before each batch of targets
-    with this key reaches the step (e.g. to retrace after the teacher's
-    weights changed).
+    On JAX, a ``fn.refresh()`` is called on the host before each batch of
+    targets with this key reaches the step (`keras_kd.data.teachers.jax_function`
+    retraces there after the teacher's weights changed).
     """
     _TEACHERS[key] = fn
-    if host_refresh is not None:
-        _jax_targets.HOST_REFRESH[key] = host_refresh
+    refresh = getattr(fn, "refresh", None)
+    if refresh is not None:
+        _jax_targets.HOST_REFRESH[key] = refresh
     return key
 
 

@@ -243,7 +243,9 @@ def with_teacher(
             return jax_run(inputs)
 
         key = f"teacher-{next(_keys)}-{id(teachers[0])}"
-        targets_lib.register_teacher(run_step, key, host_refresh=getattr(jax_run, "refresh", None))
+        if jax_run is not None:
+            run_step.refresh = jax_run.refresh  # see `teachers.jax_function`
+        targets_lib.register_teacher(run_step, key)
 
         packing_only = teacher_inputs is None and student_inputs is None
 
