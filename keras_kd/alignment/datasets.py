@@ -122,13 +122,12 @@ def teacher_outputs(extractor):
     """``x -> [logits, f_1, ..., f_P]`` as TF tensors, for ``dataset.map``.
 
     A Keras 3 teacher in a JAX process cannot run on ``tf.Tensor``s: it runs
-    through `keras_kd.data.teachers.tf_callable` (a ``tf.numpy_function``
-    around its jitted stateless call), one call per output.
+    through `keras_kd.data.teachers.tf_outputs` (a ``tf.numpy_function``
+    around its jitted stateless call, all outputs from one call).
     """
     if not teachers_lib.runs_on_jax(extractor):
         return lambda x: extractor(x, training=False)
-    calls = [teachers_lib.tf_callable(extractor, output_index=i) for i in range(len(extractor.outputs))]
-    return lambda x: [call(x) for call in calls]
+    return teachers_lib.tf_outputs(extractor)
 
 
 def attach(aligned, dataset, num_parallel_calls=None):

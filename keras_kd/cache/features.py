@@ -21,7 +21,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_kd import _checks
-from keras_kd import _compat
 from keras_kd.cache import build as build_lib
 from keras_kd.cache import fingerprint
 from keras_kd.cache.files import resolve_directory  # noqa: F401 - part of this module's API
@@ -32,6 +31,7 @@ from keras_kd.cache.format import MAX_ROWS
 from keras_kd.cache.format import Layout
 from keras_kd.cache.store import Store
 from keras_kd.cache.store import Stored
+from keras_kd.data import teachers as teachers_lib
 
 FORMAT = "keras_kd.feature_cache"
 MAX_BATCH_SIZE = MAX_BLOCK_ROWS  # a build batch is one stored block
@@ -209,13 +209,8 @@ def _check_fixed_shapes(dataset):
 
 
 def _extract_step(extractor, dataset):
-    if _compat.is_jax_backend() and _compat.flavour_of(extractor) == _compat.KERAS3:
-        # A Keras 3 teacher on JAX cannot run on tf.Tensors: Keras's jitted predict step, on host arrays.
-        def run_jax(x):
-            outputs = extractor.predict_on_batch(tf.nest.map_structure(lambda t: t.numpy(), x))
-            return [tf.constant(o) for o in outputs]
-
-        return run_jax
+    if teachers_lib.runs_on_jax(extractor):  # a Keras 3 teacher on JAX cannot run on tf.Tensors
+        return teachers_lib.tf_outputs(extractor)
     x_spec = dataset.map(lambda x, *rest: x).element_spec
     spec = tf.nest.map_structure(lambda s: tf.TensorSpec((None, *s.shape), s.dtype), x_spec)
 
