@@ -82,8 +82,8 @@ class StepState:
     def current(self, key: str):
         """The value to use inside a JAX step (see the module docstring)."""
         value = self.variables[key].value  # Keras gives the threaded value inside the model's step
-        if not _is_tracer(value):
-            self._baked.add(key)  # a constant of any step traced now
+        if self._model is None and not _is_tracer(value):
+            self._baked.add(key)  # unbound: a constant of any step traced now
         return value
 
     def _sync(self):

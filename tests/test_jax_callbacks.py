@@ -193,11 +193,32 @@ def test_reweighting_table_is_state_of_the_model_during_fit_only():
 
 
 @jax_only
-def test_reweighting_refuses_what_jax_cannot_do():
+def test_scoring_pass_on_jax():
     x, y, t = _data()
-    rew = keras_kd.HardSampleReweighting(num_examples=N, scoring_data=_dataset(x, y, t, ids=True).batch(BATCH))
+    scoring = _dataset(x, y, t, ids=True).batch(BATCH)
+    rew = keras_kd.HardSampleReweighting(signal="teacher_entropy", warmup_epochs=0, num_examples=N, scoring_data=scoring)
     student = _student(keras_kd.DistillationLoss())
-    with pytest.raises(ValueError, match="scoring_data=.*JAX.*scoring_data=None"):
+    student.fit(_dataset(x, y, -t, ids=True).batch(BATCH), epochs=1, verbose=0, callbacks=[rew])
+    p = np.exp(ref.log_softmax(t))  # the scoring data's teacher, not the training data's
+    np.testing.assert_allclose(rew.table.difficulty, -(p * np.log(p)).sum(-1), rtol=1e-5)
+
+
+@jax_only
+def test_reweighting_refuses_a_built_subclassed_student():
+    class Student(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(CLASSES)
+
+        def call(self, x):
+            return self.dense(x)
+
+    x, y, t = _data()
+    student = Student()
+    student.compile(keras.optimizers.SGD(0.0), loss=keras_kd.DistillationLoss())
+    student.fit(_dataset(x, y, t).batch(BATCH), epochs=1, verbose=0)  # built: Keras locks its state
+    rew = keras_kd.HardSampleReweighting(num_examples=N)
+    with pytest.raises(ValueError, match="JAX backend.*subclassed.*Functional or Sequential"):
         student.fit(_dataset(x, y, t, ids=True).batch(BATCH), epochs=1, verbose=0, callbacks=[rew])
 
 

@@ -10,6 +10,7 @@ import copy
 import warnings
 from typing import Callable, Optional, Tuple, Union
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -25,13 +26,6 @@ from keras_kd.callbacks.signals import SIGNALS
 from keras_kd.callbacks.signals import normalise
 from keras_kd.callbacks.signals import raw_weights
 from keras_kd.callbacks.signals import signal_teacher_wrong
-
-
-_NO_JAX_SCORING = (
-    "HardSampleReweighting(scoring_data=...) and `score()` are not supported for Keras 3 students on the JAX "
-    "backend. Leave scoring_data=None (the difficulties are then recorded from the training step, at no "
-    "extra cost), or train with KERAS_BACKEND=tensorflow."
-)
 
 
 def _clip_bounds(clip) -> Tuple[float, float]:
@@ -67,9 +61,9 @@ class HardSampleReweighting(Callback):
     On Keras 3 + JAX both ways work too: during ``fit`` the step's copy of
     the table is part of the model's state, which Keras threads through its
     jitted step (`keras_kd._step_state`), so it is read and written inside
-    the step at no extra cost. Not on JAX: ``scoring_data``/`score` and a
-    built subclassed student (Keras locks its state); both raise a
-    ``ValueError`` naming the alternative. A training id outside the table
+    the step at no extra cost. Not on JAX: a built subclassed student (Keras
+    locks its state), which raises a ``ValueError`` naming the alternative
+    (a Functional or Sequential student). A training id outside the table
     gives a NaN loss there (nothing can raise inside ``jax.jit``).
 
     Signals (see the ``signal_*`` functions for formulas and sources):
@@ -331,7 +325,8 @@ class HardSampleReweighting(Callback):
         updates the smoothed difficulties (the optional scoring pass)."""
         loss = self._distillation_loss()
         if self.table.step_state is not None:
-            raise ValueError(_NO_JAX_SCORING)
+            self._score_jax(dataset, loss)
+            return
         was_recording = bool(self.table.recording.numpy())
         self.table.recording.assign(True)
         for x, targets, *_ in dataset:
@@ -341,6 +336,24 @@ class HardSampleReweighting(Callback):
             if terms.targets is not None:
                 self._record(terms.targets, student, terms.hard, terms.soft)
         self.table.recording.assign(was_recording)
+
+    def _score_jax(self, dataset, loss):
+        """`score` for a Keras 3 student on JAX: batches as JAX arrays, the table updated eagerly."""
+        import jax.numpy as jnp  # noqa: PLC0415 - JAX only
+
+        def to_jax(structure):  # TF TeacherTargets become JaxTeacherTargets (keras.tree knows both on JAX)
+            return keras.tree.map_structure(lambda v: None if v is None else jnp.asarray(np.asarray(v)), structure)
+
+        recording = self.table.recording
+        was_recording = float(recording.numpy())
+        recording.assign(1.0)
+        for x, targets, *_ in dataset:
+            targets = to_jax(targets_lib.materialize(targets))
+            student = self.model(to_jax(x), training=False)
+            terms = loss.terms(targets, student)
+            if terms.targets is not None:
+                self._record(terms.targets, student, terms.hard, terms.soft)
+        recording.assign(was_recording)
 
     def _distillation_loss(self):
         loss = getattr(self.model, "loss", None)
@@ -378,8 +391,6 @@ class HardSampleReweighting(Callback):
         """Keras 3 on JAX: the table becomes state that the model threads through its jitted step."""
         from keras_kd import _step_state  # noqa: PLC0415 - JAX only
 
-        if self.scoring_data is not None:
-            raise ValueError(_NO_JAX_SCORING)
         if not _step_state.bind(self.model, table.use_jax()):
             raise ValueError(
                 "HardSampleReweighting on the JAX backend keeps its table in the model's state, but Keras "
