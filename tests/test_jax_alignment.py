@@ -294,3 +294,17 @@ def test_tf_keras_models_keep_the_tensorflow_path_in_a_jax_process():
     feature = 0.3 * reference.feature_mse(f_t, f_s).mean()
     np.testing.assert_allclose(result["feature_loss"], feature, rtol=1e-4)  # tf_keras logs it, on any backend
     np.testing.assert_allclose(result["loss"], float(np.mean(kd_value)) + feature, rtol=1e-4)
+
+
+def test_tf_keras_teacher_feeds_a_jax_student():
+    import tf_keras
+
+    s, t = net(keras, (4, 4, 8), "s"), net(tf_keras, (4, 4, 8), "t", frozen=True)
+    a = alignment.align(s, t, [("feat", "feat")], weight=0.3)
+    kd = losses_lib.DistillationLoss(temperature=2.0, alpha=0.5)
+    a.model.compile(optimizer="sgd", loss=a.loss(kd))
+    result = a.model.evaluate(a.attach(tf.data.Dataset.from_tensor_slices((X, Y)).batch(len(X))), verbose=0)
+    f_t = tf_keras.Model(t.inputs, t.get_layer("feat").output).predict(X, verbose=0)
+    kd_value = reference.distillation_loss(Y, s.predict(X, verbose=0), t.predict(X, verbose=0), T=2.0, alpha=0.5)
+    np.testing.assert_allclose(result, kd_value + 0.3 * reference.feature_mse(f_t, features_of(s, X)).mean(),
+                               rtol=1e-4)

@@ -21,7 +21,15 @@ How the pieces travel (the targets contract of `keras_kd.targets` is kept):
   projectors and a loss layer sit on a side branch; the loss layer adds
   ``sum_i weight_i * mean_batch(feature_loss_i)`` with ``add_loss`` (so
   ``compile`` takes the logit loss only) and logs it as the metric
-  ``feature_loss``, then passes the logits through unchanged.
+  ``feature_loss`` (not on Keras 3's JAX backend, where Keras cannot update
+  a layer's metric inside the stateless step), then passes the logits
+  through unchanged.
+* **Backends.** The feature losses and the loss layer are written once
+  against `keras_kd._ops`: TensorFlow for TF tensors (both Keras flavours),
+  ``jax.numpy`` inside Keras 3's jitted JAX step. On JAX, a Keras 3 teacher
+  runs in tf.data through `keras_kd.data.teachers.tf_outputs` (online
+  features and the feature-cache build); tf_keras models keep the pure-TF
+  path in any process.
 * **Clean student.** `Aligned.export` rebuilds the student from its own
   config and copies the trained weights: no projectors, no extra inputs or
   outputs, ready for tfmot and TFLite.
