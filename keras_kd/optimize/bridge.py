@@ -563,7 +563,8 @@ class _Converter:
             except Exception as e:  # noqa: BLE001 - reported with the layer's name
                 self._problem(
                     prefix + op.name, op,
-                    f"calling the rebuilt {self.keras.__name__} layer failed: {type(e).__name__}: {e}",
+                    f"calling the rebuilt {self.keras.__name__} layer failed: {type(e).__name__}: {e}"
+                    + _jax_function_hint(op, self.target),
                 )
                 return None
             for old, made in zip(outs, tf.nest.flatten(result)):
@@ -604,6 +605,19 @@ class _Converter:
                 "differ by that rounding; convert a float32 model for equal outputs.",
                 stacklevel=4,
             )
+
+
+def _jax_function_hint(layer, target: str) -> str:
+    """Why a Keras 3 layer holding a Python function fails in tf_keras on the JAX backend."""
+    if target != TF_KERAS or not _compat.is_jax_backend() or not hasattr(layer, "function"):
+        return ""
+    return (
+        f" (keras_kd.optimize.to_tf_keras, Keras backend 'jax': the function of {type(layer).__name__} "
+        f"{layer.name!r} computes with JAX here (`keras.ops` runs on JAX in this process) and cannot run "
+        "on the TensorFlow tensors of a tf_keras model. Replace it with a built-in layer (e.g. "
+        f"`Activation`, `Rescaling`), or give its TensorFlow version: `custom_objects={{{type(layer).__name__!r}: "
+        "lambda layer: tf_keras.layers.Lambda(tf_fn, name=layer.name)}`.)"
+    )
 
 
 def _implicit_mask_ops(calls):

@@ -95,8 +95,8 @@ def _predictions_and_labels(logits, y):
     labels as class ids, one-hot/soft labels (argmax), or 0/1 labels (``> 0.5``) for one
     logit. `keras_kd.NO_LABEL` examples are left out."""
     classes = logits.shape[-1]
-    pred = _labels.predicted_class(logits).numpy()
-    ids = _labels.class_ids(y, classes, logits_rank=logits.ndim).numpy()
+    pred = np.asarray(_labels.predicted_class(logits))  # a tf or JAX array: the process backend decides
+    ids = np.asarray(_labels.class_ids(y, classes, logits_rank=logits.ndim))
     if ids.size != pred.size:
         raise ValueError(
             f"The labels of shape {y.shape} do not match the model's outputs of shape {logits.shape}: "
@@ -111,7 +111,7 @@ def _predictions_and_labels(logits, y):
                 "A one-logit (binary) model needs labels in [0, 1] (0/1 class labels or "
                 f"probabilities). Received labels in [{values.min()}, {values.max()}]."
             )
-    elif not np.all(_labels.valid_class_ids(ids, classes).numpy()):
+    elif not np.all(np.asarray(_labels.valid_class_ids(ids, classes))):
         values = np.asarray(y)
         raise ValueError(
             f"Expected class ids in [0, {classes - 1}] for a model with {classes} outputs. "

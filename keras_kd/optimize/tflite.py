@@ -22,6 +22,7 @@ import tensorflow as tf
 from keras_kd import _checks
 from keras_kd import _compat
 from keras_kd.optimize import _common
+from keras_kd.optimize import bridge
 
 
 class TFLiteConversionError(ValueError):
@@ -142,6 +143,11 @@ def to_tflite(
     * ``int8=False``: a float32 model (the baseline to compare sizes and
       accuracy with).
 
+    A Keras 3 model in a process whose Keras backend is JAX is converted
+    through `to_tf_keras` (same weights, pure TensorFlow): Keras's own JAX
+    export (jax2tf) leaves state TFLite cannot hold, e.g. the uint32 seed of a
+    ``Dropout`` layer. Models the bridge cannot rebuild fall back to that export.
+
     Args:
         model: a Keras 3 or tf_keras model (no pruning wrappers: `strip`).
         representative_data: calibration inputs: a ``tf.data.Dataset`` of
@@ -204,7 +210,7 @@ def to_tflite(
             "activation ranges. Pass it, or train a quantization-aware model with "
             "`quantize_for_distillation` (no calibration needed), or use int8=False."
         )
-    converter = _converter(model)
+    converter = _converter(_tensorflow_model(model))
     if int8:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if representative_data is not None:
@@ -230,6 +236,18 @@ def to_tflite(
         with open(os.fspath(path), "wb") as f:
             f.write(flatbuffer)
     return flatbuffer
+
+
+def _tensorflow_model(model):
+    """``model``, or its tf_keras rebuild for a Keras 3 model on the JAX backend (see `to_tflite`)."""
+    if _compat.flavour_of(model) != _compat.KERAS3 or not _compat.is_jax_backend():
+        return model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # fused BatchNorm notes: same outputs in inference
+            return bridge.to_tf_keras(model)
+    except bridge.UnconvertibleError:
+        return model  # Keras's JAX export (jax2tf) may still convert it
 
 
 def _converter(model):
