@@ -130,3 +130,14 @@ def test_a_changed_jax_teacher_is_refused_and_its_digest_follows_its_weights(dat
     assert fingerprint.weights_digest(teacher) != digest
     with pytest.raises(CacheMismatchError):
         next(iter(cached(x, y, teacher, tmp_path)))
+
+
+def test_teacher_inputs(data, tmp_path):
+    x, y = data
+    teacher, student = mlp(1, inputs=D // 2), mlp(2)
+    ds = cached(x, y, teacher, tmp_path, teacher_inputs=lambda v: v[D // 2:])
+    order, batch = all_targets(ds)
+    np.testing.assert_array_equal(batch[0].numpy()[order], x)  # the student sees x itself
+    expected = teacher.predict(x[:, D // 2:], verbose=0)
+    np.testing.assert_allclose(batch[1].logits.numpy()[order], expected, rtol=1e-5, atol=1e-6)
+    evaluate(student, ds, y, student.predict(x, verbose=0), expected)

@@ -160,6 +160,9 @@ def test_example_ids_mixup_and_unlabelled_keep_working(data):
     mixed = keras_kd.with_teacher(
         tf.data.Dataset.from_tensor_slices((x, y)).batch(16).map(keras_kd.mixup(num_classes=C, seed=0)), teacher)
     assert np.isfinite(evaluate(student, mixed)["loss"])
+    cut = keras_kd.with_teacher(
+        batches(x, y).map(keras_kd.mixup(kind="cutmix", num_classes=C, seed=1)), teacher)
+    assert np.isfinite(evaluate(student, cut)["loss"])
     transfer = keras_kd.with_teacher(keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x)).batch(16), teacher)
     student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=T, alpha=ALPHA))
     got = student.evaluate(transfer, verbose=0, return_dict=True)["loss"]
@@ -218,3 +221,21 @@ def test_tf_outputs_gives_every_output_of_a_jax_model_in_tf_data(data):
     got = [np.concatenate(parts) for parts in zip(*ds.as_numpy_iterator())]
     for g, e in zip(got, model.predict(x, verbose=0)):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["pipeline", "step"])
+def test_built_in_metrics_measure_the_labels(data, placement):
+    x, y = data
+    teacher, student = mlp(1), mlp(2)
+
+    def metrics():
+        return [keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="sce"),
+                keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")]
+
+    student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=T, alpha=ALPHA), metrics=metrics())
+    got = student.evaluate(keras_kd.with_teacher(batches(x, y), teacher, placement=placement), verbose=0,
+                           return_dict=True)
+    logits = student.predict(x, verbose=0)
+    for metric in metrics():
+        metric.update_state(y, logits)
+        assert got[metric.name] == pytest.approx(float(metric.result()), rel=1e-6)
