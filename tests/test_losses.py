@@ -284,6 +284,7 @@ def test_config_round_trip():
     assert restored.get_config() == config
 
 
+@pytest.mark.backend("tensorflow")  # a tf.function's retracing (JAX: tests/test_hyperparameter_changes.py)
 def test_temperature_changes_without_recompiling():
     s, t = _logits(29, (4, 5)), _logits(30, (4, 5))
     y = np.array([0, 1, 2, 3])
@@ -398,6 +399,7 @@ def test_nan_teacher_propagates_without_assertions(divergence):
     assert np.isnan(values[1]) and np.all(np.isfinite(values[[0, 2]]))
 
 
+@pytest.mark.backend("tensorflow")  # a TF XLA function (JAX: tests/test_jax_losses.py)
 def test_bad_rows_are_nan_inside_a_compiled_step():
     # Under XLA the assertions are dropped; only the bad rows' values are NaN.
     loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.5, reduction="none")
