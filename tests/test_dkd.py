@@ -133,6 +133,7 @@ def test_targets_without_labels_name_dkd_and_the_fix():
         loss(TeacherTargets(labels=[0, 0, 0], logits=t, has_labels=False), np.zeros((3, 4), "float32"))
 
 
+@pytest.mark.backend("tensorflow")  # TF runtime assertion; JAX gives NaN, as under XLA
 def test_unlabelled_examples_raise_without_xla():
     t = _logits(11, (3, 4))
     loss = keras_kd.DistillationLoss(divergence="dkd")
@@ -168,7 +169,7 @@ def test_topk_renormalize_is_refused_uniform_is_documented():
     dense = keras_kd.targets.dense_teacher_logits(targets, 6, "uniform").numpy()
     s = _logits(13, (4, 6))
     loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.0, divergence="dkd")
-    np.testing.assert_allclose(loss.components(targets, s)[1].numpy(), ref.decoupled_kd([0, 1, 2, 3], s, dense, 2.0),
+    np.testing.assert_allclose(np.asarray(loss.components(targets, s)[1]), ref.decoupled_kd([0, 1, 2, 3], s, dense, 2.0),
                                rtol=2e-5)
 
 
