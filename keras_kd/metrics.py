@@ -7,6 +7,8 @@ straight into ``compile(metrics=[...])`` next to the user's own metrics.
 
 from __future__ import annotations
 
+import tensorflow as tf
+
 from keras_kd import _compat
 from keras_kd import _labels
 from keras_kd import _ops
@@ -47,7 +49,10 @@ def teacher_agreement(y_true, y_pred):
         values = ops.convert_to_tensor(y_true.topk_values)
         best = ops.argmax(values, axis=-1, dtype="int32")
         indices = ops.convert_to_tensor(y_true.topk_indices)
-        teacher = ops.cast(ops.take_along_axis(indices, best[..., None], axis=-1)[..., 0], ops.int_dtype)
+        if ops.is_tf:  # one gather op
+            teacher = tf.cast(tf.gather(indices, best, batch_dims=best.shape.rank), tf.int64)
+        else:
+            teacher = ops.cast(ops.take_along_axis(indices, best[..., None], axis=-1)[..., 0], ops.int_dtype)
         if y_pred.shape[-1] == 1:  # one class: the single top-1 logit decides
             teacher = _labels.predicted_class(ops.cast(values, "float32"))
     elif y_true.has_labels:

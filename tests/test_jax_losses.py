@@ -272,3 +272,25 @@ def test_fit_alpha_and_dkd_weights_changed_between_epochs(jit):
     np.testing.assert_allclose(history.history["loss"], want, rtol=1e-5)
     assert len(set(np.round(history.history["loss"], 5))) == 4
     assert math.isclose(loss.alpha, 0.2, rel_tol=1e-6) and loss.divergence.non_target_weight == 1.0
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_evaluate_with_sample_weights_and_metrics(jit):
+    # End to end through Keras's JAX data adapter: (x, TeacherTargets, w) from tf.data; the user's
+    # "accuracy" measures the hard labels, keras_kd's metrics read the teacher.
+    x = RNG.normal(size=(12, 3)).astype("float32")
+    y, t = RNG.integers(0, C, 12), RNG.normal(size=(12, C)).astype("float32")
+    w = RNG.uniform(0.5, 2.0, 12).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(C)])
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3)
+    model.compile(loss=loss, metrics=["accuracy", keras_kd.teacher_agreement, *keras_kd.loss_components(loss)],
+                  jit_compile=jit)
+    ds = tf.data.Dataset.from_tensor_slices((x, TeacherTargets(labels=y, logits=t), w)).batch(12)
+    got = model.evaluate(ds, verbose=0, return_dict=True)
+    s = model.predict(x, verbose=0)
+    mean = np.mean  # `metrics=` are unweighted in Keras (`weighted_metrics=` would weigh them)
+    np.testing.assert_allclose(got["loss"], ref.distillation_loss(y, s, t, 2.0, 0.3, weights=w), rtol=1e-5)
+    np.testing.assert_allclose(got["accuracy"], mean(np.argmax(s, -1) == y), rtol=1e-6)
+    np.testing.assert_allclose(got["teacher_agreement"], mean(np.argmax(s, -1) == np.argmax(t, -1)), rtol=1e-6)
+    np.testing.assert_allclose(got["kd_hard"], mean(ref.sparse_ce(y, s)), rtol=1e-5)
+    np.testing.assert_allclose(got["kd_soft"], mean(4.0 * ref.divergence("kl", t / 2.0, s / 2.0)), rtol=1e-5)

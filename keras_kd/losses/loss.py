@@ -93,6 +93,22 @@ class DistillationLoss(_compat.loss_base()):
     and graph mode; under XLA (``jit_compile=True``, Keras 3's default on
     GPUs), which drops assertions, the affected examples' loss is NaN.
 
+    Keras 3 on JAX (``KERAS_BACKEND=jax``): the same loss, computed with
+    ``jax.numpy`` on the JAX arrays the step receives (the math follows the
+    tensors' type, `keras_kd._ops`; tf_keras students keep TensorFlow). As
+    under XLA, nothing can raise inside ``jax.jit``: NaN/Inf teacher logits,
+    labels out of range and dense labels that are not distributions give a
+    NaN loss (only the shape errors above raise, while tracing). The fused
+    gradient is TensorFlow-only (``jax.jit`` fuses autodiff). Not given on
+    JAX: the warnings for probabilities as ``y_pred`` and for training
+    without teacher (both read TensorFlow graph state).
+
+    Hyperparameters changed mid-fit take effect on every backend: set
+    ``loss.temperature``, ``loss.alpha`` or a `keras_kd.DecoupledKD`'s
+    weights in any callback (see `keras_kd.losses.values.Hyperparameter` for
+    how JAX, whose jitted step treats untracked variables as constants, is
+    made to see the change).
+
     Per-example hooks (`add_observer`, `add_weighting`; the protocol is in
     `keras_kd.losses.hooks`) run exactly once per step, from ``__call__``;
     `components`, `terms` and `call` are pure, so metrics such as

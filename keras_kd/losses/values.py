@@ -73,7 +73,7 @@ class Hyperparameter:
       the user passed), so a change between epochs takes effect without
       retracing, as before.
     * JAX: a variable that the model does not track is a jit *constant*
-      there, so in a JAX process the value also lives in a
+      there, so in a JAX process the value can also live in a
       `keras_kd._step_state.StepState` (`state`). Inside a JAX step `read`
       gives, in this order:
 
@@ -81,8 +81,9 @@ class Hyperparameter:
          `variable` (and may ``assign`` directly): its value at run time
          (`keras_kd._step_state.current_variable`: threaded if the model
          tracks it, else a host read per step);
-      2. when a keras_kd callback has bound `state` to the model: the value
-         Keras threads through the step (free);
+      2. when a keras_kd callback has bound `state` to the model
+         (``keras_kd.Callback.set_model``): the value Keras threads through
+         the step (free);
       3. otherwise: the current value as a trace-time constant (free); `set`
          with another value then calls ``jax.clear_caches()``, so the next
          step retraces with the new value.
@@ -97,26 +98,34 @@ class Hyperparameter:
         self._user_variable = _is_variable(value)
         self._read_at_run_time = self._user_variable
         self._baked = None  # the value a JAX trace holds as a constant, if any
-        self.state = None
-        if keras.backend.backend() == "jax" and not self._user_variable:
+        self._state = None
+
+    @property
+    def state(self):
+        """The value as a `keras_kd._step_state.StepState` for keras_kd callbacks to bind (JAX processes
+        only, else None). Built on first use, outside any step: never at import, so that importing
+        keras_kd neither creates JAX variables nor initialises JAX's devices."""
+        if self._state is None and keras.backend.backend() == "jax" and not self._user_variable:
             from keras_kd import _step_state  # noqa: PLC0415 - JAX processes only
 
-            self.state = _step_state.StepState({"value": self.get()}, name=f"kd_{argument}")
+            self._state = _step_state.StepState({"value": self.get()}, name=f"kd_{self.argument}")
+        return self._state
 
     def get(self) -> float:
         """The current value (a Python float)."""
         value = self._variable
         if isinstance(value, keras.Variable):
             value = value.value
-        return float(np.asarray(value))
+        with tf.init_scope():  # also while a tf.function traces (a tf.Variable reads eagerly there)
+            return float(np.asarray(value))
 
     def set(self, value):
         """Checks and assigns ``value`` (see the class docstring for JAX)."""
         value = scalar_value(value, self.argument)
         check_range(value, self.argument, *self._bounds)
         self._variable.assign(value)
-        if self.state is not None:
-            self.state.assign("value", value)
+        if self._state is not None:
+            self._state.assign("value", value)
         if self._baked is not None and self._baked != value:
             self._clear_jax_traces()
 
@@ -131,7 +140,7 @@ class Hyperparameter:
         """The variable holding the value; from now on JAX steps read it at run time (it may be assigned)."""
         if not self._read_at_run_time:
             self._read_at_run_time = True
-            if self._baked is not None or self.state is not None:  # a traced step may hold a constant
+            if self._baked is not None or self._state is not None:  # a traced step may hold a constant
                 self._clear_jax_traces()
         return self._variable
 
@@ -143,9 +152,9 @@ class Hyperparameter:
 
         if self._read_at_run_time:  # threaded if the model tracks it, else a host read per step
             value = _step_state.current_variable(self._variable)
-        elif self.state is not None:  # threaded when bound, else a constant that `set` retraces
-            value = self.state.current("value")
-        else:  # a JAX array in a TensorFlow-backend process: a constant that `set` retraces
+        elif self._state is not None:  # threaded when bound, else a constant that `set` retraces
+            value = self._state.current("value")
+        else:  # no callback asked for the state: a constant that `set` retraces
             self._baked = self.get()
             return ops.constant(self._baked, "float32")
         return ops.stop_gradient(ops.cast(ops.reshape(value, ()), "float32"))
