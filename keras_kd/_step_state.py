@@ -66,7 +66,9 @@ class StepState:
         self.variables = {}
         for key, value in values.items():
             value = np.asarray(value, np.float32)
-            self.variables[key] = keras.Variable(value, trainable=False, dtype="float32", name=f"{name}_{key}")
+            self.variables[key] = keras.Variable(
+                value, trainable=False, dtype="float32", name=f"{name}_{key}"
+            )
         self._model = None  # weakref of the model that threads this state
         self._baked = set()  # keys traced into a step as constants (unbound)
 

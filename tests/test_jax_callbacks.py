@@ -33,7 +33,8 @@ def _data(seed=0):
 
 
 def _dataset(x, y, t, ids=False):
-    targets = keras_kd.TeacherTargets(labels=y, logits=t, example_id=np.arange(N, dtype="int64") if ids else None)
+    example_id = np.arange(N, dtype="int64") if ids else None
+    targets = keras_kd.TeacherTargets(labels=y, logits=t, example_id=example_id)
     return tf.data.Dataset.from_tensor_slices((x, targets))
 
 
@@ -100,12 +101,15 @@ def test_alpha_changed_within_an_epoch_changes_the_next_steps(how):
     loss = keras_kd.DistillationLoss(temperature=3.0, alpha=0.5)
     student = _student(loss)
     alphas = (0.5, 0.0)  # batches 0 | 1, 2
-    callback = _SetAlphaKd(alphas, batch=1) if how == "keras_kd_callback" else _SetAlphaKeras(loss, alphas, batch=1)
+    if how == "keras_kd_callback":
+        callback = _SetAlphaKd(alphas, batch=1)
+    else:
+        callback = _SetAlphaKeras(loss, alphas, batch=1)
     history = student.fit(_dataset(x, y, t).batch(BATCH), epochs=1, verbose=0, callbacks=[callback])
     s = student.predict(x, verbose=0)
     per_batch = [
-        ref.distillation_loss(y[b : b + BATCH], s[b : b + BATCH], t[b : b + BATCH], 3.0, 0.5 if b == 0 else 0.0)
-        for b in range(0, N, BATCH)
+        ref.distillation_loss(y[i : i + BATCH], s[i : i + BATCH], t[i : i + BATCH], 3.0, alphas[min(i, 1)])
+        for i in range(0, N, BATCH)
     ]
     np.testing.assert_allclose(history.history["loss"], [np.mean(per_batch)], rtol=1e-5)
 
@@ -196,7 +200,9 @@ def test_reweighting_table_is_state_of_the_model_during_fit_only():
 def test_scoring_pass_on_jax():
     x, y, t = _data()
     scoring = _dataset(x, y, t, ids=True).batch(BATCH)
-    rew = keras_kd.HardSampleReweighting(signal="teacher_entropy", warmup_epochs=0, num_examples=N, scoring_data=scoring)
+    rew = keras_kd.HardSampleReweighting(
+        signal="teacher_entropy", warmup_epochs=0, num_examples=N, scoring_data=scoring
+    )
     student = _student(keras_kd.DistillationLoss())
     student.fit(_dataset(x, y, -t, ids=True).batch(BATCH), epochs=1, verbose=0, callbacks=[rew])
     p = np.exp(ref.log_softmax(t))  # the scoring data's teacher, not the training data's

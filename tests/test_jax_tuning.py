@@ -64,7 +64,8 @@ def _reference(y, s, t, T, alpha, divergence):
 def test_the_built_student_computes_the_chosen_loss(values):
     x, y, t, ds = _data()
     hypermodel = tuning.DistillationHyperModel(
-        _student, temperature=[2.0, 4.0], alpha=[0.3, 1.0], divergence=["kl", "dkd"], learning_rate=LR, metrics=[]
+        _student, temperature=[2.0, 4.0], alpha=[0.3, 1.0], divergence=["kl", "dkd"], learning_rate=LR,
+        metrics=[],
     )
     hp = keras_tuner.HyperParameters()
     hp.values.update(values)
@@ -94,7 +95,8 @@ def test_a_grid_search_runs_every_trial_on_its_own_loss_and_schedule(tmp_path):
         schedule=["constant", "linear"], schedule_epochs=epochs, final_temperature=1.0, final_alpha=0.0,
     )
     tuner = keras_tuner.GridSearch(hypermodel, objective="loss", directory=str(tmp_path), project_name="g")
-    with pytest.warns(UserWarning, match="ranks trials by 'loss'"):  # fine here: the values are checked one by one
+    # Ranking by the loss warns; fine here, where every trial's values are checked one by one.
+    with pytest.warns(UserWarning, match="ranks trials by 'loss'"):
         tuner.search(ds, epochs=epochs, verbose=0, callbacks=[Record()])
 
     trials = list(tuner.oracle.trials.values())

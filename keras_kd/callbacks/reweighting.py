@@ -306,7 +306,8 @@ class HardSampleReweighting(Callback):
         if self.signal == "teacher_wrong":
             return d, d
         if targets.has_labels:
-            return d, table_lib.flat(signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft))
+            wrong = signal_teacher_wrong(targets.labels, teacher_logits, student_logits, soft)
+            return d, table_lib.flat(wrong)
         ops = _ops.namespace(d)
         return d, ops.full(ops.dynamic_shape(d), np.nan)  # unlabelled data: never judged
 
@@ -342,7 +343,7 @@ class HardSampleReweighting(Callback):
         import jax.numpy as jnp  # noqa: PLC0415 - JAX only
 
         def to_jax(structure):  # TF TeacherTargets become JaxTeacherTargets (keras.tree knows both on JAX)
-            return keras.tree.map_structure(lambda v: None if v is None else jnp.asarray(np.asarray(v)), structure)
+            return keras.tree.map_structure(lambda v: v if v is None else jnp.asarray(np.asarray(v)), structure)
 
         recording = self.table.recording
         was_recording = float(recording.numpy())

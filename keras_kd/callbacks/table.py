@@ -44,7 +44,11 @@ class Table:
         from keras_kd import _step_state  # noqa: PLC0415 - JAX only
 
         self.step_state = _step_state.StepState(
-            {"weights": self.weights.numpy(), "stats": self.stats.numpy(), "recording": float(self.recording.numpy())},
+            {
+                "weights": self.weights.numpy(),
+                "stats": self.stats.numpy(),
+                "recording": float(self.recording.numpy()),
+            },
             name="kd_reweighting",
         )
         self.weights = _StateArray(self.step_state, "weights", mirror=self.tf_weights)
