@@ -21,46 +21,70 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = textwrap.dedent(
     """
-    import sys, traceback
+    import os, sys, time, traceback
     import numpy as np, tensorflow as tf, keras
     import keras_kd
 
-    directory, seed, on_mismatch, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    # One job, one or more trials: for each (directory, out) pair, wait at the barrier
+    # (every job of the trial is ready) and then race the others on that directory.
+    seed, on_mismatch, barrier, jobs = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512, 8)).astype("float32")
     y = rng.integers(0, 4, size=512)
-    keras.utils.set_random_seed(seed)
-    teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
-    try:
-        ds = tf.data.Dataset.from_tensor_slices((x, y)).apply(
-            keras_kd.cache_teacher_logits(teacher, directory, batch_size=32, shard_size=64,
-                                          on_mismatch=on_mismatch, verbose=0))
-        (_, t), = list(ds.batch(512))
-        np.savez(out, ids=t.example_id.numpy(), got=t.logits.numpy().astype("float32"),
-                 want=teacher.predict(x, verbose=0))
-    except (keras_kd.CacheMismatchError, keras_kd.CacheCorruptedError) as e:
-        np.savez(out, error=np.array(type(e).__name__ + ": " + str(e)))
+    for trial, (directory, out) in enumerate(zip(jobs[::2], jobs[1::2])):
+        if barrier != "-":
+            peers = barrier.split(",")
+            open(os.path.join(os.path.dirname(out), f"ready-{trial}-{seed}"), "w").close()
+            deadline = time.monotonic() + 240
+            while not all(os.path.exists(os.path.join(os.path.dirname(out), f"ready-{trial}-{p}")) for p in peers):
+                assert time.monotonic() < deadline, "the other job never reached the barrier"
+                time.sleep(0.005)
+        keras.utils.set_random_seed(seed)
+        teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"),
+                                    keras.layers.Dense(4)])
+        try:
+            ds = tf.data.Dataset.from_tensor_slices((x, y)).apply(
+                keras_kd.cache_teacher_logits(teacher, directory, batch_size=32, shard_size=64,
+                                              on_mismatch=on_mismatch, verbose=0))
+            (_, t), = list(ds.batch(512))
+            np.savez(out, ids=t.example_id.numpy(), got=t.logits.numpy().astype("float32"),
+                     want=teacher.predict(x, verbose=0))
+        except (keras_kd.CacheMismatchError, keras_kd.CacheCorruptedError) as e:
+            np.savez(out, error=np.array(type(e).__name__ + ": " + str(e)))
     """
 )
 
 
-def _start(tmp_path, directory, seed, on_mismatch, tag):
+def _spawn(tmp_path, seed, on_mismatch, pairs, barrier="-"):
+    """One child job serving each (directory, out) pair in turn; ``barrier``: the seeds it waits for."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    out = tmp_path / f"{tag}.npz"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(directory), str(seed), on_mismatch, str(out)],
+    args = [str(part) for pair in pairs for part in pair]
+    return subprocess.Popen(
+        [sys.executable, str(script), str(seed), on_mismatch, barrier, *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    return proc, out
+
+
+def _start(tmp_path, directory, seed, on_mismatch, tag):
+    out = tmp_path / f"{tag}.npz"
+    return _spawn(tmp_path, seed, on_mismatch, [(directory, out)]), out
+
+
+def _finished(proc):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-3000:]
 
 
 def _outcome(proc, out):
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err.decode()[-3000:]
+    _finished(proc)
+    return _result(out)
+
+
+def _result(out):
     result = dict(np.load(out))
     if "error" in result:
         return str(result["error"])
@@ -72,11 +96,15 @@ def _outcome(proc, out):
 
 @pytest.mark.parametrize("on_mismatch", ["error", "rebuild"])
 def test_two_jobs_with_different_teachers_on_one_empty_directory(tmp_path, on_mismatch):
-    outcomes = []
-    for trial in range(3):
-        directory = tmp_path / f"cache{trial}"
-        jobs = [_start(tmp_path, directory, seed, on_mismatch, f"t{trial}-{seed}") for seed in (1, 2)]
-        outcomes.append([_outcome(*job) for job in jobs])
+    # Three trials, each on a fresh directory that both jobs enter at the same moment
+    # (a barrier per trial), so one pair of processes runs all three races.
+    seeds, trials = (1, 2), range(3)
+    outs = {seed: [tmp_path / f"t{trial}-{seed}.npz" for trial in trials] for seed in seeds}
+    jobs = [_spawn(tmp_path, seed, on_mismatch, [(tmp_path / f"cache{trial}", outs[seed][trial]) for trial in trials],
+                   barrier="1,2") for seed in seeds]
+    for proc in jobs:
+        _finished(proc)
+    outcomes = [[_result(outs[seed][trial]) for seed in seeds] for trial in trials]
     for pair in outcomes:
         assert "own" in pair  # one job at least gets its cache
         for outcome in pair:
