@@ -43,8 +43,10 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory test-jax || status=1; \
 	exit $$status
 
+# integration/ first and --no-loadscope-reorder: the few long integration files are handed
+# out first and the many short unit files fill both workers to the end (H1's measurements).
 test-tf: $(STAMP)
-	KERAS_BACKEND=tensorflow $(PY) -m pytest -n 2 --dist loadfile tests integration 2>&1 | $(QUIET)
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder integration tests 2>&1 | $(QUIET)
 
 # The unit suite on JAX (tests marked backend("tensorflow") are deselected;
 # integration/ is the TensorFlow job's).
