@@ -56,7 +56,7 @@ def loss_layer_class(flavour):
 
         def call(self, inputs):
             passthrough, rest = inputs[0], inputs[1:]
-            ops = _ops.namespace(passthrough)
+            ops = _ops.TF if flavour == _compat.TF_KERAS else _ops.namespace(passthrough)  # tf_keras: always TF
             weights = ops.cast(ops.convert_to_tensor(self.pair_weights), "float32")
             total = ops.constant(0.0, "float32")
             for i, fn in enumerate(self._loss_fns):
