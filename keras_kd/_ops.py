@@ -360,20 +360,26 @@ def is_tf_value(x) -> bool:
     return isinstance(x, _TF_TYPES)
 
 
+def _is_jax_targets(value) -> bool:
+    module = sys.modules.get("keras_kd._jax_targets")
+    return module is not None and isinstance(value, module.JaxTeacherTargets)
+
+
 def namespace(*tensors):
     """The array namespace for ``tensors``, decided by the first one whose type tells.
 
-    TF tensors/variables/composites give `TF`; JAX arrays and tracers give the
-    JAX binding; a JAX-side `TeacherTargets` (anything with a
-    ``__keras_kd_backend__ == "jax"`` attribute) gives JAX. Values of neither
-    kind (NumPy, numbers) follow the Keras backend of the process.
+    TF tensors/variables/composites (a TF `TeacherTargets`) give `TF`; JAX
+    arrays, tracers and `JaxTeacherTargets` give the JAX binding. Values of
+    neither kind (NumPy, numbers, None) do not decide: the next tensor does,
+    and if none does, the Keras backend of the process. So
+    ``namespace(y_pred, y_true)`` is TF for NumPy logits with TF targets.
     """
     for tensor in tensors:
         if tensor is None:
             continue
         if isinstance(tensor, _TF_TYPES):
             return TF
-        if is_jax_array(tensor) or getattr(tensor, "__keras_kd_backend__", None) == "jax":
+        if is_jax_array(tensor) or _is_jax_targets(tensor):
             return jax_namespace()
         value = getattr(tensor, "value", None)  # a Keras variable
         if isinstance(tensor, keras.Variable) and value is not None:

@@ -37,7 +37,7 @@ def teacher_agreement(y_true, y_pred):
         ValueError: for a batch with neither a teacher nor labels (unlabelled
             data without teacher), where no agreement can be measured.
     """
-    ops = _ops.namespace(y_pred)
+    ops = _ops.namespace(y_pred, y_true)
     y_pred = ops.convert_to_tensor(y_pred)
     student = _labels.predicted_class(y_pred)
     if not targets_lib.is_targets(y_true):

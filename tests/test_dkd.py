@@ -149,7 +149,7 @@ def test_unlabelled_examples_in_fit(K, jit, toy_data):
     teacher, student = mlp(K), mlp(K)
     student.compile("sgd", loss=keras_kd.DistillationLoss(divergence="dkd"), jit_compile=jit)
     ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), teacher, placement="pipeline")
-    if jit:  # XLA drops assertions: the loss is NaN, never a silent value
+    if jit or (K is keras and keras.backend.backend() == "jax"):  # XLA/JAX: no assertions, the loss is NaN
         history = student.fit(ds, epochs=1, verbose=0)
         assert np.isnan(history.history["loss"][0])
     else:

@@ -28,8 +28,10 @@ Y = np.array([0, 1, 2, 3, 4, 1])
 
 
 def run(loss, targets, student, jit, sample_weight=None):
-    fn = lambda s: loss(targets, s, sample_weight=sample_weight)  # noqa: E731
-    return np.asarray(jax.jit(fn)(student) if jit else fn(student))
+    """The loss eagerly, or jitted with every input an argument (runtime values, as in Keras's step:
+    XLA cannot constant-fold them, so the NaN guards are tested as they run in training)."""
+    fn = lambda t, s, w: loss(t, s, sample_weight=w)  # noqa: E731
+    return np.asarray(jax.jit(fn)(targets, student, sample_weight) if jit else fn(targets, student, sample_weight))
 
 
 def targets(labels=Y, logits=T_LOGITS, **fields):
@@ -294,3 +296,50 @@ def test_evaluate_with_sample_weights_and_metrics(jit):
     np.testing.assert_allclose(got["teacher_agreement"], mean(np.argmax(s, -1) == np.argmax(t, -1)), rtol=1e-6)
     np.testing.assert_allclose(got["kd_hard"], mean(ref.sparse_ce(y, s)), rtol=1e-5)
     np.testing.assert_allclose(got["kd_soft"], mean(4.0 * ref.divergence("kl", t / 2.0, s / 2.0)), rtol=1e-5)
+
+
+def test_observer_sees_jax_values_once_per_traced_step():
+    # Hooks run inside the jitted step with JAX arrays; a Python side effect runs once per trace.
+    seen = []
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3)
+    loss.add_observer(lambda tt, logits, hard, soft: seen.append((tt.logits, hard, soft)))
+    loss.add_weighting(lambda tt: jnp.where(tt.example_id == 0, 0.0, 1.0))
+    t = targets(example_id=jnp.arange(N))
+    step = jax.jit(lambda tt, s: loss(tt, s))
+    got = step(t, jnp.asarray(S))
+    step(t, jnp.asarray(S))
+    assert len(seen) == 1  # traced once, run twice
+    hard, soft = ref.sparse_ce(Y, S), 4.0 * ref.divergence("kl", T_LOGITS / 2.0, S / 2.0)
+    w = np.ones(N)
+    w[0] = 0.0
+    np.testing.assert_allclose(got, ((0.3 * hard + 0.7 * soft) * w).mean(), rtol=2e-5)
+    eager = []
+    loss.remove_observer(loss.observers[0])
+    loss.add_observer(lambda tt, logits, h, s: eager.append((np.asarray(tt.logits), np.asarray(h), np.asarray(s))))
+    loss(t, jnp.asarray(S))
+    np.testing.assert_allclose(eager[0][0], T_LOGITS)
+    np.testing.assert_allclose(eager[0][1], hard, rtol=2e-5)
+    np.testing.assert_allclose(eager[0][2], soft, rtol=2e-5)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_bad_data_in_evaluate_gives_nan(jit):
+    # Through Keras's JAX step with runtime values: NaN, never a silent finite loss.
+    x = RNG.normal(size=(8, 3)).astype("float32")
+    y, t = RNG.integers(0, C, 8), RNG.normal(size=(8, C)).astype("float32")
+    unlabelled, out_of_range, nan_teacher = y.copy(), y.copy(), t.copy()
+    unlabelled[2], out_of_range[3], nan_teacher[1, 1] = keras_kd.NO_LABEL, C, np.nan
+    cases = [("dkd", unlabelled, t), ("kl", out_of_range, t), ("kl", y, nan_teacher), ("dkd", y, nan_teacher)]
+    for divergence, labels, logits in cases:
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(C)])
+        model.compile(loss=keras_kd.DistillationLoss(divergence=divergence), jit_compile=jit)
+        ds = tf.data.Dataset.from_tensor_slices((x, TeacherTargets(labels=labels, logits=logits))).batch(8)
+        assert np.isnan(model.evaluate(ds, verbose=0)), (divergence, labels, logits)
+
+
+def test_numpy_logits_follow_tf_targets():
+    # In a JAX process, NumPy logits with a TensorFlow TeacherTargets take the TensorFlow math.
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3)
+    value = loss(TeacherTargets(labels=tf.constant(Y), logits=tf.constant(T_LOGITS)), S)
+    assert isinstance(value, tf.Tensor)
+    np.testing.assert_allclose(float(value), ref.distillation_loss(Y, S, T_LOGITS, 2.0, 0.3), rtol=2e-5)

@@ -25,6 +25,13 @@ Contract:
 3. A hook may create TF ops (variable updates, assertions); it must not
    return gradients into the loss (observers' inputs are values, weightings'
    outputs multiply the sample weights and have no gradient).
+4. On Keras 3's JAX backend the hooks run inside the jitted step with JAX
+   arrays (`keras_kd._jax_targets.JaxTeacherTargets`, same fields): they
+   compute with ``jax.numpy``/``keras.ops`` (`keras_kd._ops.namespace` picks
+   the right one) and cannot update a ``tf.Variable`` or run a TF op there.
+   State they write must be step state the model threads
+   (`keras_kd._step_state`, as `keras_kd.HardSampleReweighting` does); a
+   plain Python side effect runs once per trace, not once per step.
 """
 
 from __future__ import annotations

@@ -371,7 +371,7 @@ class DistillationLoss(_compat.loss_base()):
         Returns:
             A `StepTerms` ``(targets, hard, soft)``, as observers receive them.
         """
-        ops = _ops.namespace(y_pred)
+        ops = _ops.namespace(y_pred, y_true)  # NumPy logits follow the targets' backend
         y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
         if not targets_lib.is_targets(y_true):
             return StepTerms(None, self.hard_term(ops.convert_to_tensor(y_true), y_pred), None)
@@ -482,7 +482,7 @@ class DistillationLoss(_compat.loss_base()):
         # only the labels of a TeacherTargets; reduce here instead, with the
         # same semantics. The hooks run here, once per step.
         mask = _compat.get_keras_mask(y_pred)
-        ops = _ops.namespace(y_pred)
+        ops = _ops.namespace(y_pred, y_true)
         if not ops.is_tf:
             return self._jax_call(ops, y_true, y_pred, sample_weight, mask)
         with tf.name_scope(self.name):
