@@ -92,11 +92,45 @@ def loss_components(loss):
     ```
     """
 
-    def kd_hard(y_true, y_pred):
-        return loss.components(y_true, y_pred)[0]
+    return [LossComponent(loss, "hard"), LossComponent(loss, "soft")]
 
-    def kd_soft(y_true, y_pred):
-        hard, soft = loss.components(y_true, y_pred)
+
+@_compat.register_serializable()
+class LossComponent:
+    """One term of a `DistillationLoss` as a metric function (see `loss_components`).
+
+    A callable object rather than a closure so that a model compiled with it
+    saves and loads (it serializes its loss); its ``__name__`` (``kd_hard`` or
+    ``kd_soft``) names the metric in the logs.
+
+    Args:
+        loss: the `keras_kd.DistillationLoss` whose terms to report.
+        component: ``"hard"`` (hard-label loss) or ``"soft"`` (distillation
+            term, 0 on batches without a teacher).
+
+    Raises:
+        ValueError: for another ``component``.
+    """
+
+    def __init__(self, loss, component: str):
+        if component not in ("hard", "soft"):
+            raise ValueError(f"Expected `component` to be 'hard' or 'soft'. Received: component={component!r}")
+        self.loss = loss
+        self.component = component
+        self.__name__ = f"kd_{component}"
+
+    def __call__(self, y_true, y_pred):
+        hard, soft = self.loss.components(y_true, y_pred)
+        if self.component == "hard":
+            return hard
         return _ops.namespace(hard).zeros_like(hard) if soft is None else soft
 
-    return [kd_hard, kd_soft]
+    def __repr__(self):
+        return f"<keras_kd metric {self.__name__}>"
+
+    def get_config(self):
+        return {"loss": _compat.serialize(self.loss), "component": self.component}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(_compat.deserialize(config["loss"]), config["component"])
