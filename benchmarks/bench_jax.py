@@ -59,6 +59,7 @@ from bench_workloads import data  # noqa: E402
 from bench_workloads import kd_loss  # noqa: E402
 from bench_workloads import mlp  # noqa: E402
 from bench_workloads import verdict  # noqa: E402
+import bench_workloads  # noqa: E402
 
 # (label, numerator, denominator, goal per workload: (op, bound) or None); the
 # goals are issue 15's, as in bench_workloads.py.
@@ -159,17 +160,8 @@ def measure(w, rounds, epochs, workdir, log):
 
 
 def print_workload(w, medians, results, errors, rounds, epochs):
-    print()
-    print(f"== {w.describe()}")
-    print(f"   {rounds} round(s) x {epochs} epochs per fit (first dropped); median epoch times: "
-          + ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in medians.items()))
-    for name, message in errors.items():
-        print(f"   ERROR in {name}: {message}")
-    width = max(len(r[0]) for r in results)
-    for label, ratio, op, bound, detail in results:
-        shown = "   ----" if ratio is None else f"{ratio:7.3f}"
-        goal = "no goal     " if bound is None else f"goal {op} {bound:<4}"
-        print(f"   {label.ljust(width)}  {shown}  {goal}  {verdict(ratio, op, bound):4}  {detail}")
+    bench_workloads.print_workload(w, medians, results, errors, rounds, epochs,
+                                   per="round(s) x {epochs} epochs per fit (first dropped)")
 
 
 def print_summary(all_results):

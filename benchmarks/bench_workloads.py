@@ -379,10 +379,10 @@ def verdict(ratio, op, bound):
     return "PASS" if (ratio <= bound if op == "<=" else ratio >= bound) else "FAIL"
 
 
-def print_workload(w, medians, results, errors, rounds, epochs):
+def print_workload(w, medians, results, errors, rounds, epochs, per="timed rounds x {epochs} epoch(s) per turn"):
     print()
     print(f"== {w.describe()}")
-    print(f"   {rounds} timed rounds x {epochs} epoch(s) per turn; median epoch times: "
+    print(f"   {rounds} {per.format(epochs=epochs)}; median epoch times: "
           + ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in medians.items()))
     for name, message in errors.items():
         print(f"   ERROR in {name}: {message}")

@@ -210,21 +210,21 @@ class _JAXNamespace:
         self.clip = jnp.clip
 
     # dtypes: int64 becomes int32 unless x64 is on (what JAX would do, without its warning)
-    def _dtype(self, dtype):
+    def _as_dtype(self, dtype):
         if dtype is None:
             return None
         return self._jax.dtypes.canonicalize_dtype(self._jnp.dtype(getattr(dtype, "as_numpy_dtype", dtype)))
 
     def cast(self, x, dtype):
-        return self._jnp.asarray(x).astype(self._dtype(dtype))
+        return self._jnp.asarray(x).astype(self._as_dtype(dtype))
 
     def convert_to_tensor(self, x, dtype=None):
         if hasattr(x, "__jax_array__") and not isinstance(x, self._jax.Array):
             x = x.__jax_array__()
-        return self._jnp.asarray(x, dtype=self._dtype(dtype))
+        return self._jnp.asarray(x, dtype=self._as_dtype(dtype))
 
     def constant(self, value, dtype="float32"):
-        return self._jnp.asarray(value, dtype=self._dtype(dtype))
+        return self._jnp.asarray(value, dtype=self._as_dtype(dtype))
 
     def concatenate(self, xs, axis=0):
         return self._jnp.concatenate(xs, axis=axis)
@@ -257,10 +257,10 @@ class _JAXNamespace:
         return self._jnp.min(x, axis=axis, keepdims=keepdims)
 
     def argmax(self, x, axis=-1, dtype="int64"):
-        return self._jnp.argmax(x, axis=axis).astype(self._dtype(dtype))
+        return self._jnp.argmax(x, axis=axis).astype(self._as_dtype(dtype))
 
     def one_hot(self, ids, depth, dtype="float32"):
-        return self._jax.nn.one_hot(ids, depth, dtype=self._dtype(dtype))
+        return self._jax.nn.one_hot(ids, depth, dtype=self._as_dtype(dtype))
 
     def one_hot_bool(self, ids, depth):
         return self._jnp.asarray(ids)[..., None] == self._jnp.arange(depth)
@@ -272,10 +272,10 @@ class _JAXNamespace:
         return self._jax.lax.top_k(x, k)
 
     def zeros(self, shape, dtype="float32"):
-        return self._jnp.zeros(shape, self._dtype(dtype))
+        return self._jnp.zeros(shape, self._as_dtype(dtype))
 
     def full(self, shape, value, dtype="float32"):
-        return self._jnp.full(shape, value, self._dtype(dtype))
+        return self._jnp.full(shape, value, self._as_dtype(dtype))
 
     @staticmethod
     def ndim(x):
@@ -286,7 +286,7 @@ class _JAXNamespace:
         return tuple(x.shape)
 
     def dynamic_shape(self, x, dtype="int32"):
-        return self._jnp.asarray(x.shape, dtype=self._dtype(dtype))
+        return self._jnp.asarray(x.shape, dtype=self._as_dtype(dtype))
 
     def is_floating(self, x):
         return self._jnp.issubdtype(x.dtype, self._jnp.floating)

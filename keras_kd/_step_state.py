@@ -69,7 +69,7 @@ class StepState:
             self.variables[key] = keras.Variable(
                 value, trainable=False, dtype="float32", name=f"{name}_{key}"
             )
-        self._model = None  # weakref of the model that threads this state
+        self._model_ref = None  # weakref of the model that threads this state
         self._baked = set()  # keys traced into a step as constants (unbound)
 
     def __deepcopy__(self, memo):
@@ -79,12 +79,12 @@ class StepState:
 
     @property
     def model(self):
-        return self._model() if self._model is not None else None
+        return self._model_ref() if self._model_ref is not None else None
 
     def current(self, key: str):
         """The value to use inside a JAX step (see the module docstring)."""
         value = self.variables[key].value  # Keras gives the threaded value inside the model's step
-        if self._model is None and not _is_tracer(value):
+        if self._model_ref is None and not _is_tracer(value):
             self._baked.add(key)  # unbound: a constant of any step traced now
         return value
 
@@ -204,7 +204,7 @@ def bind(model, state: StepState) -> bool:
         return False
     if state not in container._bound:
         container._bound.append(state)
-    state._model = weakref.ref(model)
+    state._model_ref = weakref.ref(model)
     return True
 
 
@@ -215,7 +215,7 @@ def unbind(model, state: StepState):
     if container is not None and state in container._bound:
         container._bound.remove(state)
     if state.model is model:
-        state._model = None
+        state._model_ref = None
 
 
 def bound_model(state: Optional[StepState]):

@@ -484,7 +484,9 @@ class DistillationLoss(_compat.loss_base()):
         mask = _compat.get_keras_mask(y_pred)
         ops = _ops.namespace(y_pred, y_true)
         if not ops.is_tf:
-            return self._jax_call(ops, y_true, y_pred, sample_weight, mask)
+            # JAX arrays: the general path (``jax.jit`` fuses its gradient).
+            return self._general_step(ops.cast(ops.convert_to_tensor(y_pred), "float32"), y_true, y_pred,
+                                      sample_weight, mask)
         with tf.name_scope(self.name):
             logits = tf.cast(y_pred, tf.float32)
             if self._fusable(y_true, logits):
@@ -492,29 +494,20 @@ class DistillationLoss(_compat.loss_base()):
                 if loss is not None:
                     self._check_step_inputs(y_pred, has_teacher=True)
                     return loss
-            terms = self.terms(y_true, logits)
-            self._check_step_inputs(y_pred, has_teacher=terms.soft is not None)
-            self._hooks.observe(terms, logits)
-            if targets_lib.is_targets(y_true):
-                sample_weight = self._hooks.weigh(y_true, sample_weight)
-            return reduction_lib.reduce_values(
-                self._combine(terms.hard, terms.soft),
-                sample_weight,
-                mask,
-                self.reduction,
-                scale_for_replicas=not self.caller_scales_for_replicas(),
-            )
+            return self._general_step(logits, y_true, y_pred, sample_weight, mask)
 
-    def _jax_call(self, ops, y_true, y_pred, sample_weight, mask):
-        """``__call__`` on JAX arrays: the general path (``jax.jit`` fuses its gradient)."""
-        logits = ops.cast(ops.convert_to_tensor(y_pred), "float32")
+    def _general_step(self, logits, y_true, y_pred, sample_weight, mask):
+        """Terms, hooks (once per step) and reduction, on either backend's float32 logits."""
         terms = self.terms(y_true, logits)
         self._check_step_inputs(y_pred, has_teacher=terms.soft is not None)
         self._hooks.observe(terms, logits)
         if targets_lib.is_targets(y_true):
             sample_weight = self._hooks.weigh(y_true, sample_weight)
         return reduction_lib.reduce_values(
-            self._combine(terms.hard, terms.soft), sample_weight, mask, self.reduction,
+            self._combine(terms.hard, terms.soft),
+            sample_weight,
+            mask,
+            self.reduction,
             scale_for_replicas=not self.caller_scales_for_replicas(),
         )
 
