@@ -94,11 +94,25 @@ class Hyperparameter:
     def __init__(self, value, argument, low, high=math.inf, low_open=False):
         self.argument = argument
         self._bounds = (low, high, low_open)
-        self._variable = as_variable(value, argument, low, high, low_open)
         self._user_variable = _is_variable(value)
+        if self._user_variable or not isinstance(value, numbers.Real):
+            self._var = as_variable(value, argument, low, high, low_open)
+        else:  # a number: checked now, its variable made on first use (never at import, e.g. for
+            # the registry's DecoupledKD(): an eager op there would start TensorFlow's runtime
+            # before a program configures MultiWorkerMirroredStrategy's collectives)
+            check_range(scalar_value(value, argument), argument, low, high, low_open)
+            self._var = None
+            self._initial = float(value)
         self._read_at_run_time = self._user_variable
         self._baked = None  # the value a JAX trace holds as a constant, if any
         self._state = None
+
+    @property
+    def _variable(self):
+        if self._var is None:
+            with tf.init_scope():  # outside any tf.function being traced
+                self._var = as_variable(self._initial, self.argument, *self._bounds)
+        return self._var
 
     @property
     def state(self):
