@@ -20,6 +20,7 @@ from typing import Callable, Union
 
 from keras_kd import _ops
 from keras_kd.losses import label_aware
+from keras_kd.losses import values as values_lib
 
 Divergence = Callable[..., object]
 
@@ -117,8 +118,10 @@ DIVERGENCES = {
     "mse": logit_mse,
     "huber": logit_huber,
     # label-aware: called as fn(teacher_logits, student_logits, class_ids)
-    "dkd": label_aware.DecoupledKD(),
+    "dkd": None,  # below: made without an eager op at import
 }
+with values_lib.deferred_variables():
+    DIVERGENCES["dkd"] = label_aware.DecoupledKD()
 # The name of each built-in divergence function (so that passing the function
 # serialises and is checked exactly like passing its name).
 _DIVERGENCE_NAMES = {fn: name for name, fn in DIVERGENCES.items()}

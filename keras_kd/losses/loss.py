@@ -197,6 +197,7 @@ class DistillationLoss(_compat.loss_base()):
         self._alpha = values_lib.Hyperparameter(alpha, "alpha", 0.0, 1.0, False)
         self.divergence = divergence
         self._divergence_fn = divergences.get_divergence(divergence)
+        values_lib.materialize(self._divergence_fn)
         self._label_aware = label_aware.is_label_aware(self._divergence_fn)
         if topk_fill not in ("uniform", "renormalize"):
             raise ValueError(

@@ -9,11 +9,36 @@ effect on JAX, where an untracked variable is a jit constant.
 from __future__ import annotations
 
 import math
+import contextlib
 import numbers
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+
+# True inside `deferred_variables()`: numbers get their variable on first use.
+_DEFERRED = [False]
+
+
+@contextlib.contextmanager
+def deferred_variables():
+    """Hyperparameters made inside get their variables on first use (or `materialize`): for objects
+    made at import (the registry's ``DecoupledKD()``), where an eager op would start TensorFlow's
+    runtime before a program configures MultiWorkerMirroredStrategy's collectives."""
+    _DEFERRED[0] = True
+    try:
+        yield
+    finally:
+        _DEFERRED[0] = False
+
+
+def materialize(obj):
+    """Makes the variables of ``obj``'s deferred hyperparameters now (outside any traced step, where
+    a first variable would make tf.function trace twice)."""
+    for value in list(getattr(obj, "__dict__", {}).values()):
+        if isinstance(value, Hyperparameter):
+            value._variable  # noqa: B018 - creates it
 
 
 def _is_variable(value):
@@ -95,7 +120,7 @@ class Hyperparameter:
         self.argument = argument
         self._bounds = (low, high, low_open)
         self._user_variable = _is_variable(value)
-        if self._user_variable or not isinstance(value, numbers.Real):
+        if self._user_variable or not isinstance(value, numbers.Real) or not _DEFERRED[0]:
             self._var = as_variable(value, argument, low, high, low_open)
         else:  # a number: checked now, its variable made on first use (never at import, e.g. for
             # the registry's DecoupledKD(): an eager op there would start TensorFlow's runtime
