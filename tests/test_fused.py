@@ -1,6 +1,9 @@
 """The fused gradient of the common case (keras_kd.losses.fused): loss and gradients wrt the student
 logits equal the NumPy reference (closed form, tests/reference.py) and the autodiff path, in every setting
-the loss supports."""
+the loss supports.
+
+The fused step is TensorFlow's (JAX differentiates the loss itself): in the JAX job the same cases feed JAX
+arrays (tests/backend_inputs.py) and ``jax.grad`` must give the same values and gradients."""
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ import tensorflow as tf
 
 import keras_kd
 from keras_kd import TeacherTargets
+from tests import backend_inputs as B
 from tests import reference as ref
 from tests.conftest import mlp
 
@@ -27,15 +31,7 @@ def _autodiff(loss):
 
 
 def _loss_and_grad(loss, targets, s, jit=False, **kwargs):
-    @tf.function(jit_compile=jit)
-    def run(s):
-        with tf.GradientTape() as tape:
-            tape.watch(s)
-            value = loss(targets, s, **kwargs)
-        return value, tape.gradient(value, s)
-
-    value, grad = run(tf.constant(s))
-    return value.numpy(), grad.numpy()
+    return B.value_and_grad(lambda s: loss(targets, s, **kwargs), s, jit)
 
 
 def _check(loss, targets, s, want_value, want_grad, jit, **kwargs):
@@ -54,7 +50,7 @@ def test_mean_matches_reference(jit, T, alpha):
     s, t = _logits(1, (8, 5)), _logits(2, (8, 5))
     y = np.random.default_rng(3).integers(0, 5, size=8)
     loss = keras_kd.DistillationLoss(temperature=T, alpha=alpha)
-    _check(loss, TeacherTargets(labels=y, logits=t), s, ref.distillation_loss(y, s, t, T, alpha),
+    _check(loss, B.targets(labels=y, logits=t), s, ref.distillation_loss(y, s, t, T, alpha),
            ref.kd_gradient(y, s, t, T, alpha, 1 / 8), jit)
 
 
@@ -73,23 +69,12 @@ def test_reductions_with_sample_weights_and_mask(jit, reduction):
 
     autodiff = _autodiff(loss)
 
-    def run(kd):
-        @tf.function(jit_compile=jit)
-        def step(s):
-            s = tf.identity(s)
-            with tf.GradientTape() as tape:
-                tape.watch(s)
-                masked = tf.identity(s)
-                masked._keras_mask = tf.constant(mask)
-                value = kd(TeacherTargets(labels=y, logits=t), masked, sample_weight=w)
-            return value, tape.gradient(value, s)
-
-        return step(tf.constant(s))
-
+    targets, weights = B.targets(labels=y, logits=t), B.array(w)
     for kd in (loss, autodiff):
-        value, grad = run(kd)
-        np.testing.assert_allclose(value.numpy(), (coef * values).sum(), **TOL)
-        np.testing.assert_allclose(grad.numpy(), ref.kd_gradient(y, s, t, 2.0, 0.3, coef), **TOL)
+        value, grad = B.value_and_grad(lambda s: kd(targets, B.with_mask(s * 1.0, mask), sample_weight=weights),
+                                       s, jit)
+        np.testing.assert_allclose(value, (coef * values).sum(), **TOL)
+        np.testing.assert_allclose(grad, ref.kd_gradient(y, s, t, 2.0, 0.3, coef), **TOL)
 
 
 def test_reduction_none_gives_per_example_values_and_gradients():
@@ -97,15 +82,11 @@ def test_reduction_none_gives_per_example_values_and_gradients():
     y = np.array([0, 1, 2, 0, 1])
     w = np.array([1.0, 2.0, 0.5, 0.0, 1.0], np.float32)
     loss = keras_kd.DistillationLoss(temperature=3.0, alpha=0.2, reduction="none")
-    targets = TeacherTargets(labels=y, logits=t)
+    targets = B.targets(labels=y, logits=t)
     values = 0.2 * ref.sparse_ce(y, s) + 0.8 * 9.0 * ref.kl(ref.log_softmax(t / 3.0), ref.log_softmax(s / 3.0))
-    s_t = tf.constant(s)
-    with tf.GradientTape() as tape:
-        tape.watch(s_t)
-        got = loss(targets, s_t, sample_weight=w)
-        total = tf.reduce_sum(got)
-    np.testing.assert_allclose(got.numpy(), values * w, **TOL)
-    np.testing.assert_allclose(tape.gradient(total, s_t).numpy(), ref.kd_gradient(y, s, t, 3.0, 0.2, w), **TOL)
+    got, grad = B.value_and_grad(lambda s: loss(targets, s, sample_weight=B.array(w)), s, jit=None)  # eagerly
+    np.testing.assert_allclose(got, values * w, **TOL)
+    np.testing.assert_allclose(grad, ref.kd_gradient(y, s, t, 3.0, 0.2, w), **TOL)
 
 
 @JIT
@@ -116,10 +97,10 @@ def test_unlabelled_and_dense_labels(jit):
     loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.4)
     hard = ref.sparse_ce(np.maximum(y, 0), s) * labelled
     soft = 4.0 * ref.kl(ref.log_softmax(t / 2.0), ref.log_softmax(s / 2.0))
-    _check(loss, TeacherTargets(labels=y, logits=t), s, (0.4 * hard + 0.6 * soft).mean(),
+    _check(loss, B.targets(labels=y, logits=t), s, (0.4 * hard + 0.6 * soft).mean(),
            ref.kd_gradient(np.maximum(y, 0), s, t, 2.0, 0.4, 1 / 6, labelled=labelled), jit)
     mixed = np.random.default_rng(10).dirichlet(np.ones(4), size=6).astype("float32")
-    _check(loss, TeacherTargets(labels=mixed, logits=t), s,
+    _check(loss, B.targets(labels=mixed, logits=t), s,
            (0.4 * ref.categorical_ce(mixed, s) + 0.6 * soft).mean(),
            ref.kd_gradient(None, s, t, 2.0, 0.4, 1 / 6, dense_labels=mixed), jit)
 
@@ -130,8 +111,9 @@ def test_topk_targets(jit):
     idx = np.argsort(-t, -1)[:, :3].astype("int32")
     vals = np.take_along_axis(t, idx, -1)
     lse = np.log(np.exp(t.astype(np.float64)).sum(-1)).astype("float32")
-    targets = TeacherTargets(labels=[0, 1, 2, 3, 4], topk_indices=idx, topk_values=vals, topk_logsumexp=lse)
-    dense = keras_kd.targets.dense_teacher_logits(targets, 6, "uniform").numpy()
+    fields = dict(labels=[0, 1, 2, 3, 4], topk_indices=idx, topk_values=vals, topk_logsumexp=lse)
+    dense = keras_kd.targets.dense_teacher_logits(TeacherTargets(**fields), 6, "uniform").numpy()
+    targets = B.targets(**fields)
     s = _logits(12, (5, 6))
     y = np.arange(5)
     loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.1)
@@ -146,7 +128,7 @@ def test_without_temperature_squared():
     want = ref.distillation_loss(y, s, t, 4.0, 0.5, t2=False)
     # Without T^2 the soft gradient is (softmax(s/T) - p_t) / T: the T^2 reference divided by T^2.
     grad = 0.25 * 0.5 * (ref.softmax(s) - np.eye(3)[y]) + 0.25 * 0.5 * (ref.softmax(s / 4.0) - ref.softmax(t / 4.0)) / 4.0
-    _check(loss, TeacherTargets(labels=y, logits=t), s, want, grad, jit=False)
+    _check(loss, B.targets(labels=y, logits=t), s, want, grad, jit=False)
 
 
 @JIT
@@ -154,21 +136,28 @@ def test_variables_changed_between_calls_take_effect(jit):
     s, t = _logits(15, (4, 5)), _logits(16, (4, 5))
     y = np.array([0, 1, 2, 3])
     loss = keras_kd.DistillationLoss(temperature=1.0, alpha=0.0)
-    targets = TeacherTargets(labels=y, logits=t)
+    targets = B.targets(labels=y, logits=t)
 
-    @tf.function(jit_compile=jit)
-    def run(s):
-        with tf.GradientTape() as tape:
-            tape.watch(s)
-            value = loss(targets, s)
-        return value, tape.gradient(value, s)
+    if B.JAX:  # a value set outside a fit is a jit constant on JAX: the setter makes the jitted step retrace
+        import jax  # noqa: PLC0415
 
-    run(tf.constant(s))
+        step = jax.value_and_grad(lambda s: loss(targets, s))
+        run = jax.jit(step) if jit else step
+    else:  # one trace: the values are variables read by the fused graph
+        @tf.function(jit_compile=jit)
+        def run(s):
+            with tf.GradientTape() as tape:
+                tape.watch(s)
+                value = loss(targets, s)
+            return value, tape.gradient(value, s)
+
+    run(B.array(s))
     loss.temperature, loss.alpha = 3.0, 0.25  # as DistillationScheduler does mid-fit
-    value, grad = run(tf.constant(s))
-    assert run.experimental_get_tracing_count() == 1
-    np.testing.assert_allclose(value.numpy(), ref.distillation_loss(y, s, t, 3.0, 0.25), **TOL)
-    np.testing.assert_allclose(grad.numpy(), ref.kd_gradient(y, s, t, 3.0, 0.25, 1 / 4), **TOL)
+    value, grad = run(B.array(s))
+    if not B.JAX:
+        assert run.experimental_get_tracing_count() == 1
+    np.testing.assert_allclose(np.asarray(value), ref.distillation_loss(y, s, t, 3.0, 0.25), **TOL)
+    np.testing.assert_allclose(np.asarray(grad), ref.kd_gradient(y, s, t, 3.0, 0.25, 1 / 4), **TOL)
 
 
 @JIT
@@ -177,10 +166,10 @@ def test_nan_teacher_and_bad_labels_never_train_silently(jit):
     t = _logits(18, (3, 4))
     t[1, 2] = np.nan
     loss = keras_kd.DistillationLoss()
-    bad_teacher = TeacherTargets(labels=[0, 1, 2], logits=t)
-    bad_labels = TeacherTargets(labels=[0, 7, -2], logits=_logits(19, (3, 4)))
+    bad_teacher = B.targets(labels=[0, 1, 2], logits=t)
+    bad_labels = B.targets(labels=[0, 7, -2], logits=_logits(19, (3, 4)))
     for targets in (bad_teacher, bad_labels):
-        if jit:
+        if jit or B.JAX:  # XLA drops the assertions; nothing raises on JAX, eager or jitted: a NaN loss
             value, grad = _loss_and_grad(loss, targets, s, jit=True)
             assert np.isnan(value)
         else:
@@ -191,16 +180,13 @@ def test_nan_teacher_and_bad_labels_never_train_silently(jit):
 def test_float16_logits():
     s, t = _logits(20, (6, 5)), _logits(21, (6, 5))
     y = np.array([0, 1, 2, 3, 4, 0])
-    s16 = tf.constant(s.astype("float16"))
     loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3)
-    with tf.GradientTape() as tape:
-        tape.watch(s16)
-        value = loss(TeacherTargets(labels=y, logits=t), s16)
-    grad = tape.gradient(value, s16)
-    assert value.dtype == tf.float32 and grad.dtype == tf.float16
+    targets = B.targets(labels=y, logits=t)
+    value, grad = B.value_and_grad(lambda s16: loss(targets, s16), s.astype("float16"), jit=None)
+    assert value.dtype == np.float32 and grad.dtype == np.float16
     s_rounded = s.astype("float16").astype("float32")
     np.testing.assert_allclose(float(value), ref.distillation_loss(y, s_rounded, t, 2.0, 0.3), rtol=1e-5)
-    np.testing.assert_allclose(grad.numpy().astype("float64"), ref.kd_gradient(y, s_rounded, t, 2.0, 0.3, 1 / 6),
+    np.testing.assert_allclose(grad.astype("float64"), ref.kd_gradient(y, s_rounded, t, 2.0, 0.3, 1 / 6),
                                rtol=2e-3, atol=1e-4)
 
 
@@ -210,8 +196,8 @@ def test_observers_see_the_fused_terms():
     seen = {}
     loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3)
     loss.add_observer(lambda targets, logits, hard, soft: seen.update(hard=hard, soft=soft, logits=targets.logits))
-    loss(TeacherTargets(labels=y, logits=t), s)
-    hard, soft = loss.components(TeacherTargets(labels=y, logits=t), s)  # the pure general path
+    loss(B.targets(labels=y, logits=t), B.array(s))
+    hard, soft = loss.components(B.targets(labels=y, logits=t), B.array(s))  # the pure general path
     np.testing.assert_allclose(np.asarray(seen["hard"]), np.asarray(hard), **TOL)  # tf or jax arrays
     np.testing.assert_allclose(np.asarray(seen["soft"]), np.asarray(soft), **TOL)
     np.testing.assert_allclose(np.asarray(seen["logits"]), t)
