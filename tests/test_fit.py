@@ -110,6 +110,21 @@ def test_step_placement_runs_teacher_once_per_traced_step(K, toy_data):
     # A callable teacher is checked once on the first batch (softmax outputs?), eagerly.
     assert calls == [False]
     calls.clear()
+    if K is keras and keras.backend.backend() == "jax":
+        # A function cannot run in the jitted JAX step (its weights would be baked in unseen):
+        # refused, naming the fix. A Keras 3 teacher runs there; count its `call` per trace.
+        refused = mlp(K)  # a separate student: Keras's JAX fit leaves a failed fit's model unusable
+        refused.compile("sgd", loss=kd)
+        with pytest.raises(ValueError, match=r"JAX backend.*placement='pipeline'.*or a Keras 3 teacher"):
+            refused.fit(ds, epochs=1, verbose=0)
+
+        class Count(keras.layers.Layer):
+            def call(self, inputs, training=False):
+                calls.append(training)
+                return inputs
+
+        ds = keras_kd.with_teacher(make(), keras.Sequential([Count(), net]), placement="step")
+        calls.clear()
     student.fit(ds, epochs=2, verbose=0)
     traces = len(calls)
     student.fit(ds, epochs=1, verbose=0)

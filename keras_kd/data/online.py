@@ -226,6 +226,8 @@ def with_teacher(
         structure = t_spec
         nested = tf.nest.is_nested(structure)
 
+        if all(on_jax):
+            teachers_lib.build_unbuilt(teachers, t_spec)  # its variables become the step's inputs
         jax_run = teachers_lib.jax_function(teachers, output_index, ensemble) if all(on_jax) else None
 
         def run_step(inputs):

@@ -97,6 +97,22 @@ def jax_function(teachers, output_index=0, ensemble="mean_logits"):
     return call
 
 
+def build_unbuilt(teachers, inputs):
+    """Builds each unbuilt Keras 3 JAX teacher (e.g. a Sequential without ``Input``).
+
+    On TensorFlow a first call builds such a teacher; ``stateless_call`` needs
+    its variables, so each one is called once, eagerly, on zeros shaped like
+    ``inputs`` (tensors or ``tf.TensorSpec``s, unknown axes as 1).
+    """
+    import numpy as np
+
+    for teacher in teachers:
+        if runs_on_jax(teacher) and not teacher.built:
+            zeros = [np.zeros([1 if d is None else d for d in t.shape.as_list()], t.dtype.as_numpy_dtype)
+                     for t in tf.nest.flatten(inputs)]
+            teacher(tf.nest.pack_sequence_as(inputs, zeros), training=False)
+
+
 def _variable_values(teachers):
     return [([v.value for v in t.trainable_variables], [v.value for v in t.non_trainable_variables])
             for t in teachers]
@@ -176,6 +192,7 @@ def tf_callable(teacher, output_index=0, ensemble="mean_logits", *, weak=False):
     def run(inputs):
         structure = inputs
         flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(inputs)]
+        build_unbuilt(members(), tf.nest.pack_sequence_as(structure, flat))
         shape = _output_shape(jitted, members(), structure, flat)
 
         def host(*arrays):
