@@ -415,6 +415,13 @@ _KERAS_OP = (
 )
 
 
+def _weight_values(layer) -> list:
+    """``layer.get_weights()`` without Keras 3's NumPy 2 ``__array__`` DeprecationWarning on JAX."""
+    import keras
+
+    return [np.asarray(w.value) if isinstance(w, keras.Variable) else w.numpy() for w in layer.weights]
+
+
 class _Converter:
     """Rebuilds a Functional/Sequential model layer by layer in another flavour."""
 
@@ -576,7 +583,7 @@ class _Converter:
     def copy_weights(self):
         rounded = []
         for path, old, new in self.pairs:
-            values = old.get_weights()
+            values = _weight_values(old)
             shapes = [tuple(w.shape) for w in new.weights]
             if [tuple(v.shape) for v in values] != shapes:
                 self._problem(
@@ -586,7 +593,7 @@ class _Converter:
                 )
                 continue
             new.set_weights(values)
-            rounded += [f"{path} ({v.dtype} -> {w.dtype})" for v, w in zip(values, new.get_weights())
+            rounded += [f"{path} ({v.dtype} -> {w.dtype})" for v, w in zip(values, _weight_values(new))
                         if v.dtype.kind == "f" and not np.array_equal(w.astype(v.dtype), v)][:1]
             # State derived from weights (an adapted Normalization's mean and
             # variance, lookup tables, ...) is computed when a layer is built;
