@@ -20,6 +20,9 @@ def _env():
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
+# The demo is a TensorFlow-backend workflow (`make demo`; its README tables are TensorFlow runs); on JAX,
+# test_demo_rows_option and tests/test_mnist1d_example.py run its code in the JAX process.
+@pytest.mark.backend("tensorflow")
 def test_demo_quick_table_and_plots(tmp_path):
     # As `make demo-quick` runs it: a script, from the repository root.
     out = subprocess.run(
