@@ -85,11 +85,11 @@ def test_demo_help_and_bad_arguments(capsys):
 
 def test_module_command_points_to_the_example():
     moved = subprocess.run([sys.executable, "-m", "keras_kd", "demo"], capture_output=True, text=True,
-                           timeout=120, env=_env())
+                           timeout=300, env=_env())
     assert moved.returncode == 2
     assert "examples/demo.py" in moved.stderr and "keras-kd[demo]" in moved.stderr
     usage = subprocess.run([sys.executable, "-m", "keras_kd", "--help"], capture_output=True, text=True,
-                           timeout=120, env=_env())
+                           timeout=300, env=_env())
     assert usage.returncode == 0 and "make demo" in usage.stdout
 
 
