@@ -54,3 +54,17 @@ class Callback(_compat.callback_base()):
     def set_model(self, model):
         super().set_model(model)
         bind_loss_state(model)
+
+    @property
+    def model(self):
+        """The model being trained. On Keras 3 + JAX its state is synced first, as
+        ``keras.callbacks.Callback.model`` does: mid-epoch the JAX trainer holds the weights
+        outside the model (``get_weights()`` in a batch hook failed, ``set_weights`` was lost)."""
+        model = self.__dict__.get("_kd_model")
+        if _compat.is_jax_backend() and hasattr(model, "jax_state_sync"):
+            model.jax_state_sync()
+        return model
+
+    @model.setter
+    def model(self, model):
+        self.__dict__["_kd_model"] = model
