@@ -51,8 +51,8 @@ test-tf: $(STAMP)
 # Keras 3 on JAX (tests marked backend("tensorflow") are deselected; integration/
 # is the TensorFlow job's): the JAX-only files and the unit files verified on JAX.
 # Not yet in this job (they fail on JAX or were not verified there; see the README's
-# "Keras 3 on JAX"): test_bad_inputs, test_transfer_labels, test_online_teacher,
-# test_mixed_precision, test_cache, test_cache_ensembles, test_fit and the rest.
+# "Keras 3 on JAX"): test_online_teacher, test_cache, test_cache_ensembles, test_fit
+# and the rest.
 # `make test-jax JAX_TESTS=tests` runs the whole unit suite on JAX.
 JAX_TESTS ?= tests/test_jax_losses.py tests/test_jax_data.py tests/test_jax_cache.py \
 	tests/test_jax_callbacks.py tests/test_jax_tuning.py tests/test_jax_alignment.py \
