@@ -48,9 +48,9 @@ CHILD = textwrap.dedent(
                                               on_mismatch=on_mismatch, verbose=0))
             (_, t), = list(ds.batch(512))
             np.savez(out, ids=t.example_id.numpy(), got=t.logits.numpy().astype("float32"),
-                     want=teacher.predict(x, verbose=0))
+                     want=teacher.predict(x, verbose=0), backend=keras.backend.backend())
         except (keras_kd.CacheMismatchError, keras_kd.CacheCorruptedError) as e:
-            np.savez(out, error=np.array(type(e).__name__ + ": " + str(e)))
+            np.savez(out, error=np.array(type(e).__name__ + ": " + str(e)), backend=keras.backend.backend())
     """
 )
 
@@ -86,6 +86,7 @@ def _outcome(proc, out):
 
 def _result(out):
     result = dict(np.load(out))
+    assert str(result["backend"]) == keras.backend.backend()  # the job inherits KERAS_BACKEND
     if "error" in result:
         return str(result["error"])
     np.testing.assert_array_equal(result["ids"], np.arange(512))
@@ -185,7 +186,7 @@ FEATURE_CHILD = textwrap.dedent(
     ((inputs, t),) = list(ds.apply(aligned.cache_features(directory, batch_size=32, in_memory=False)).batch(300))
     want = aligned.feature_extractor.predict(x, verbose=0)
     np.savez(out, ids=t.example_id.numpy(), logits=t.logits.numpy(), feature=inputs[-1].numpy(),
-             want_logits=want[0], want_feature=want[1])
+             want_logits=want[0], want_feature=want[1], backend=keras.backend.backend())
     """
 )
 
@@ -212,6 +213,7 @@ def test_workers_sharing_one_feature_cache_directory_each_get_the_teachers_rows(
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-3000:]
         r = np.load(out)
+        assert str(r["backend"]) == keras.backend.backend()  # the workers inherit KERAS_BACKEND
         np.testing.assert_array_equal(r["ids"], np.arange(300))
         np.testing.assert_allclose(r["logits"], r["want_logits"], rtol=1e-5, atol=1e-5)
         # Features stored as float16: relative error <= 2^-11.
