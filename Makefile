@@ -66,7 +66,7 @@ JAX_TESTS ?= tests/test_jax_losses.py tests/test_jax_data.py tests/test_jax_cach
 	tests/test_losses.py tests/test_fused.py tests/test_dkd.py tests/test_binary_signals.py tests/test_mixup.py \
 	tests/test_tuning.py tests/test_tuning_exact.py tests/test_tuning_search.py \
 	tests/test_bridge.py tests/test_optimize.py tests/test_optimize_new_user.py tests/test_tfmot_exact.py \
-	tests/test_demo.py tests/test_mnist1d_example.py tests/test_benchmarks.py \
+	tests/test_demo.py tests/test_mnist1d_example.py tests/test_benchmarks.py tests/test_readme.py \
 	tests/test_cache.py tests/test_cache_ensembles.py tests/test_cache_fuzz.py tests/test_storage.py \
 	tests/test_storage_processes.py tests/test_fit.py tests/test_online_teacher.py
 test-jax: $(STAMP)
