@@ -36,6 +36,90 @@ from keras_kd._jax_targets import JaxTeacherTargets
 Nested = typing.Union[typing.Tuple[tf.Tensor, ...], typing.Mapping[str, tf.Tensor], tf.Tensor]
 
 
+# Integer label dtypes that an int64 holds exactly (and gives back by a cast).
+_PACKABLE_DTYPES = frozenset([tf.int8, tf.int16, tf.int32, tf.int64, tf.uint8, tf.uint16, tf.uint32])
+
+
+class _TargetsBatchEncoder(tf.experimental.ExtensionTypeBatchEncoder):
+    """The tf.data encoding of `TeacherTargets`: integer labels and example ids in one tensor.
+
+    tf.data's cost of an element grows with its number of tensors (about as
+    much per extra scalar as the rest of a small element), not with its bytes.
+    Where ``labels`` is an integer tensor of the rank of ``example_id`` (class
+    ids with their example ids, the cache's output), both travel as one
+    ``int64`` tensor ``stack([labels, example_id], -1)``, which batches,
+    unbatches and shuffles like the two did; decoding casts each back to its
+    own dtype, so the public fields are unchanged. Any other spec (float,
+    one-hot, bool or uint64 labels, no ids, labels of another rank than the
+    ids) keeps TensorFlow's default encoding.
+    The stacking is on the last axis, so batching (a new first axis) keeps the
+    layout: the decision depends only on dtypes and ranks, the same for a spec
+    and its batched or unbatched spec.
+
+    Args:
+        pack: False gives TensorFlow's default encoding for every spec.
+    """
+
+    def __init__(self, pack=True):
+        self.pack = pack
+
+    def packs(self, spec):
+        """Whether ``spec``'s labels and example ids travel as one tensor."""
+        labels, ids = spec.labels, spec.example_id
+        return (self.pack and type(labels) is tf.TensorSpec and type(ids) is tf.TensorSpec
+                and labels.dtype in _PACKABLE_DTYPES and ids.dtype in _PACKABLE_DTYPES
+                and labels.shape.rank is not None and labels.shape.is_compatible_with(ids.shape))
+
+    # The components are in field order: ``labels`` is the first and
+    # ``example_id`` the last one (no tensor field follows it).
+    def encoding_specs(self, spec):
+        specs = super().encoding_specs(spec)
+        if not self.packs(spec):
+            return specs
+        shape = spec.labels.shape.merge_with(spec.example_id.shape)
+        return (tf.TensorSpec(shape.concatenate(2), tf.int64),) + tuple(specs[1:-1])
+
+    def encode(self, spec, value, minimum_rank=0):
+        components = super().encode(spec, value, minimum_rank)
+        if not self.packs(spec):
+            return components
+        packed = tf.stack([tf.cast(components[0], tf.int64), tf.cast(components[-1], tf.int64)], axis=-1)
+        return (packed,) + tuple(components[1:-1])
+
+    def decode(self, spec, encoded_value):
+        if self.packs(spec):
+            labels, ids = _unpack(encoded_value[0], spec.labels.dtype, spec.example_id.dtype)
+            encoded_value = (labels,) + tuple(encoded_value[1:]) + (ids,)
+        return super().decode(spec, encoded_value)
+
+
+def _unpack(packed, labels_dtype, ids_dtype):
+    """``(labels, example_id)`` from their packed ``int64`` tensor.
+
+    In a graph: one unstack, casts only where needed. An eager tensor on the
+    host (every ``next()`` of an eager iterator) is split in NumPy and wrapped
+    as two new eager tensors on its device: a few microseconds, where two
+    eager ops would cost more than tf.data saves on a small batch.
+    """
+    if isinstance(packed, _EAGER_TENSOR) and "/device:CPU:" in packed.device:
+        both = packed.numpy()
+        return (_EAGER_TENSOR(both[..., 0].astype(labels_dtype.as_numpy_dtype), packed.device,
+                              labels_dtype.as_datatype_enum),
+                _EAGER_TENSOR(both[..., 1].astype(ids_dtype.as_numpy_dtype), packed.device,
+                              ids_dtype.as_datatype_enum))
+    labels, ids = tf.unstack(packed, num=2, axis=-1)
+    if labels_dtype != tf.int64:
+        labels = tf.cast(labels, labels_dtype)
+    if ids_dtype != tf.int64:
+        ids = tf.cast(ids, ids_dtype)
+    return labels, ids
+
+
+# TensorFlow's eager tensor type; its constructor ``(array, device, dtype enum)``
+# is what ``tf.constant`` calls eagerly (canary in tests/test_targets_encoding.py).
+_EAGER_TENSOR = tf.__internal__.EagerTensor
+
+
 class TeacherTargets(tf.experimental.BatchableExtensionType):
     """Labels plus teacher targets for one example or one batch.
 
@@ -67,6 +151,8 @@ class TeacherTargets(tf.experimental.BatchableExtensionType):
     # A registered name makes the type serializable (tf.data service,
     # SavedModel signatures).
     __name__ = "keras_kd.TeacherTargets"
+    # tf.data packs integer labels with the example ids (see _TargetsBatchEncoder).
+    __batch_encoder__ = _TargetsBatchEncoder()
 
     labels: tf.Tensor
     logits: typing.Optional[tf.Tensor] = None
@@ -194,14 +280,20 @@ class _Decoder:
 
     For specs whose tensor fields are plain ``tf.TensorSpec`` (possibly nested
     in ``inputs``), the flat list holds one tensor per spec leaf, in
-    ``tf.nest.flatten`` order of the fields: each field is a constant, one
-    tensor, or a nest packed from a slice. ``plan`` is None for specs with a
-    composite field (ragged, sparse, ...): those take TensorFlow's generic path.
+    ``tf.nest.flatten`` order of the fields (with the labels and example ids
+    as one tensor where the spec's encoder packs them, see
+    `_TargetsBatchEncoder`): each field is a constant, one tensor, a nest
+    packed from a slice, or half of the packed tensor. ``plan`` is None for
+    specs with a composite field (ragged, sparse, ...): those take
+    TensorFlow's generic path.
     """
 
     def __init__(self, spec):
         self.ref = weakref.ref(spec)
+        self.value_type = spec.value_type
         self.plan, self.flat_specs = None, None
+        encoder = type(spec).__batch_encoder__
+        packed = isinstance(encoder, _TargetsBatchEncoder) and encoder.packs(spec)
         plan, flat_specs = [], []
         for name, value in spec.__dict__.items():
             leaves = tf.nest.flatten(value)
@@ -209,6 +301,13 @@ class _Decoder:
             if any(type(leaf) is not tf.TensorSpec for leaf in specs):
                 return
             start = len(flat_specs)
+            if packed and name == "labels":
+                plan.append((name, "packed", (spec.labels.dtype, spec.example_id.dtype), start, 0))
+                flat_specs.append(None)  # filled from the encoder below
+                continue
+            if packed and name == "example_id":
+                plan.append((name, "packed_ids", None, 0, 0))
+                continue
             if not specs:
                 plan.append((name, "constant", value, 0, 0))
             elif isinstance(value, tf.TensorSpec):
@@ -218,20 +317,26 @@ class _Decoder:
             else:  # a nest that mixes specs and constants
                 return
             flat_specs.extend(specs)
+        if packed:
+            flat_specs[0] = encoder.encoding_specs(spec)[0]
         self.plan, self.flat_specs = tuple(plan), flat_specs
 
     def decode(self, tensor_list):
         if len(tensor_list) != len(self.flat_specs):
             raise ValueError(f"Expected {len(self.flat_specs)} tensors for TeacherTargets, got {len(tensor_list)}.")
-        fields = {}
+        fields, ids = {}, None
         for name, kind, value, start, stop in self.plan:
             if kind == "tensor":
                 fields[name] = tensor_list[start]
             elif kind == "nest":
                 fields[name] = tf.nest.pack_sequence_as(value, list(tensor_list[start:stop]))
+            elif kind == "packed":
+                fields[name], ids = _unpack(tensor_list[start], *value)
+            elif kind == "packed_ids":
+                fields[name] = ids
             else:
                 fields[name] = value
-        targets = object.__new__(TeacherTargets)
+        targets = object.__new__(self.value_type)
         targets.__dict__.update(fields)
         return targets
 
