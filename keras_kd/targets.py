@@ -15,6 +15,11 @@ that Keras applies to ``y_true`` before the loss (``tf.cast``,
 ``tf.expand_dims``, ``tf.squeeze``) are dispatched to the labels and keep the
 teacher fields.
 
+In tf.data, whose cost per element grows with its number of tensors, the
+tensor fields (labels, logits, top-k fields, example ids) travel as one
+tensor, bit-exactly reinterpreted in the logits' dtype (`_TargetsBatchEncoder`),
+so ``(x, TeacherTargets)`` is as many tensors as ``(x, y)``.
+
 Producers: `keras_kd.with_teacher` (online teacher) and the teacher-logit
 cache. Consumers: `DistillationLoss`, keras_kd metrics and callbacks.
 Nothing here knows about disk or models.
@@ -36,83 +41,208 @@ from keras_kd._jax_targets import JaxTeacherTargets
 Nested = typing.Union[typing.Tuple[tf.Tensor, ...], typing.Mapping[str, tf.Tensor], tf.Tensor]
 
 
-# Integer label dtypes that an int64 holds exactly (and gives back by a cast).
-_PACKABLE_DTYPES = frozenset([tf.int8, tf.int16, tf.int32, tf.int64, tf.uint8, tf.uint16, tf.uint32])
+# The fields that travel in the packed tensor, in field order. ``inputs`` (the
+# model's inputs for in-step teachers: images, token ids, ...) keeps its own
+# tensors: widening its narrow integers to the carrier would multiply its bytes.
+_PACKED_FIELDS = ("labels", "logits", "topk_indices", "topk_values", "topk_logsumexp", "example_id")
+# Dtypes a bitcast reinterprets exactly; floats can be the carrier.
+_FLOAT_DTYPES = frozenset([tf.float16, tf.bfloat16, tf.float32, tf.float64])
+_INT_DTYPES = frozenset([tf.int8, tf.int16, tf.int32, tf.int64, tf.uint8, tf.uint16, tf.uint32, tf.uint64])
 
 
 class _TargetsBatchEncoder(tf.experimental.ExtensionTypeBatchEncoder):
-    """The tf.data encoding of `TeacherTargets`: integer labels and example ids in one tensor.
+    """The tf.data encoding of `TeacherTargets`: its tensor fields as one tensor.
 
     tf.data's cost of an element grows with its number of tensors (about as
     much per extra scalar as the rest of a small element), not with its bytes.
-    Where ``labels`` is an integer tensor of the rank of ``example_id`` (class
-    ids with their example ids, the cache's output), both travel as one
-    ``int64`` tensor ``stack([labels, example_id], -1)``, which batches,
-    unbatches and shuffles like the two did; decoding casts each back to its
-    own dtype, so the public fields are unchanged. Any other spec (float,
-    one-hot, bool or uint64 labels, no ids, labels of another rank than the
-    ids) keeps TensorFlow's default encoding.
-    The stacking is on the last axis, so batching (a new first axis) keeps the
-    layout: the decision depends only on dtypes and ranks, the same for a spec
+    Where every field of `_PACKED_FIELDS` that is set (labels, logits, top-k
+    fields, example ids) is a dense tensor of a bitcastable dtype, they travel
+    as one tensor, so a distillation element ``(x, targets)`` has as many
+    tensors as the plain ``(x, y)``; see `_Packing` for the layout (bit-exact
+    reinterpretation, concatenated on the last axis). Batching, unbatching,
+    rebatching and shuffling stack or split the first axes, which the packing
+    leaves alone. ``inputs`` keeps its own tensors. Any other spec (a single
+    packable field, bool or complex fields, unknown ranks, per-example sizes
+    that are not static, fields whose leading axes disagree) keeps
+    TensorFlow's default encoding: the decision depends only on dtypes, ranks
+    and the static sizes after the common leading axes, the same for a spec
     and its batched or unbatched spec.
 
     Args:
-        pack: False gives TensorFlow's default encoding for every spec.
+        pack: False gives TensorFlow's default encoding for every spec; a
+            tuple of field names packs only those (the benchmark's earlier
+            layout, labels with example ids).
     """
 
     def __init__(self, pack=True):
         self.pack = pack
 
-    def packs(self, spec):
-        """Whether ``spec``'s labels and example ids travel as one tensor."""
-        labels, ids = spec.labels, spec.example_id
-        return (self.pack and type(labels) is tf.TensorSpec and type(ids) is tf.TensorSpec
-                and labels.dtype in _PACKABLE_DTYPES and ids.dtype in _PACKABLE_DTYPES
-                and labels.shape.rank is not None and labels.shape.is_compatible_with(ids.shape))
+    def packing(self, spec):
+        """The `_Packing` of ``spec``, or None when it keeps the default encoding."""
+        if not self.pack:
+            return None
+        return _Packing.of(spec, _PACKED_FIELDS if self.pack is True else tuple(self.pack))
 
-    # The components are in field order: ``labels`` is the first and
-    # ``example_id`` the last one (no tensor field follows it).
+    def packs(self, spec):
+        """Whether ``spec``'s fields travel packed."""
+        return self.packing(spec) is not None
+
+    # The default components are the spec's tensor leaves in field order; the
+    # packed encoding is the packed tensor, then the other components in order.
     def encoding_specs(self, spec):
         specs = super().encoding_specs(spec)
-        if not self.packs(spec):
+        packing = self.packing(spec)
+        if packing is None:
             return specs
-        shape = spec.labels.shape.merge_with(spec.example_id.shape)
-        return (tf.TensorSpec(shape.concatenate(2), tf.int64),) + tuple(specs[1:-1])
+        return (packing.spec,) + tuple(specs[i] for i in packing.rest)
 
     def encode(self, spec, value, minimum_rank=0):
         components = super().encode(spec, value, minimum_rank)
-        if not self.packs(spec):
+        packing = self.packing(spec)
+        if packing is None:
             return components
-        packed = tf.stack([tf.cast(components[0], tf.int64), tf.cast(components[-1], tf.int64)], axis=-1)
-        return (packed,) + tuple(components[1:-1])
+        if minimum_rank > packing.rank:
+            # The default encoding's scalar component would refuse this too;
+            # the packed tensor would silently be split along its fields.
+            raise ValueError(f"A field of {spec} has rank {packing.rank}: it cannot be unbatched.")
+        packed = packing.encode([components[i] for i in packing.picks])
+        return (packed,) + tuple(components[i] for i in packing.rest)
 
     def decode(self, spec, encoded_value):
-        if self.packs(spec):
-            labels, ids = _unpack(encoded_value[0], spec.labels.dtype, spec.example_id.dtype)
-            encoded_value = (labels,) + tuple(encoded_value[1:]) + (ids,)
+        packing = self.packing(spec)
+        if packing is not None:
+            components = [None] * (len(packing.picks) + len(packing.rest))
+            for i, field in zip(packing.picks, packing.decode(encoded_value[0])):
+                components[i] = field
+            for i, rest in zip(packing.rest, encoded_value[1:]):
+                components[i] = rest
+            encoded_value = tuple(components)
         return super().decode(spec, encoded_value)
 
 
-def _unpack(packed, labels_dtype, ids_dtype):
-    """``(labels, example_id)`` from their packed ``int64`` tensor.
+class _Field(typing.NamedTuple):
+    """One packed field: its dtype, the dtype it travels as, and its slice of the carrier."""
 
-    In a graph: one unstack, casts only where needed. An eager tensor on the
-    host (every ``next()`` of an eager iterator) is split in NumPy and wrapped
-    as two new eager tensors on its device: a few microseconds, where two
-    eager ops would cost more than tf.data saves on a small batch.
+    name: str
+    dtype: tf.DType
+    wide: tf.DType  # dtype, or an integer of the carrier's size for a narrower integer
+    tail: tuple  # its static shape after the common leading axes
+    ratio: int  # carrier elements per ``wide`` element
+    width: int  # carrier elements per example
+
+
+class _Packing:
+    """The packed layout of one spec: fields bitcast into one carrier tensor.
+
+    The carrier dtype is the narrowest float of the fields (int64 without
+    floats), so the float fields of that dtype (the logits, usually the most
+    bytes) are copied as they are and decoding them is a slice. Every other
+    field is reinterpreted: a bitcast to the carrier (an int64 label becomes
+    four float16 elements), after a lossless cast to an integer of the
+    carrier's size where it is narrower (int8 in a float32 carrier travels as
+    int32). Bit patterns are kept (NaN payloads, -0.0, integer extremes):
+    tf.data and device copies move bytes and never do float arithmetic on the
+    carrier. Each field is flattened after the ``rank`` leading axes that all
+    fields share (the smallest rank: the batch axes) and the fields are
+    concatenated on the last axis: shape ``leading + (sum of widths,)``.
     """
-    if isinstance(packed, _EAGER_TENSOR) and "/device:CPU:" in packed.device:
-        both = packed.numpy()
-        return (_EAGER_TENSOR(both[..., 0].astype(labels_dtype.as_numpy_dtype), packed.device,
-                              labels_dtype.as_datatype_enum),
-                _EAGER_TENSOR(both[..., 1].astype(ids_dtype.as_numpy_dtype), packed.device,
-                              ids_dtype.as_datatype_enum))
-    labels, ids = tf.unstack(packed, num=2, axis=-1)
-    if labels_dtype != tf.int64:
-        labels = tf.cast(labels, labels_dtype)
-    if ids_dtype != tf.int64:
-        ids = tf.cast(ids, ids_dtype)
-    return labels, ids
+
+    def __init__(self, fields, rank, lead, carrier, picks, rest):
+        self.fields, self.rank, self.carrier = fields, rank, carrier
+        self.names = tuple(f.name for f in fields)
+        self.widths = [f.width for f in fields]
+        self.offsets = [sum(self.widths[:i]) for i in range(len(fields) + 1)]
+        self.spec = tf.TensorSpec(lead.concatenate(self.offsets[-1]), carrier)
+        self.picks, self.rest = picks, rest  # component indices of the packed and the other fields
+
+    @classmethod
+    def of(cls, spec, names):
+        """The packing of the fields ``names`` of ``spec`` that are set, or None."""
+        owners = [name for name, value in spec.__dict__.items()
+                  for leaf in tf.nest.flatten(value) if isinstance(leaf, tf.TypeSpec)]
+        picked = [(name, getattr(spec, name)) for name in names if getattr(spec, name) is not None]
+        if len(picked) < 2 or any(type(s) is not tf.TensorSpec or s.shape.rank is None
+                                  or s.dtype not in _FLOAT_DTYPES | _INT_DTYPES for _, s in picked):
+            return None
+        rank = min(s.shape.rank for _, s in picked)
+        lead = tf.TensorShape(None)
+        for _, s in picked:
+            if not (s.shape[:rank].is_compatible_with(lead) and s.shape[rank:].is_fully_defined()):
+                return None
+            lead = lead.merge_with(s.shape[:rank])
+        floats = [s.dtype for _, s in picked if s.dtype in _FLOAT_DTYPES]
+        carrier = min(floats, key=lambda d: d.size) if floats else tf.int64
+        fields = tuple(_field(name, s, rank, carrier) for name, s in picked)
+        picks = [owners.index(name) for name, _ in picked]
+        rest = [i for i, name in enumerate(owners) if name not in names]
+        return cls(fields, rank, lead, carrier, picks, rest)
+
+    def encode(self, tensors):
+        """The carrier tensor of the fields ``tensors`` (in `names` order)."""
+        parts = []
+        for field, t in zip(self.fields, tensors):
+            if field.wide != field.dtype:
+                t = tf.cast(t, field.wide)
+            if field.wide != self.carrier:
+                t = tf.bitcast(t, self.carrier)
+            parts.append(_reshape(t, t.shape[:self.rank], lambda: tf.shape(t)[:self.rank], (field.width,)))
+        return parts[0] if len(parts) == 1 else tf.concat(parts, -1)
+
+    def decode(self, packed):
+        """The fields (in `names` order) from their carrier tensor.
+
+        In a graph: one split, then per field a reshape, a bitcast and a cast
+        only where its dtype needs them. An eager tensor on the host (every
+        ``next()`` of an eager iterator, the JAX backend's data path) is split
+        in NumPy (``view`` is the bitcast) and wrapped as new eager tensors
+        on its device: a few microseconds, where eager ops would cost more
+        than tf.data saves on a small batch.
+        """
+        if isinstance(packed, _EAGER_TENSOR) and "/device:CPU:" in packed.device:
+            return self._decode_numpy(packed)
+        parts = tf.split(packed, self.widths, axis=-1) if len(self.fields) > 1 else [packed]
+        out = []
+        for field, part in zip(self.fields, parts):
+            ratio = (field.ratio,) if field.ratio > 1 else ()
+            part = _reshape(part, packed.shape[:-1], lambda: tf.shape(packed)[:-1], field.tail + ratio)
+            if field.wide != self.carrier:
+                part = tf.bitcast(part, field.wide)
+            if field.wide != field.dtype:
+                part = tf.cast(part, field.dtype)
+            out.append(part)
+        return out
+
+    def _decode_numpy(self, packed):
+        array, device = packed.numpy(), packed.device
+        lead, out = array.shape[:-1], []
+        for field, start, stop in zip(self.fields, self.offsets, self.offsets[1:]):
+            part = array[..., start:stop]  # its last axis is contiguous: `view` reinterprets it
+            if field.wide != self.carrier:
+                part = part.view(field.wide.as_numpy_dtype)
+            if field.wide != field.dtype:
+                part = part.astype(field.dtype.as_numpy_dtype)
+            out.append(_EAGER_TENSOR(part.reshape(lead + field.tail), device, field.dtype.as_datatype_enum))
+        return out
+
+
+def _field(name, spec, rank, carrier):
+    """The `_Field` of ``spec`` in a packing of ``rank`` leading axes into ``carrier``."""
+    dtype, wide = spec.dtype, spec.dtype
+    if dtype.size < carrier.size:  # only integers: the carrier is the narrowest float
+        wide = tf.as_dtype(f"{'u' if dtype.is_unsigned else ''}int{8 * carrier.size}")
+    tail = tuple(spec.shape[rank:].as_list())
+    ratio = wide.size // carrier.size
+    return _Field(name, dtype, wide, tail, ratio, ratio * spec.shape[rank:].num_elements())
+
+
+def _reshape(t, lead, dynamic_lead, tail):
+    """``t`` reshaped to ``lead + tail``, statically where at most one leading size is unknown."""
+    if t.shape.rank == len(lead) + len(tail) and t.shape[len(lead):].as_list() == list(tail):
+        return t
+    sizes = [-1 if d is None else d for d in lead.as_list()]
+    if sizes.count(-1) <= 1:
+        return tf.reshape(t, sizes + list(tail))
+    return tf.reshape(t, tf.concat([dynamic_lead(), tail], 0))
 
 
 # TensorFlow's eager tensor type; its constructor ``(array, device, dtype enum)``
@@ -151,7 +281,7 @@ class TeacherTargets(tf.experimental.BatchableExtensionType):
     # A registered name makes the type serializable (tf.data service,
     # SavedModel signatures).
     __name__ = "keras_kd.TeacherTargets"
-    # tf.data packs integer labels with the example ids (see _TargetsBatchEncoder).
+    # tf.data carries the tensor fields as one tensor (see _TargetsBatchEncoder).
     __batch_encoder__ = _TargetsBatchEncoder()
 
     labels: tf.Tensor
@@ -279,13 +409,12 @@ class _Decoder:
     """Rebuilds a `TeacherTargets` of one spec from its flat tensor list.
 
     For specs whose tensor fields are plain ``tf.TensorSpec`` (possibly nested
-    in ``inputs``), the flat list holds one tensor per spec leaf, in
-    ``tf.nest.flatten`` order of the fields (with the labels and example ids
-    as one tensor where the spec's encoder packs them, see
-    `_TargetsBatchEncoder`): each field is a constant, one tensor, a nest
-    packed from a slice, or half of the packed tensor. ``plan`` is None for
-    specs with a composite field (ragged, sparse, ...): those take
-    TensorFlow's generic path.
+    in ``inputs``), the flat list holds the packed tensor where the spec's
+    encoder packs (see `_TargetsBatchEncoder`), then one tensor per other
+    spec leaf, in ``tf.nest.flatten`` order of the fields: each field is a
+    constant, one tensor, a nest packed from a slice, or one of the packed
+    fields. ``plan`` is None for specs with a composite field (ragged,
+    sparse, ...): those take TensorFlow's generic path.
     """
 
     def __init__(self, spec):
@@ -293,20 +422,17 @@ class _Decoder:
         self.value_type = spec.value_type
         self.plan, self.flat_specs = None, None
         encoder = type(spec).__batch_encoder__
-        packed = isinstance(encoder, _TargetsBatchEncoder) and encoder.packs(spec)
-        plan, flat_specs = [], []
+        self.packing = encoder.packing(spec) if isinstance(encoder, _TargetsBatchEncoder) else None
+        packed = () if self.packing is None else self.packing.names
+        plan, flat_specs = [], [] if self.packing is None else [self.packing.spec]
         for name, value in spec.__dict__.items():
             leaves = tf.nest.flatten(value)
             specs = [leaf for leaf in leaves if isinstance(leaf, tf.TypeSpec)]
             if any(type(leaf) is not tf.TensorSpec for leaf in specs):
                 return
             start = len(flat_specs)
-            if packed and name == "labels":
-                plan.append((name, "packed", (spec.labels.dtype, spec.example_id.dtype), start, 0))
-                flat_specs.append(None)  # filled from the encoder below
-                continue
-            if packed and name == "example_id":
-                plan.append((name, "packed_ids", None, 0, 0))
+            if name in packed:
+                plan.append((name, "packed", None, 0, 0))
                 continue
             if not specs:
                 plan.append((name, "constant", value, 0, 0))
@@ -317,23 +443,20 @@ class _Decoder:
             else:  # a nest that mixes specs and constants
                 return
             flat_specs.extend(specs)
-        if packed:
-            flat_specs[0] = encoder.encoding_specs(spec)[0]
         self.plan, self.flat_specs = tuple(plan), flat_specs
 
     def decode(self, tensor_list):
         if len(tensor_list) != len(self.flat_specs):
             raise ValueError(f"Expected {len(self.flat_specs)} tensors for TeacherTargets, got {len(tensor_list)}.")
-        fields, ids = {}, None
+        packed = {} if self.packing is None else dict(zip(self.packing.names, self.packing.decode(tensor_list[0])))
+        fields = {}
         for name, kind, value, start, stop in self.plan:
             if kind == "tensor":
                 fields[name] = tensor_list[start]
             elif kind == "nest":
                 fields[name] = tf.nest.pack_sequence_as(value, list(tensor_list[start:stop]))
             elif kind == "packed":
-                fields[name], ids = _unpack(tensor_list[start], *value)
-            elif kind == "packed_ids":
-                fields[name] = ids
+                fields[name] = packed[name]
             else:
                 fields[name] = value
         targets = object.__new__(self.value_type)
