@@ -70,3 +70,22 @@ def test_every_reader_marks_unlabelled_data_and_keeps_top_k(K, tmp_path, how):
     np.testing.assert_array_equal(xs, x[ids])
     assert not labelled.any()
     np.testing.assert_allclose(values, expected[ids], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_zip_readers_pair_elements_of_unknown_shapes_one_by_one(K, tmp_path, monkeypatch, streamed):
+    """Elements of fixed shapes are paired a batch at a time; the others element by element: the same rows."""
+    monkeypatch.setattr(reader, "SMALL_ELEMENTS_BYTES", 0)
+    x, y, w = arrays()
+    teacher = model(K)
+    expected = teacher.predict(x, verbose=0)
+    unknown = tf.data.Dataset.from_tensor_slices((x, y, w)).map(
+        lambda a, b, c: (tf.compat.v1.placeholder_with_default(a, [None]), b, c))
+    assert unknown.element_spec[0].shape.as_list() == [None]
+    out = unknown.apply(cache_teacher_logits(teacher, tmp_path, dtype="float32", in_memory=not streamed, verbose=0))
+    assert out.element_spec[0].shape.as_list() == [None]
+    xs, ids, ys, logits, ws, labelled = read_all(out)
+    np.testing.assert_array_equal(xs, x[ids])
+    np.testing.assert_array_equal(ys, y[ids])
+    np.testing.assert_array_equal(ws, w[ids])
+    np.testing.assert_allclose(logits, expected[ids], rtol=1e-5, atol=1e-5)

@@ -3,10 +3,11 @@
 Pairing is by position: the ``i``-th element of the dataset given to the
 transform gets row ``i``. Without augmentation, rows are selected once (for
 all rows in memory, or once per block when streaming) and zipped with the
-elements; the per-element function only wraps ready tensors in
-`TeacherTargets`. With augmentation, one stored view per example is chosen
-per block and pass, and the element's inputs are re-created with that view's
-seed, so the student sees exactly what the teacher saw.
+elements; the pairing function only wraps ready tensors in `TeacherTargets`
+(a batch at a time where the elements have fixed shapes). With augmentation,
+one stored view per example is chosen per block and pass, and the element's
+inputs are re-created with that view's seed, so the student sees exactly what
+the teacher saw.
 """
 
 import numpy as np
@@ -113,9 +114,6 @@ def _in_memory(dataset, stored, top_k, n, labelled):
 
 
 def _rows(dataset, stored, top_k, n, labelled):
-    # Measured (1,257 x 64, shuffle + batch 64): as fast as TeacherTargets
-    # sliced from memory; any op per element (even an index) or splitting
-    # dataset batches (batch -> zip -> unbatch) was 2.5-5x slower.
     rows = stored.rows(
         _view0(top_k, lambda i: i.astype(np.int32)), _view0(top_k, lambda i: tf.cast(i, tf.int32))
     )
@@ -125,7 +123,18 @@ def _rows(dataset, stored, top_k, n, labelled):
         return (x, _targets(y, fields, top_k, example_id, labelled), *sample_weight)
 
     # Example ids from a zipped `range`: measured cheaper than computing them per block.
-    return tf.data.Dataset.zip((dataset, rows, tf.data.Dataset.range(n))).map(pair)
+    parts = (dataset, rows, tf.data.Dataset.range(n))
+    if not _checks.fixed_shapes(dataset.element_spec):
+        return tf.data.Dataset.zip(parts).map(pair)
+    # Packing the targets into one tensor (`targets._TargetsBatchEncoder`) is
+    # ops, and a map with ops runs a function per element where a map that
+    # only rearranges its tensors is short-circuited. Measured (4,000 x 40,
+    # iterating shuffle + batch 128, process CPU / raw): packed per element
+    # 15x, packed a batch at a time 2.2x, TensorFlow's 4-tensor encoding per
+    # element 1.8x (before packing, the batchwise pairing measured 2.5-5x
+    # against that short-circuited map). Elements of fixed shapes are paired
+    # a batch at a time; the others keep the per-element map.
+    return tf.data.Dataset.zip(tuple(part.batch(_READ_BATCH) for part in parts)).map(pair).unbatch()
 
 
 def _views(dataset, stored, top_k, n, rows, views, teachers, labelled):
