@@ -43,17 +43,26 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory test-jax || status=1; \
 	exit $$status
 
+# Test settings, not library settings: XLA's CPU backend at LLVM -O0 (compiles
+# 20-25% faster, same results: no fast-math either way), and on JAX a
+# compilation cache shared by both workers for one run (many cases compile the
+# same small student; a fresh folder each run, removed after).
+TEST_ENV := XLA_FLAGS="$${XLA_FLAGS:---xla_backend_optimization_level=0}"
+JAX_CACHE_ENV := JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+
 # integration/ first and --no-loadscope-reorder: the few long integration files are handed
 # out first and the many short unit files fill both workers to the end (H1's measurements).
 test-tf: $(STAMP)
-	KERAS_BACKEND=tensorflow $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder integration tests 2>&1 | $(QUIET)
+	$(TEST_ENV) KERAS_BACKEND=tensorflow $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder integration tests 2>&1 | $(QUIET)
 
 # Keras 3 on JAX: the whole unit suite (tests/; tests marked backend("tensorflow") are
 # deselected, each with its reason; integration/ is the TensorFlow job's).
 # `make test-jax JAX_TESTS=tests/test_jax_losses.py` runs one file.
 JAX_TESTS ?= tests
 test-jax: $(STAMP)
-	KERAS_BACKEND=jax $(PY) -m pytest -n 2 --dist loadfile $(JAX_TESTS) 2>&1 | $(QUIET)
+	@cache=$$(mktemp -d); trap 'rm -rf "$$cache"' EXIT; \
+	$(TEST_ENV) $(JAX_CACHE_ENV) JAX_COMPILATION_CACHE_DIR="$$cache" KERAS_BACKEND=jax \
+	  $(PY) -m pytest -n 2 --dist loadfile $(JAX_TESTS) 2>&1 | $(QUIET)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_workloads.py 2>&1 | $(QUIET)
