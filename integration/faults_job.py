@@ -1,9 +1,11 @@
 """One training process of the fault test (run by test_faults.py).
 
-Usage: python faults_job.py WORKDIR KILL_AT_STEP
+Usage: python faults_job.py WORKDIR KILL_AT_STEP [WORKDIR KILL_AT_STEP ...]
 Trains a student from a teacher-logit cache with HardSampleReweighting and
 BackupAndRestore; kills itself with SIGKILL after KILL_AT_STEP training steps
-(-1: never). Prints the final optimizer step count on success.
+(-1: never). Prints the final optimizer step count on success. Several
+WORKDIR KILL_AT_STEP pairs run one after the other in this process (the test
+resumes all its kill points in one process: one TensorFlow start-up, not three).
 """
 
 import os
@@ -46,9 +48,10 @@ def main(workdir, kill_at):
     student.compile(keras.optimizers.SGD(0.05), loss=keras_kd.DistillationLoss())
     student.fit(rew.attach(cached.batch(BATCH)), epochs=EPOCHS, verbose=0,
                 callbacks=[rew, keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup")), KillAt(kill_at)])
-    print(f"STEPS {int(student.optimizer.iterations.numpy())}")
-    print(f"WEIGHTS {float(rew.table.weights.numpy().sum()):.6f}")
+    print(f"STEPS {workdir} {int(student.optimizer.iterations.numpy())}", flush=True)
+    print(f"WEIGHTS {workdir} {float(rew.table.weights.numpy().sum()):.6f}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    for i in range(1, len(sys.argv), 2):
+        main(sys.argv[i], int(sys.argv[i + 1]))
