@@ -20,6 +20,10 @@ from integration.digits import load_digits_split
 
 pytestmark = pytest.mark.integration
 
+# steps_per_execution: one call per epoch of digits' 20 batches; HardSampleReweighting acts at epoch
+# boundaries only (its per-example statistics are updated inside the training step).
+STEPS = 32
+
 
 def _mlp(width):
     return keras.Sequential([keras.Input((64,)), keras.layers.Dense(width, activation="relu"), keras.layers.Dense(10)])
@@ -35,13 +39,14 @@ def test_teacher_wrong_reweighting_with_flipped_labels():
         noisy[flipped] = (y_train[flipped] + rng.integers(1, 10, flipped.sum())) % 10
         keras.utils.set_random_seed(seed)
         teacher = _mlp(256)
-        teacher.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        teacher.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                        steps_per_execution=STEPS)
         teacher.fit(x_train, noisy, epochs=15, batch_size=64, verbose=0)
         for arm in (plain, reweighted):
             keras.utils.set_random_seed(seed)
             student = _mlp(32)
             student.compile(keras.optimizers.Adam(3e-3), loss=keras_kd.DistillationLoss(temperature=4.0, alpha=0.5),
-                            metrics=["accuracy"])
+                            metrics=["accuracy"], steps_per_execution=STEPS)
             ds = keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices((x_train, noisy)))
             callbacks = []
             if arm is reweighted:
