@@ -3,8 +3,10 @@
 The teacher trains on the noisy labels for a few epochs (networks fit clean
 patterns before memorising noise), so where it disagrees with a label the
 label is usually the flipped one. The `teacher_wrong` signal down-weights
-those examples. Measured here (3 seeds, Keras 3): plain distillation 95.3%,
-with teacher_wrong reweighting 96.4% on the clean test set; the examples
+those examples. Measured here (3 seeds, Keras 3, students trained 20 epochs):
+plain distillation 94.5%, with teacher_wrong reweighting 95.6% on the clean
+test set (at 40 epochs 95.4% and 96.4%: the same 1.05-point gap, at twice the
+cost); the examples
 down-weighted (weight < 0.5) are flipped ones with precision ~0.90, recall
 ~0.99. The assertions: reweighting at least as accurate as plain
 distillation (3-seed mean), precision >= 0.8.
@@ -23,6 +25,9 @@ pytestmark = pytest.mark.integration
 # steps_per_execution: one call per epoch of digits' 20 batches; HardSampleReweighting acts at epoch
 # boundaries only (its per-example statistics are updated inside the training step).
 STEPS = 32
+# The students' epochs: the gap between the arms is the same at 20 as at 40 (see above), and the
+# down-weighted set (precision, recall) depends on the teacher only.
+EPOCHS = 20
 
 
 def _mlp(width):
@@ -52,7 +57,7 @@ def test_teacher_wrong_reweighting_with_flipped_labels():
             if arm is reweighted:
                 rew = keras_kd.HardSampleReweighting(signal="teacher_wrong", strength=3.0, warmup_epochs=1)
                 ds, callbacks = rew.attach(ds), [rew]
-            student.fit(keras_kd.with_teacher(ds.shuffle(2000, seed=seed).batch(64), teacher), epochs=40,
+            student.fit(keras_kd.with_teacher(ds.shuffle(2000, seed=seed).batch(64), teacher), epochs=EPOCHS,
                         verbose=0, callbacks=callbacks)
             arm.append((student.predict(x_test, verbose=0).argmax(-1) == y_test).mean())
         down = rew.table.weights.numpy() < 0.5
