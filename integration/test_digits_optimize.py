@@ -24,7 +24,8 @@ import pytest
 import tf_keras
 
 from keras_kd import optimize
-from integration.digits_optimize import SEEDS, TEST, accuracy, kd_loss, mlp, qat_distill, tflite_weight_sparsity
+from integration.digits_optimize import SEEDS, STEPS, TEST, accuracy, kd_loss, mlp, qat_distill
+from integration.digits_optimize import tflite_weight_sparsity
 from integration.digits_optimize import train_teachers
 
 pytestmark = pytest.mark.integration
@@ -56,7 +57,9 @@ def test_pruning_with_distillation_at_least_as_accurate(teachers):
                 loss, data = kd_loss(), t["few"]
             else:
                 loss, data = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True), t["few_raw"]
-            pruned.compile(tf_keras.optimizers.Adam(3e-3), loss=loss, metrics=["accuracy"])
+            pruned.compile(
+                tf_keras.optimizers.Adam(3e-3), loss=loss, metrics=["accuracy"], steps_per_execution=STEPS
+            )
             pruned.fit(data.shuffle(n, seed=seed).batch(batch), epochs=epochs, callbacks=callbacks, verbose=0)
             stripped = optimize.strip(pruned)
             results[arm].append(accuracy(stripped))

@@ -20,7 +20,8 @@ import pytest
 import tf_keras
 
 from keras_kd import optimize
-from integration.digits_optimize import SEEDS, TEST, X_TEST, accuracy, kd_loss, mlp, qat_distill, train_teachers
+from integration.digits_optimize import SEEDS, STEPS, TEST, X_TEST, accuracy, kd_loss, mlp, qat_distill
+from integration.digits_optimize import train_teachers
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,9 @@ def test_qat_distilled_tflite_int8_close_to_float_and_smaller(teachers):
         t = teachers[seed]
         tf_keras.utils.set_random_seed(seed)
         student = mlp(tf_keras, [256, 256], "student")
-        student.compile(tf_keras.optimizers.Adam(1e-3), loss=kd_loss(), metrics=["accuracy"])
+        student.compile(
+            tf_keras.optimizers.Adam(1e-3), loss=kd_loss(), metrics=["accuracy"], steps_per_execution=STEPS
+        )
         student.fit(t["all"].shuffle(2000, seed=seed).batch(64), epochs=30, verbose=0)
         float_bytes = optimize.to_tflite(student, int8=False)
         float_acc.append(optimize.evaluate_tflite(float_bytes, TEST))
@@ -78,7 +81,9 @@ def test_keras3_student_to_tf_keras_qat_to_tflite(teachers):
         t = teachers[seed]
         keras.utils.set_random_seed(seed)
         student = mlp(keras, [256, 256], "student")
-        student.compile(keras.optimizers.Adam(1e-3), loss=kd_loss(), metrics=["accuracy"])
+        student.compile(
+            keras.optimizers.Adam(1e-3), loss=kd_loss(), metrics=["accuracy"], steps_per_execution=STEPS
+        )
         student.fit(t["all"].shuffle(2000, seed=seed).batch(64), epochs=30, verbose=0)
         float_acc.append(accuracy(student))
 
