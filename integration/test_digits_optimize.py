@@ -24,11 +24,17 @@ import pytest
 import tf_keras
 
 from keras_kd import optimize
-from integration.digits_optimize import SEEDS, STEPS, TEST, accuracy, kd_loss, mlp, qat_distill
+from integration.digits_optimize import SEEDS, TEST, accuracy, kd_loss, mlp, qat_distill
 from integration.digits_optimize import tflite_weight_sparsity
 from integration.digits_optimize import train_teachers
 
 pytestmark = pytest.mark.integration
+
+# The students' 150 epochs of 4 batches run as 15 fit-epochs over the shuffled batches repeated 10
+# times: the same 600 steps (the pruning schedule counts steps), each repetition reshuffled as a new
+# epoch would be, one call per 40-step epoch. UpdatePruningStep re-masks at every 10th epoch's end
+# instead of every one; the last, before `strip`, is the same.
+REPEAT = 10
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +64,10 @@ def test_pruning_with_distillation_at_least_as_accurate(teachers):
             else:
                 loss, data = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True), t["few_raw"]
             pruned.compile(
-                tf_keras.optimizers.Adam(3e-3), loss=loss, metrics=["accuracy"], steps_per_execution=STEPS
+                tf_keras.optimizers.Adam(3e-3), loss=loss, metrics=["accuracy"], steps_per_execution=4 * REPEAT
             )
-            pruned.fit(data.shuffle(n, seed=seed).batch(batch), epochs=epochs, callbacks=callbacks, verbose=0)
+            pruned.fit(data.shuffle(n, seed=seed).batch(batch).repeat(REPEAT), epochs=epochs // REPEAT,
+                       callbacks=callbacks, verbose=0)
             stripped = optimize.strip(pruned)
             results[arm].append(accuracy(stripped))
             report = optimize.sparsity(stripped)
@@ -101,7 +108,7 @@ def test_pruning_with_distillation_at_least_as_accurate(teachers):
     # 1 point of the pruned float student on the 3-seed mean, as in (b).
     assert min(pqat_sparsity) >= 0.74
     assert np.mean(pqat_acc) >= distilled - 0.01
-    # Measured here: ~0.950 vs ~0.914 (distillation ahead on every seed). The
+    # Measured here: ~0.947 vs ~0.918 (distillation ahead on every seed). The
     # issue's claim is "at least as accurate", asserted on the 3-seed mean.
     assert distilled >= plain
     assert min(sparsities) >= 0.74
