@@ -2,8 +2,9 @@
 backend are deselected (never skipped); unmarked tests run on both; on JAX the
 `K` fixture's tf_keras cases are deselected."""
 
+import contextlib
+import io
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -12,18 +13,32 @@ import pytest
 
 from tests import conftest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OTHER = {"tensorflow": "jax", "jax": "tensorflow"}
 
 
 def run_pytest(tmp_path, body):
+    """Runs pytest on `body` with tests/conftest.py's hooks and returns its terminal output.
+
+    In this process (pytest.main, as pytester's in-process runs do): a fresh interpreter would import
+    TensorFlow, Keras and JAX again (~10 CPU-s) for hooks that only read the already-chosen Keras backend.
+    The modules it imports from tmp_path (its conftest, test_marked) are dropped again afterwards."""
     (tmp_path / "conftest.py").write_text(
         "from tests.conftest import K, pytest_addoption, pytest_collection_modifyitems, pytest_configure  # noqa\n")
     (tmp_path / "test_marked.py").write_text(textwrap.dedent(body))
-    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND=keras.backend.backend())
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", str(tmp_path), "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-rA"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    modules, path, cwd = set(sys.modules), list(sys.path), os.getcwd()
+    output = io.StringIO()
+    try:
+        os.chdir(tmp_path)
+        with contextlib.redirect_stdout(output):
+            code = pytest.main([str(tmp_path), "--rootdir", str(tmp_path), "-p", "no:xdist",
+                                "-p", "no:cacheprovider", "--capture=sys", "-q", "-rA"])
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:
+            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(tmp_path)):
+                del sys.modules[name]
+    return int(code), output.getvalue()
 
 
 def test_other_backend_is_deselected_not_skipped(tmp_path):
@@ -46,14 +61,15 @@ def test_other_backend_is_deselected_not_skipped(tmp_path):
         def test_flavours(K):
             pass
     """)
-    assert res.returncode == 0, res.stdout + res.stderr
+    returncode, stdout = res
+    assert returncode == 0, stdout
     # On JAX the tf_keras case of `K` is deselected too (the TensorFlow job runs it).
     expected = "3 passed, 2 deselected" if here == "jax" else "4 passed, 1 deselected"
-    assert expected in res.stdout, res.stdout
-    assert "PASSED test_marked.py::test_flavours[keras]" in res.stdout
-    assert "PASSED test_marked.py::test_this_backend" in res.stdout
-    assert "PASSED test_marked.py::test_unmarked" in res.stdout
-    assert "test_other_backend" not in res.stdout and "skipped" not in res.stdout
+    assert expected in stdout, stdout
+    assert "PASSED test_marked.py::test_flavours[keras]" in stdout
+    assert "PASSED test_marked.py::test_this_backend" in stdout
+    assert "PASSED test_marked.py::test_unmarked" in stdout
+    assert "test_other_backend" not in stdout and "skipped" not in stdout
 
 
 def test_unknown_backend_name_is_a_usage_error():
