@@ -681,30 +681,64 @@ import os, sys, json
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np, tensorflow as tf
 import keras_kd  # registers the loss and the feature-loss layer
-flavour, data_path, *paths = sys.argv[1:]
-K = __import__(flavour)
-d = np.load(data_path)
-targets = keras_kd.TeacherTargets(labels=d["y"], logits=d["t"])
-ds = tf.data.Dataset.from_tensor_slices(((d["x"], d["f"]), targets)).batch(3)
-out = {}
-for path in paths:
-    model = K.models.load_model(path)
-    result = model.evaluate(ds, verbose=0, return_dict=True)
-    logits = model.predict((d["x"], d["f"]), verbose=0)
-    history = model.fit(ds, epochs=1, verbose=0)
-    out[path] = {"loss": result["loss"], "feature_loss": result["feature_loss"],
-                 "logits": logits.tolist(), "trained": bool(np.isfinite(history.history["loss"]).all())}
-print("RESULT" + json.dumps(out))
+for request in sys.stdin:  # one JSON line per check: [flavour, data_path, *paths]
+    flavour, data_path, *paths = json.loads(request)
+    K = __import__(flavour)
+    d = np.load(data_path)
+    targets = keras_kd.TeacherTargets(labels=d["y"], logits=d["t"])
+    ds = tf.data.Dataset.from_tensor_slices(((d["x"], d["f"]), targets)).batch(3)
+    out = {}
+    for path in paths:
+        model = K.models.load_model(path)
+        result = model.evaluate(ds, verbose=0, return_dict=True)
+        logits = model.predict((d["x"], d["f"]), verbose=0)
+        history = model.fit(ds, epochs=1, verbose=0)
+        out[path] = {"loss": result["loss"], "feature_loss": result["feature_loss"],
+                     "logits": logits.tolist(), "trained": bool(np.isfinite(history.history["loss"]).all())}
+    print("RESULT" + json.dumps(out), flush=True)
 """
+
+
+@pytest.fixture(scope="module")
+def fresh_loader(tmp_path_factory):
+    """A fresh process that never saw the models (it imports keras_kd, then loads what it is sent),
+    shared by both flavours' checks: a second interpreter would only import TensorFlow again (~10 CPU-s)."""
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stderr = open(tmp_path_factory.mktemp("fresh_load") / "stderr.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "-c", _FRESH_LOAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, env=env, cwd=root)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put(None)], daemon=True).start()
+
+    def load(*args):
+        assert proc.poll() is None, f"the loading process ended ({proc.returncode})"
+        proc.stdin.write(json.dumps(args) + "\n")
+        proc.stdin.flush()
+        while (line := lines.get(timeout=600)) is not None:
+            if line.startswith("RESULT"):
+                return json.loads(line[len("RESULT"):])
+        stderr.seek(0)
+        raise AssertionError(f"the loading process ended ({proc.wait()}):\n{stderr.read()[-3000:]}")
+
+    yield load
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    stderr.close()
 
 
 # Reads the `feature_loss` metric, which Keras 3 cannot log on JAX (keras-team/keras#21639);
 # the same losses on JAX: tests/test_jax_alignment.py.
 @pytest.mark.backend("tensorflow")
-def test_saved_aligned_model_loads_in_a_fresh_process(K, tmp_path):
-    import subprocess
-    import sys
-
+def test_saved_aligned_model_loads_in_a_fresh_process(K, tmp_path, fresh_loader):
     s, t = net(K, (4, 4, 8), "s"), net(K, (2, 2, 16), "t", frozen=True)
     a = align(s, t, [("feat", "feat")], weight=0.3)
     kd = losses_lib.DistillationLoss(temperature=3.0, alpha=0.2)
@@ -718,12 +752,7 @@ def test_saved_aligned_model_loads_in_a_fresh_process(K, tmp_path):
     paths = [str(tmp_path / name) for name in formats]
     for path in paths:
         a.model.save(path)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _FRESH_LOAD, K.__name__, str(tmp_path / "data.npz"), *paths],
-                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.split("RESULT", 1)[1])
+    results = fresh_loader(K.__name__, str(tmp_path / "data.npz"), *paths)
     for path in paths:
         got = results[path]
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), path
