@@ -18,6 +18,7 @@ import tensorflow as tf
 
 import keras_kd
 from keras_kd import TeacherTargets
+from tests import compiled
 from tests import reference as ref
 from tests.conftest import mlp
 
@@ -30,9 +31,32 @@ def _data(n=32, classes=4, seed=0):
     return rng.normal(size=(n, 8)).astype("float32"), rng.integers(0, classes, size=n)
 
 
+def _compile(K, student, jit, loss=None):
+    student.compile(K.optimizers.SGD(0.01), loss=loss or keras_kd.DistillationLoss(), jit_compile=jit)
+
+
 def _fit(K, student, ds, jit, loss=None, **fit_kwargs):
     """``("error", message)`` or ``("losses", history losses)`` of one epoch."""
-    student.compile(K.optimizers.SGD(0.01), loss=loss or keras_kd.DistillationLoss(), jit_compile=jit)
+    _compile(K, student, jit, loss)
+    return _fit_compiled(student, ds, **fit_kwargs)
+
+
+def _shared_student(K, jit, ds, loss=None):
+    """The default 4-class student compiled once per flavour, ``jit``, loss configuration and
+    ``ds``'s element spec (`tests.compiled`), at its initial weights: the cases that use it
+    change only data values (where the NaN or the bad label is), so they reuse one traced
+    (under XLA, compiled) step instead of tracing a fresh student each."""
+    loss = loss or keras_kd.DistillationLoss()
+    key = ("test_bad_inputs", K.__name__, jit, repr(sorted(loss.get_config().items())))
+    return compiled.student(key, ds.element_spec, lambda: mlp(K), lambda student: _compile(K, student, jit, loss))
+
+
+def _fit_shared(K, ds, jit, loss=None):
+    """`_fit` of the shared default student (`_shared_student`)."""
+    return _fit_compiled(_shared_student(K, jit, ds, loss), ds)
+
+
+def _fit_compiled(student, ds, **fit_kwargs):
     fit_kwargs.setdefault("epochs", 1)
     try:
         history = student.fit(ds, verbose=0, **fit_kwargs)
@@ -73,7 +97,9 @@ def test_nan_teacher_never_gives_a_finite_loss(K, jit, placement):
     x, y = _data()
     ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), _nan_teacher(K),
                                placement=placement)
-    _assert_refused(_fit(K, mlp(K), ds, jit), K, jit, "NaN or Inf")
+    # The in-step placement's dataset names its own teacher (another spec): a fresh student there.
+    outcome = _fit_shared(K, ds, jit) if placement == "pipeline" else _fit(K, mlp(K), ds, jit)
+    _assert_refused(outcome, K, jit, "NaN or Inf")
 
 
 @JIT
@@ -88,7 +114,7 @@ def test_non_finite_teacher_logits_in_targets(K, jit, bad, divergence):
     t = np.random.default_rng(1).normal(size=(32, 4)).astype("float32")
     t[5, 2] = bad
     ds = tf.data.Dataset.from_tensor_slices((x, TeacherTargets(labels=y, logits=t))).batch(16)
-    _assert_refused(_fit(K, mlp(K), ds, jit, keras_kd.DistillationLoss(divergence=divergence)), K, jit, "NaN or Inf")
+    _assert_refused(_fit_shared(K, ds, jit, keras_kd.DistillationLoss(divergence=divergence)), K, jit, "NaN or Inf")
 
 
 @JIT
@@ -99,7 +125,7 @@ def test_non_finite_topk_targets(K, jit):
     vals[3, 0] = np.nan
     targets = TeacherTargets(labels=y, topk_indices=idx, topk_values=vals, topk_logsumexp=np.full(32, 3.0, "float32"))
     ds = tf.data.Dataset.from_tensor_slices((x, targets)).batch(16)
-    _assert_refused(_fit(K, mlp(K), ds, jit), K, jit, "NaN or Inf")
+    _assert_refused(_fit_shared(K, ds, jit), K, jit, "NaN or Inf")
 
 
 @JIT
@@ -113,7 +139,7 @@ def test_topk_logsumexp_below_its_own_topk_is_refused(K, jit):
     wrong_lse = (np.log(np.exp(vals.astype("float64")).sum(-1)) - 0.5).astype("float32")
     targets = TeacherTargets(labels=y, topk_indices=idx, topk_values=vals, topk_logsumexp=wrong_lse)
     ds = tf.data.Dataset.from_tensor_slices((x, targets)).batch(16)
-    _assert_refused(_fit(K, mlp(K), ds, jit), K, jit, "topk_logsumexp")
+    _assert_refused(_fit_shared(K, ds, jit), K, jit, "topk_logsumexp")
 
 
 def test_topk_logsumexp_of_the_raw_logits_is_accepted():
@@ -154,7 +180,8 @@ def test_labels_out_of_range(K, jit, placement, offset):
     y = y.copy()
     y[3] += offset
     ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K), placement=placement)
-    _assert_refused(_fit(K, mlp(K), ds, jit), K, jit, "labels out of range")
+    outcome = _fit_shared(K, ds, jit) if placement == "pipeline" else _fit(K, mlp(K), ds, jit)
+    _assert_refused(outcome, K, jit, "labels out of range")
 
 
 @JIT
@@ -295,7 +322,7 @@ def test_validation_without_teacher_is_silent_and_hard_label(K, jit, placement):
     assert not [w for w in caught if "carry no teacher" in str(w.message)]
     # Validation loss is the hard-label cross-entropy alone (NumPy reference).
     result = student.evaluate(val, verbose=0, return_dict=True)
-    s = student.predict(x, verbose=0)
+    s = compiled.outputs(student, x)
     assert result["loss"] == pytest.approx(ref.sparse_ce(y, s).mean(), rel=1e-4)
 
 
@@ -312,7 +339,7 @@ def test_any_integer_label_dtype(K, jit, dtype):
     student.compile("sgd", loss=loss, metrics=["accuracy", keras_kd.teacher_agreement], jit_compile=jit)
     ds = tf.data.Dataset.from_tensor_slices((x, TeacherTargets(labels=y.astype(dtype), logits=t))).batch(32)
     result = student.evaluate(ds, verbose=0, return_dict=True)
-    s = student.predict(x, verbose=0)
+    s = compiled.outputs(student, x)
     assert result["loss"] == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.4), rel=1e-5)
     assert result["accuracy"] == pytest.approx(np.mean(s.argmax(-1) == y), abs=1e-6)
     student.fit(ds, epochs=1, verbose=0)  # and it trains

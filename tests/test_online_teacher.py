@@ -13,6 +13,7 @@ import tensorflow as tf
 import keras_kd
 from keras_kd import targets as targets_lib
 from keras_kd.data import teachers as teachers_lib
+from tests import compiled
 from tests import reference as ref
 from tests.conftest import mlp
 
@@ -33,6 +34,15 @@ def _function(K, net):
         run = teachers_lib.tf_callable(net)
         return lambda x, training=False: run(x)
     return lambda x, training=False: net(x, training=training)
+
+
+def _shared_student(K, ds, jit_compile, loss):
+    """A default student compiled with ``loss`` once per flavour, ``jit_compile``, loss configuration
+    and ``ds``'s element spec (`tests.compiled`), at its initial weights: the pipeline cases that use
+    it change only values (the teacher's weights), so they reuse one traced (compiled) step."""
+    key = ("test_online_teacher", K.__name__, jit_compile, repr(sorted(loss.get_config().items())))
+    return compiled.student(key, ds.element_spec, lambda: mlp(K),
+                            lambda student: student.compile("sgd", loss=loss, jit_compile=jit_compile))
 
 
 def _softmax_teachers(K):
@@ -104,12 +114,12 @@ def test_probabilities_heuristic():
 def test_pipeline_non_finite_teacher_logits_raise(K, toy_data, jit_compile, value):
     """The teacher runs in tf.data, outside the compiled step: the check always runs."""
     x, y, make = toy_data
-    teacher, student = mlp(K), mlp(K)
+    teacher = mlp(K)
     weights = teacher.get_weights()
     weights[-1] = weights[-1] + value  # the output bias
     teacher.set_weights(weights)
-    student.compile("sgd", loss=keras_kd.DistillationLoss(), jit_compile=jit_compile)
     ds = keras_kd.with_teacher(make(), teacher, placement="pipeline")
+    student = _shared_student(K, ds, jit_compile, keras_kd.DistillationLoss())
     with pytest.raises(tf.errors.InvalidArgumentError, match="teacher's logits contain NaN or Inf"):
         student.fit(ds, epochs=1, verbose=0)
     with pytest.raises(tf.errors.InvalidArgumentError, match="teacher's logits contain NaN or Inf"):
@@ -132,7 +142,7 @@ def test_jit_compile_step_matches_reference(K, toy_data, placement):
                         jit_compile=jit_compile)
         ds = keras_kd.with_teacher(make(), teacher, placement=placement)
         value = student.evaluate(ds, verbose=0)
-        s, t = student.predict(x, verbose=0), teacher.predict(x, verbose=0)
+        s, t = compiled.outputs(student, x), compiled.outputs(teacher, x)
         assert value == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.3), rel=1e-5)
         student.fit(ds, epochs=2, verbose=0, shuffle=False)
         results[jit_compile] = student.get_weights()
@@ -162,7 +172,7 @@ def test_jit_compile_reweighting_matches_eager_step(K, mode):
             ds = ids.batch(16)
         history = student.fit(keras_kd.with_teacher(ds, teacher), epochs=2, verbose=0, callbacks=[rew])
         # Frozen student: the recorded signal is its cross-entropy (NumPy).
-        np.testing.assert_allclose(rew.table.difficulty, ref.sparse_ce(y, student.predict(x, verbose=0)), rtol=1e-5)
+        np.testing.assert_allclose(rew.table.difficulty, ref.sparse_ce(y, compiled.outputs(student, x)), rtol=1e-5)
         tables[jit_compile] = (rew.table.weights.numpy(), history.history["loss"])
     np.testing.assert_allclose(tables[False][0], tables[True][0], rtol=1e-5)
     np.testing.assert_allclose(tables[False][1], tables[True][1], rtol=1e-5)
@@ -196,8 +206,8 @@ def test_multi_input_teacher_step_equals_pipeline(K, structure, jit_compile):
         return keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), teacher, placement=placement)
 
     pipeline, step = (student.evaluate(data(p), verbose=0) for p in PLACEMENTS)
-    s = student.predict(x, verbose=0)
-    t = teacher.predict(x, verbose=0)
+    s = compiled.outputs(student, x)
+    t = compiled.outputs(teacher, x)
     assert pipeline == pytest.approx(ref.distillation_loss(y, s, t, 3.0, 0.2), rel=1e-5)
     assert step == pytest.approx(pipeline, rel=1e-6)
     history = student.fit(data("step"), epochs=2, verbose=0)
@@ -249,7 +259,7 @@ def test_derived_datasets_keep_the_teacher(K, toy_data):
     gc.collect()
     student.compile("sgd", loss=keras_kd.DistillationLoss())
     value = student.evaluate(derived, verbose=0)
-    s, t = student.predict(x, verbose=0), teacher.predict(x, verbose=0)
+    s, t = compiled.outputs(student, x), compiled.outputs(teacher, x)
     assert value == pytest.approx(ref.distillation_loss(y, s, t, 4.0, 0.1), rel=1e-5)
 
 
@@ -283,7 +293,7 @@ def test_teacher_of_the_other_keras(toy_data, placement):
                 student.evaluate(ds, verbose=0)
             continue
         value = student.evaluate(ds, verbose=0)
-        s, t = student.predict(x, verbose=0), teacher.predict(x, verbose=0)
+        s, t = compiled.outputs(student, x), compiled.outputs(teacher, x)
         assert value == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.4), rel=1e-5)
 
 
@@ -325,14 +335,18 @@ def _ensemble_reference(logits, ensemble):
 def test_ensemble_targets_and_loss_equal_numpy(K, toy_data, placement, ensemble, jit_compile):
     x, y, make = toy_data
     teachers = [mlp(K, hidden=h) for h in (8, 16, 32)]
-    student = mlp(K)
-    student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.3), jit_compile=jit_compile)
     ds = keras_kd.with_teacher(make(), teachers, placement=placement, ensemble=ensemble)
-    want = _ensemble_reference([t.predict(x, verbose=0) for t in teachers], ensemble)
+    loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3)
+    if placement == "pipeline":  # both ensembles give the same spec: one shared student
+        student = _shared_student(K, ds, jit_compile, loss)
+    else:  # the in-step dataset names its own teachers (another spec)
+        student = mlp(K)
+        student.compile("sgd", loss=loss, jit_compile=jit_compile)
+    want = _ensemble_reference([compiled.outputs(t, x) for t in teachers], ensemble)
     got = np.concatenate([targets_lib.materialize(t).logits.numpy() for _, t in ds])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     value = student.evaluate(ds, verbose=0)
-    assert value == pytest.approx(ref.distillation_loss(y, student.predict(x, verbose=0), want, 2.0, 0.3), rel=1e-5)
+    assert value == pytest.approx(ref.distillation_loss(y, compiled.outputs(student, x), want, 2.0, 0.3), rel=1e-5)
     history = student.fit(ds, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
 
@@ -343,7 +357,7 @@ def test_one_teacher_in_a_list_is_that_teacher(K, toy_data):
     for ensemble in ("mean_logits", "mean_probs"):
         ds = keras_kd.with_teacher(make(), (teacher,), placement="pipeline", ensemble=ensemble)
         got = np.concatenate([t.logits.numpy() for _, t in ds])
-        np.testing.assert_allclose(got, teacher.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, compiled.outputs(teacher, x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
@@ -390,7 +404,7 @@ def test_student_sees_less_than_the_teacher(K, toy_data, placement, jit_compile)
     xb, _ = next(iter(ds))
     np.testing.assert_array_equal(xb.numpy(), x[:32, ::2])
     value = student.evaluate(ds, verbose=0)
-    s, t = student.predict(x[:, ::2], verbose=0), teacher.predict(x, verbose=0)
+    s, t = compiled.outputs(student, x[:, ::2]), compiled.outputs(teacher, x)
     assert value == pytest.approx(ref.distillation_loss(y, s, t, 3.0, 0.2), rel=1e-5)
     assert np.isfinite(student.fit(ds, epochs=1, verbose=0).history["loss"]).all()
 
@@ -409,8 +423,8 @@ def test_teacher_reads_privileged_features(K, placement, jit_compile):
         teacher_inputs=lambda v: tf.concat([v["signal"], v["privileged"]], -1),
         student_inputs=lambda v: v["signal"])
     value = student.evaluate(ds, verbose=0)
-    s = student.predict(x["signal"], verbose=0)
-    t = teacher.predict(np.concatenate([x["signal"], x["privileged"]], -1), verbose=0)
+    s = compiled.outputs(student, x["signal"])
+    t = compiled.outputs(teacher, np.concatenate([x["signal"], x["privileged"]], -1))
     assert value == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.5), rel=1e-5)
 
 
@@ -433,7 +447,7 @@ def test_unbatched_dataset_is_refused_for_a_teacher_without_known_inputs(K, plac
     student = K.Sequential([K.Input((8, 8, 1)), K.layers.Flatten(), K.layers.Dense(4)])
     student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.5))
     value = student.evaluate(ds, verbose=0)
-    s, t = student.predict(x, verbose=0), teacher.predict(x, verbose=0)
+    s, t = compiled.outputs(student, x), compiled.outputs(teacher, x)
     assert value == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.5), rel=1e-5)
 
 
@@ -512,4 +526,4 @@ def test_step_placement_labels_keep_their_values(K, toy_data, dtype):
     assert ds.element_spec[1].labels.dtype == (tf.int64 if dtype == "int32" else tf.as_dtype(dtype))
     student.compile("sgd", loss=keras_kd.DistillationLoss(), metrics=["accuracy"])
     result = student.evaluate(ds, verbose=0, return_dict=True)
-    assert result["accuracy"] == pytest.approx((student.predict(x, verbose=0).argmax(-1) == y).mean(), abs=1e-6)
+    assert result["accuracy"] == pytest.approx((compiled.outputs(student, x).argmax(-1) == y).mean(), abs=1e-6)
