@@ -154,6 +154,8 @@ def _result(out):
     # Its own teacher's logits, to float16 precision -- never the other's.
     np.testing.assert_allclose(result["got"], result["want"], rtol=2e-3, atol=2e-3)
     return "own"
+
+
 @pytest.mark.parametrize("on_mismatch", ["error", "rebuild"])
 def test_two_jobs_with_different_teachers_on_one_empty_directory(servers, tmp_path, on_mismatch):
     # Three trials, each on a fresh directory that both jobs (one per server process)
