@@ -100,9 +100,9 @@ class Workload:
 
 
 WORKLOADS = {
-    "bar": Workload("bar", 20_000, 64, (256, 256), (2048, 2048), 256, 1, 6),
-    "small": Workload("small", 1_257, 64, (32,), (256, 256), 64, 4, 10),
-    "medium": Workload("medium", 4_000, 40, (64,), (512, 512), 128, 3, 8),
+    "bar": Workload("bar", 20_000, 64, (256, 256), (2048, 2048), 256, 1, 8),
+    "small": Workload("small", 1_257, 64, (32,), (256, 256), 64, 4, 20),
+    "medium": Workload("medium", 4_000, 40, (64,), (512, 512), 128, 3, 14),
 }
 WIDE_STUDENT = (2048, 2048)
 
@@ -423,7 +423,7 @@ def print_summary(all_results):
 
 
 def main(argv=None):
-    parser = common_parser(__doc__.split("\n")[0], rounds="6 bar, 10 small, 8 medium")
+    parser = common_parser(__doc__.split("\n")[0], rounds="8 bar, 20 small, 14 medium")
     parser.add_argument("--workloads", default="bar,small,medium",
                         help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--max-rows", type=int, default=None, help="cap every workload's rows (smoke tests)")

@@ -303,6 +303,47 @@ def test_validation_does_not_touch_the_table(K):
     assert rew.table.seen.all()
 
 
+# TensorFlow only: a JAX step cannot tell, and there the callback's own
+# on_test_begin/on_test_end decide (documented in HardSampleReweighting).
+@pytest.mark.backend("tensorflow")
+@pytest.mark.parametrize("jit", [False, True])
+def test_evaluate_inside_another_callback_neither_records_nor_is_weighted(K, jit):
+    """A `model.evaluate` that another callback runs mid-`fit` (this callback sees
+    no `on_test_begin`) is a validation step too: the table is unchanged by it
+    (against the same fit without it) and its loss is unweighted, even for
+    validation ids outside the table (in-step weights, `num_examples=`)."""
+    x, y, ds = _ids_dataset(n=48)
+    teacher = mlp(K)
+    # Validation ids 100..111: outside the table of 48.
+    val = keras_kd.with_teacher(
+        tf.data.Dataset.from_tensor_slices(
+            (x[:12] + 5.0, keras_kd.TeacherTargets(labels=y[:12], example_id=np.arange(100, 112)))
+        ).batch(6),
+        teacher,
+    )
+    kd = keras_kd.DistillationLoss()
+
+    class EvaluateEachEpoch(K.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.seen = self.model.evaluate(val, verbose=0)
+
+    tables, start = {}, None
+    for extra in (False, True):
+        student = mlp(K)
+        start = start or student.get_weights()
+        student.set_weights(start)
+        student.compile(K.optimizers.SGD(0.05), loss=kd, jit_compile=jit)
+        rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=0, num_examples=48)
+        other = EvaluateEachEpoch()
+        callbacks = [rew, other] if extra else [rew]
+        student.fit(keras_kd.with_teacher(ds.batch(16), teacher), epochs=2, verbose=0, callbacks=callbacks)
+        tables[extra] = rew.get_state()
+    np.testing.assert_array_equal(tables[True]["stats"], tables[False]["stats"])
+    np.testing.assert_array_equal(tables[True]["weights"], tables[False]["weights"])
+    # Unweighted: the same value as evaluating the final student without the callback.
+    assert other.seen == pytest.approx(student.evaluate(val, verbose=0), rel=1e-5)
+
+
 def test_backup_restores_the_same_weights(K, tmp_path):
     """A fit resuming after epoch 2 with the model state that wrote the backup
     (what BackupAndRestore gives) gets the same table; a new run does not."""

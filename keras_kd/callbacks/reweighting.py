@@ -18,6 +18,7 @@ from keras_kd import _checks
 from keras_kd import _compat
 from keras_kd import _ops
 from keras_kd import targets as targets_lib
+from keras_kd.losses import guards
 from keras_kd.callbacks import backup as backup_lib
 from keras_kd.callbacks import table as table_lib
 from keras_kd.callbacks.base import Callback
@@ -56,7 +57,12 @@ class HardSampleReweighting(Callback):
     * without `attach` (pass ``num_examples=``), the loss multiplies them in
       inside the training step: no extra pipeline work, the fastest path.
 
-    Validation steps are never weighted and never change the table.
+    Validation steps are never weighted and never change the table. On
+    TensorFlow that holds for any ``model.evaluate`` (the step is told apart
+    while it is traced: no gradient tape), also one that another callback runs
+    mid-``fit``; on JAX it holds for the validation of ``fit`` itself (this
+    callback's ``on_test_begin``), not for an ``evaluate`` that another
+    callback runs mid-``fit`` (the JAX step records it like a training step).
 
     On Keras 3 + JAX both ways work too: during ``fit`` the step's copy of
     the table is part of the model's state, which Keras threads through its
@@ -169,6 +175,8 @@ class HardSampleReweighting(Callback):
         self._rows = table_lib.StepRows()
         self._attached = False
         self._loss = None
+        self._in_fit = False  # TensorFlow steps: traced in a training phase of this fit
+        self._scoring = False  # the eager scoring pass records
 
     def get_config(self):
         return {
@@ -283,22 +291,23 @@ class HardSampleReweighting(Callback):
         if not _ops.namespace(targets.example_id).is_tf:
             self._record_jax(targets, student_logits, soft)
             return
+        if not self._training_step():
+            return  # a validation step (decided while tracing): it never changes the table
         table = self._table
         teacher_logits = tf.cast(targets.logits, tf.float32)
         student_logits = tf.cast(student_logits, tf.float32)
         with tf.name_scope("kd_reweighting_record"):
-            # No branch in the step: when not recording (validation), the same rows
-            # are written back unchanged; validation ids beyond the table read row 0.
+            # Training ids outside the table are caught by `_weigh` (in-step
+            # weights) or by `attach`'s hook; here they write row 0's values.
             ids, _ = self._rows(targets.example_id, table.num_examples)
             fresh = tf.stack(self._values(targets, teacher_logits, student_logits, soft), axis=1)
             # tf.gather (ResourceGather) compiles under XLA; gather_nd on a variable does not.
             old = tf.gather(table.stats, ids)
+            # A first value is taken as is (old is NaN), later ones smoothed; rows
+            # with no value (a label-based signal on an unlabelled example) unchanged.
             rate = tf.constant([[1.0 - self.momentum, 0.5]])
             new = tf.where(tf.math.is_nan(old), fresh, old + rate * (fresh - old))
-            # Unchanged rows: validation steps, and no value (a label-based
-            # signal on an unlabelled example).
-            keep = tf.logical_or(tf.math.is_nan(fresh), tf.logical_not(table.recording))
-            table.stats.scatter_update(tf.IndexedSlices(tf.where(keep, old, new), ids))
+            table.stats.scatter_update(tf.IndexedSlices(tf.where(tf.math.is_nan(fresh), old, new), ids))
 
     def _values(self, targets, teacher_logits, student_logits, soft):
         """Per example: (difficulty, teacher wrong), NaN where there is no value."""
@@ -321,6 +330,18 @@ class HardSampleReweighting(Callback):
         fresh = ops.stack(self._values(targets, teacher_logits, student_logits, soft), axis=1)
         table_lib.jax_record(self._table.step_state, rows, ops.cast(fresh, "float32"), self.momentum)
 
+    def _training_step(self) -> bool:
+        """Whether the TensorFlow step being traced (or the eager scoring pass)
+        records and weighs: decided once per trace, so validation steps carry
+        none of the table's ops. A training step of this callback's ``fit``
+        (between ``on_train_begin`` and ``on_train_end``, outside its
+        validation) that computes its loss under a gradient tape; a
+        ``model.evaluate`` that another callback runs mid-``fit`` has no tape."""
+        if self._scoring:
+            return True
+        tape = guards.in_training_step()
+        return self._in_fit and (tape is None or tape)  # None: TensorFlow no longer tells
+
     def score(self, dataset: tf.data.Dataset):
         """Scores every example of ``dataset`` with the current student and
         updates the smoothed difficulties (the optional scoring pass)."""
@@ -328,15 +349,16 @@ class HardSampleReweighting(Callback):
         if self.table.step_state is not None:
             self._score_jax(dataset, loss)
             return
-        was_recording = bool(self.table.recording.numpy())
-        self.table.recording.assign(True)
-        for x, targets, *_ in dataset:
-            targets = targets_lib.materialize(targets)
-            student = self.model(x, training=False)
-            terms = loss.terms(targets, student)  # dense teacher logits, whatever the targets' form
-            if terms.targets is not None:
-                self._record(terms.targets, student, terms.hard, terms.soft)
-        self.table.recording.assign(was_recording)
+        self._scoring = True
+        try:
+            for x, targets, *_ in dataset:
+                targets = targets_lib.materialize(targets)
+                student = self.model(x, training=False)
+                terms = loss.terms(targets, student)  # dense teacher logits, whatever the targets' form
+                if terms.targets is not None:
+                    self._record(terms.targets, student, terms.hard, terms.soft)
+        finally:
+            self._scoring = False
 
     def _score_jax(self, dataset, loss):
         """`score` for a Keras 3 student on JAX: batches as JAX arrays, the table updated eagerly."""
@@ -379,7 +401,8 @@ class HardSampleReweighting(Callback):
             )
         self._resume_checked = False
         self._synced = table.stats.numpy()
-        table.recording.assign(True)  # "in a training step"
+        table.recording.assign(True)  # "in a training step" (the JAX step reads it)
+        self._in_fit = True  # the TensorFlow steps traced from now on record
         if self.scoring_data is None:
             self._loss.add_observer(self._record)
         if not self._attached:
@@ -404,22 +427,21 @@ class HardSampleReweighting(Callback):
         size = self.table.num_examples
         if not _ops.namespace(targets.example_id).is_tf:
             return table_lib.jax_weights(self.table.step_state, *table_lib.jax_rows(targets.example_id, size))
+        if not self._training_step():
+            return None  # a validation step (decided while tracing): unweighted
         with tf.name_scope("kd_reweighting_weigh"):
             ids, outside = self._rows(targets.example_id, size)
-            w = tf.gather(self.table.weights, ids)
-            training = self.table.recording
-            # A training id outside the table means a wrong `num_examples` (or other data):
-            # never weigh it with another example's row. An error without XLA; under XLA,
-            # where assertions vanish, the weight (and so the loss) is NaN.
-            bad = tf.logical_and(training, outside)
-            check = tf.debugging.Assert(
-                tf.logical_not(tf.reduce_any(bad)),
-                [f"keras_kd: training example ids outside the HardSampleReweighting table of {size} examples. "
-                 "Pass the size of the training dataset as `num_examples=`, or use `rew.attach(train_ds)`."],
+            # A training id outside the table means a wrong `num_examples` (or other
+            # data): never weigh it with another example's row. Its weight is NaN,
+            # and CheckNumerics turns that into an error naming the cause (the
+            # table's weights are always finite); under XLA, where the check does
+            # not run, the loss is NaN.
+            w = tf.where(outside, np.float32(np.nan), tf.gather(self.table.weights, ids))
+            return tf.debugging.check_numerics(
+                w,
+                f"keras_kd: training example ids outside the HardSampleReweighting table of {size} examples. "
+                "Pass the size of the training dataset as `num_examples=`, or use `rew.attach(train_ds)`",
             )
-            with tf.control_dependencies([check]):
-                w = tf.where(bad, np.float32(np.nan), w)
-                return tf.where(training, w, np.float32(1.0))  # validation steps: unweighted
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._resume_checked:
@@ -442,12 +464,15 @@ class HardSampleReweighting(Callback):
             self.model.make_train_function(force=True)
         self._rows = table_lib.StepRows()  # drops the last traced step's tensors
         self.table.recording.assign(False)
+        self._in_fit = False
 
     def on_test_begin(self, logs=None):
         self.table.recording.assign(False)
+        self._in_fit = False
 
     def on_test_end(self, logs=None):
         self.table.recording.assign(self._loss is not None)
+        self._in_fit = self._loss is not None
 
     def _sync_workers(self):
         """Merges the tables of all workers (see `table.merge_workers`)."""

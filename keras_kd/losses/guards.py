@@ -120,12 +120,15 @@ def producing_activation(tensor):
 
 
 def in_training_step():
-    """Whether a gradient tape is recording, i.e. this is a training step (not evaluate/predict)."""
+    """Whether a gradient tape is recording, i.e. this is a training step (not
+    evaluate/predict); None if this TensorFlow no longer tells (the canary in
+    tests/test_private_canaries.py fails first)."""
     try:
         from tensorflow.python.eager import record  # noqa: PLC0415 - private, guarded
     except ImportError:  # pragma: no cover - TF moved it
-        return False
-    return bool(record.could_possibly_record())
+        return None
+    could_possibly_record = getattr(record, "could_possibly_record", None)
+    return None if could_possibly_record is None else bool(could_possibly_record())
 
 
 def graph_key():

@@ -28,6 +28,8 @@ def _broadcast_like(weights, values):
             weights = ops.squeeze(weights, -1)
         while ops.ndim(weights) < rank:
             weights = weights[..., None]
+    if ops.is_tf and values.shape.is_fully_defined() and weights.shape == values.shape:
+        return weights  # already that shape (the usual traced step): no BroadcastTo op
     return ops.broadcast_to(weights, ops.dynamic_shape(values) if ops.is_tf else values.shape)
 
 
