@@ -437,16 +437,25 @@ def test_histogram_png(K, tmp_path):
 
 
 @pytest.mark.backend("tensorflow")  # tf.distribute runs TensorFlow models only
-def test_mirrored_strategy(K):
+@pytest.mark.parametrize("weights", ["attach", "in the step"])
+def test_mirrored_strategy(K, weights):
+    """Both replicas write their halves of every batch into the one table, also
+    when the table is created inside `fit`'s strategy scope (in-step weights,
+    `num_examples=`), where a mirrored table would keep one replica's half."""
     x, y, ds = _ids_dataset(n=48)
     teacher = mlp(K)
     with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
         student = mlp(K)
         student.compile(K.optimizers.SGD(0.0), loss=keras_kd.DistillationLoss())
-    rew = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=0, momentum=0.0)
-    student.fit(keras_kd.with_teacher(rew.attach(ds).batch(16), teacher), epochs=1, verbose=0, callbacks=[rew])
-    # Both replicas wrote their halves of every batch into the one table.
+    if weights == "attach":
+        rew = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=0, momentum=0.0)
+        data = rew.attach(ds)
+    else:
+        rew = keras_kd.HardSampleReweighting(signal="student_ce", warmup_epochs=0, momentum=0.0, num_examples=48)
+        data = ds
+    student.fit(keras_kd.with_teacher(data.batch(16), teacher), epochs=1, verbose=0, callbacks=[rew])
     np.testing.assert_allclose(rew.table.difficulty, ref.sparse_ce(y, student.predict(x, verbose=0)), rtol=1e-5)
+    assert rew.table.seen.all()
 
 
 # --- schedules ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ reads).
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -30,10 +31,16 @@ class Table:
 
     def __init__(self, num_examples: int):
         self.num_examples = num_examples
-        with tf.init_scope():
-            self.weights = tf.Variable(tf.ones([num_examples]), trainable=False, name="kd_example_weights")
-            self.stats = tf.Variable(tf.fill([num_examples, 2], np.nan), trainable=False, name="kd_example_stats")
-            self.recording = tf.Variable(False, trainable=False, name="kd_recording")
+
+        def create():
+            with tf.init_scope():
+                return (
+                    tf.Variable(tf.ones([num_examples]), trainable=False, name="kd_example_weights"),
+                    tf.Variable(tf.fill([num_examples, 2], np.nan), trainable=False, name="kd_example_stats"),
+                    tf.Variable(False, trainable=False, name="kd_recording"),
+                )
+
+        self.weights, self.stats, self.recording = _outside_any_strategy(create)
         self.tf_weights = self.weights  # what the dataset hook of `attach` reads, on every backend
         self.step_state = None  # JAX: the state the jitted step threads (`use_jax`)
 
@@ -67,6 +74,34 @@ class Table:
     @property
     def teacher_wrong(self) -> np.ndarray:
         return np.nan_to_num(self.stats.numpy()[:, 1])
+
+
+def _outside_any_strategy(create):
+    """Runs ``create()`` where no ``tf.distribute`` strategy is in scope.
+
+    The table is one set of variables that every replica of a step reads and
+    scatters into. Created inside a strategy's scope (a table made by
+    ``on_train_begin``, within ``fit``'s scope), they would be mirrored: each
+    replica would write its own copy, and the callback, reading the first,
+    would see the examples of one replica only. A strategy's scope is
+    thread-local, so a short-lived thread creates them outside it.
+    """
+    if not tf.distribute.has_strategy():
+        return create()
+    result = {}
+
+    def run():
+        try:
+            result["value"] = create()
+        except BaseException as e:  # re-raised in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name="keras_kd_table")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 class _StateArray:
