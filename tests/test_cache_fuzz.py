@@ -16,6 +16,10 @@ from hypothesis import strategies as st
 
 import keras_kd
 
+# Reading damaged cache files is TensorFlow code whatever Keras 3's backend is, so the TensorFlow
+# job runs it (the JAX job ran the same reads again; a JAX teacher's cache: tests/test_jax_cache.py).
+pytestmark = pytest.mark.backend("tensorflow")
+
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

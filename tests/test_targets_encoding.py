@@ -12,6 +12,10 @@ import keras_kd
 from keras_kd import TeacherTargets
 from keras_kd import targets as targets_lib
 
+# tf.data's encoding of TeacherTargets: TensorFlow code whatever Keras 3's backend is, so the
+# TensorFlow job runs it (the JAX job ran the same code again; JAX batches: tests/test_jax_data.py).
+pytestmark = pytest.mark.backend("tensorflow")
+
 N = 6
 BIG = 2**62 + 12345  # ids near 2**62: an int64 round trip must keep every bit
 INT_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"]
