@@ -96,7 +96,8 @@ def quick_settings():
 
     return recipes.Settings(seeds=[0], epochs=2, patient_epochs=3, teacher_epochs=2, transfer_count=256,
                             tuner_epochs=1, tuner_temperatures=[4.0], tuner_alphas=[0.5, 1.0],
-                            tuner_divergences=["dkd"], train_limit=512)
+                            tuner_divergences=["dkd"], train_limit=512,
+                            steps_per_execution=1)
 
 
 def default_jobs() -> int:
