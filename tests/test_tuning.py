@@ -9,6 +9,7 @@ import tensorflow as tf
 import keras_kd
 from keras_kd import tuning
 from keras_kd.tuning.hyperparameters import _distillation_choices
+from tests.frozen_heap import frozen_heap  # noqa: F401  (autouse: cheap gc.collect in every trial)
 
 
 def test_hyperparameters_declare_and_build_objects():
@@ -86,9 +87,14 @@ def test_tuners_accept_both_flavours(K, tuner_class, tmp_path):
                              K.layers.Dense(3)])
 
     hypermodel = tuning.DistillationHyperModel(build_student, temperature=(1.0, 4.0), alpha=(0.0, 0.5))
-    # Hyperband(max_epochs=2, factor=2): 5 trials, the second round of its first bracket resumes a checkpoint.
+    # Hyperband(max_epochs=2, factor=2), the smallest with two rounds: its first bracket trains 2
+    # trials for 1 epoch, then resumes the better one's checkpoint for a second epoch. Its second
+    # bracket (2 fresh trials of 2 epochs) takes the path the first round took; the oracle stops
+    # after the first bracket's 3 trials.
     size = {"max_epochs": 2, "factor": 2} if tuner_class is tuning.Hyperband else {"max_trials": 2}
     tuner = tuner_class(hypermodel, objective="val_accuracy", directory=str(tmp_path), project_name="p", **size)
+    if tuner_class is tuning.Hyperband:
+        tuner.oracle.max_trials = 3
     tuner.search(train, validation_data=train, epochs=2, verbose=0)
     best = tuner.get_best_models(1)[0]
     assert keras_kd._compat.flavour_of(best) == keras_kd._compat.flavour_of(build_student(keras_tuner.HyperParameters()))
@@ -96,6 +102,7 @@ def test_tuners_accept_both_flavours(K, tuner_class, tmp_path):
     assert 0.0 <= trial.score <= 1.0
     if tuner_class is tuning.Hyperband:
         # Later Hyperband rounds resume from an earlier trial's checkpoint.
+        assert len(tuner.oracle.trials) == 3
         assert any("tuner/trial_id" in t.hyperparameters.values for t in tuner.oracle.trials.values())
     # The best model reloaded from its checkpoint reproduces the trial's validation accuracy.
     acc = best.evaluate(train, verbose=0, return_dict=True)["accuracy"]
