@@ -91,7 +91,12 @@ def test_tuners_accept_both_flavours(K, tuner_class, tmp_path):
     # trials for 1 epoch, then resumes the better one's checkpoint for a second epoch. Its second
     # bracket (2 fresh trials of 2 epochs) takes the path the first round took; the oracle stops
     # after the first bracket's 3 trials.
+    # BayesianOptimization draws its first max(3 * dimensions, 3) trials at random, so a second
+    # trial would take the first one's path again; choosing the best of two trials is
+    # RandomSearch's and Hyperband's case (the same Tuner code picks and reloads it).
     size = {"max_epochs": 2, "factor": 2} if tuner_class is tuning.Hyperband else {"max_trials": 2}
+    if tuner_class is tuning.BayesianOptimization:
+        size = {"max_trials": 1}
     tuner = tuner_class(hypermodel, objective="val_accuracy", directory=str(tmp_path), project_name="p", **size)
     if tuner_class is tuning.Hyperband:
         tuner.oracle.max_trials = 3

@@ -136,30 +136,37 @@ def test_dkd_and_its_weight_are_searched():
     ("cosine", [4.0, 2.5, 1.0, 1.0], [0.5, 0.25, 0.0, 0.0]),
 ])
 def test_hypermodel_searches_a_schedule(K, kind, temperatures, alphas, tmp_path):
+    """The tf_keras-capable tuner searches the schedule end to end: with seed 0
+    its two trials are "constant" (no scheduler: no schedule values logged) and
+    `kind`, whose four epochs log the schedule's values, computed by hand above.
+    (One search: each trial is DistillationHyperModel.build then .fit, what a
+    direct call would run, in its own session.)"""
     x, y = _arrays()
 
     class Logged(keras_kd.Callback):
-        logs = []
+        fits = []  # one list of (temperature, alpha) per fit; keras-tuner deep-copies the callback
+
+        def on_train_begin(self, logs=None):
+            type(self).fits.append([])
 
         def on_epoch_end(self, epoch, logs=None):
-            type(self).logs.append((logs["kd_temperature"], logs["kd_alpha"]))
+            type(self).fits[-1].append((logs.get("kd_temperature"), logs.get("kd_alpha")))
 
     hypermodel = tuning.DistillationHyperModel(
         lambda hp: _student(K), temperature=4.0, alpha=0.5, learning_rate=1e-2,
         schedule=["constant", kind], schedule_epochs=3, final_temperature=1.0, final_alpha=0.0,
     )
-    hp = keras_tuner.HyperParameters()
-    hp.values["kd_schedule"] = kind
-    model = hypermodel.build(hp)
-    hypermodel.fit(hp, model, _distilled(x, y, _teacher()), epochs=4, verbose=0, callbacks=[Logged()])
-    got = Logged.logs
-    assert [t for t, _ in got] == pytest.approx(temperatures)
-    assert [a for _, a in got] == pytest.approx(alphas)
-    # The tf_keras-capable tuner runs the same search end to end.
     tuner = tuning.RandomSearch(hypermodel, objective="loss", max_trials=2, seed=0,
                                 directory=str(tmp_path), project_name="s")
-    tuner.search(_distilled(x, y, _teacher()), epochs=2, verbose=0)
-    assert {t.hyperparameters.values["kd_schedule"] for t in tuner.oracle.trials.values()} <= {"constant", kind}
+    tuner.search(_distilled(x, y, _teacher()), epochs=4, verbose=0, callbacks=[Logged()])
+    schedules = [t.hyperparameters.values["kd_schedule"] for t in tuner.oracle.trials.values()]
+    assert sorted(schedules) == sorted(["constant", kind])
+    for schedule, got in zip(schedules, Logged.fits):
+        if schedule == "constant":
+            assert got == [(None, None)] * 4
+        else:
+            assert [t for t, _ in got] == pytest.approx(temperatures)
+            assert [a for _, a in got] == pytest.approx(alphas)
 
 
 def test_schedule_arguments():
@@ -206,8 +213,10 @@ def test_ranking_by_accuracy_or_a_fixed_loss_does_not_warn(tmp_path):
                                           learning_rate=[1e-2, 1e-3])  # same loss in every trial
     import warnings
 
+    # One trial each: whether to warn depends on the hypermodel's ranges and the objective only,
+    # the same at every trial's fit (test_ranking_by_the_searched_loss_warns_once: at the first).
     for hypermodel, objective in ((searched, "val_accuracy"), (fixed, "val_loss")):
-        tuner = keras_tuner.GridSearch(hypermodel, objective=objective, max_trials=2,
+        tuner = keras_tuner.GridSearch(hypermodel, objective=objective, max_trials=1,
                                        directory=str(tmp_path), project_name=objective)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
