@@ -18,7 +18,6 @@ import keras_kd
 from keras_kd import optimize
 from keras_kd import tuning
 from integration.digits import load_digits_split
-from tests.frozen_heap import frozen_heap  # noqa: F401  (autouse: cheap gc.collect in every trial)
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,6 @@ import tensorflow as tf
 import keras_kd
 from keras_kd import tuning
 from tests import reference as ref
-from tests.frozen_heap import frozen_heap  # noqa: F401  (autouse: cheap gc.collect in every trial)
 
 pytestmark = pytest.mark.backend("jax")
 

@@ -9,7 +9,6 @@ import tensorflow as tf
 import keras_kd
 from keras_kd import tuning
 from keras_kd.tuning.hyperparameters import _distillation_choices
-from tests.frozen_heap import frozen_heap  # noqa: F401  (autouse: cheap gc.collect in every trial)
 
 
 def test_hyperparameters_declare_and_build_objects():

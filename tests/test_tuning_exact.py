@@ -18,7 +18,6 @@ import keras_kd
 from keras_kd import _compat
 from keras_kd import optimize
 from keras_kd import tuning
-from tests.frozen_heap import frozen_heap  # noqa: F401  (autouse: cheap gc.collect in every trial)
 
 
 def _data():
