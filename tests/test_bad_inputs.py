@@ -81,11 +81,25 @@ def _assert_refused(outcome, K, jit, match):
     assert np.all(np.isnan(value)), f"bad input trained silently under XLA: losses {value}"
 
 
+_TEACHERS = {}
+
+
+def _teacher(K, nan=False, **kwargs):
+    """A logits teacher (`mlp` with ``kwargs``; with ``nan``, its output kernel all NaN), built once
+    per flavour and configuration for this module: the cases only read it (`with_teacher` keeps no
+    state on a teacher, and each case builds its own dataset), so a fresh one per case buys nothing."""
+    key = (K.__name__, nan, tuple(sorted(kwargs.items())))
+    if key not in _TEACHERS:
+        teacher = mlp(K, **kwargs)
+        if nan:
+            kernel = teacher.layers[-1].kernel
+            kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+        _TEACHERS[key] = teacher
+    return _TEACHERS[key]
+
+
 def _nan_teacher(K):
-    teacher = mlp(K, hidden=16)
-    kernel = teacher.layers[-1].kernel
-    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
-    return teacher
+    return _teacher(K, nan=True)
 
 
 # --- non-finite teacher logits ---------------------------------------------------
@@ -179,7 +193,7 @@ def test_labels_out_of_range(K, jit, placement, offset):
     x, y = _data()
     y = y.copy()
     y[3] += offset
-    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K), placement=placement)
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), _teacher(K), placement=placement)
     outcome = _fit_shared(K, ds, jit) if placement == "pipeline" else _fit(K, mlp(K), ds, jit)
     _assert_refused(outcome, K, jit, "labels out of range")
 
@@ -209,7 +223,7 @@ def test_binary_labels_out_of_range(K, jit, placement):
     x, _ = _data()
     y = np.random.default_rng(3).integers(0, 2, size=32).astype("float32")
     y[4] = 2.0
-    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K, classes=1),
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), _teacher(K, classes=1),
                                placement=placement)
     _assert_refused(_fit(K, mlp(K, classes=1), ds, jit), K, jit, "binary labels out of range")
 
@@ -220,7 +234,7 @@ def test_label_shape_that_fits_no_convention(K, jit, placement):
     # Dense (one-hot or mixed) labels with 5 columns for a 4-class student.
     x, y = _data()
     ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, np.eye(5, dtype="float32")[y])).batch(16),
-                               mlp(K), placement=placement)
+                               _teacher(K), placement=placement)
     with pytest.raises(ValueError, match="do not fit the student's logits"):
         _fit(K, mlp(K), ds, jit)
 
@@ -232,7 +246,7 @@ def test_label_shape_that_fits_no_convention(K, jit, placement):
 @PLACEMENT
 def test_class_count_mismatch(K, jit, placement):
     x, y = _data()
-    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K, classes=5),
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), _teacher(K, classes=5),
                                placement=placement)
     with pytest.raises(ValueError, match=r"class counts\s+differ \(5 vs 4\)"):
         _fit(K, mlp(K), ds, jit)
@@ -243,7 +257,7 @@ def test_class_count_mismatch(K, jit, placement):
 def test_binary_student_with_two_class_teacher(K, jit, placement):
     x, _ = _data()
     y = np.random.default_rng(4).integers(0, 2, size=32)
-    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K, classes=2),
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), _teacher(K, classes=2),
                                placement=placement)
     with pytest.raises(ValueError, match="binary classifier: give the teacher one logit"):
         _fit(K, mlp(K, classes=1), ds, jit)
@@ -270,7 +284,7 @@ def _softmax_student(K, classes=4, activation="softmax"):
 @pytest.mark.parametrize("activation, classes", [("softmax", 4), ("sigmoid", 1)])
 def test_student_ending_in_softmax_warns_once(K, jit, placement, activation, classes):
     x, y = _data(classes=max(classes, 2))
-    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K, classes=classes),
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), _teacher(K, classes=classes),
                                placement=placement)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -288,7 +302,7 @@ def test_student_ending_in_softmax_warns_once(K, jit, placement, activation, cla
 @JIT
 def test_logits_student_does_not_warn(K, jit):
     x, y = _data()
-    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), mlp(K), placement="pipeline")
+    ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), _teacher(K), placement="pipeline")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit(K, mlp(K), ds, jit, validation_data=ds)
@@ -312,7 +326,7 @@ def test_training_without_teacher_warns_once_per_fit(K, jit):
 @PLACEMENT
 def test_validation_without_teacher_is_silent_and_hard_label(K, jit, placement):
     x, y = _data()
-    teacher, student = mlp(K, hidden=16), mlp(K)
+    teacher, student = _teacher(K), mlp(K)
     train = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), teacher, placement=placement)
     val = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     with warnings.catch_warnings(record=True) as caught:
@@ -426,7 +440,7 @@ def test_empty_list_of_teachers(K, placement, empty):
 def test_ensemble_member_that_is_not_a_model(K, placement):
     x, y = _data()
     with pytest.raises(TypeError, match=r"Expected `teacher\[1\]` to be a Keras model or callable"):
-        keras_kd.with_teacher(_batched(x, y), [mlp(K), "teacher.keras"], placement=placement)
+        keras_kd.with_teacher(_batched(x, y), [_teacher(K), "teacher.keras"], placement=placement)
 
 
 _MISMATCHED_ENSEMBLES = pytest.mark.parametrize(
@@ -480,7 +494,7 @@ def test_unknown_ensemble(K, placement, ensemble):
 def test_dkd_on_unlabelled_examples(K, jit, placement):
     # A transfer set (x, NO_LABEL): DKD has no target class there. Refused (NaN under XLA).
     x, _ = _data()
-    ds = keras_kd.with_teacher(keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x)).batch(16), mlp(K),
+    ds = keras_kd.with_teacher(keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x)).batch(16), _teacher(K),
                                placement=placement)
     _assert_refused(_fit(K, mlp(K), ds, jit, keras_kd.DistillationLoss(divergence="dkd")), K, jit, "label")
 
@@ -491,7 +505,7 @@ def test_dkd_on_a_mix_of_labelled_and_unlabelled_examples(K, jit, placement):
     x, y = _data()
     labelled = tf.data.Dataset.from_tensor_slices((x, y.astype("int64")))
     transfer = keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x)).map(lambda a, b: (a, tf.cast(b, tf.int64)))
-    ds = keras_kd.with_teacher(labelled.concatenate(transfer).shuffle(64, seed=0).batch(16), mlp(K),
+    ds = keras_kd.with_teacher(labelled.concatenate(transfer).shuffle(64, seed=0).batch(16), _teacher(K),
                                placement=placement)
     _assert_refused(_fit(K, mlp(K), ds, jit, keras_kd.DistillationLoss(divergence="dkd")), K, jit, "label")
 
@@ -510,7 +524,7 @@ def test_dkd_on_unlabelled_cache(K, jit, tmp_path):
 @PLACEMENT
 def test_dkd_with_dense_labels_of_the_wrong_class_count(K, jit, placement):
     x, y = _data()
-    ds = keras_kd.with_teacher(_batched(x, np.eye(5, dtype="float32")[y]), mlp(K), placement=placement)
+    ds = keras_kd.with_teacher(_batched(x, np.eye(5, dtype="float32")[y]), _teacher(K), placement=placement)
     with pytest.raises(ValueError, match="do not fit the student's logits"):
         _fit(K, mlp(K), ds, jit, keras_kd.DistillationLoss(divergence="dkd"))
 
@@ -563,7 +577,7 @@ def test_unlabelled_after_batch(K, jit, placement):
     # A batch of known size hides it from `unlabelled`: the loss refuses the scalar labels.
     ds = keras_kd.unlabelled(tf.data.Dataset.from_tensor_slices(x).batch(16, drop_remainder=True))
     with pytest.raises(ValueError, match=r"one label per example.*before `.batch\(\)`"):
-        _fit(K, mlp(K), keras_kd.with_teacher(ds, mlp(K), placement=placement), jit)
+        _fit(K, mlp(K), keras_kd.with_teacher(ds, _teacher(K), placement=placement), jit)
 
 
 @PLACEMENT
@@ -582,7 +596,7 @@ def test_mixup_with_num_classes_other_than_the_students(K, jit, placement):
     x, y = _data()
     ds = _batched(x, y).map(keras_kd.mixup(0.2, num_classes=5, seed=0))
     with pytest.raises(ValueError, match="do not fit the student's logits"):
-        _fit(K, mlp(K), keras_kd.with_teacher(ds, mlp(K), placement=placement), jit)
+        _fit(K, mlp(K), keras_kd.with_teacher(ds, _teacher(K), placement=placement), jit)
 
 
 @JIT
@@ -590,7 +604,7 @@ def test_mixup_with_num_classes_other_than_the_students(K, jit, placement):
 def test_mixup_after_with_teacher(K, jit, placement):
     # The teacher must see the mixed batch: mixup after with_teacher is refused.
     x, y = _data()
-    ds = keras_kd.with_teacher(_batched(x, y), mlp(K), placement=placement)
+    ds = keras_kd.with_teacher(_batched(x, y), _teacher(K), placement=placement)
     with pytest.raises(ValueError, match="already carry teacher targets"):
         ds.map(keras_kd.mixup(0.2, num_classes=4))
 
@@ -600,7 +614,7 @@ def test_mixup_after_with_teacher(K, jit, placement):
 def test_input_transforms_that_are_not_functions(K, placement, argument):
     x, y = _data()
     with pytest.raises(TypeError, match=rf"Expected `{argument}` to be None or a function of x"):
-        keras_kd.with_teacher(_batched(x, y), mlp(K), placement=placement, **{argument: "x[:, ::2]"})
+        keras_kd.with_teacher(_batched(x, y), _teacher(K), placement=placement, **{argument: "x[:, ::2]"})
 
 
 def test_dkd_with_renormalized_topk_targets():
