@@ -45,31 +45,31 @@ def _shared_student(K, ds, jit_compile, loss):
                             lambda student: student.compile("sgd", loss=loss, jit_compile=jit_compile))
 
 
-def _softmax_teachers(K):
-    """Teachers whose outputs are probabilities, each built differently."""
+def _softmax_teacher(K, kind):
+    """A teacher whose outputs are probabilities, built one of four ways (only the one asked for
+    is built: each case uses one)."""
+    if kind == "callable":  # not a model: judged on the first batch
+        net = _function(K, mlp(K))
+
+        def callable_teacher(x, training=False):
+            return tf.nn.softmax(net(x, training=training))
+
+        return callable_teacher
     inp = K.Input((8,))
     h = K.layers.Dense(16, activation="relu")(inp)
-    dense_softmax = K.Model(inp, K.layers.Dense(4, activation="softmax")(h))
-    softmax_layer = K.Model(inp, K.layers.Softmax()(K.layers.Dense(4)(h)))
-    activation_layer = K.Model(inp, K.layers.Activation("softmax")(K.layers.Dense(4)(h)))
-    net = _function(K, mlp(K))
-
-    def callable_teacher(x, training=False):  # not a model: judged on the first batch
-        return tf.nn.softmax(net(x, training=training))
-
-    return {
-        "dense_softmax": dense_softmax,
-        "softmax_layer": softmax_layer,
-        "activation_layer": activation_layer,
-        "callable": callable_teacher,
-    }
+    probabilities = {
+        "dense_softmax": lambda: K.layers.Dense(4, activation="softmax")(h),
+        "softmax_layer": lambda: K.layers.Softmax()(K.layers.Dense(4)(h)),
+        "activation_layer": lambda: K.layers.Activation("softmax")(K.layers.Dense(4)(h)),
+    }[kind]()
+    return K.Model(inp, probabilities)
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("kind", ["dense_softmax", "softmax_layer", "activation_layer", "callable"])
 def test_softmax_teacher_warns_once(K, toy_data, placement, kind):
     x, y, make = toy_data
-    teacher = _softmax_teachers(K)[kind]
+    teacher = _softmax_teacher(K, kind)
     student = mlp(K)
     student.compile("sgd", loss=keras_kd.DistillationLoss())
     with warnings.catch_warnings(record=True) as caught:
@@ -329,12 +329,23 @@ def _ensemble_reference(logits, ensemble):
     return np.log(probs.mean(0))
 
 
+_MEMBERS = {}
+
+
+def _ensemble_members(K):
+    """Three logit teachers (hidden 8, 16, 32), built once per flavour for the ensemble cases: they
+    only read them (`with_teacher` keeps no state on a teacher), and each builds its own datasets."""
+    if K.__name__ not in _MEMBERS:
+        _MEMBERS[K.__name__] = [mlp(K, hidden=h) for h in (8, 16, 32)]
+    return _MEMBERS[K.__name__]
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("ensemble", ["mean_logits", "mean_probs"])
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_ensemble_targets_and_loss_equal_numpy(K, toy_data, placement, ensemble, jit_compile):
     x, y, make = toy_data
-    teachers = [mlp(K, hidden=h) for h in (8, 16, 32)]
+    teachers = _ensemble_members(K)
     ds = keras_kd.with_teacher(make(), teachers, placement=placement, ensemble=ensemble)
     loss = keras_kd.DistillationLoss(temperature=2.0, alpha=0.3)
     if placement == "pipeline":  # both ensembles give the same spec: one shared student
