@@ -66,14 +66,8 @@ def pytest_addoption(parser):
 def _tf_keras_case(item):
     """A tf_keras case: of the `K` fixture, or of a test's own ``flavour`` parameter
     (``"tf_keras"`` or the module)."""
-    callspec = getattr(item, "callspec", None)
-    if callspec is None:
-        return False
-    return any(
-        name in callspec.params and isinstance(callspec.params[name], (str, type(tf_keras)))
-        and callspec.params[name] in ("tf_keras", tf_keras)
-        for name in ("K", "flavour")
-    )
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(params.get(name) is tf_keras or params.get(name) == "tf_keras" for name in ("K", "flavour"))
 
 
 def pytest_collection_modifyitems(config, items):
