@@ -160,6 +160,7 @@ def test_hypermodel_searches_a_schedule(K, kind, temperatures, alphas, tmp_path)
     tuner.search(_distilled(x, y, _teacher()), epochs=4, verbose=0, callbacks=[Logged()])
     schedules = [t.hyperparameters.values["kd_schedule"] for t in tuner.oracle.trials.values()]
     assert sorted(schedules) == sorted(["constant", kind])
+    assert len(Logged.fits) == len(schedules)  # one fit per trial, in trial order
     for schedule, got in zip(schedules, Logged.fits):
         if schedule == "constant":
             assert got == [(None, None)] * 4
