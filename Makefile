@@ -40,10 +40,13 @@ demo-quick: $(STAMP)
 # file for part of the run, and the other job's workers fill those gaps (on 2
 # cores, one job after the other left ~20% of the CPU idle). Every output line
 # is prefixed with its job ([tf] / [jax]). Both always run; a failure in either
-# fails `make test`. `make test-tf` / `make test-jax` run one.
+# fails `make test`. `make test-tf` / `make test-jax` run one. Both get
+# --tf-keras-split: the tf_keras cases (TensorFlow code in either job) of the files
+# in tests/conftest.py's TF_KERAS_IN_JAX_JOB run in the JAX job, which balances the
+# two jobs' CPU; `make test-tf` alone runs every tf_keras case.
 test: $(STAMP)
-	@( $(MAKE) --no-print-directory test-tf 2>&1 | sed -u 's/^/[tf]  /' ) & tf=$$!; \
-	( $(MAKE) --no-print-directory test-jax 2>&1 | sed -u 's/^/[jax] /' ) & jax=$$!; \
+	@( $(MAKE) --no-print-directory test-tf SPLIT=--tf-keras-split 2>&1 | sed -u 's/^/[tf]  /' ) & tf=$$!; \
+	( $(MAKE) --no-print-directory test-jax SPLIT=--tf-keras-split 2>&1 | sed -u 's/^/[jax] /' ) & jax=$$!; \
 	status=0; \
 	wait $$tf || { status=1; echo "[tf]  FAILED: the TensorFlow job (make test-tf)"; }; \
 	wait $$jax || { status=1; echo "[jax] FAILED: the JAX job (make test-jax)"; }; \
@@ -61,7 +64,7 @@ JAX_CACHE_ENV := JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CAC
 # `make test-tf TF_TESTS=tests/test_losses.py` runs one file.
 TF_TESTS ?= integration tests
 test-tf: $(STAMP)
-	$(TEST_ENV) KERAS_BACKEND=tensorflow $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(TF_TESTS) 2>&1 | $(QUIET)
+	$(TEST_ENV) KERAS_BACKEND=tensorflow $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(SPLIT) $(TF_TESTS) 2>&1 | $(QUIET)
 
 # Keras 3 on JAX: the whole unit suite (tests/; tests marked backend("tensorflow") are
 # deselected, each with its reason; integration/ is the TensorFlow job's).
@@ -70,7 +73,7 @@ JAX_TESTS ?= tests
 test-jax: $(STAMP)
 	@cache=$$(mktemp -d); trap 'rm -rf "$$cache"' EXIT; \
 	$(TEST_ENV) $(JAX_CACHE_ENV) JAX_COMPILATION_CACHE_DIR="$$cache" KERAS_BACKEND=jax \
-	  $(PY) -m pytest -n 2 --dist loadfile $(JAX_TESTS) 2>&1 | $(QUIET)
+	  $(PY) -m pytest -n 2 --dist loadfile $(SPLIT) $(JAX_TESTS) 2>&1 | $(QUIET)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_workloads.py 2>&1 | $(QUIET)

@@ -7,7 +7,10 @@ always TensorFlow. ``@pytest.mark.backend("jax")`` keeps a test to the JAX run,
 deselects it (it is not reported as skipped). On JAX the tf_keras cases (of the
 `K` fixture or of a test's ``flavour`` parameter) are deselected too: tf_keras
 runs the same TensorFlow code in both runs, and the TensorFlow run has them
-(``--tf-keras-on-jax`` keeps them).
+(``--tf-keras-on-jax`` keeps them). Under ``make test``, which runs both jobs at
+once, the tf_keras cases of the files in `TF_KERAS_IN_JAX_JOB` run in the JAX
+job instead (``--tf-keras-split``, given to both jobs): still once each, and the
+two jobs' CPU is balanced.
 """
 
 import gc
@@ -35,6 +38,22 @@ import tf_keras  # noqa: E402
 
 BACKENDS = ("tensorflow", "jax")
 
+# Under `make test` (``--tf-keras-split``), the tf_keras cases of these files run in
+# the JAX job, not the TensorFlow job. tf_keras is TensorFlow whatever Keras 3's
+# backend is, so each case still runs once, on the same code. Why: the two jobs
+# share 2 cores and the TensorFlow job (integration/ plus every tf_keras case) had
+# ~1.5x the JAX job's CPU (2,648 vs 1,725 CPU-s in a per-test CPU log of
+# 2026-12-02), so it ran alone for the last quarter of the run. These files'
+# tf_keras cases are ~455 CPU-s of it (312 cases). Not listed: files whose tf_keras cases
+# depend on Keras 3's backend (test_online_teacher: a tf_keras teacher's default
+# placement is the pipeline in a JAX process, as a JAX step cannot run it;
+# test_bridge: a tf_keras model converts to a Keras 3 model of the process's backend).
+TF_KERAS_IN_JAX_JOB = frozenset({
+    "test_bad_inputs.py", "test_alignment.py", "test_callbacks.py", "test_storage.py", "test_cache.py",
+    "test_fit.py", "test_hooks.py", "test_alignment_data.py", "test_transfer_labels.py",
+    "test_reweighting_backup.py",
+})
+
 
 def pytest_configure(config):
     config.addinivalue_line(
@@ -61,6 +80,11 @@ def pytest_addoption(parser):
         help="on the JAX backend, also run the tf_keras cases of the `K` fixture (TensorFlow code, "
              "already run by the TensorFlow job; deselected on JAX by default)",
     )
+    parser.addoption(
+        "--tf-keras-split", action="store_true",
+        help="the tf_keras cases of tests/conftest.TF_KERAS_IN_JAX_JOB's files run in the JAX job, not "
+             "the TensorFlow job (`make test` passes it to both jobs: each case still runs once)",
+    )
 
 
 def _tf_keras_case(item):
@@ -70,16 +94,27 @@ def _tf_keras_case(item):
     return any(params.get(name) is tf_keras or params.get(name) == "tf_keras" for name in ("K", "flavour"))
 
 
+def _runs_tf_keras_case(config, item, current, wanted):
+    """Whether this job runs a tf_keras case (see the module docstring). Only unmarked
+    cases move: one marked ``backend(...)`` stays where its marker puts it."""
+    in_jax_job = (config.getoption("--tf-keras-split", default=False) and not wanted
+                  and item.path.name in TF_KERAS_IN_JAX_JOB)
+    if current == "jax":
+        return in_jax_job or config.getoption("--tf-keras-on-jax", default=False)
+    return not in_jax_job
+
+
 def pytest_collection_modifyitems(config, items):
-    """Deselects the tests marked for the other Keras 3 backend and, on JAX,
-    the tf_keras cases of `K` (unless --tf-keras-on-jax)."""
+    """Deselects the tests marked for the other Keras 3 backend and the tf_keras
+    cases the other job runs (on JAX: all of them, unless --tf-keras-on-jax; with
+    --tf-keras-split, those of `TF_KERAS_IN_JAX_JOB`'s files move to the JAX job)."""
     current = keras.backend.backend()
-    skip_tf_keras = current == "jax" and not config.getoption("--tf-keras-on-jax", default=False)
     keep, drop = [], []
     for item in items:
         wanted = _marked_backends(item)
         other = wanted and current not in wanted
-        (drop if other or (skip_tf_keras and _tf_keras_case(item)) else keep).append(item)
+        elsewhere = _tf_keras_case(item) and not _runs_tf_keras_case(config, item, current, wanted)
+        (drop if other or elsewhere else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -16,7 +16,7 @@ from tests import conftest
 OTHER = {"tensorflow": "jax", "jax": "tensorflow"}
 
 
-def run_pytest(tmp_path, body):
+def run_pytest(tmp_path, body, args=()):
     """Runs pytest on `body` with tests/conftest.py's hooks and returns its terminal output.
 
     In this process (pytest.main, as pytester's in-process runs do): a fresh interpreter would import
@@ -31,7 +31,7 @@ def run_pytest(tmp_path, body):
         os.chdir(tmp_path)
         with contextlib.redirect_stdout(output):
             code = pytest.main([str(tmp_path), "--rootdir", str(tmp_path), "-p", "no:xdist",
-                                "-p", "no:cacheprovider", "--capture=sys", "-q", "-rA"])
+                                "-p", "no:cacheprovider", "--capture=sys", "-q", "-rA", *args])
     finally:
         os.chdir(cwd)
         sys.path[:] = path
@@ -81,3 +81,32 @@ def test_unknown_backend_name_is_a_usage_error():
 
     with pytest.raises(pytest.UsageError, match=r"backend takes one of \('tensorflow', 'jax'\), got \('torch',\)"):
         conftest._marked_backends(Item())
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_tf_keras_split_runs_each_case_in_one_job(tmp_path, monkeypatch, split):
+    """With --tf-keras-split (`make test`), the tf_keras cases of TF_KERAS_IN_JAX_JOB's
+    files run in the JAX job and not in the TensorFlow job; without it, in the
+    TensorFlow job only. The Keras 3 case runs in both. A case marked
+    ``backend("tensorflow")`` stays in the TensorFlow job (moved, it would run nowhere)."""
+    monkeypatch.setattr(conftest, "TF_KERAS_IN_JAX_JOB", frozenset({"test_marked.py"}))
+    here = keras.backend.backend()
+    returncode, stdout = run_pytest(tmp_path, """
+        import pytest
+
+        def test_flavours(K):
+            pass
+
+        @pytest.mark.backend("tensorflow")
+        def test_marked(K):
+            pass
+    """, args=["--tf-keras-split"] if split else [])
+    assert returncode == 0, stdout
+    runs_tf_keras = (here == "jax") == split
+    assert ("PASSED test_marked.py::test_flavours[tf_keras]" in stdout) == runs_tf_keras, stdout
+    assert "PASSED test_marked.py::test_flavours[keras]" in stdout
+    marked = here == "tensorflow"
+    assert ("PASSED test_marked.py::test_marked[tf_keras]" in stdout) == marked, stdout
+    assert ("PASSED test_marked.py::test_marked[keras]" in stdout) == marked, stdout
+    passed = 1 + runs_tf_keras + 2 * marked
+    assert (f"{passed} passed, {4 - passed} deselected" if passed < 4 else "4 passed in") in stdout, stdout
