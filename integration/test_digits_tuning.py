@@ -70,7 +70,6 @@ def test_random_search_from_the_cache_runs_the_teacher_once(tmp_path, teacher):
     assert len(tuner.oracle.trials) == 3
     # One pass over the training data for the whole 3-trial search.
     assert int(seen.numpy()) == len(x_train)
-    assert len(tuner.oracle.trials) == 3
 
     best_trial = tuner.oracle.get_best_trials(1)[0]
     best_hp = tuner.get_best_hyperparameters(1)[0]
