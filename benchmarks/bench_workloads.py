@@ -17,8 +17,11 @@ plain               the student alone, sparse cross-entropy from logits
 memory              DistillationLoss, the same TeacherTargets held in memory
 cache               DistillationLoss, targets from ``cache_teacher_logits``
 distiller           ``keras.distillation.Distiller`` (same T, alpha, KL divergence)
-online              ``with_teacher`` with its default placement (``"step"``)
-online_pipeline     ``with_teacher(placement="pipeline")``, a reference row
+online              ``with_teacher`` with its default placement (``"auto"``: the step, or
+                    on a CPU-only machine the pipeline for a teacher of at least 1e8
+                    multiply-adds per batch, here bar's)
+online_step/        ``with_teacher(placement="step")`` and ``placement="pipeline"``,
+online_pipeline     reference rows
 reweight            cache + ``HardSampleReweighting(num_examples=...)`` (weights in the
                     step; the first epoch of each fit, a retrace, is dropped)
 cache_fit1          the cache timed like ``reweight`` (its own model, the first epoch of
@@ -45,6 +48,7 @@ Run: ``.venv/bin/python benchmarks/bench_workloads.py`` (``make bench``);
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import resource
 import shutil
@@ -100,9 +104,9 @@ class Workload:
 
 
 WORKLOADS = {
-    "bar": Workload("bar", 20_000, 64, (256, 256), (2048, 2048), 256, 1, 8),
-    "small": Workload("small", 1_257, 64, (32,), (256, 256), 64, 4, 20),
-    "medium": Workload("medium", 4_000, 40, (64,), (512, 512), 128, 3, 14),
+    "bar": Workload("bar", 20_000, 64, (256, 256), (2048, 2048), 256, 1, 16),
+    "small": Workload("small", 1_257, 64, (32,), (256, 256), 64, 8, 20),
+    "medium": Workload("medium", 4_000, 40, (64,), (512, 512), 128, 6, 14),
 }
 WIDE_STUDENT = (2048, 2048)
 
@@ -205,6 +209,8 @@ def configurations(w, x, y, teacher, workdir, wide):
                                  keras_kd.with_teacher(batched(raw), teacher).prefetch(tf.data.AUTOTUNE)),
         "reweight": reweight,
         "cache_fit1": lambda: Config(student(kd_loss()), pipeline(cached()), warm_epochs=1),
+        "online_step": lambda: Config(student(kd_loss()), keras_kd.with_teacher(
+            batched(raw), teacher, placement="step").prefetch(tf.data.AUTOTUNE)),
         "online_pipeline": lambda: Config(student(kd_loss()), keras_kd.with_teacher(
             batched(raw), teacher, placement="pipeline").prefetch(tf.data.AUTOTUNE)),
         "plain_jit": lambda: Config(student(ce_loss(), jit_compile=True), pipeline(raw)),
@@ -237,6 +243,8 @@ RATIOS = [
     ("Distiller epoch / cache epoch", "distiller", "cache",
      lambda w: (">=", 3.0) if w == "bar" else (">=", 1.0)),
     ("with_teacher (default placement) / Distiller", "online", "distiller", lambda w: ("<=", 1.0)),
+    ("REFERENCE, no goal: with_teacher placement='step' / Distiller", "online_step", "distiller",
+     lambda w: None),
     ("REFERENCE, no goal: with_teacher placement='pipeline' / Distiller", "online_pipeline", "distiller",
      lambda w: None),
     ("iterating the cache / iterating the raw data", "iter_cache", "iter_raw", lambda w: ("<=", 1.5)),
@@ -303,11 +311,22 @@ def measure(w, rounds, epochs, workdir, wide, log):
             continue
         paired = sorted(a / b for a, b in zip(turns[num], turns[den]))
         ratio = statistics.median(paired)
-        spread = paired if len(paired) < 4 else statistics.quantiles(paired, n=4)[::2]
-        detail = (f"{medians[num] * 1e3:.1f} ms / {medians[den] * 1e3:.1f} ms; "
-                  f"{'range' if len(paired) < 4 else 'quartiles'} {spread[0]:.2f}-{spread[-1]:.2f}")
+        low, high = median_interval(paired)
+        detail = f"{medians[num] * 1e3:.1f} ms / {medians[den] * 1e3:.1f} ms; 95% CI of the median {low:.2f}-{high:.2f}"
         results.append((label, ratio, op, bound, detail))
     return medians, results, errors
+
+
+def median_interval(values):
+    """A distribution-free ~95% confidence interval of the median of ``values``
+    (sorted): the order statistics of 1-based ranks floor(n/2 - 0.98 sqrt(n))
+    and ceil(1 + n/2 + 0.98 sqrt(n)), the normal approximation of the binomial
+    (the whole range for fewer than 6 values)."""
+    n = len(values)
+    half_width = 0.98 * n ** 0.5
+    low = math.floor(n / 2 - half_width) - 1
+    high = math.ceil(1 + n / 2 + half_width) - 1
+    return values[max(0, low)], values[min(n - 1, high)]
 
 
 # -- streaming: peak RSS in subprocesses ---------------------------------------
@@ -423,7 +442,7 @@ def print_summary(all_results):
 
 
 def main(argv=None):
-    parser = common_parser(__doc__.split("\n")[0], rounds="8 bar, 20 small, 14 medium")
+    parser = common_parser(__doc__.split("\n")[0], rounds="16 bar, 20 small, 14 medium")
     parser.add_argument("--workloads", default="bar,small,medium",
                         help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--max-rows", type=int, default=None, help="cap every workload's rows (smoke tests)")

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import keras_kd
 from keras_kd import targets as targets_lib
+from keras_kd.data import placement as placement_lib
 from keras_kd.data import teachers as teachers_lib
 from tests import compiled
 from tests import reference as ref
@@ -277,6 +278,66 @@ def test_default_placement_runs_the_teacher_in_the_step(K, toy_data):
     x, y, make = toy_data
     _, targets = next(iter(keras_kd.with_teacher(make(), mlp(K))))
     assert targets.kind == "inputs" and targets.logits is None
+
+
+def _auto_kind(K, large):
+    """The targets' kind `with_teacher`'s "auto" gives a teacher of flavour ``K``: in the
+    pipeline ("dense" logits) for tf_keras teachers on JAX and, on TensorFlow without GPU/TPU, for
+    large teachers; else in the step ("inputs")."""
+    if keras.backend.backend() == "jax":
+        return "inputs" if K is keras else "dense"
+    accelerator = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")
+    return "dense" if large and not accelerator else "inputs"
+
+
+def test_default_placement_runs_a_large_teacher_in_the_pipeline_on_cpu(K, toy_data):
+    # 13 * 80,500 + 4 parameters x batch 96 = 1.005e8 multiply-adds per batch, at least
+    # PIPELINE_MIN_MACS: on a CPU-only TensorFlow step the teacher overlaps the student's step.
+    x, y, make = toy_data
+    assert 13 * 80_500 + 4 == 1_046_504 and 1_046_504 * 96 >= placement_lib.PIPELINE_MIN_MACS > 1_046_504 * 95
+    teacher, student = mlp(K, hidden=80_500), mlp(K)
+    ds = keras_kd.with_teacher(make(batch=96), teacher)
+    _, targets = next(iter(ds))
+    assert targets.kind == _auto_kind(K, large=True)
+    student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.4))
+    value = student.evaluate(ds, verbose=0)
+    s, t = compiled.outputs(student, x), compiled.outputs(teacher, x)
+    assert value == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.4), rel=1e-5)
+    # One example fewer per batch (95 x 1,046,504 < 1e8): the step, whose batch size the
+    # rule read from one batch (not static: no drop_remainder).
+    small_batches = tf.data.Dataset.from_tensor_slices((x, y)).take(95).batch(95)
+    assert small_batches.element_spec[0].shape[0] is None
+    _, targets = next(iter(keras_kd.with_teacher(small_batches, teacher)))
+    assert targets.kind == _auto_kind(K, large=False)
+
+
+@pytest.mark.backend("tensorflow")
+def test_auto_placement_rule(K, toy_data, monkeypatch):
+    x, y, make = toy_data
+    teacher = mlp(K)  # 13 * 16 + 4 = 212 parameters
+    params = placement_lib.teacher_parameters([teacher])
+    assert params == 212
+    monkeypatch.setattr(placement_lib, "PIPELINE_MIN_MACS", 212 * 32)
+    on_jax = [False]
+    assert placement_lib.auto_placement([teacher], on_jax, make(batch=32)) == "pipeline"
+    assert placement_lib.auto_placement([teacher], on_jax, make(batch=31)) == "step"
+    assert placement_lib.auto_placement([teacher, teacher], on_jax * 2, make(batch=16)) == "pipeline"  # summed
+    # Functions and unbuilt models have no parameter count: the step.
+    assert placement_lib.auto_placement([lambda x, training=False: x], on_jax, make(batch=32)) == "step"
+    assert placement_lib.auto_placement([K.Sequential([K.layers.Dense(4)])], on_jax, make(batch=64)) == "step"
+    # An empty dataset, and one whose first batch fails: no batch size, the step (the
+    # error surfaces where the dataset is used).
+    assert placement_lib.batch_size(make().take(0)) is None
+    failing = make().map(lambda a, b: (tf.debugging.assert_all_finite(a * np.inf, "no batch"), b))
+    assert placement_lib.batch_size(failing) is None
+    assert placement_lib.batch_size(make(batch=5)) == 5  # read from one batch
+    static = tf.data.Dataset.from_tensor_slices((x, y)).batch(24, drop_remainder=True)
+    assert placement_lib.batch_size(static.map(lambda a, b: (tf.debugging.assert_all_finite(a * np.inf, "no batch"), b))) == 24
+    # With a GPU (or TPU) the pipeline would run the teacher on the host CPU: always the step.
+    real = tf.config.list_logical_devices
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["/GPU:0"] if kind == "GPU" else real(kind))
+    assert placement_lib.auto_placement([teacher], on_jax, make(batch=64)) == "step"
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)

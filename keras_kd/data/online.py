@@ -13,9 +13,9 @@ from typing import Callable, Optional
 import tensorflow as tf
 
 from keras_kd import _checks
-from keras_kd import _compat
 from keras_kd import targets as targets_lib
 from keras_kd.data import _pack_map
+from keras_kd.data import placement as placement_lib
 from keras_kd.data import teachers as teachers_lib
 from keras_kd.data.softmax import warn_if_softmax
 
@@ -65,13 +65,24 @@ def with_teacher(
 
     Where the teacher runs (``placement``):
 
-    * ``"auto"`` (default): ``"step"``, on every machine and backend, except
-      on the JAX backend for teachers that cannot run in a JAX step (tf_keras
-      models, TensorFlow callables): ``"pipeline"`` there. On JAX the step
-      placement runs the Keras 3 teacher inside the student's jitted step on
-      the student's device, with no host round trip, where the pipeline
-      placement would copy every batch's logits from the device to tf.data
-      and back.
+    * ``"auto"`` (default): on the JAX backend ``"step"``, except for
+      teachers that cannot run in a JAX step (tf_keras models, TensorFlow
+      callables): ``"pipeline"`` there. The step placement runs the Keras 3
+      teacher inside the student's jitted step on the student's device, with
+      no host round trip, where the pipeline placement would copy every
+      batch's logits from the device to tf.data and back. On TensorFlow
+      ``"step"`` too, except on a machine without GPU or TPU for a large
+      teacher: parameters times batch size (a lower bound of its
+      multiply-adds per batch) of at least
+      `keras_kd.data.placement.PIPELINE_MIN_MACS` (1e8). There both
+      placements run on the same CPU cores, and the pipeline computes the
+      next batches' logits while the student trains (epochs 0.8x the step
+      placement's for such teachers on issue 15's workloads, 2-core CPU)
+      instead of after it; for small teachers its tf.data overhead per batch
+      costs more than the overlap gives. Where the batch size is not static
+      (no ``drop_remainder``), "auto" reads one batch to learn it; teachers
+      without a parameter count (functions, unbuilt models) stay in the step.
+      Pass ``"step"`` or ``"pipeline"`` to force either.
     * ``"step"``: the batch carries ``x`` and the teacher runs inside
       the student's training step, on the same device as the student (the
       GPU/TPU when there is one), under ``tf.stop_gradient``, once per batch
@@ -98,16 +109,12 @@ def with_teacher(
       teacher runs once, batched with ``predict`` on the accelerator, and every
       epoch costs what training the student alone costs.
 
-    Why ``"step"`` by default: its traced step has fewer ops than
+    Why ``"step"`` for small teachers: its traced step has fewer ops than
     ``keras.distillation.Distiller``'s (311 against 475 on the small
     workload of issue 15; ``benchmarks/profile_step.py``: 1.4 against 1.8 ms
     of CPU per step), it needs no free core, and its packing map costs no
-    graph optimisation per epoch. Epoch CPU time relative to ``Distiller``
-    (interleaved epochs, medians and ranges, a 2-core machine under load
-    8-11, 2026-12-01; wall times were too noisy there to quote): small
-    0.91 (0.82-1.08), medium 0.89 (0.78-0.93), bar (teacher 2048-2048,
-    whose compute both share) 1.02 (0.94-1.07). ``make bench`` gives the
-    wall-clock ratios. No accelerator was available.
+    graph optimisation per epoch. ``make bench`` gives the epoch ratios to
+    ``Distiller`` for both placements.
 
     The teacher's output is checked once for probabilities (a final
     softmax, which `DistillationLoss` would soften again): from the output
@@ -197,8 +204,7 @@ def with_teacher(
         )
     on_jax = [teachers_lib.runs_on_jax(t) for t in teachers]
     if placement == "auto":
-        # On JAX, only Keras 3 teachers can run inside the (JAX) step.
-        placement = "step" if not _compat.is_jax_backend() or all(on_jax) else "pipeline"
+        placement = placement_lib.auto_placement(teachers, on_jax, dataset)
     run = teachers_lib.teacher_function(teachers, output_index, ensemble)
 
     def first_inputs():
