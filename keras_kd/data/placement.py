@@ -21,6 +21,9 @@ from keras_kd import _compat
 # Teacher multiply-adds per batch from which the pipeline placement pays off
 # on a CPU-only machine (see the module docstring).
 PIPELINE_MIN_MACS = 1e8
+# Above any batch size a CPU trains with: teachers too small even at this
+# size stay in the step without a batch being read.
+_LARGEST_BATCH = 1 << 16
 
 
 def auto_placement(teachers, on_jax, dataset) -> str:
@@ -57,10 +60,6 @@ def auto_placement(teachers, on_jax, dataset) -> str:
     batch = batch_size(dataset)
     return "pipeline" if batch and params * batch >= PIPELINE_MIN_MACS else "step"
 
-
-# Above any batch size a CPU trains with: teachers too small even at this
-# size stay in the step without a batch being read.
-_LARGEST_BATCH = 1 << 16
 
 
 def teacher_parameters(teachers):
