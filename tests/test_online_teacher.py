@@ -46,6 +46,12 @@ def _shared_student(K, ds, jit_compile, loss):
                             lambda student: student.compile("sgd", loss=loss, jit_compile=jit_compile))
 
 
+def _no_activation_teacher(K):
+    """A Keras model whose output layer has no activation to read (judged on its outputs)."""
+    inp = K.Input((8,))
+    return K.Model(inp, K.layers.Reshape((4,))(K.layers.Dense(4)(inp)))
+
+
 def _softmax_teacher(K, kind):
     """A teacher whose outputs are probabilities, built one of four ways (only the one asked for
     is built: each case uses one)."""
@@ -58,6 +64,8 @@ def _softmax_teacher(K, kind):
         return callable_teacher
     inp = K.Input((8,))
     h = K.layers.Dense(16, activation="relu")(inp)
+    if kind == "no_activation":  # an output layer without activation: judged on the first batch
+        return K.Model(inp, K.layers.Reshape((4,))(K.layers.Dense(4, activation="softmax")(h)))
     probabilities = {
         "dense_softmax": lambda: K.layers.Dense(4, activation="softmax")(h),
         "softmax_layer": lambda: K.layers.Softmax()(K.layers.Dense(4)(h)),
@@ -67,7 +75,7 @@ def _softmax_teacher(K, kind):
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("kind", ["dense_softmax", "softmax_layer", "activation_layer", "callable"])
+@pytest.mark.parametrize("kind", ["dense_softmax", "softmax_layer", "activation_layer", "callable", "no_activation"])
 def test_softmax_teacher_warns_once(K, toy_data, placement, kind):
     x, y, make = toy_data
     teacher = _softmax_teacher(K, kind)
@@ -90,10 +98,10 @@ def test_softmax_teacher_warns_once(K, toy_data, placement, kind):
 def test_logit_teacher_does_not_warn(K, toy_data, placement):
     x, y, make = toy_data
     net = mlp(K)
-    for teacher in (net, _function(K, net)):
+    for teacher in (net, _function(K, net), _no_activation_teacher(K)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            keras_kd.with_teacher(make(), teacher, placement=placement)
+            list(keras_kd.with_teacher(make(), teacher, placement=placement))  # the first-batch check runs
         assert not [w for w in caught if "softmax" in str(w.message)]
 
 
@@ -296,18 +304,21 @@ def test_default_placement_runs_a_large_teacher_in_the_pipeline_on_cpu(K, toy_da
     x, y, make = toy_data
     assert 13 * 80_500 + 4 == 1_046_504 and 1_046_504 * 96 >= placement_lib.PIPELINE_MIN_MACS > 1_046_504 * 95
     teacher, student = mlp(K, hidden=80_500), mlp(K)
-    ds = keras_kd.with_teacher(make(batch=96), teacher)
+    static = tf.data.Dataset.from_tensor_slices((x, y)).batch(96, drop_remainder=True)
+    ds = keras_kd.with_teacher(static, teacher)
     _, targets = next(iter(ds))
     assert targets.kind == _auto_kind(K, large=True)
     student.compile("sgd", loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.4))
     value = student.evaluate(ds, verbose=0)
     s, t = compiled.outputs(student, x), compiled.outputs(teacher, x)
     assert value == pytest.approx(ref.distillation_loss(y, s, t, 2.0, 0.4), rel=1e-5)
-    # One example fewer per batch (95 x 1,046,504 < 1e8): the step, whose batch size the
-    # rule read from one batch (not static: no drop_remainder).
-    small_batches = tf.data.Dataset.from_tensor_slices((x, y)).take(95).batch(95)
-    assert small_batches.element_spec[0].shape[0] is None
-    _, targets = next(iter(keras_kd.with_teacher(small_batches, teacher)))
+    # One example fewer per batch (95 x 1,046,504 < 1e8): the step.
+    small = tf.data.Dataset.from_tensor_slices((x, y)).batch(95, drop_remainder=True)
+    _, targets = next(iter(keras_kd.with_teacher(small, teacher)))
+    assert targets.kind == _auto_kind(K, large=False)
+    # Batch 96 without drop_remainder (not static): the rule counts 32, not 96, and reads nothing.
+    assert make(batch=96).element_spec[0].shape[0] is None
+    _, targets = next(iter(keras_kd.with_teacher(make(batch=96), teacher)))
     assert targets.kind == _auto_kind(K, large=False)
 
 
@@ -317,27 +328,54 @@ def test_auto_placement_rule(K, toy_data, monkeypatch):
     teacher = mlp(K)  # 13 * 16 + 4 = 212 parameters
     params = placement_lib.teacher_parameters([teacher])
     assert params == 212
-    monkeypatch.setattr(placement_lib, "PIPELINE_MIN_MACS", 212 * 32)
+    monkeypatch.setattr(placement_lib, "PIPELINE_MIN_MACS", 212 * 40)
     on_jax = [False]
-    assert placement_lib.auto_placement([teacher], on_jax, make(batch=32)) == "pipeline"
-    assert placement_lib.auto_placement([teacher], on_jax, make(batch=31)) == "step"
-    assert placement_lib.auto_placement([teacher, teacher], on_jax * 2, make(batch=16)) == "pipeline"  # summed
+
+    def static(batch):
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True)
+
+    assert placement_lib.auto_placement([teacher], on_jax, static(40)) == "pipeline"
+    assert placement_lib.auto_placement([teacher], on_jax, static(39)) == "step"
+    assert placement_lib.auto_placement([teacher, teacher], on_jax * 2, static(20)) == "pipeline"  # summed
+    # Not static: ASSUMED_BATCH (32) counts, whatever the batches hold.
+    assert placement_lib.ASSUMED_BATCH == 32
+    assert placement_lib.static_batch_size(make(batch=64)) is None
+    assert placement_lib.auto_placement([teacher], on_jax, make(batch=64)) == "step"  # 212 * 32 < 212 * 40
+    monkeypatch.setattr(placement_lib, "PIPELINE_MIN_MACS", 212 * 32)
+    assert placement_lib.auto_placement([teacher], on_jax, make(batch=8)) == "pipeline"
     # Functions and unbuilt models have no parameter count: the step.
-    assert placement_lib.auto_placement([lambda x, training=False: x], on_jax, make(batch=32)) == "step"
-    assert placement_lib.auto_placement([K.Sequential([K.layers.Dense(4)])], on_jax, make(batch=64)) == "step"
-    # An empty dataset, and one whose first batch fails: no batch size, the step (the
-    # error surfaces where the dataset is used).
-    assert placement_lib.batch_size(make().take(0)) is None
-    failing = make().map(lambda a, b: (tf.debugging.assert_all_finite(a * np.inf, "no batch"), b))
-    assert placement_lib.batch_size(failing) is None
-    assert placement_lib.batch_size(make(batch=5)) == 5  # read from one batch
-    static = tf.data.Dataset.from_tensor_slices((x, y)).batch(24, drop_remainder=True)
-    assert placement_lib.batch_size(static.map(lambda a, b: (tf.debugging.assert_all_finite(a * np.inf, "no batch"), b))) == 24
+    assert placement_lib.auto_placement([lambda x, training=False: x], on_jax, static(64)) == "step"
+    assert placement_lib.auto_placement([K.Sequential([K.layers.Dense(4)])], on_jax, static(64)) == "step"
+    # Dict inputs: the leading dimension of the first (sorted) tensor.
+    dicts = tf.data.Dataset.from_tensor_slices(({"b": x, "a": x[:, :2]}, y)).batch(24, drop_remainder=True)
+    assert placement_lib.static_batch_size(dicts) == 24
     # With a GPU (or TPU) the pipeline would run the teacher on the host CPU: always the step.
     real = tf.config.list_logical_devices
     monkeypatch.setattr(tf.config, "list_logical_devices",
                         lambda kind=None: ["/GPU:0"] if kind == "GPU" else real(kind))
-    assert placement_lib.auto_placement([teacher], on_jax, make(batch=64)) == "step"
+    assert placement_lib.auto_placement([teacher], on_jax, static(64)) == "step"
+
+
+@pytest.mark.parametrize("kind", ["large", "callable", "no_activation"])
+def test_with_teacher_reads_nothing_when_built(K, toy_data, kind):
+    """Neither the placement rule nor the softmax check takes a batch from the user's pipeline:
+    a one-shot generator keeps every batch and a seeded reshuffling shuffle its first order."""
+    x, y, _ = toy_data
+    teacher = {"large": lambda: mlp(K, hidden=2_000),  # 26,004 parameters: the rule looks at the batch
+               "callable": lambda: _function(K, mlp(K)),
+               "no_activation": lambda: _no_activation_teacher(K)}[kind]()
+    pending = iter([(x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)])  # one pass only
+    one_shot = tf.data.Dataset.from_generator(
+        lambda: pending, output_signature=(tf.TensorSpec((None, 8), tf.float32), tf.TensorSpec((None,), tf.int64)))
+    ds = keras_kd.with_teacher(one_shot, teacher)
+    np.testing.assert_array_equal(np.concatenate([b[0].numpy() for b in ds]), x)
+
+    def shuffled():
+        return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(96, seed=3).batch(32)
+
+    want = [b[0].numpy() for b in shuffled()]  # a fresh pipeline's first order
+    got = [b[0].numpy() for b in keras_kd.with_teacher(shuffled(), teacher)]
+    np.testing.assert_array_equal(np.concatenate(got), np.concatenate(want))
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)

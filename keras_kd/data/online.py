@@ -79,9 +79,10 @@ def with_teacher(
       next batches' logits while the student trains (epochs 0.8x the step
       placement's for such teachers on issue 15's workloads, 2-core CPU)
       instead of after it; for small teachers its tf.data overhead per batch
-      costs more than the overlap gives. Where the batch size is not static
-      (no ``drop_remainder``), "auto" reads one batch to learn it; teachers
-      without a parameter count (functions, unbuilt models) stay in the step.
+      costs more than the overlap gives. "auto" reads no batch: where the
+      batch size is not static (no ``drop_remainder``) it counts
+      `keras_kd.data.placement.ASSUMED_BATCH` (32). Teachers without a
+      parameter count (functions, unbuilt models) stay in the step.
       Pass ``"step"`` or ``"pipeline"`` to force either.
     * ``"step"``: the batch carries ``x`` and the teacher runs inside
       the student's training step, on the same device as the student (the
@@ -118,8 +119,9 @@ def with_teacher(
 
     The teacher's output is checked once for probabilities (a final
     softmax, which `DistillationLoss` would soften again): from the output
-    layer's activation for a Keras model, else on the first batch; a
-    softmax teacher warns.
+    layer's activation for a Keras model, else on the first batch the
+    dataset yields (a check in the pipeline: nothing is read from
+    ``dataset`` here); a softmax teacher warns.
 
     Args:
         dataset: a **batched** ``tf.data.Dataset`` of ``(x, y)`` or
@@ -207,12 +209,10 @@ def with_teacher(
         placement = placement_lib.auto_placement(teachers, on_jax, dataset)
     run = teachers_lib.teacher_function(teachers, output_index, ensemble)
 
-    def first_inputs():
-        first = next(iter((views if views is not None else dataset).take(1)), None)
-        return None if first is None else (first if views is not None else first[0])
-
-    warn_if_softmax(teachers, output_index, lambda t, inputs: teachers_lib.member_logits(t, inputs, output_index),
-                    first_inputs)
+    watch = warn_if_softmax(teachers, output_index,
+                            lambda t, inputs: teachers_lib.member_logits(t, inputs, output_index))
+    if watch is not None:  # judged on the first batch the pipeline yields
+        dataset = watch(dataset, lambda x, *rest: teacher_view(x))
 
     def as_targets(y):
         # Keep what an earlier transform attached (example ids, has_labels).

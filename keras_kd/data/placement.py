@@ -10,6 +10,14 @@ workloads (2-core CPU, 2026-12-03), the pipeline epoch relative to the step
 epoch is about 0.8 for teachers of 1.4e8 to 1.1e9 multiply-adds per batch and
 about 1.0 to 1.5 at 5e6 to 7e7, so "auto" picks the pipeline from
 `PIPELINE_MIN_MACS` per batch on.
+
+The rule never reads the dataset: a batch read to learn its size would be a
+batch taken from the user's pipeline (a one-shot generator loses it, a seeded
+reshuffling ``shuffle`` moves on to its next order). Where the batch size is
+not static (``batch()`` without ``drop_remainder``), it counts
+`ASSUMED_BATCH`, Keras's default batch size and smaller than most training
+batches, so a teacher is moved to the pipeline only when it pays off at that
+size too.
 """
 
 from __future__ import annotations
@@ -21,9 +29,8 @@ from keras_kd import _compat
 # Teacher multiply-adds per batch from which the pipeline placement pays off
 # on a CPU-only machine (see the module docstring).
 PIPELINE_MIN_MACS = 1e8
-# Above any batch size a CPU trains with: teachers too small even at this
-# size stay in the step without a batch being read.
-_LARGEST_BATCH = 1 << 16
+# The batch size counted where it is not static (Keras's default).
+ASSUMED_BATCH = 32
 
 
 def auto_placement(teachers, on_jax, dataset) -> str:
@@ -36,14 +43,15 @@ def auto_placement(teachers, on_jax, dataset) -> str:
     * TensorFlow on CPU only: ``"pipeline"`` when the teachers' parameter
       count times the batch size (a lower bound of their multiply-adds per
       batch: every weight is used at least once per example) reaches
-      `PIPELINE_MIN_MACS`, else ``"step"``. Teachers without a parameter
-      count (functions, unbuilt models) stay in the step.
+      `PIPELINE_MIN_MACS`, else ``"step"``. The batch size is the static
+      one, else `ASSUMED_BATCH`. Teachers without a parameter count
+      (functions, unbuilt models) stay in the step.
 
     Args:
         teachers: the list of teacher members.
         on_jax: per member, whether it can run inside a JAX step.
-        dataset: the batched ``(x, y[, sample_weight])`` dataset. Where the
-            batch size matters and is not static, one batch is read.
+        dataset: the batched ``(x, y[, sample_weight])`` dataset (only its
+            ``element_spec`` is read).
 
     Returns:
         ``"step"`` or ``"pipeline"``.
@@ -55,11 +63,8 @@ def auto_placement(teachers, on_jax, dataset) -> str:
     params = teacher_parameters(teachers)
     if not params:
         return "step"
-    if params * _LARGEST_BATCH < PIPELINE_MIN_MACS:
-        return "step"  # too small at any batch size: no need to read a batch
-    batch = batch_size(dataset)
-    return "pipeline" if batch and params * batch >= PIPELINE_MIN_MACS else "step"
-
+    batch = static_batch_size(dataset) or ASSUMED_BATCH
+    return "pipeline" if params * batch >= PIPELINE_MIN_MACS else "step"
 
 
 def teacher_parameters(teachers):
@@ -76,26 +81,11 @@ def teacher_parameters(teachers):
     return total
 
 
-def batch_size(dataset):
-    """The batch size of a dataset of ``(x, y[, sample_weight])`` batches:
-    the leading dimension of ``x``'s first tensor, static or else from one batch.
-
-    Returns None for an empty dataset or one whose first batch cannot be read
-    here (the error then surfaces where the dataset is used).
-    """
-    static = _leading_dim(dataset.element_spec[0])
-    if static is not None:
-        return static
-    try:
-        first = next(iter(dataset.take(1)), None)
-    except (tf.errors.OpError, ValueError, TypeError):
-        return None
-    return None if first is None else _leading_dim(first[0])
-
-
-def _leading_dim(x):
-    flat = tf.nest.flatten(x)
+def static_batch_size(dataset):
+    """The static leading dimension of the first tensor of ``x`` in a dataset
+    of ``(x, y[, sample_weight])`` batches, or None where it is not static."""
+    flat = tf.nest.flatten(dataset.element_spec[0])
     shape = getattr(flat[0], "shape", None) if flat else None
-    if shape is None or not isinstance(shape, tf.TensorShape) or not shape.rank or shape[0] is None:
+    if not isinstance(shape, tf.TensorShape) or not shape.rank or shape[0] is None:
         return None
     return int(shape[0])

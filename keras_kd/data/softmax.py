@@ -1,7 +1,8 @@
-"""Is the teacher's output a softmax? Judged once, when a dataset is built.
+"""Is the teacher's output a softmax? Judged once per dataset.
 
-A Keras model is judged by its output layer's activation (no data needed);
-any other teacher by its outputs on the first batch.
+A Keras model is judged by its output layer's activation (no data needed),
+when the dataset is built; any other teacher by its outputs on the first
+batch the dataset yields.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import warnings
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 
 from keras_kd import targets as targets_lib
 
@@ -60,19 +62,27 @@ def _looks_like_probabilities(values: np.ndarray) -> bool:
     return bool(values.min() >= 0.0 and values.max() <= 1.0 and np.all(np.abs(values.sum(-1) - 1.0) < 1e-3))
 
 
-def warn_if_softmax(teachers, output_index, run_one, first_inputs):
+def warn_if_softmax(teachers, output_index, run_one):
     """Warns once when a teacher outputs probabilities instead of logits.
 
-    A Keras model is judged by the activation of its output layer (free); any
-    other teacher by its output on the first batch (one batch, once, when
-    `with_teacher` is called).
+    A Keras model is judged by the activation of its output layer, now and
+    with no data. Any other teacher (functions, subclassed models, output
+    layers without an activation) is judged by its outputs on the first batch
+    the dataset yields: the returned transform adds that check to the
+    pipeline. Nothing is read from the dataset here (a batch read now would be
+    taken from the user's pipeline: lost from a one-shot generator, a seeded
+    reshuffling ``shuffle`` moved on to its next order).
 
     Args:
         teachers: the teacher, or an ensemble's members, as a list.
         output_index: which output holds the logits.
         run_one: ``run_one(teacher, inputs)`` -> that teacher's logits.
-        first_inputs: ``() -> inputs`` of the first batch, as the teachers
-            receive them, or None for an empty dataset.
+
+    Returns:
+        None when every teacher was judged from its layers, else
+        ``watch(dataset, teacher_inputs)``: ``dataset`` with the check on its
+        first element (once per returned transform, however many epochs),
+        where ``teacher_inputs(*element)`` gives the teachers' inputs.
     """
     which = (lambda i: "The teacher's") if len(teachers) == 1 else (lambda i: f"Teacher {i} of the ensemble's")
     unknown = []
@@ -80,19 +90,42 @@ def warn_if_softmax(teachers, output_index, run_one, first_inputs):
         kind = _final_activation(teacher, output_index)
         if kind == "softmax":
             warnings.warn(f"{which(i)} output layer applies a softmax. {_SOFTMAX_ADVICE}", stacklevel=3)
-            return
+            return None
         if kind is None:
             unknown.append(i)
     if not unknown:
-        return
-    inputs = first_inputs()
-    if inputs is None:
-        return
-    for i in unknown:
-        if _looks_like_probabilities(run_one(teachers[i], inputs).numpy()):
-            warnings.warn(
-                f"{which(i)} outputs on the first batch look like probabilities (in [0, 1], rows "
-                f"summing to 1). {_SOFTMAX_ADVICE}",
-                stacklevel=3,
-            )
+        return None
+    checked = []
+
+    def judge(inputs):
+        if checked:
             return
+        checked.append(True)
+        for i in unknown:
+            if _looks_like_probabilities(np.asarray(run_one(teachers[i], inputs))):
+                warnings.warn(
+                    f"{which(i)} outputs on the first batch look like probabilities (in [0, 1], rows "
+                    f"summing to 1). {_SOFTMAX_ADVICE}",
+                    stacklevel=2,
+                )
+                return
+
+    def watch(dataset, teacher_inputs):
+        def check(index, element):
+            def first():
+                inputs = teacher_inputs(*element)
+                flat = tf.nest.flatten(inputs, expand_composites=True)
+
+                def on_host(*values):
+                    judge(tf.nest.pack_sequence_as(inputs, list(values), expand_composites=True))
+                    return True
+
+                return tf.py_function(on_host, flat, Tout=tf.bool)
+
+            done = tf.cond(tf.equal(index, 0), first, lambda: tf.constant(True))
+            with tf.control_dependencies([done]):
+                return tf.nest.map_structure(tf.identity, element, expand_composites=True)
+
+        return dataset.enumerate().map(check)
+
+    return watch

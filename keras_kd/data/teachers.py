@@ -45,7 +45,8 @@ def member_logits(teacher, inputs, output_index, weak=False):
     try:
         outputs = teacher(inputs, training=False)
     except (NotImplementedError, TypeError) as e:  # JAX code on a tf.Tensor (a JAX function as teacher)
-        if not _compat.is_jax_backend() or not any(m in str(e) for m in ("symbolic tf.Tensor", "EagerTensor")):
+        markers = ("symbolic tf.Tensor", "SymbolicTensor", "EagerTensor")  # eager, traced (tf.data)
+        if not _compat.is_jax_backend() or not any(m in str(e) for m in markers):
             raise
         raise TypeError(
             f"keras_kd runs the teacher {getattr(teacher, '__name__', type(teacher).__name__)!r} in tf.data as "
