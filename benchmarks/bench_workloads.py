@@ -105,8 +105,8 @@ class Workload:
 
 WORKLOADS = {
     "bar": Workload("bar", 20_000, 64, (256, 256), (2048, 2048), 256, 1, 16),
-    "small": Workload("small", 1_257, 64, (32,), (256, 256), 64, 8, 20),
-    "medium": Workload("medium", 4_000, 40, (64,), (512, 512), 128, 6, 14),
+    "small": Workload("small", 1_257, 64, (32,), (256, 256), 64, 8, 40),
+    "medium": Workload("medium", 4_000, 40, (64,), (512, 512), 128, 6, 24),
 }
 WIDE_STUDENT = (2048, 2048)
 
