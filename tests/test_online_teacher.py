@@ -55,7 +55,7 @@ def _no_activation_teacher(K):
 def _softmax_teacher(K, kind):
     """A teacher whose outputs are probabilities, built one of four ways (only the one asked for
     is built: each case uses one)."""
-    if kind == "callable":  # not a model: judged on the first batch
+    if kind == "callable":  # not a model: judged on its outputs (on a probe of zeros)
         net = _function(K, mlp(K))
 
         def callable_teacher(x, training=False):
@@ -64,7 +64,7 @@ def _softmax_teacher(K, kind):
         return callable_teacher
     inp = K.Input((8,))
     h = K.layers.Dense(16, activation="relu")(inp)
-    if kind == "no_activation":  # an output layer without activation: judged on the first batch
+    if kind == "no_activation":  # an output layer without activation: judged on its outputs
         return K.Model(inp, K.layers.Reshape((4,))(K.layers.Dense(4, activation="softmax")(h)))
     probabilities = {
         "dense_softmax": lambda: K.layers.Dense(4, activation="softmax")(h),
@@ -101,8 +101,46 @@ def test_logit_teacher_does_not_warn(K, toy_data, placement):
     for teacher in (net, _function(K, net), _no_activation_teacher(K)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            list(keras_kd.with_teacher(make(), teacher, placement=placement))  # the first-batch check runs
+            keras_kd.with_teacher(make(), teacher, placement=placement)
         assert not [w for w in caught if "softmax" in str(w.message)]
+
+
+def test_softmax_probe_judges_callables_when_built(K, toy_data, tmp_path):
+    """A callable is judged on zeros shaped like its inputs, in `with_teacher` itself (so
+    warnings-as-errors and pytest.warns see it there), and iterating never runs it again."""
+    from keras_kd.data.softmax import probe_inputs
+
+    x, y, make = toy_data
+    with pytest.warns(UserWarning, match="look like probabilities"):
+        ds = keras_kd.with_teacher(make(), _softmax_teacher(K, "callable"), placement="step")
+    # Nothing stateful was added to the pipeline: its iterator still checkpoints.
+    it = iter(ds)
+    next(it)
+    tf.train.Checkpoint(iterator=it).save(str(tmp_path / "it"))
+    # A teacher that fails on the dataset's own shapes fails here, with its own error.
+    def wrong_width(inputs, training=False):
+        return tf.matmul(inputs, tf.ones((5, 4)))
+
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="5"):
+        keras_kd.with_teacher(make(), wrong_width)
+    # The probe: zeros of each component's dtype; an unknown batch dimension is 2, another
+    # unknown dimension 1 (then not exact: a failure only skips the check).
+    spec = ({"ids": tf.TensorSpec((None, 3), tf.int32), "text": tf.TensorSpec((None,), tf.string)},
+            tf.TensorSpec((4, None), tf.bool))
+    (probe, flags), exact = probe_inputs(spec)
+    assert probe["ids"].shape == (2, 3) and probe["ids"].dtype == tf.int32 and not np.any(probe["ids"].numpy())
+    assert probe["text"].numpy().tolist() == [b"", b""]
+    assert flags.shape == (4, 1) and flags.dtype == tf.bool and not exact
+    assert probe_inputs(tf.TensorSpec((None, 8), tf.float32))[1] is True
+    assert probe_inputs(tf.RaggedTensorSpec((None, None), tf.float32)) is None
+    seq = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).map(lambda a, b: (a[:, :, None], b))
+    seq = seq.map(lambda a, b: (tf.reshape(a, [tf.shape(a)[0], -1, 1]), b))  # time axis not static
+    assert seq.element_spec[0].shape.as_list() == [None, None, 1]
+
+    def needs_eight_steps(inputs, training=False):
+        return tf.reshape(inputs, [-1, 8])[:, :4]
+
+    keras_kd.with_teacher(seq, needs_eight_steps, placement="pipeline")  # the probe's 1 step fails: skipped
 
 
 def test_probabilities_heuristic():

@@ -119,9 +119,9 @@ def with_teacher(
 
     The teacher's output is checked once for probabilities (a final
     softmax, which `DistillationLoss` would soften again): from the output
-    layer's activation for a Keras model, else on the first batch the
-    dataset yields (a check in the pipeline: nothing is read from
-    ``dataset`` here); a softmax teacher warns.
+    layer's activation for a Keras model, else from its outputs on a probe
+    of zeros shaped like the teacher's inputs (nothing is read from
+    ``dataset``); a softmax teacher warns.
 
     Args:
         dataset: a **batched** ``tf.data.Dataset`` of ``(x, y)`` or
@@ -209,10 +209,8 @@ def with_teacher(
         placement = placement_lib.auto_placement(teachers, on_jax, dataset)
     run = teachers_lib.teacher_function(teachers, output_index, ensemble)
 
-    watch = warn_if_softmax(teachers, output_index,
-                            lambda t, inputs: teachers_lib.member_logits(t, inputs, output_index))
-    if watch is not None:  # judged on the first batch the pipeline yields
-        dataset = watch(dataset, lambda x, *rest: teacher_view(x))
+    warn_if_softmax(teachers, output_index, lambda t, inputs: teachers_lib.member_logits(t, inputs, output_index),
+                    t_spec)
 
     def as_targets(y):
         # Keep what an earlier transform attached (example ids, has_labels).

@@ -1,8 +1,8 @@
-"""Is the teacher's output a softmax? Judged once per dataset.
+"""Is the teacher's output a softmax? Judged once, when a dataset is built.
 
-A Keras model is judged by its output layer's activation (no data needed),
-when the dataset is built; any other teacher by its outputs on the first
-batch the dataset yields.
+A Keras model is judged by its output layer's activation (no data needed);
+any other teacher by its outputs on a probe of zeros shaped like the
+dataset's teacher inputs (no data read either).
 """
 
 from __future__ import annotations
@@ -62,27 +62,30 @@ def _looks_like_probabilities(values: np.ndarray) -> bool:
     return bool(values.min() >= 0.0 and values.max() <= 1.0 and np.all(np.abs(values.sum(-1) - 1.0) < 1e-3))
 
 
-def warn_if_softmax(teachers, output_index, run_one):
+def warn_if_softmax(teachers, output_index, run_one, inputs_spec):
     """Warns once when a teacher outputs probabilities instead of logits.
 
-    A Keras model is judged by the activation of its output layer, now and
-    with no data. Any other teacher (functions, subclassed models, output
-    layers without an activation) is judged by its outputs on the first batch
-    the dataset yields: the returned transform adds that check to the
-    pipeline. Nothing is read from the dataset here (a batch read now would be
-    taken from the user's pipeline: lost from a one-shot generator, a seeded
-    reshuffling ``shuffle`` moved on to its next order).
+    A Keras model is judged by the activation of its output layer (free). Any
+    other teacher (functions, subclassed models, output layers without an
+    activation) is run once, now, on a probe: zeros shaped and typed like the
+    dataset's teacher inputs (`probe_inputs`). Nothing is read from the
+    dataset: a batch read here would be taken from the user's pipeline (lost
+    from a one-shot generator, a seeded reshuffling ``shuffle`` moved on to
+    its next order). A softmax gives rows in [0, 1] summing to 1 whatever its
+    input; logits at zero inputs are the biases' image, which do not.
 
     Args:
         teachers: the teacher, or an ensemble's members, as a list.
         output_index: which output holds the logits.
         run_one: ``run_one(teacher, inputs)`` -> that teacher's logits.
+        inputs_spec: the ``element_spec`` of the teachers' inputs.
 
-    Returns:
-        None when every teacher was judged from its layers, else
-        ``watch(dataset, teacher_inputs)``: ``dataset`` with the check on its
-        first element (once per returned transform, however many epochs),
-        where ``teacher_inputs(*element)`` gives the teachers' inputs.
+    Raises:
+        Whatever the teacher raises on the probe, where the probe has the
+        dataset's own shapes (only the batch size was chosen): a teacher that
+        fails there fails on the data too, and says so here rather than
+        inside ``fit``. Where a non-batch dimension had to be chosen (not
+        static) a failure skips the check.
     """
     which = (lambda i: "The teacher's") if len(teachers) == 1 else (lambda i: f"Teacher {i} of the ensemble's")
     unknown = []
@@ -90,42 +93,56 @@ def warn_if_softmax(teachers, output_index, run_one):
         kind = _final_activation(teacher, output_index)
         if kind == "softmax":
             warnings.warn(f"{which(i)} output layer applies a softmax. {_SOFTMAX_ADVICE}", stacklevel=3)
-            return None
+            return
         if kind is None:
             unknown.append(i)
     if not unknown:
-        return None
-    checked = []
-
-    def judge(inputs):
-        if checked:
+        return
+    probe = probe_inputs(inputs_spec)
+    if probe is None:
+        return  # ragged, sparse or unknown-rank inputs: no probe to build
+    inputs, exact = probe
+    for i in unknown:
+        try:
+            outputs = np.asarray(run_one(teachers[i], inputs))
+        except Exception:  # noqa: BLE001 - re-raised unless the probe's shape was invented
+            if exact:
+                raise
             return
-        checked.append(True)
-        for i in unknown:
-            if _looks_like_probabilities(np.asarray(run_one(teachers[i], inputs))):
-                warnings.warn(
-                    f"{which(i)} outputs on the first batch look like probabilities (in [0, 1], rows "
-                    f"summing to 1). {_SOFTMAX_ADVICE}",
-                    stacklevel=2,
-                )
-                return
+        if _looks_like_probabilities(outputs):
+            warnings.warn(
+                f"{which(i)} outputs look like probabilities (in [0, 1], rows summing to 1, on a probe "
+                f"batch of zeros shaped like the dataset's inputs). {_SOFTMAX_ADVICE}",
+                stacklevel=3,
+            )
+            return
 
-    def watch(dataset, teacher_inputs):
-        def check(index, element):
-            def first():
-                inputs = teacher_inputs(*element)
-                flat = tf.nest.flatten(inputs, expand_composites=True)
 
-                def on_host(*values):
-                    judge(tf.nest.pack_sequence_as(inputs, list(values), expand_composites=True))
-                    return True
+_PROBE_BATCH = 2
 
-                return tf.py_function(on_host, flat, Tout=tf.bool)
 
-            done = tf.cond(tf.equal(index, 0), first, lambda: tf.constant(True))
-            with tf.control_dependencies([done]):
-                return tf.nest.map_structure(tf.identity, element, expand_composites=True)
+def probe_inputs(spec):
+    """Zeros (empty strings, False) of ``spec``'s structure, shapes and dtypes.
 
-        return dataset.enumerate().map(check)
-
-    return watch
+    Returns:
+        ``(inputs, exact)``, or None when a component is not a dense tensor
+        of known rank. An unknown batch (first) dimension becomes 2; another
+        unknown dimension becomes 1, and then ``exact`` is False.
+    """
+    exact = True
+    flat = tf.nest.flatten(spec)
+    values = []
+    for component in flat:
+        if type(component) is not tf.TensorSpec or component.shape.rank is None:
+            return None
+        dims = []
+        for axis, dim in enumerate(component.shape):
+            if dim is None:
+                exact = exact and axis == 0
+                dim = _PROBE_BATCH if axis == 0 else 1
+            dims.append(dim)
+        if component.dtype == tf.string:
+            values.append(tf.fill(dims, ""))
+        else:
+            values.append(tf.zeros(dims, component.dtype))
+    return tf.nest.pack_sequence_as(spec, values), exact
