@@ -117,21 +117,29 @@ def test_softmax_probe_judges_callables_when_built(K, toy_data, tmp_path):
     it = iter(ds)
     next(it)
     tf.train.Checkpoint(iterator=it).save(str(tmp_path / "it"))
-    # A teacher that fails on the dataset's own shapes fails here, with its own error.
+    # A teacher that fails on the dataset's own (static) shapes fails here, with its own error.
     def wrong_width(inputs, training=False):
         return tf.matmul(inputs, tf.ones((5, 4)))
 
+    static = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="5"):
-        keras_kd.with_teacher(make(), wrong_width)
+        keras_kd.with_teacher(static, wrong_width)
+    # With a batch size the probe had to choose, a failure only skips the check (a teacher may
+    # need the real batch size); the data then tells.
+    def fixed_batch(inputs, training=False):
+        return tf.reshape(inputs, [32, 8])[:, :4]
+
+    keras_kd.with_teacher(make(), fixed_batch)
     # The probe: zeros of each component's dtype; an unknown batch dimension is 2, another
-    # unknown dimension 1 (then not exact: a failure only skips the check).
+    # unknown dimension 1 (not exact, then).
     spec = ({"ids": tf.TensorSpec((None, 3), tf.int32), "text": tf.TensorSpec((None,), tf.string)},
             tf.TensorSpec((4, None), tf.bool))
     (probe, flags), exact = probe_inputs(spec)
     assert probe["ids"].shape == (2, 3) and probe["ids"].dtype == tf.int32 and not np.any(probe["ids"].numpy())
     assert probe["text"].numpy().tolist() == [b"", b""]
     assert flags.shape == (4, 1) and flags.dtype == tf.bool and not exact
-    assert probe_inputs(tf.TensorSpec((None, 8), tf.float32))[1] is True
+    assert probe_inputs(tf.TensorSpec((None, 8), tf.float32))[1] is False
+    assert probe_inputs(tf.TensorSpec((32, 8), tf.float32))[1] is True
     assert probe_inputs(tf.RaggedTensorSpec((None, None), tf.float32)) is None
     seq = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).map(lambda a, b: (a[:, :, None], b))
     seq = seq.map(lambda a, b: (tf.reshape(a, [tf.shape(a)[0], -1, 1]), b))  # time axis not static

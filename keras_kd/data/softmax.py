@@ -81,11 +81,12 @@ def warn_if_softmax(teachers, output_index, run_one, inputs_spec):
         inputs_spec: the ``element_spec`` of the teachers' inputs.
 
     Raises:
-        Whatever the teacher raises on the probe, where the probe has the
-        dataset's own shapes (only the batch size was chosen): a teacher that
-        fails there fails on the data too, and says so here rather than
-        inside ``fit``. Where a non-batch dimension had to be chosen (not
-        static) a failure skips the check.
+        Whatever the teacher raises on the probe, where every dimension of
+        the probe is the dataset's own (static): a teacher that fails there
+        fails on the data too, and says so here rather than inside ``fit``.
+        Where a dimension had to be chosen (the batch size without
+        ``drop_remainder``, a variable length) a failure only skips the
+        check: the chosen size may be what failed, and the data will tell.
     """
     which = (lambda i: "The teacher's") if len(teachers) == 1 else (lambda i: f"Teacher {i} of the ensemble's")
     unknown = []
@@ -126,8 +127,8 @@ def probe_inputs(spec):
 
     Returns:
         ``(inputs, exact)``, or None when a component is not a dense tensor
-        of known rank. An unknown batch (first) dimension becomes 2; another
-        unknown dimension becomes 1, and then ``exact`` is False.
+        of known rank. An unknown batch (first) dimension becomes 2, another
+        unknown dimension 1; ``exact`` is True when no dimension was unknown.
     """
     exact = True
     flat = tf.nest.flatten(spec)
@@ -138,7 +139,7 @@ def probe_inputs(spec):
         dims = []
         for axis, dim in enumerate(component.shape):
             if dim is None:
-                exact = exact and axis == 0
+                exact = False
                 dim = _PROBE_BATCH if axis == 0 else 1
             dims.append(dim)
         if component.dtype == tf.string:
