@@ -11,9 +11,9 @@ import warnings
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 
 from keras_kd import targets as targets_lib
-from keras_kd.data.teachers import probe_inputs
 
 _SOFTMAX_ADVICE = (
     "DistillationLoss expects logits and applies its own softmax, so it would distil from "
@@ -68,10 +68,10 @@ def warn_if_softmax(teachers, output_index, run_one, inputs_spec):
     A Keras model is judged by the activation of its output layer (free). Any
     other teacher (functions, subclassed models, output layers without an
     activation) is run once, now, on a probe: zeros shaped and typed like the
-    dataset's teacher inputs (`keras_kd.data.teachers.probe_inputs`). Nothing
-    is read from the dataset: a batch read here would be taken from the
-    user's pipeline (lost from a one-shot generator, a seeded reshuffling
-    ``shuffle`` moved on to its next order). A softmax gives rows in [0, 1] summing to 1 whatever its
+    dataset's teacher inputs (`probe_inputs`). Nothing is read from the
+    dataset: a batch read here would be taken from the user's pipeline (lost
+    from a one-shot generator, a seeded reshuffling ``shuffle`` moved on to
+    its next order). A softmax gives rows in [0, 1] summing to 1 whatever its
     input; logits at zero inputs are the biases' image, which do not.
 
     Args:
@@ -117,3 +117,33 @@ def warn_if_softmax(teachers, output_index, run_one, inputs_spec):
                 stacklevel=3,
             )
             return
+
+
+_PROBE_BATCH = 2
+
+
+def probe_inputs(spec):
+    """Zeros (empty strings, False) of ``spec``'s structure, shapes and dtypes.
+
+    Returns:
+        ``(inputs, exact)``, or None when a component is not a dense tensor
+        of known rank. An unknown batch (first) dimension becomes 2, another
+        unknown dimension 1; ``exact`` is True when no dimension was unknown.
+    """
+    exact = True
+    flat = tf.nest.flatten(spec)
+    values = []
+    for component in flat:
+        if type(component) is not tf.TensorSpec or component.shape.rank is None:
+            return None
+        dims = []
+        for axis, dim in enumerate(component.shape):
+            if dim is None:
+                exact = False
+                dim = _PROBE_BATCH if axis == 0 else 1
+            dims.append(dim)
+        if component.dtype == tf.string:
+            values.append(tf.fill(dims, ""))
+        else:
+            values.append(tf.zeros(dims, component.dtype))
+    return tf.nest.pack_sequence_as(spec, values), exact

@@ -102,51 +102,16 @@ def build_unbuilt(teachers, inputs):
     """Builds each unbuilt Keras 3 JAX teacher (e.g. a Sequential without ``Input``).
 
     On TensorFlow a first call builds such a teacher; ``stateless_call`` needs
-    its variables, so each one is called once, eagerly, on `probe_inputs`
-    zeros shaped like ``inputs`` (tensors or ``tf.TensorSpec``s).
+    its variables, so each one is called once, eagerly, on zeros shaped like
+    ``inputs`` (tensors or ``tf.TensorSpec``s, unknown axes as 1).
     """
-    unbuilt = [t for t in teachers if runs_on_jax(t) and not t.built]
-    if not unbuilt:
-        return
-    with tf.init_scope():  # eager zeros, also when ``inputs`` are a traced function's tensors
-        probe = probe_inputs(inputs)
-        if probe is None:
-            return
-        zeros = tf.nest.map_structure(lambda t: t.numpy(), probe[0])
-    for teacher in unbuilt:
-        teacher(zeros, training=False)
+    import numpy as np
 
-
-_PROBE_BATCH = 2
-
-
-def probe_inputs(inputs):
-    """Zeros (empty strings, False) of ``inputs``' structure, shapes and dtypes.
-
-    Args:
-        inputs: tensors or ``tf.TensorSpec``s, in any nesting.
-
-    Returns:
-        ``(zeros, exact)``, or None when a component is not a dense tensor
-        of known rank. An unknown batch (first) dimension becomes 2, another
-        unknown dimension 1; ``exact`` is True when no dimension was unknown.
-    """
-    exact = True
-    values = []
-    for component in tf.nest.flatten(inputs):
-        if not isinstance(component, (tf.TensorSpec, tf.Tensor)) or component.shape.rank is None:
-            return None
-        dims = []
-        for axis, dim in enumerate(component.shape):
-            if dim is None:
-                exact = False
-                dim = _PROBE_BATCH if axis == 0 else 1
-            dims.append(dim)
-        if component.dtype == tf.string:
-            values.append(tf.fill(dims, ""))
-        else:
-            values.append(tf.zeros(dims, component.dtype))
-    return tf.nest.pack_sequence_as(inputs, values), exact
+    for teacher in teachers:
+        if runs_on_jax(teacher) and not teacher.built:
+            zeros = [np.zeros([1 if d is None else d for d in t.shape.as_list()], t.dtype.as_numpy_dtype)
+                     for t in tf.nest.flatten(inputs)]
+            teacher(tf.nest.pack_sequence_as(inputs, zeros), training=False)
 
 
 def _variable_values(teachers):
