@@ -287,6 +287,65 @@ def test_records_ema_of_training_step_values(K):
     assert history.history["kd_teacher_wrong_share"][-1] == pytest.approx((t.argmax(-1) != y).mean())
 
 
+def _entropy(logits):
+    log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    return -(np.exp(log_p) * log_p).sum(-1)
+
+
+@pytest.mark.parametrize("weights", ["attach", "in the step"])
+def test_smooths_across_epochs_with_the_last_value_of_each_epoch(K, weights):
+    """The per-example table is an EMA over epochs, written from NumPy: epoch e
+    shows the teacher's logits scaled by c_e (a tf.Variable that a callback
+    sets), so the teacher-entropy signal and the teacher's argmax change every
+    epoch. Each epoch also passes every example twice (the second pass scaled
+    by 3): only the last value of an epoch counts. Mid-epoch, the table already
+    shows the values of the examples seen so far in that epoch."""
+    n, batch, momentum = 24, 8, 0.6
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    y = rng.integers(0, 4, size=n)
+    t = _logits(8, (n, 4))
+    scales = [1.0, -2.0, 0.5]
+    phase = tf.Variable(1.0)
+
+    def targets(scale):
+        def make(x_, y_, t_, i):
+            return x_, keras_kd.TeacherTargets(labels=y_, logits=t_ * scale * phase, example_id=i)
+        return make
+
+    base = tf.data.Dataset.from_tensor_slices((x, y, t, np.arange(n, dtype="int64")))
+    rew = keras_kd.HardSampleReweighting(signal="teacher_entropy", momentum=momentum, warmup_epochs=0,
+                                         num_examples=None if weights == "attach" else n)
+    hook = rew.attach if weights == "attach" else (lambda passes: passes)
+    ds = hook(base.map(targets(1.0))).concatenate(hook(base.map(targets(3.0)))).batch(batch)
+    seen = []
+
+    class Phase(keras_kd.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            phase.assign(scales[epoch])
+
+        def on_train_batch_end(self, step, logs=None):
+            if step == 0:
+                seen.append(int(rew.table.seen.sum()))
+
+    student = mlp(K)
+    student.compile(K.optimizers.SGD(0.0), loss=keras_kd.DistillationLoss(temperature=2.0, alpha=0.5))
+    student.fit(ds, epochs=3, verbose=0, callbacks=[Phase(), rew])
+
+    d = w = None
+    for c in scales:  # the epoch's last value: the second pass, 3 * c * t
+        d_e, w_e = _entropy(3.0 * c * t.astype("float64")), ((3.0 * c * t).argmax(-1) != y).astype(float)
+        d = d_e if d is None else momentum * d + (1 - momentum) * d_e
+        w = w_e if w is None else 0.5 * w + 0.5 * w_e
+    np.testing.assert_allclose(rew.table.difficulty, d, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rew.table.teacher_wrong, w, atol=1e-6)
+    np.testing.assert_allclose(rew.get_state()["stats"], np.stack([d, w], 1), rtol=1e-5, atol=1e-6)
+    assert seen == [batch, n, n]  # epoch 1: the first batch's rows; later epochs: every row
+    want = cb.normalise(cb.raw_weights("teacher_entropy", d, 1.0), rew.clip)
+    np.testing.assert_allclose(rew.table.weights.numpy(), want, rtol=1e-5)
+
+
 def test_validation_does_not_touch_the_table(K):
     rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=0)
     x, y, ds = _ids_dataset(n=48)

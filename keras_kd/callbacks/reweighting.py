@@ -46,10 +46,13 @@ class HardSampleReweighting(Callback):
     Keeps a per-example weight table indexed by example id. During training
     the `DistillationLoss` of the model reports each batch's per-example
     values (no extra pass over the data); the callback turns them into a
-    difficulty signal, smooths it per example with an exponential moving
-    average, and at the end of each epoch (after ``warmup_epochs``) sets the
-    weights to a function of the difficulty, normalised to mean 1 and
-    clipped. The weights reach the loss one of two ways:
+    difficulty signal and keeps each example's latest value of the epoch. At
+    the end of each epoch it smooths these into the per-example difficulty
+    with an exponential moving average over epochs (`Table.flush`; an example
+    seen twice in one epoch counts with its last value) and, after
+    ``warmup_epochs``, sets the weights to a function of the difficulty,
+    normalised to mean 1 and clipped. The weights reach the loss one of two
+    ways:
 
     * `attach` (the dataset hook) multiplies each example's weight into the
       dataset's ``sample_weight`` (times any weight the user already had), so
@@ -97,8 +100,9 @@ class HardSampleReweighting(Callback):
             (the signal is still recorded). Defaults to 2.
         clip: ``(low, high)`` bounds of the weights after normalisation.
             Defaults to (0.2, 5.0).
-        momentum: EMA factor of the per-example difficulty, in [0, 1).
-            Defaults to 0.9.
+        momentum: EMA factor of the per-example difficulty across epochs,
+            in [0, 1): ``d = momentum * d + (1 - momentum) * d_epoch``; an
+            example's first value is taken as is. Defaults to 0.9.
         num_examples: size of the table; defaults to the cardinality of the
             dataset given to `attach`.
         scoring_data: optional dataset (batched, with teacher targets and
@@ -211,7 +215,7 @@ class HardSampleReweighting(Callback):
                     "on the training dataset before `fit`, or pass `num_examples=` to apply the "
                     "weights inside the training step."
                 )
-            self._table = table_lib.Table(self.num_examples)
+            self._table = table_lib.Table(self.num_examples, self.momentum)
         return self._table
 
     def attach(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -263,7 +267,7 @@ class HardSampleReweighting(Callback):
                 "Pass `num_examples=` to HardSampleReweighting."
             )
         if self._table is None or self._table.num_examples != size:
-            self._table = table_lib.Table(size)
+            self._table = table_lib.Table(size, self.momentum)
         self.num_examples = size
         self._attached = True
         weights = self._table.tf_weights  # a tf.Variable on every backend (tf.data runs TensorFlow)
@@ -301,13 +305,8 @@ class HardSampleReweighting(Callback):
             # weights) or by `attach`'s hook; here they write row 0's values.
             ids, _ = self._rows(targets.example_id, table.num_examples)
             fresh = tf.stack(self._values(targets, teacher_logits, student_logits, soft), axis=1)
-            # tf.gather (ResourceGather) compiles under XLA; gather_nd on a variable does not.
-            old = tf.gather(table.stats, ids)
-            # A first value is taken as is (old is NaN), later ones smoothed; rows
-            # with no value (a label-based signal on an unlabelled example) unchanged.
-            rate = tf.constant([[1.0 - self.momentum, 0.5]])
-            new = tf.where(tf.math.is_nan(old), fresh, old + rate * (fresh - old))
-            table.stats.scatter_update(tf.IndexedSlices(tf.where(tf.math.is_nan(fresh), old, new), ids))
+            # One scatter, no read: the smoothing runs once per epoch (`Table.flush`).
+            table.pending.scatter_update(tf.IndexedSlices(fresh, ids))
 
     def _values(self, targets, teacher_logits, student_logits, soft):
         """Per example: (difficulty, teacher wrong), NaN where there is no value."""
@@ -328,7 +327,7 @@ class HardSampleReweighting(Callback):
         soft = ops.stop_gradient(soft)
         rows, _ = table_lib.jax_rows(targets.example_id, self._table.num_examples)
         fresh = ops.stack(self._values(targets, teacher_logits, student_logits, soft), axis=1)
-        table_lib.jax_record(self._table.step_state, rows, ops.cast(fresh, "float32"), self.momentum)
+        table_lib.jax_record(self._table.step_state, rows, ops.cast(fresh, "float32"))
 
     def _training_step(self) -> bool:
         """Whether the TensorFlow step being traced (or the eager scoring pass)
@@ -400,7 +399,8 @@ class HardSampleReweighting(Callback):
                 "JAX state; a tf_keras student needs its own callback: create a new HardSampleReweighting."
             )
         self._resume_checked = False
-        self._synced = table.stats.numpy()
+        table.momentum = self.momentum
+        self._synced = table.flush()
         table.recording.assign(True)  # "in a training step" (the JAX step reads it)
         self._in_fit = True  # the TensorFlow steps traced from now on record
         if self.scoring_data is None:
@@ -474,19 +474,21 @@ class HardSampleReweighting(Callback):
         self.table.recording.assign(self._loss is not None)
         self._in_fit = self._loss is not None
 
-    def _sync_workers(self):
-        """Merges the tables of all workers (see `table.merge_workers`)."""
+    def _sync_workers(self, stats):
+        """The table merged across workers (see `table.merge_workers`), or ``stats`` with one worker."""
         strategy = getattr(self.model, "distribute_strategy", None)
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             self._synced = table_lib.merge_workers(strategy, self.table, self._synced)
+            return self._synced
+        return stats
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
         table = self.table
         if self.scoring_data is not None:
             self.score(self.scoring_data)
-        self._sync_workers()
-        stats = table.stats.numpy()  # one read of the table per epoch
+        stats = table.flush()  # this epoch's values smoothed in: one read of the table per epoch
+        stats = self._sync_workers(stats)
         seen = ~np.isnan(stats[:, 0])
         any_seen = bool(seen.any())
         if epoch + 1 >= self.warmup_epochs and any_seen:

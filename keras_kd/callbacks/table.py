@@ -1,12 +1,16 @@
 """The per-example table of `HardSampleReweighting`: its variables, the rows a
-step reads, the merge across workers, the weight histogram.
+step reads and writes, the per-epoch smoothing, the merge across workers, the
+weight histogram.
 
-On TensorFlow the table is three ``tf.Variable``s that the step reads and
-writes. For a Keras 3 student on JAX (`Table.use_jax`) the step's copy lives
-in a `keras_kd._step_state.StepState` that the model threads through its
-jitted step; ``weights``/``stats``/``recording`` then read and assign that
-state (the weights also the ``tf.Variable`` that `attach`'s tf.data hook
-reads).
+A training step reads the weights of its rows (one gather) and writes each
+row's fresh values (difficulty, teacher wrong) into ``pending`` (one scatter):
+no read-modify-write in the step. At the end of every epoch `Table.flush`
+smooths the pending values into ``stats`` on the host. On TensorFlow
+``weights``, ``pending`` and the recording flag are ``tf.Variable``s. For a
+Keras 3 student on JAX (`Table.use_jax`) the step's copies live in a
+`keras_kd._step_state.StepState` that the model threads through its jitted
+step; ``weights``/``pending``/``recording`` then read and assign that state
+(the weights also the ``tf.Variable`` that `attach`'s tf.data hook reads).
 """
 
 from __future__ import annotations
@@ -19,30 +23,51 @@ import tensorflow as tf
 
 from keras_kd import _ops
 
+# Smoothing rate of the teacher-wrong share per epoch (the difficulty's is 1 - momentum).
+TEACHER_WRONG_RATE = 0.5
+
+
+def smooth(stats: np.ndarray, fresh: np.ndarray, momentum: float) -> np.ndarray:
+    """One epoch of smoothing: ``stats`` updated by ``fresh`` (both ``(N, 2)``, NaN = no value).
+
+    A first value is taken as is, later ones by an exponential moving average
+    (the difficulty with ``1 - momentum``, the teacher-wrong share with 0.5);
+    rows without a fresh value keep theirs.
+    """
+    rate = np.array([[1.0 - momentum, TEACHER_WRONG_RATE]], np.float32)
+    with np.errstate(invalid="ignore"):
+        new = np.where(np.isnan(stats), fresh, stats + rate * (fresh - stats))
+    return np.where(np.isnan(fresh), stats, new).astype(np.float32)
+
 
 class Table:
     """Per-example state shared by the callback and its dataset hook.
 
-    ``weights`` (read by the dataset hook) and ``stats``: one row per example
-    of (smoothed difficulty, smoothed teacher-wrong share), NaN until the
-    example is first seen, so a step reads and writes it with one gather and
-    one scatter.
+    ``weights`` (read by the step or the dataset hook); ``pending``: the
+    latest values of this epoch per example (difficulty, teacher wrong), NaN
+    where the example was not seen yet; ``stats``: the smoothed values of the
+    epochs before, NaN until the example is first seen (host memory: no step
+    reads it). ``stats.numpy()`` includes the pending values, so the table
+    reads the same at any moment of an epoch.
     """
 
-    def __init__(self, num_examples: int):
+    def __init__(self, num_examples: int, momentum: float = 0.9):
         self.num_examples = num_examples
+        self.momentum = momentum
 
         def create():
             with tf.init_scope():
                 return (
                     tf.Variable(tf.ones([num_examples]), trainable=False, name="kd_example_weights"),
-                    tf.Variable(tf.fill([num_examples, 2], np.nan), trainable=False, name="kd_example_stats"),
+                    tf.Variable(tf.fill([num_examples, 2], np.nan), trainable=False, name="kd_example_pending"),
                     tf.Variable(False, trainable=False, name="kd_recording"),
                 )
 
-        self.weights, self.stats, self.recording = _outside_any_strategy(create)
+        self.weights, self.pending, self.recording = _outside_any_strategy(create)
         self.tf_weights = self.weights  # what the dataset hook of `attach` reads, on every backend
         self.step_state = None  # JAX: the state the jitted step threads (`use_jax`)
+        self._smoothed = np.full([num_examples, 2], np.nan, np.float32)
+        self.stats = _Smoothed(self)
 
     def use_jax(self):
         """Moves the step's copy of the table into a `StepState` (Keras 3 on JAX; idempotent)."""
@@ -53,15 +78,23 @@ class Table:
         self.step_state = _step_state.StepState(
             {
                 "weights": self.weights.numpy(),
-                "stats": self.stats.numpy(),
+                "pending": self.pending.numpy(),
                 "recording": float(self.recording.numpy()),
             },
             name="kd_reweighting",
         )
         self.weights = _StateArray(self.step_state, "weights", mirror=self.tf_weights)
-        self.stats = _StateArray(self.step_state, "stats")
+        self.pending = _StateArray(self.step_state, "pending")
         self.recording = _StateArray(self.step_state, "recording")
         return self.step_state
+
+    def flush(self) -> np.ndarray:
+        """Smooths this epoch's pending values into ``stats`` and clears them; returns the stats."""
+        fresh = self.pending.numpy()
+        if not np.isnan(fresh).all():
+            self._smoothed = smooth(self._smoothed, fresh, self.momentum)
+            self.pending.assign(np.full_like(fresh, np.nan))
+        return self._smoothed
 
     @property
     def seen(self) -> np.ndarray:
@@ -74,6 +107,27 @@ class Table:
     @property
     def teacher_wrong(self) -> np.ndarray:
         return np.nan_to_num(self.stats.numpy()[:, 1])
+
+
+class _Smoothed:
+    """``Table.stats``: ``numpy()`` gives the smoothed values with this epoch's pending ones
+    applied (nothing is committed), ``assign()`` replaces them and clears the pending ones."""
+
+    def __init__(self, table: Table):
+        self._table = table
+
+    @property
+    def shape(self):
+        return self._table._smoothed.shape
+
+    def numpy(self) -> np.ndarray:
+        t = self._table
+        return smooth(t._smoothed, t.pending.numpy(), t.momentum)
+
+    def assign(self, value):
+        t = self._table
+        t._smoothed = np.array(value, np.float32).reshape(t._smoothed.shape)
+        t.pending.assign(np.full(t._smoothed.shape, np.nan, np.float32))
 
 
 def _outside_any_strategy(create):
@@ -146,23 +200,15 @@ def jax_rows(example_id, size: int):
     return ops.where(outside, ops.zeros_like(ids), ids), outside
 
 
-def jax_record(state, rows, fresh, momentum: float):
-    """Smooths ``fresh`` (per row: difficulty, teacher wrong) into the JAX table ``state``.
-
-    The same update as the TF step: a first value is taken as is, later ones
-    by an exponential moving average (``momentum``; the teacher-wrong share
-    with 0.5); NaN values (no value for this example) and validation steps
-    leave rows unchanged. Runs inside the jitted step: the new table is a
-    result of the step (`keras_kd._step_state`).
-    """
+def jax_record(state, rows, fresh):
+    """Writes ``fresh`` (per row: difficulty, teacher wrong; NaN = no value) into the JAX table's
+    pending values, as the TF step does; validation steps leave them unchanged. Runs inside the
+    jitted step: the new values are a result of the step (`keras_kd._step_state`)."""
     import jax.numpy as jnp  # noqa: PLC0415 - JAX only
 
-    stats = state.current("stats")
-    old = stats[rows]
-    rate = jnp.asarray([[1.0 - momentum, 0.5]], jnp.float32)
-    new = jnp.where(jnp.isnan(old), fresh, old + rate * (fresh - old))
-    keep = jnp.isnan(fresh) | (state.current("recording") < 0.5)
-    state.variables["stats"].assign(stats.at[rows].set(jnp.where(keep, old, new)))
+    pending = state.current("pending")
+    keep = state.current("recording") < 0.5
+    state.variables["pending"].assign(pending.at[rows].set(jnp.where(keep, pending[rows], fresh)))
 
 
 def jax_weights(state, rows, outside):
@@ -202,7 +248,7 @@ def merge_workers(strategy, table: Table, base: np.ndarray) -> np.ndarray:
     Returns:
         The merged statistics, also assigned to ``table.stats``.
     """
-    local = table.stats.numpy()
+    local = table.flush()
     changed = ~np.isnan(local) & ~((local == base) | (np.isnan(local) & np.isnan(base)))
     delta = np.where(changed, np.nan_to_num(local) - np.nan_to_num(base), 0.0).astype(np.float32)
     changed = changed.astype(np.float32)
