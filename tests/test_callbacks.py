@@ -346,6 +346,44 @@ def test_smooths_across_epochs_with_the_last_value_of_each_epoch(K, weights):
     np.testing.assert_allclose(rew.table.weights.numpy(), want, rtol=1e-5)
 
 
+def test_refits_reuse_the_hooked_step_and_other_fits_get_a_plain_one(K):
+    """A second fit with the same callback reuses the step traced with its hooks
+    (TensorFlow: no retrace per fit); a fit without the callback trains with a
+    step without them (the table is neither read nor written); after a
+    recompile the step is traced again with the new loss."""
+    x, y, ds = _ids_dataset(n=48)
+    ds = keras_kd.with_teacher(ds.batch(16), mlp(K))
+    student = mlp(K)
+    student.compile(K.optimizers.SGD(0.1), loss=keras_kd.DistillationLoss())
+    rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=0, num_examples=48)
+    steps = []
+
+    class Probe(keras_kd.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            steps.append(self.model.train_function)
+
+    student.fit(ds, epochs=1, verbose=0, callbacks=[rew, Probe()])
+    assert student.train_function is not steps[0]  # the plain step is back
+    student.fit(ds, epochs=1, verbose=0, callbacks=[rew, Probe()])
+    tensorflow_step = not (K is keras and keras.backend.backend() == "jax")
+    if tensorflow_step:
+        assert steps[1] is steps[0]  # reused, not traced again
+    table = rew.get_state()
+    student.fit(ds, epochs=2, verbose=0, callbacks=[Probe()])
+    assert steps[2] is not steps[1] and not student.loss.observers and not student.loss.weightings
+    np.testing.assert_array_equal(rew.get_state()["stats"], table["stats"])  # nothing recorded
+    np.testing.assert_array_equal(rew.get_state()["weights"], table["weights"])
+    student.compile(K.optimizers.SGD(0.0), loss=keras_kd.DistillationLoss())
+    student.fit(ds, epochs=1, verbose=0, callbacks=[rew, Probe()])
+    if tensorflow_step:
+        assert steps[4] is not steps[1]  # a new loss: traced again
+    assert rew.table.seen.all() and not np.array_equal(rew.get_state()["stats"], table["stats"])
+    assert rew.table.weights.numpy().std() > 0
+    # Without the callback the step is unweighted: with lr = 0, the fit's loss is evaluate's.
+    history = student.fit(ds, epochs=1, verbose=0)
+    assert history.history["loss"][0] == pytest.approx(student.evaluate(ds, verbose=0), rel=1e-5)
+
+
 def test_validation_does_not_touch_the_table(K):
     rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=0)
     x, y, ds = _ids_dataset(n=48)

@@ -20,6 +20,7 @@ from keras_kd import _ops
 from keras_kd import targets as targets_lib
 from keras_kd.losses import guards
 from keras_kd.callbacks import backup as backup_lib
+from keras_kd.callbacks import steps as steps_lib
 from keras_kd.callbacks import table as table_lib
 from keras_kd.callbacks.base import Callback
 from keras_kd.callbacks.signals import NEEDS_LABELS
@@ -177,6 +178,7 @@ class HardSampleReweighting(Callback):
         self._signal_fn = signal if callable(signal) else SIGNALS[signal]
         self._table: Optional[table_lib.Table] = None
         self._rows = table_lib.StepRows()
+        self._step = steps_lib.HookedStep()
         self._attached = False
         self._loss = None
         self._in_fit = False  # TensorFlow steps: traced in a training phase of this fit
@@ -201,6 +203,7 @@ class HardSampleReweighting(Callback):
         clone = copy.copy(self)
         clone.model = None
         clone._rows = table_lib.StepRows()
+        clone._step = steps_lib.HookedStep()
         memo[id(self)] = clone
         return clone
 
@@ -408,8 +411,11 @@ class HardSampleReweighting(Callback):
         if not self._attached:
             # No dataset hook: the weights are applied inside the training step.
             self._loss.add_weighting(self._weigh)
-        # Steps traced before the hooks were added would not see them.
-        self.model.make_train_function(force=True)
+        # Steps traced before the hooks were added would not see them: the
+        # step is traced with them, or the one traced for this callback's last fit reused.
+        hooks = (self._loss, self._loss.observers, self._loss.weightings, table, self._signal_fn)
+        self._step.reuse = self.table.step_state is None  # JAX: bound state, a new step per fit
+        self._step.enter(self.model, hooks)
 
     def _use_jax_table(self, table):
         """Keras 3 on JAX: the table becomes state that the model threads through its jitted step."""
@@ -461,7 +467,7 @@ class HardSampleReweighting(Callback):
                 from keras_kd import _step_state  # noqa: PLC0415 - JAX only
 
                 _step_state.unbind(self.model, self.table.step_state)
-            self.model.make_train_function(force=True)
+            self._step.exit(self.model)
         self._rows = table_lib.StepRows()  # drops the last traced step's tensors
         self.table.recording.assign(False)
         self._in_fit = False
