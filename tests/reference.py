@@ -22,7 +22,7 @@ def divergence(name, t, s):
     if name == "reverse_kl":
         return kl(sl, tl)
     if name == "js":
-        m = np.log(0.5 * (np.exp(tl) + np.exp(sl)))
+        m = np.logaddexp(tl, sl) - np.log(2.0)  # log of the mixture, without underflow to log(0)
         return 0.5 * kl(tl, m) + 0.5 * kl(sl, m)
     if name == "soft_cross_entropy":
         return -(np.exp(tl) * sl).sum(-1)

@@ -384,6 +384,59 @@ def test_refits_reuse_the_hooked_step_and_other_fits_get_a_plain_one(K):
     assert history.history["loss"][0] == pytest.approx(student.evaluate(ds, verbose=0), rel=1e-5)
 
 
+def test_validation_with_sample_weights_and_in_step_weights(K):
+    """Validation batches that carry their own sample weights, with the table's
+    weights applied in the step: validation is weighted by its own weights only."""
+    x, y, train = _ids_dataset(n=48)
+    sw = np.linspace(0.5, 2.0, 12).astype("float32")
+    _, _, val = _ids_dataset(n=12, weights=sw)
+    teacher, student = mlp(K), mlp(K)
+    student.compile(K.optimizers.SGD(0.0), loss=keras_kd.DistillationLoss())
+    rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=0, num_examples=48)
+    rew.set_state({"weights": np.linspace(0.2, 5.0, 48), "stats": np.full((48, 2), np.nan)})
+    val = keras_kd.with_teacher(val.batch(6), teacher)
+    history = student.fit(keras_kd.with_teacher(train.batch(16), teacher), epochs=1, verbose=0,
+                          callbacks=[rew], validation_data=val)
+    assert history.history["val_loss"][0] == pytest.approx(student.evaluate(val, verbose=0), rel=1e-5)
+
+
+# On JAX the raised fit's hooks and bound state stay until the next fit with the callback.
+@pytest.mark.backend("tensorflow")
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_fit_that_raised_leaves_no_hooks_for_the_next_fit(K, jit):
+    """Keras skips on_train_end when a fit raises (here: KeyboardInterrupt in a
+    batch hook). The next fit without the callback must still be unweighted and
+    leave the table alone, also when it reuses the model's step or retraces it."""
+    x, y, ds = _ids_dataset(n=48)
+    ds = keras_kd.with_teacher(ds.batch(16), mlp(K))
+    student = mlp(K)
+    kd = keras_kd.DistillationLoss()
+    student.compile(K.optimizers.SGD(0.0), loss=kd, jit_compile=jit)
+    rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=0, num_examples=48)
+    rew.set_state({"weights": np.linspace(0.2, 5.0, 48), "stats": np.full((48, 2), np.nan)})
+
+    class Interrupt(keras_kd.Callback):
+        def on_train_batch_end(self, step, logs=None):
+            if step == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        student.fit(ds, epochs=1, verbose=0, callbacks=[rew, Interrupt()])
+    table = rew.get_state()
+    want = student.evaluate(ds, verbose=0)  # unweighted: no hook runs in evaluate
+    history = student.fit(ds, epochs=1, verbose=0)
+    assert history.history["loss"][0] == pytest.approx(want, rel=1e-5)
+    assert not kd.observers and not kd.weightings
+    np.testing.assert_array_equal(rew.get_state()["stats"], table["stats"])
+    # A recompile with the same loss object traces a new step: still without the hooks.
+    student.compile(K.optimizers.SGD(0.0), loss=kd, jit_compile=jit)
+    history = student.fit(ds, epochs=1, verbose=0)
+    assert history.history["loss"][0] == pytest.approx(want, rel=1e-5)
+    # The callback itself still works afterwards.
+    student.fit(ds, epochs=1, verbose=0, callbacks=[rew])
+    assert rew.table.seen.all()
+
+
 def test_validation_does_not_touch_the_table(K):
     rew = keras_kd.HardSampleReweighting(signal="kl", warmup_epochs=0)
     x, y, ds = _ids_dataset(n=48)

@@ -40,6 +40,9 @@ def _clip_bounds(clip) -> Tuple[float, float]:
         raise ValueError(message) from None
 
 
+_NO_HISTORY = object()  # `_fit_running` for a loop whose model has no History
+
+
 @_compat.register_serializable()
 class HardSampleReweighting(Callback):
     """Difficult-sample mining for distillation, in any ``model.fit``.
@@ -182,6 +185,7 @@ class HardSampleReweighting(Callback):
         self._attached = False
         self._loss = None
         self._in_fit = False  # TensorFlow steps: traced in a training phase of this fit
+        self._fit_history = None  # the History of the fit in progress (`_fit_running`)
         self._scoring = False  # the eager scoring pass records
 
     def get_config(self):
@@ -342,7 +346,8 @@ class HardSampleReweighting(Callback):
         if self._scoring:
             return True
         tape = guards.in_training_step()
-        return self._in_fit and (tape is None or tape)  # None: TensorFlow no longer tells
+        # A step traced in another fit (this one raised: no on_train_end) gets none of the ops.
+        return self._in_fit and (tape is None or tape) and self._fit_running()
 
     def score(self, dataset: tf.data.Dataset):
         """Scores every example of ``dataset`` with the current student and
@@ -402,6 +407,10 @@ class HardSampleReweighting(Callback):
                 "JAX state; a tf_keras student needs its own callback: create a new HardSampleReweighting."
             )
         self._resume_checked = False
+        # This fit's History (see `_fit_running`); a loop without one (callbacks called by hand) is never
+        # told apart from a later fit, as before.
+        history = getattr(self.model, "history", None)
+        self._fit_history = _NO_HISTORY if history is None else history
         table.momentum = self.momentum
         self._synced = table.flush()
         table.recording.assign(True)  # "in a training step" (the JAX step reads it)
@@ -415,7 +424,7 @@ class HardSampleReweighting(Callback):
         # step is traced with them, or the one traced for this callback's last fit reused.
         hooks = (self._loss, self._loss.observers, self._loss.weightings, table, self._signal_fn)
         self._step.reuse = self.table.step_state is None  # JAX: bound state, a new step per fit
-        self._step.enter(self.model, hooks)
+        self._step.enter(self.model, hooks, running=self._fit_running, release=self._release)
 
     def _use_jax_table(self, table):
         """Keras 3 on JAX: the table becomes state that the model threads through its jitted step."""
@@ -460,6 +469,12 @@ class HardSampleReweighting(Callback):
         # backup has served its purpose, as BackupAndRestore's own.
         if self._backup is not None and self._is_chief():
             self._backup.remove()
+        self._release()
+
+    def _release(self):
+        """The end of this callback's fit: its hooks leave the loss, the model gets a plain step.
+        Also run by the hooked step itself when a later fit calls it (the fit that installed it
+        raised, so Keras skipped ``on_train_end``)."""
         if self._loss is not None:
             self._loss.remove_observer(self._record)
             self._loss.remove_weighting(self._weigh)
@@ -471,6 +486,13 @@ class HardSampleReweighting(Callback):
         self._rows = table_lib.StepRows()  # drops the last traced step's tensors
         self.table.recording.assign(False)
         self._in_fit = False
+        self._fit_history = None
+
+    def _fit_running(self) -> bool:
+        """Whether the fit this callback began still runs: Keras gives every fit a new ``History``
+        (``model.history``), and a fit that raised never reached ``on_train_end``."""
+        history = self._fit_history
+        return history is not None and (history is _NO_HISTORY or getattr(self.model, "history", None) is history)
 
     def on_test_begin(self, logs=None):
         self.table.recording.assign(False)

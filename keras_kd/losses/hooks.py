@@ -37,6 +37,7 @@ Contract:
 from __future__ import annotations
 
 import typing
+from typing import Optional
 
 import tensorflow as tf
 
@@ -64,10 +65,11 @@ class Weighting(typing.Protocol):
 
     Called by `DistillationLoss` exactly once per step for batches whose
     targets carry ``example_id``; the result is multiplied into the sample
-    weights before reduction.
+    weights before reduction. None leaves the step unweighted (what
+    `HardSampleReweighting` returns for validation steps).
     """
 
-    def __call__(self, targets) -> tf.Tensor: ...
+    def __call__(self, targets) -> Optional[tf.Tensor]: ...
 
 
 class StepTerms(typing.NamedTuple):
@@ -130,6 +132,8 @@ class Hooks:
             return sample_weight
         for weighting in self.weightings:
             w = weighting(y_true)
+            if w is None:  # this step is not weighted (a validation step)
+                continue
             if sample_weight is not None:
                 ops = _ops.namespace(w)
                 sample_weight = ops.cast(ops.convert_to_tensor(sample_weight), "float32") * w
