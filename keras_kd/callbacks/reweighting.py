@@ -506,7 +506,7 @@ class HardSampleReweighting(Callback):
         """The table merged across workers (see `table.merge_workers`), or ``stats`` with one worker."""
         strategy = getattr(self.model, "distribute_strategy", None)
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            self._synced = table_lib.merge_workers(strategy, self.table, self._synced)
+            self._synced = table_lib.merge_workers(strategy, self.table, self._synced, stats)
             return self._synced
         return stats
 

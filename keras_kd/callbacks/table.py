@@ -93,8 +93,11 @@ class Table:
         fresh = self.pending.numpy()
         if not np.isnan(fresh).all():
             self._smoothed = smooth(self._smoothed, fresh, self.momentum)
-            self.pending.assign(np.full_like(fresh, np.nan))
+            self.clear_pending()
         return self._smoothed
+
+    def clear_pending(self):
+        self.pending.assign(np.full([self.num_examples, 2], np.nan, np.float32))
 
     @property
     def seen(self) -> np.ndarray:
@@ -127,7 +130,7 @@ class _Smoothed:
     def assign(self, value):
         t = self._table
         t._smoothed = np.array(value, np.float32).reshape(t._smoothed.shape)
-        t.pending.assign(np.full(t._smoothed.shape, np.nan, np.float32))
+        t.clear_pending()
 
 
 def _outside_any_strategy(create):
@@ -237,7 +240,7 @@ class StepRows:
         return rows
 
 
-def merge_workers(strategy, table: Table, base: np.ndarray) -> np.ndarray:
+def merge_workers(strategy, table: Table, base: np.ndarray, local: np.ndarray) -> np.ndarray:
     """Merges the tables of all workers (MultiWorkerMirroredStrategy).
 
     Each worker records the examples of its own shard of every batch. At the
@@ -245,10 +248,11 @@ def merge_workers(strategy, table: Table, base: np.ndarray) -> np.ndarray:
     are combined across workers (mean of the changes, for rows more than one
     worker changed), so every worker continues from the same table.
 
+    ``local`` is this worker's table after `Table.flush`.
+
     Returns:
         The merged statistics, also assigned to ``table.stats``.
     """
-    local = table.flush()
     changed = ~np.isnan(local) & ~((local == base) | (np.isnan(local) & np.isnan(base)))
     delta = np.where(changed, np.nan_to_num(local) - np.nan_to_num(base), 0.0).astype(np.float32)
     changed = changed.astype(np.float32)
