@@ -524,6 +524,33 @@ def test_a_rebuild_after_a_probe_mismatch_never_rewrites_the_files_a_reader_stre
     expect_own_logits(old_reader, teacher)
 
 
+@pytest.mark.parametrize("on_mismatch", ["error", "rebuild"])
+def test_a_job_whose_part_another_job_rewrote_meanwhile_raises_instead_of_waiting(K, tmp_path, monkeypatch, on_mismatch):
+    """The race of two jobs with different teachers on one empty directory.
+
+    Job A writes its part; before it assembles the manifest, job B (another
+    teacher) takes the part's lock and rewrites the part for its own build.
+    A's part will never come back: A must say so, not wait for ever.
+    """
+    teacher, other = teacher_model(K, 0), teacher_model(K, 5)
+    real_assemble, order = cache_build.Build.assemble, []
+
+    def assemble(build):
+        if not order:
+            order.append("b")  # B runs to the end between A's part and A's manifest
+            expect_own_logits(raw().apply(cache_teacher_logits(other, tmp_path, batch_size=64, verbose=0)), other)
+        return real_assemble(build)
+
+    monkeypatch.setattr(cache_build.Build, "assemble", assemble)
+    with pytest.raises(CacheMismatchError, match=r"(?s)Another job rewrote part 0.*weights changed.*its own `directory`"):
+        raw().apply(cache_teacher_logits(teacher, tmp_path, batch_size=64, on_mismatch=on_mismatch, verbose=0))
+    monkeypatch.setattr(cache_build.Build, "assemble", real_assemble)
+    expect_own_logits(raw().apply(cache_teacher_logits(other, tmp_path, batch_size=64, verbose=0)), other)
+    if on_mismatch == "rebuild":  # asked again, alone, the job rebuilds for its own teacher
+        rebuilt = raw().apply(cache_teacher_logits(teacher, tmp_path, batch_size=64, on_mismatch="rebuild", verbose=0))
+        expect_own_logits(rebuilt, teacher)
+
+
 @pytest.mark.parametrize("directory", [None, "f"])
 def test_feature_cache_refuses_inputs_of_unknown_or_varying_shape(K, tmp_path, directory):
     from tests.test_alignment import net

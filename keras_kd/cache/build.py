@@ -467,6 +467,22 @@ class Build:
             store.collect_garbage()
         return manifest
 
+    def superseded(self, journal) -> CacheMismatchError:
+        """Why this job's own part is gone: another job rewrote it for another build."""
+        if journal is None:
+            changes = ["its journal was removed"]
+        else:
+            changes = self.diff(journal["fingerprint"], journal["num_examples"]) or [
+                "its layout or number of parts differs"
+            ]
+        return CacheMismatchError(
+            f"Another job rewrote part {self.part} of the {self.store.what} at {self.store.directory!r} "
+            "while this job built it, for something else than this job's build:\n  - "
+            + "\n  - ".join(changes)
+            + "\nTwo jobs with different teachers, data or settings share this directory: give each "
+            "its own `directory`."
+        )
+
     def wait_for_parts(self, wait_timeout):
         start, told = time.monotonic(), False
         while True:
@@ -476,6 +492,11 @@ class Build:
             manifest = self.assemble()
             if manifest is not None:
                 return manifest
+            # This job wrote its own part; once another job has rewritten it
+            # for another build, waiting would never end.
+            own = self.store.read_journal(self.part, self.num_parts)
+            if own is None or own["generation"] != self.gen:
+                raise self.superseded(own)
             current_gen = None if manifest is None else manifest.get("generation")
             try:
                 found = self.store.read_manifest()
