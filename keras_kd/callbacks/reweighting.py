@@ -413,7 +413,7 @@ class HardSampleReweighting(Callback):
         self._fit_history = _NO_HISTORY if history is None else history
         table.momentum = self.momentum
         self._synced = table.flush()
-        table.recording.assign(True)  # "in a training step" (the JAX step reads it)
+        table_lib.assign(table.recording, True)  # "in a training step" (the JAX step reads it)
         self._in_fit = True  # the TensorFlow steps traced from now on record
         if self.scoring_data is None:
             self._loss.add_observer(self._record)
@@ -484,7 +484,7 @@ class HardSampleReweighting(Callback):
                 _step_state.unbind(self.model, self.table.step_state)
             self._step.exit(self.model)
         self._rows = table_lib.StepRows()  # drops the last traced step's tensors
-        self.table.recording.assign(False)
+        table_lib.assign(self.table.recording, False)
         self._in_fit = False
         self._fit_history = None
 
@@ -495,11 +495,11 @@ class HardSampleReweighting(Callback):
         return history is not None and (history is _NO_HISTORY or getattr(self.model, "history", None) is history)
 
     def on_test_begin(self, logs=None):
-        self.table.recording.assign(False)
+        table_lib.assign(self.table.recording, False)
         self._in_fit = False
 
     def on_test_end(self, logs=None):
-        self.table.recording.assign(self._loss is not None)
+        table_lib.assign(self.table.recording, self._loss is not None)
         self._in_fit = self._loss is not None
 
     def _sync_workers(self, stats):
@@ -522,9 +522,9 @@ class HardSampleReweighting(Callback):
         if epoch + 1 >= self.warmup_epochs and any_seen:
             weights = np.ones(table.num_examples, np.float32)
             weights[seen] = normalise(raw_weights(self.signal, stats[seen, 0], self.strength), self.clip)
-            table.weights.assign(weights)
+            table_lib.assign(table.weights, weights)
         else:
-            weights = table.weights.numpy()
+            weights = table_lib.read(table.weights)
         logs["kd_weight_mean"] = float(weights.mean())
         logs["kd_weight_max"] = float(weights.max())
         logs["kd_weight_share_above_2"] = float((weights > 2.0).mean())
