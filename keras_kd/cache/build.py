@@ -473,7 +473,7 @@ class Build:
             changes = ["its journal was removed"]
         else:
             changes = self.diff(journal["fingerprint"], journal["num_examples"]) or [
-                "its layout or number of parts differs"
+                "another build of the same teacher and data (another layout, or a rebuild)"
             ]
         return CacheMismatchError(
             f"Another job rewrote part {self.part} of the {self.store.what} at {self.store.directory!r} "
