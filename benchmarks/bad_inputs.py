@@ -108,6 +108,12 @@ case("teacher that outputs probabilities", lambda: ds.apply(keras_kd.cache_teach
 case("student class count differs from the cache's", lambda: optimize.check_num_classes(mlp(5), d + "/p"))
 case("`HardSampleReweighting.attach` without example ids", lambda: keras_kd.HardSampleReweighting().attach(ds))
 case("reweighting table size differs from the dataset", lambda: keras_kd.HardSampleReweighting(num_examples=10).attach(keras_kd.add_example_ids(ds)))
+def stray_ids_fit(jit):
+    s = mlp(4); s.compile("sgd", keras_kd.DistillationLoss(), jit_compile=jit)
+    s.fit(keras_kd.with_teacher(keras_kd.add_example_ids(ds).batch(16), t4), epochs=2, verbose=0,
+          callbacks=[keras_kd.HardSampleReweighting(num_examples=10)])
+case("reweighting `num_examples=10` for 64 examples (weights in the step)", lambda: stray_ids_fit(False))
+case("the same, `jit_compile=True`", lambda: stray_ids_fit(True))
 case("label-based signal on unlabelled data", lambda: keras_kd.HardSampleReweighting(signal="wsld").attach(keras_kd.add_example_ids(tf.data.Dataset.from_tensor_slices(x))))
 case("`with_teacher(ds, [])` (an empty ensemble)", lambda: keras_kd.with_teacher(ds.batch(8), []))
 case("`mixup` before `.batch(...)`", lambda: ds.map(keras_kd.mixup(0.2, num_classes=4)))

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import keras_kd
 from keras_kd import callbacks as cb
+from keras_kd.callbacks import table as table_lib
 from tests import reference as ref
 from tests.conftest import mlp
 
@@ -216,22 +217,55 @@ def test_ids_outside_the_table_fail():
 @pytest.mark.parametrize("jit", [False, True])
 def test_training_ids_outside_the_table_never_train_silently(K, jit):
     """Without `attach`, a table smaller than the data (a wrong `num_examples`)
-    must not weigh examples with another example's row: an error without XLA,
-    a NaN loss under XLA, where assertions vanish (and on JAX, where nothing raises inside jit)."""
+    must not weigh examples with another example's row: an error in the step
+    without XLA; under XLA, where assertions vanish (and on JAX, where nothing
+    raises inside jit), a NaN loss and then an error at the epoch's end that
+    names the cause."""
     x, y, ds = _ids_dataset(n=48)
     teacher = mlp(K)
     student = mlp(K)
     student.compile(K.optimizers.SGD(0.01), loss=keras_kd.DistillationLoss(), jit_compile=jit)
     rew = keras_kd.HardSampleReweighting(signal="kl", num_examples=10)
     data = keras_kd.with_teacher(ds.batch(16), teacher)
-    try:
-        history = student.fit(data, epochs=1, verbose=0, callbacks=[rew])
-    except tf.errors.InvalidArgumentError as e:
-        assert "outside the HardSampleReweighting table of 10 examples" in str(e) and "num_examples" in str(e)
+
+    class EpochLoss(K.callbacks.Callback):  # runs before `rew` at the epoch's end
+        def on_epoch_end(self, epoch, logs=None):
+            self.loss = logs["loss"]
+
+    spy = EpochLoss()
+    on_jax = K is keras and keras.backend.backend() == "jax"
+    want = "outside the HardSampleReweighting table of 10 examples"
+    if jit or on_jax:
+        with pytest.raises(ValueError, match=want) as raised:
+            student.fit(data, epochs=2, verbose=0, callbacks=[spy, rew])
+        assert "num_examples" in str(raised.value) and "epoch 1" in str(raised.value)
+        assert not math.isfinite(spy.loss)
     else:
-        on_jax = K is keras and keras.backend.backend() == "jax"
-        assert jit or on_jax, "without XLA the out-of-table ids must raise"
-        assert not math.isfinite(history.history["loss"][0])
+        with pytest.raises(tf.errors.InvalidArgumentError, match=want) as raised:
+            student.fit(data, epochs=2, verbose=0, callbacks=[spy, rew])
+        assert "num_examples" in str(raised.value)
+    # The examples' rows never took the stray ids' values: only ids 0-9 are in the table.
+    assert rew.table.stats.shape == (10, 2) and rew.table.weights.numpy().shape == (10,)
+    assert np.isfinite(rew.table.weights.numpy()).all()
+
+
+def test_the_table_of_an_epoch_with_stray_ids_keeps_the_examples_rows_apart():
+    """Ids outside the table write the table's spare row (reported by `flush`),
+    never an example's: the rows of ids 0-9 read what those examples wrote."""
+    rew = keras_kd.HardSampleReweighting(signal="kl", num_examples=10)
+    table = rew.table
+    ids = tf.constant([0, 3, 12, -1, 9], tf.int64)
+    rows = table_lib.table_rows(ids, 10)
+    np.testing.assert_array_equal(rows.numpy(), [0, 3, 10, 10, 9])
+    fresh = np.array([[1.0, 0.0], [2.0, 1.0], [7.0, 1.0], [8.0, 0.0], [3.0, 0.0]], np.float32)
+    table.step_pending.scatter_update(tf.IndexedSlices(tf.constant(fresh), rows))
+    stats = table.flush()
+    assert table.strays
+    np.testing.assert_array_equal(stats[[0, 3, 9]], fresh[[0, 1, 4]])
+    assert np.isnan(stats[[1, 2, 4, 5, 6, 7, 8]]).all()
+    assert np.isnan(table.step_weights.numpy()[10]) and (table.weights.numpy() == 1.0).all()
+    table.flush()
+    assert not table.strays  # cleared with the pending values
 
 
 @pytest.mark.parametrize(

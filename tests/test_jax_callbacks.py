@@ -229,13 +229,18 @@ def test_reweighting_refuses_a_built_subclassed_student():
 
 
 @jax_only
-def test_training_ids_outside_the_table_give_a_nan_loss():
-    # No assertion can raise inside jax.jit: the affected loss is NaN, never another example's weight.
+def test_training_ids_outside_the_table_give_a_nan_loss_then_an_error_naming_the_cause():
+    # No assertion can raise inside jax.jit: the affected loss is NaN (never another example's
+    # weight), and the epoch's end raises, naming the table size and the fix.
     x, y, t = _data()
     rew = keras_kd.HardSampleReweighting(num_examples=N - 4)
     student = _student(keras_kd.DistillationLoss())
-    history = student.fit(_dataset(x, y, t, ids=True).batch(BATCH), epochs=1, verbose=0, callbacks=[rew])
-    assert np.isnan(history.history["loss"][0])
+    losses = []
+    spy = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: losses.append(logs["loss"]))
+    with pytest.raises(ValueError, match=f"outside the HardSampleReweighting table of {N - 4} examples"):
+        student.fit(_dataset(x, y, t, ids=True).batch(BATCH), epochs=2, verbose=0, callbacks=[spy, rew])
+    assert len(losses) == 1 and np.isnan(losses[0])
+    assert np.isfinite(rew.table.weights.numpy()).all() and rew.table.weights.numpy().shape == (N - 4,)
 
 
 @jax_only

@@ -76,8 +76,14 @@ class HardSampleReweighting(Callback):
     jitted step (`keras_kd._step_state`), so it is read and written inside
     the step at no extra cost. Not on JAX: a built subclassed student (Keras
     locks its state), which raises a ``ValueError`` naming the alternative
-    (a Functional or Sequential student). A training id outside the table
-    gives a NaN loss there (nothing can raise inside ``jax.jit``).
+    (a Functional or Sequential student).
+
+    A training example id outside the table (a ``num_examples`` smaller than
+    the data) is never weighed or recorded with another example's row: it
+    raises ``InvalidArgumentError`` in the step on TensorFlow without XLA;
+    under XLA (``jit_compile=True``) and on JAX, where nothing can raise
+    inside the step, that step's loss is NaN and ``on_epoch_end`` raises
+    ``ValueError`` naming the cause.
 
     Signals (see the ``signal_*`` functions for formulas and sources):
     ``"kl"``, ``"student_ce"``, ``"teacher_ce"``, ``"wsld"``,
@@ -308,12 +314,11 @@ class HardSampleReweighting(Callback):
         teacher_logits = tf.cast(targets.logits, tf.float32)
         student_logits = tf.cast(student_logits, tf.float32)
         with tf.name_scope("kd_reweighting_record"):
-            # Training ids outside the table are caught by `_weigh` (in-step
-            # weights) or by `attach`'s hook; here they write row 0's values.
-            ids, _ = self._rows(targets.example_id, table.num_examples)
+            # Training ids outside the table write the table's spare row (`Table.flush` reports it).
+            ids = self._rows(targets.example_id, table.num_examples)
             fresh = tf.stack(self._values(targets, teacher_logits, student_logits, soft), axis=1)
             # One scatter, no read: the smoothing runs once per epoch (`Table.flush`).
-            table.pending.scatter_update(tf.IndexedSlices(fresh, ids))
+            table.step_pending.scatter_update(tf.IndexedSlices(fresh, ids))
 
     def _values(self, targets, teacher_logits, student_logits, soft):
         """Per example: (difficulty, teacher wrong), NaN where there is no value."""
@@ -332,7 +337,7 @@ class HardSampleReweighting(Callback):
         teacher_logits = ops.stop_gradient(ops.cast(targets.logits, "float32"))
         student_logits = ops.stop_gradient(ops.cast(student_logits, "float32"))
         soft = ops.stop_gradient(soft)
-        rows, _ = table_lib.jax_rows(targets.example_id, self._table.num_examples)
+        rows = table_lib.jax_rows(targets.example_id, self._table.num_examples)
         fresh = ops.stack(self._values(targets, teacher_logits, student_logits, soft), axis=1)
         table_lib.jax_record(self._table.step_state, rows, ops.cast(fresh, "float32"))
 
@@ -441,22 +446,24 @@ class HardSampleReweighting(Callback):
     def _weigh(self, targets):
         size = self.table.num_examples
         if not _ops.namespace(targets.example_id).is_tf:
-            return table_lib.jax_weights(self.table.step_state, *table_lib.jax_rows(targets.example_id, size))
+            return table_lib.jax_weights(self.table.step_state, table_lib.jax_rows(targets.example_id, size))
         if not self._training_step():
             return None  # a validation step (decided while tracing): unweighted
         with tf.name_scope("kd_reweighting_weigh"):
-            ids, outside = self._rows(targets.example_id, size)
+            ids = self._rows(targets.example_id, size)
             # A training id outside the table means a wrong `num_examples` (or other
-            # data): never weigh it with another example's row. Its weight is NaN,
-            # and CheckNumerics turns that into an error naming the cause (the
-            # table's weights are always finite); under XLA, where the check does
-            # not run, the loss is NaN.
-            w = tf.where(outside, np.float32(np.nan), tf.gather(self.table.weights, ids))
-            return tf.debugging.check_numerics(
-                w,
-                f"keras_kd: training example ids outside the HardSampleReweighting table of {size} examples. "
-                "Pass the size of the training dataset as `num_examples=`, or use `rew.attach(train_ds)`",
-            )
+            # data): it reads the table's spare row, whose weight is NaN, and
+            # CheckNumerics turns that into an error naming the cause (the
+            # examples' weights are always finite); under XLA, where the check does
+            # not run, the loss is NaN and `on_epoch_end` raises.
+            return tf.debugging.check_numerics(tf.gather(self.table.step_weights, ids), self._stray_message())
+
+    def _stray_message(self):
+        return (
+            f"keras_kd: training example ids outside the HardSampleReweighting table of "
+            f"{self.table.num_examples} examples. Pass the size of the training dataset as `num_examples=`, "
+            "or use `rew.attach(train_ds)`"
+        )
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._resume_checked:
@@ -517,6 +524,11 @@ class HardSampleReweighting(Callback):
             self.score(self.scoring_data)
         stats = table.flush()  # this epoch's values smoothed in: one read of the table per epoch
         stats = self._sync_workers(stats)
+        if table.strays:  # under XLA or on JAX (elsewhere the step raised): the epoch's loss was NaN
+            raise ValueError(
+                f"{self._stray_message()}. They reached the training steps of epoch {epoch + 1} (under XLA "
+                "and on JAX the step cannot raise: their weight is NaN, so the loss was NaN)."
+            )
         seen = ~np.isnan(stats[:, 0])
         any_seen = bool(seen.any())
         if epoch + 1 >= self.warmup_epochs and any_seen:

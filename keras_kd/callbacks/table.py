@@ -5,12 +5,21 @@ weight histogram.
 A training step reads the weights of its rows (one gather) and writes each
 row's fresh values (difficulty, teacher wrong) into ``pending`` (one scatter):
 no read-modify-write in the step. At the end of every epoch `Table.flush`
-smooths the pending values into ``stats`` on the host. On TensorFlow
-``weights``, ``pending`` and the recording flag are ``tf.Variable``s. For a
-Keras 3 student on JAX (`Table.use_jax`) the step's copies live in a
-`keras_kd._step_state.StepState` that the model threads through its jitted
-step; ``weights``/``pending``/``recording`` then read and assign that state
-(the weights also the ``tf.Variable`` that `attach`'s tf.data hook reads).
+smooths the pending values into ``stats`` on the host.
+
+The step's arrays have one spare row past the examples' (`Table.stray_row`):
+an example id outside the table (a wrong ``num_examples``) reads and writes
+that row, never another example's. Its weight is NaN (the step's loss turns
+NaN: under XLA and on JAX, where nothing can raise inside the step, training
+still cannot go on silently), and `Table.flush` reports that it was written,
+so the callback names the cause at the end of the epoch on every backend.
+``weights`` and ``pending`` read and assign the examples' rows only.
+
+On TensorFlow the step's arrays (``step_weights``, ``step_pending``) and the
+recording flag are ``tf.Variable``s. For a Keras 3 student on JAX
+(`Table.use_jax`) they live in a `keras_kd._step_state.StepState` that the
+model threads through its jitted step, and read and assign that state (the
+weights also the ``tf.Variable`` that `attach`'s tf.data hook reads).
 """
 
 from __future__ import annotations
@@ -81,19 +90,25 @@ class Table:
 
     def __init__(self, num_examples: int, momentum: float = 0.9):
         self.num_examples = num_examples
+        self.stray_row = num_examples  # the spare row of ids outside the table (module docstring)
         self.momentum = momentum
+        self.strays = False  # whether the last `flush` found the spare row written
 
         def create():
             with tf.init_scope():
                 return (
-                    tf.Variable(tf.ones([num_examples]), trainable=False, name="kd_example_weights"),
-                    tf.Variable(tf.fill([num_examples, 2], np.nan), trainable=False, name="kd_example_pending"),
+                    tf.Variable(_step_weights(np.ones(num_examples, np.float32)), trainable=False,
+                                name="kd_example_weights"),
+                    tf.Variable(tf.fill([num_examples + 1, 2], np.nan), trainable=False, name="kd_example_pending"),
                     tf.Variable(False, trainable=False, name="kd_recording"),
                 )
 
-        self.weights, self.pending, self.recording = _outside_any_strategy(create)
-        self.tf_weights = self.weights  # what the dataset hook of `attach` reads, on every backend
+        # The step's arrays (with the spare row): variables here, JAX state after `use_jax`.
+        self.step_weights, self.step_pending, self.recording = _outside_any_strategy(create)
+        self.tf_weights = self.step_weights  # what the dataset hook of `attach` reads, on every backend
         self.step_state = None  # JAX: the state the jitted step threads (`use_jax`)
+        self.weights = _ExampleRows(self, "step_weights", pad=_step_weights)
+        self.pending = _ExampleRows(self, "step_pending", pad=_step_pending, columns=(2,))
         self._smoothed = np.full([num_examples, 2], np.nan, np.float32)
         self.stats = _Smoothed(self)
 
@@ -105,27 +120,31 @@ class Table:
 
         self.step_state = _step_state.StepState(
             {
-                "weights": self.weights.numpy(),
-                "pending": self.pending.numpy(),
+                "weights": read(self.step_weights),
+                "pending": read(self.step_pending),
                 "recording": float(self.recording.numpy()),
             },
             name="kd_reweighting",
         )
-        self.weights = _StateArray(self.step_state, "weights", mirror=self.tf_weights)
-        self.pending = _StateArray(self.step_state, "pending")
+        self.step_weights = _StateArray(self.step_state, "weights", mirror=self.tf_weights)
+        self.step_pending = _StateArray(self.step_state, "pending")
         self.recording = _StateArray(self.step_state, "recording")
         return self.step_state
 
     def flush(self) -> np.ndarray:
-        """Smooths this epoch's pending values into ``stats`` and clears them; returns the stats."""
-        fresh = read(self.pending)
-        if not np.isnan(fresh).all():
-            self._smoothed = smooth(self._smoothed, fresh, self.momentum)
+        """Smooths this epoch's pending values into ``stats`` and clears them; returns the stats.
+
+        Sets ``strays``: whether an id outside the table reached a step since the last flush.
+        """
+        fresh = read(self.step_pending)
+        self.strays = not np.isnan(fresh[self.stray_row]).all()
+        if self.strays or not np.isnan(fresh).all():
+            self._smoothed = smooth(self._smoothed, fresh[: self.num_examples], self.momentum)
             self.clear_pending()
         return self._smoothed
 
     def clear_pending(self):
-        assign(self.pending, np.full([self.num_examples, 2], np.nan, np.float32))
+        assign(self.step_pending, np.full([self.num_examples + 1, 2], np.nan, np.float32))
 
     @property
     def seen(self) -> np.ndarray:
@@ -153,12 +172,43 @@ class _Smoothed:
 
     def numpy(self) -> np.ndarray:
         t = self._table
-        return smooth(t._smoothed, read(t.pending), t.momentum)
+        return smooth(t._smoothed, t.pending.numpy(), t.momentum)
 
     def assign(self, value):
         t = self._table
         t._smoothed = np.array(value, np.float32).reshape(t._smoothed.shape)
         t.clear_pending()
+
+
+def _step_weights(weights):
+    """The step's weights: ``weights`` and the spare row's NaN."""
+    return np.append(np.asarray(weights, np.float32), np.float32(np.nan))
+
+
+def _step_pending(pending):
+    """The step's pending values: ``pending`` and the spare row's (none: NaN)."""
+    return np.concatenate([np.asarray(pending, np.float32), np.full([1, 2], np.nan, np.float32)])
+
+
+class _ExampleRows:
+    """``Table.weights`` / ``Table.pending``: the examples' rows of a step array, without its
+    spare row; ``numpy()`` and ``assign()`` like a ``tf.Variable`` of shape `shape`."""
+
+    def __init__(self, table: Table, attribute: str, pad, columns=()):
+        self._table, self._attribute, self._pad, self._columns = table, attribute, pad, columns
+
+    @property
+    def shape(self):
+        return (self._table.num_examples, *self._columns)
+
+    def numpy(self) -> np.ndarray:
+        return read(getattr(self._table, self._attribute))[: self._table.num_examples]
+
+    def assign(self, value):
+        value = np.asarray(value, np.float32)
+        if value.shape != self.shape:
+            raise ValueError(f"Expected a value of shape {self.shape}. Received: {value.shape}.")
+        assign(getattr(self._table, self._attribute), self._pad(value))
 
 
 def _outside_any_strategy(create):
@@ -215,20 +265,17 @@ def flat(values):
 
 
 def table_rows(example_id, size: int):
-    """``(rows, outside)``: int64 table rows of a batch's ids, 0 where an id
-    lies outside ``[0, size)``, and the mask of those ids (one unsigned
-    comparison finds negative ids too)."""
+    """The int64 table rows of a batch's ids: the id, or the spare row ``size`` where
+    an id lies outside ``[0, size)`` (one unsigned comparison finds negative ids too)."""
     ids = flat(tf.cast(example_id, tf.int64))
-    outside = tf.cast(ids, tf.uint64) >= size
-    return tf.where(outside, np.int64(0), ids), outside
+    return tf.where(tf.cast(ids, tf.uint64) >= size, np.int64(size), ids)
 
 
 def jax_rows(example_id, size: int):
-    """`table_rows` for JAX arrays: ``(rows, outside)``."""
+    """`table_rows` for JAX arrays."""
     ops = _ops.namespace(example_id)
     ids = ops.reshape(ops.cast(example_id, ops.int_dtype), [-1])
-    outside = (ids < 0) | (ids >= size)
-    return ops.where(outside, ops.zeros_like(ids), ids), outside
+    return ops.where((ids < 0) | (ids >= size), ops.zeros_like(ids) + size, ids)
 
 
 def jax_record(state, rows, fresh):
@@ -242,13 +289,13 @@ def jax_record(state, rows, fresh):
     state.variables["pending"].assign(pending.at[rows].set(jnp.where(keep, pending[rows], fresh)))
 
 
-def jax_weights(state, rows, outside):
-    """The weights of a JAX step's rows: 1 in validation steps, NaN for training ids outside the table."""
+def jax_weights(state, rows):
+    """The weights of a JAX step's rows: 1 in validation steps, NaN for training ids outside the
+    table (the spare row's weight)."""
     import jax.numpy as jnp  # noqa: PLC0415 - JAX only
 
     training = state.current("recording") > 0.5
-    w = jnp.where(training & outside, jnp.float32(np.nan), state.current("weights")[rows])
-    return jnp.where(training, w, jnp.float32(1.0))
+    return jnp.where(training, state.current("weights")[rows], jnp.float32(1.0))
 
 
 class StepRows:
