@@ -29,6 +29,11 @@ def bench_jax():
     yield from _import("bench_jax")
 
 
+@pytest.fixture
+def profile_reweighting():
+    yield from _import("profile_reweighting")
+
+
 def _assert_every_quoted_ratio_has_a_verdict(text, ratios):
     assert "# date:" in text and "# machine:" in text
     assert "ERROR" not in text, text  # every configuration ran
@@ -47,6 +52,17 @@ def test_quick_run_prints_every_ratio_with_goal_and_verdict(bench_workloads):
         bench_workloads.main(["--quick", "--rounds", "1", "--workloads", "small", "--max-rows", "200",
                               "--no-streaming"])
     _assert_every_quoted_ratio_has_a_verdict(out.getvalue(), bench_workloads.RATIOS)
+
+
+@pytest.mark.backend("tensorflow")
+def test_reweighting_profile_prints_every_configuration(profile_reweighting):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        profile_reweighting.main(["--quick", "--workload", "small", "--max-rows", "200"])
+    text = out.getvalue()
+    for name in ("cache", "reweight", "hooks_only", "flush_only", "assign_only"):
+        assert any(line.startswith(name + " ") for line in text.splitlines()), text
+    assert "own on_epoch_end: median" in text
 
 
 @pytest.mark.backend("jax")  # bench_jax.py measures Keras 3 on JAX (it refuses a process on another backend)
