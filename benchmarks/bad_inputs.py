@@ -77,6 +77,10 @@ case("student ending in softmax", lambda: fit(t4, keras_kd.with_teacher(ds.batch
 soft_teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="softmax")])
 case("teacher ending in softmax, `with_teacher`", lambda: keras_kd.with_teacher(ds.batch(16), soft_teacher))
 case("`DistillationLoss` trained on plain `(x, y)` (no teacher)", lambda: fit(None, ds.batch(16)))
+def plain_loss_fit():
+    s = mlp(4); s.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    s.fit(keras_kd.with_teacher(ds.batch(16), t4), verbose=0)
+case("a plain Keras loss (`SparseCategoricalCrossentropy`) trained on `with_teacher` data", plain_loss_fit)
 case("`DistillationLoss(temperature=tf.Variable(-3.0))`", lambda: keras_kd.DistillationLoss(temperature=tf.Variable(-3.0)))
 def set_alpha(): keras_kd.DistillationLoss().alpha = "x"
 case("`loss.alpha = 'x'`", set_alpha)

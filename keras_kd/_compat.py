@@ -241,6 +241,30 @@ def loss_base():
 
 _LOSS_BASE = None
 
+# Where each flavour's built-in losses live (a loss function given to `compile` is wrapped in one).
+_KERAS_LOSS_FILES = (
+    os.path.join("keras", "src", "losses", ""),  # Keras 3: keras/src/losses/loss.py, losses.py
+    os.path.join("tf_keras", "src", "losses.py"),
+)
+
+
+def called_from_a_keras_loss(depth: int = 16) -> bool:
+    """Whether one of the last ``depth`` callers is Keras 3's or tf_keras's own loss code.
+
+    A built-in Keras loss (or a loss function that ``compile`` wrapped in one)
+    converts ``y_true`` to a tensor there; metrics and Keras's training loop
+    convert elsewhere.
+    """
+    frame = sys._getframe(1)  # noqa: SLF001 - the caller's frames, read only
+    for _ in range(depth):
+        if frame is None:
+            return False
+        filename = frame.f_code.co_filename
+        if any(part in filename for part in _KERAS_LOSS_FILES):
+            return True
+        frame = frame.f_back
+    return False
+
 
 def register_serializable(package: str = "keras_kd"):
     """Registers a class (or function) with both flavours' serialization."""

@@ -85,11 +85,19 @@ class JaxTeacherTargets:
         return self.labels.shape[0]
 
     def __jax_array__(self):
+        self._warn_if_a_keras_loss_ignores_the_teacher()
         return self.labels
 
     def __array__(self, dtype=None, copy=None):
+        self._warn_if_a_keras_loss_ignores_the_teacher()
         labels = np.asarray(self.labels)
         return labels if dtype is None else labels.astype(dtype)
+
+    def _warn_if_a_keras_loss_ignores_the_teacher(self):
+        if self.has_teacher:
+            from keras_kd import targets  # noqa: PLC0415 - targets imports this module
+
+            targets.warn_if_a_keras_loss_ignores_the_teacher()
 
     # --- the same helpers as TeacherTargets ----------------------------------
     def replace(self, **fields):

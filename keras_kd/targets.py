@@ -28,6 +28,7 @@ Nothing here knows about disk or models.
 
 import collections
 import typing
+import warnings
 import weakref
 
 import tensorflow as tf
@@ -250,6 +251,32 @@ def _reshape(t, lead, dynamic_lead, tail):
 _EAGER_TENSOR = tf.__internal__.EagerTensor
 
 
+TEACHER_IGNORED_MESSAGE = (
+    "A Keras loss that is not keras_kd.DistillationLoss received teacher targets (data from "
+    "`keras_kd.with_teacher` or the teacher-logit cache): it reads their labels only, so the teacher is "
+    "ignored and training with it distils nothing. Compile the student with "
+    "`loss=keras_kd.DistillationLoss(...)` (metrics such as 'accuracy' read the labels, as intended)."
+)
+
+
+def warn_if_a_keras_loss_ignores_the_teacher(training_only=False):
+    """Warns when a built-in Keras loss asks teacher targets for a tensor (it gets the labels
+    alone). Called while a step is traced (or per eager step): the check reads a few frames.
+
+    Args:
+        training_only: warn only where a gradient tape records (TensorFlow: a training step,
+            not ``evaluate``).
+    """
+    if not _compat.called_from_a_keras_loss():
+        return
+    if training_only:
+        from keras_kd.losses import guards  # noqa: PLC0415 - the losses import this module
+
+        if guards.in_training_step() is False:
+            return
+    warnings.warn(TEACHER_IGNORED_MESSAGE, UserWarning, stacklevel=3)
+
+
 class TeacherTargets(tf.experimental.BatchableExtensionType):
     """Labels plus teacher targets for one example or one batch.
 
@@ -341,6 +368,8 @@ class TeacherTargets(tf.experimental.BatchableExtensionType):
 
     def __tf_tensor__(self, dtype=None, name=None):
         # Metrics and any other consumer that asks for a tensor get the labels.
+        if self.has_teacher:
+            warn_if_a_keras_loss_ignores_the_teacher(training_only=True)
         labels = self.labels
         if dtype is not None and labels.dtype != dtype:
             labels = tf.cast(labels, dtype)

@@ -1,6 +1,8 @@
 """DistillationLoss and with_teacher inside the user's own compile/fit, both flavours."""
 
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -195,6 +197,48 @@ def test_labels_out_of_range_fail(K, toy_data):
     ds = keras_kd.with_teacher(tf.data.Dataset.from_tensor_slices((x, y + 3)).batch(32), teacher)
     with pytest.raises(tf.errors.InvalidArgumentError, match="labels out of range"):
         student.fit(ds, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("source", ["with_teacher", "cache"])
+def test_a_plain_keras_loss_given_teacher_targets_warns_that_the_teacher_is_ignored(K, toy_data, tmp_path, jit, source):
+    """A built-in Keras loss (or a loss function) reads only the labels of teacher targets: training
+    with it distils nothing, so it warns. `DistillationLoss` does not, nor does a metric, nor (on
+    TensorFlow) evaluating."""
+    x, y, make = toy_data
+    teacher = mlp(K)
+    if source == "cache":
+        data = tf.data.Dataset.from_tensor_slices((x, y)).apply(
+            keras_kd.cache_teacher_logits(teacher, str(tmp_path / "c"), verbose=0)).batch(32)
+    else:
+        data = keras_kd.with_teacher(make(), teacher)
+    on_jax = K is keras and keras.backend.backend() == "jax"
+
+    def warnings_of(loss, run):
+        student = mlp(K)
+        student.compile(K.optimizers.SGD(0.01), loss=loss, metrics=["accuracy"], jit_compile=jit)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run(student)
+        return [str(w.message) for w in caught if "distils nothing" in str(w.message)]
+
+    def fit(student):
+        student.fit(data, epochs=1, verbose=0)
+
+    def evaluate(student):
+        student.evaluate(data, verbose=0)
+
+    plain = K.losses.SparseCategoricalCrossentropy(from_logits=True)
+    got = warnings_of(plain, fit)
+    assert got and "keras_kd.DistillationLoss" in got[0] and "ignored" in got[0]
+    assert warnings_of(lambda t, p: K.losses.sparse_categorical_crossentropy(t, p, from_logits=True), fit)
+    assert not warnings_of(keras_kd.DistillationLoss(), fit)
+    assert not warnings_of(keras_kd.DistillationLoss(hard_loss=K.losses.SparseCategoricalCrossentropy(from_logits=True)),
+                           fit)
+    if not on_jax:  # JAX's jitted step tells no training step from an evaluation one
+        assert not warnings_of(plain, evaluate)
+    # Labels without a teacher (plain `(x, y)`) are the usual case for a plain loss: no warning.
+    assert not warnings_of(plain, lambda student: student.fit(make(), epochs=1, verbose=0))
 
 
 def test_with_teacher_bad_inputs(K, toy_data):
