@@ -241,29 +241,34 @@ def loss_base():
 
 _LOSS_BASE = None
 
-# Where each flavour's built-in losses live (a loss function given to `compile` is wrapped in one).
+# Where each flavour's built-in losses and metrics live (a loss function given to `compile` is wrapped
+# in a loss; some metrics, e.g. SparseCategoricalCrossentropy, call the loss functions).
 _KERAS_LOSS_FILES = (
     os.path.join("keras", "src", "losses", ""),  # Keras 3: keras/src/losses/loss.py, losses.py
     os.path.join("tf_keras", "src", "losses.py"),
 )
+_KERAS_METRIC_FILES = (os.path.join("keras", "src", "metrics", ""),)  # also tf_keras/src/metrics/
 
 
-def called_from_a_keras_loss(depth: int = 16) -> bool:
-    """Whether one of the last ``depth`` callers is Keras 3's or tf_keras's own loss code.
+def called_from_a_keras_loss(depth: int = 32) -> bool:
+    """Whether Keras 3's or tf_keras's own loss code is among the last ``depth`` callers, and
+    no metric's code.
 
     A built-in Keras loss (or a loss function that ``compile`` wrapped in one)
-    converts ``y_true`` to a tensor there; metrics and Keras's training loop
-    convert elsewhere.
+    converts ``y_true`` to a tensor there; metrics (some through the loss
+    functions) and Keras's training loop convert elsewhere.
     """
     frame = sys._getframe(1)  # noqa: SLF001 - the caller's frames, read only
+    in_loss = False
     for _ in range(depth):
         if frame is None:
-            return False
+            break
         filename = frame.f_code.co_filename
-        if any(part in filename for part in _KERAS_LOSS_FILES):
-            return True
+        if any(part in filename for part in _KERAS_METRIC_FILES):
+            return False
+        in_loss = in_loss or any(part in filename for part in _KERAS_LOSS_FILES)
         frame = frame.f_back
-    return False
+    return in_loss
 
 
 def register_serializable(package: str = "keras_kd"):

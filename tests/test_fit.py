@@ -233,6 +233,14 @@ def test_a_plain_keras_loss_given_teacher_targets_warns_that_the_teacher_is_igno
     assert got and "keras_kd.DistillationLoss" in got[0] and "ignored" in got[0]
     assert warnings_of(lambda t, p: K.losses.sparse_categorical_crossentropy(t, p, from_logits=True), fit)
     assert not warnings_of(keras_kd.DistillationLoss(), fit)
+
+    def with_metrics(student):  # metrics that call Keras's loss functions read the labels, as intended
+        student.compile(K.optimizers.SGD(0.01), loss=keras_kd.DistillationLoss(), jit_compile=jit, metrics=[
+            K.metrics.SparseCategoricalCrossentropy(from_logits=True), K.metrics.SparseCategoricalAccuracy()])
+        fit(student)
+        evaluate(student)
+
+    assert not warnings_of(keras_kd.DistillationLoss(), with_metrics)
     assert not warnings_of(keras_kd.DistillationLoss(hard_loss=K.losses.SparseCategoricalCrossentropy(from_logits=True)),
                            fit)
     if not on_jax:  # JAX's jitted step tells no training step from an evaluation one
