@@ -71,7 +71,9 @@ class Clock(keras.callbacks.Callback):
 class Timed(keras_kd.HardSampleReweighting):
     """The full callback, its ``on_epoch_end`` timed."""
 
-    ends: list
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.ends = []
 
     def on_epoch_end(self, epoch, logs=None):
         start = time.perf_counter()
@@ -119,7 +121,6 @@ def main(argv=None):
     ds = ds.shuffle(w.rows, seed=0).batch(w.batch).prefetch(tf.data.AUTOTUNE)
 
     full = Timed(signal="kl", num_examples=w.rows, warmup_epochs=0)
-    full.ends = []
     callbacks = {
         "cache": [],
         "reweight": [full],

@@ -90,7 +90,6 @@ class Table:
 
     def __init__(self, num_examples: int, momentum: float = 0.9):
         self.num_examples = num_examples
-        self.stray_row = num_examples  # the spare row of ids outside the table (module docstring)
         self.momentum = momentum
         self.strays = False  # whether the last `flush` found the spare row written
 
@@ -111,6 +110,11 @@ class Table:
         self.pending = _ExampleRows(self, "step_pending", pad=_step_pending, columns=(2,))
         self._smoothed = np.full([num_examples, 2], np.nan, np.float32)
         self.stats = _Smoothed(self)
+
+    @property
+    def stray_row(self) -> int:
+        """The spare row that ids outside the table read and write (module docstring)."""
+        return self.num_examples
 
     def use_jax(self):
         """Moves the step's copy of the table into a `StepState` (Keras 3 on JAX; idempotent)."""
@@ -138,7 +142,7 @@ class Table:
         """
         fresh = read(self.step_pending)
         self.strays = not np.isnan(fresh[self.stray_row]).all()
-        if self.strays or not np.isnan(fresh).all():
+        if not np.isnan(fresh).all():  # also when only the spare row was written
             self._smoothed = smooth(self._smoothed, fresh[: self.num_examples], self.momentum)
             self.clear_pending()
         return self._smoothed
